@@ -1,0 +1,134 @@
+//! The `Engine` abstraction: what a node needs from whatever coordinates the cluster.
+//!
+//! The hub calls the engine; the engine calls back into the hub only through [`EngineSink`], which it
+//! holds weakly (the hub owns the engine, never the reverse). The trait is shaped for distributed
+//! engines: publish is one atomic step (dedup, position, history, fan-out); subscriptions are per channel
+//! on one shared subscriber per node; history either covers a gap completely or says it cannot;
+//! presence entries are owned by the node that holds the connection.
+//!
+//! Nothing in this file does I/O; implementations live in `memory.rs` and in their own crates.
+
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::channel::ChannelName;
+use crate::position::Position;
+use crate::publication::Publication;
+
+/// What a publisher asks for.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub channel: ChannelName,
+    pub event: Arc<str>,
+    /// Compact JSON (no line breaks).
+    pub data: Box<RawValue>,
+    pub idempotency_key: Option<String>,
+    pub correlation_id: Arc<str>,
+    /// Set when the publisher waits for delivery receipts; travels with the publication, not to clients.
+    pub receipt: Option<u64>,
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone)]
+pub struct PublishOutcome {
+    /// Where the publication sits; for a duplicate, the first publication's position.
+    pub position: Position,
+    /// The correlation ID stored with it (for a duplicate, the first publication's).
+    pub correlation_id: Arc<str>,
+    /// True when the idempotency key had been seen: nothing new was published.
+    pub duplicate: bool,
+}
+
+/// The answer to a history query.
+#[derive(Debug, Clone)]
+pub enum History {
+    /// Every publication after `since` (up to the limit), oldest first, and the channel's current top.
+    Covered { top: Position, publications: Vec<Arc<Publication>> },
+    /// `since` can no longer be replayed (another epoch, trimmed or expired); `top` is where the stream is now.
+    Gone { top: Position },
+}
+
+/// One connection's presence in one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceEntry {
+    pub node: String,
+    pub connection_id: String,
+    pub user: Option<String>,
+    pub transport: &'static str,
+    pub connected_at: String,
+}
+
+/// A node as the engine sees it, with the counters it last reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeInfo {
+    pub node: String,
+    #[serde(flatten)]
+    pub stats: serde_json::Value,
+}
+
+/// Engine failures; all of them mean "the engine cannot do this now".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    #[error("engine timed out")]
+    Timeout,
+    #[error("engine protocol error: {0}")]
+    Protocol(String),
+}
+
+/// How the engine hands things to the node's hub.
+pub trait EngineSink: Send + Sync {
+    /// A publication of a channel this node subscribed to. Called in offset order per channel.
+    fn deliver(&self, publication: Arc<Publication>);
+    /// Close this user's local connections; returns how many were closed.
+    fn disconnect_user(&self, user: &str) -> usize;
+    /// This node's counters, for `/v1/cluster`.
+    fn stats(&self) -> serde_json::Value;
+}
+
+/// The coordination layer of a cluster (or of a single node).
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// The name this node goes by in the cluster.
+    fn node_id(&self) -> &str;
+
+    /// Connects the engine to the node's hub. Called once, before anything else.
+    async fn start(&self, sink: Weak<dyn EngineSink>) -> Result<(), EngineError>;
+
+    /// Atomically: deduplicate by idempotency key, assign the next position, store in history, and hand
+    /// the publication to every node subscribed to the channel. Returns once the engine accepted it.
+    async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError>;
+
+    /// Makes this node receive the channel's publications. Returns once that is live; calling it for a
+    /// channel already subscribed is cheap.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError>;
+
+    /// This node no longer needs the channel. Fire and forget; ordered after earlier subscribes.
+    fn unsubscribe(&self, channel: &ChannelName);
+
+    /// Publications after `since` (all of them up to `limit`), or `Gone`. With `since = None`, the
+    /// latest `limit` publications.
+    async fn history(&self, channel: &ChannelName, since: Option<&Position>, limit: usize)
+    -> Result<History, EngineError>;
+
+    /// The channel's current top position (offset 0 of a fresh epoch when it has none).
+    async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError>;
+
+    async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError>;
+    /// Fire and forget.
+    fn presence_leave(&self, channel: &ChannelName, connection_id: &str);
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError>;
+
+    /// Closes the user's connections on every node; returns how many were closed.
+    async fn disconnect_user(&self, user: &str) -> Result<usize, EngineError>;
+
+    /// The live nodes of the cluster with their counters.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError>;
+
+    /// Whether this node can deliver right now.
+    async fn ready(&self) -> bool;
+}

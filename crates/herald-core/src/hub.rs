@@ -1,0 +1,438 @@
+//! The hub: this node's registry of connections and channel memberships, and the fan-out from the
+//! engine to connection queues.
+//!
+//! Rules every edit must keep:
+//! - A publisher never waits on a subscriber: fan-out only `try_send`s into bounded queues; a full
+//!   queue closes that connection (`slow_consumer`), and the client resumes from its cursor.
+//! - A channel with no local subscriber has no entry here, and a closed connection leaves nothing
+//!   behind (the [`Session`] removes itself on drop, synchronously).
+//! - No lock is held across `.await`; locks are std mutexes taken inside sync methods.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{Notify, mpsc};
+
+use crate::channel::ChannelName;
+use crate::engine::{Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest};
+use crate::position::Position;
+use crate::publication::Publication;
+use crate::receipt::{Receipt, ReceiptSummary, ReceiptToken};
+use crate::session::{Session, Transport};
+
+/// Outbound queue slots per connection unless configured.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+/// Channels one connection may hold unless configured.
+pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 128;
+/// Connections one node accepts unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+const SHARDS: usize = 64;
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Publications a connection may have waiting before it counts as too slow and is closed.
+    pub queue_capacity: usize,
+    pub max_channels_per_connection: usize,
+    pub max_connections: usize,
+    /// Most publications replayed for one channel on resume (the history size bounds it anyway).
+    pub max_replay: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_replay: 10_000,
+        }
+    }
+}
+
+/// Why the hub closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its outbound queue was full: it could not keep up.
+    SlowConsumer,
+    /// `/v1/disconnect` asked for it.
+    Disconnected,
+    /// The node is shutting down.
+    ShuttingDown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SlowConsumer => "slow_consumer",
+            Self::Disconnected => "disconnected",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn code(self) -> usize {
+        self as usize + 1
+    }
+
+    fn from_code(code: usize) -> Option<Self> {
+        [Self::SlowConsumer, Self::Disconnected, Self::ShuttingDown].get(code.checked_sub(1)?).copied()
+    }
+}
+
+/// Errors of hub operations, classified for callers.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("this node already holds {0} connections")]
+    TooManyConnections(usize),
+    #[error("a connection may hold at most {0} channels")]
+    TooManyChannels(usize),
+    #[error("already subscribed to {0}")]
+    AlreadySubscribed(ChannelName),
+    #[error("not subscribed to {0}")]
+    NotSubscribed(ChannelName),
+}
+
+/// One queued item for a connection.
+#[derive(Debug)]
+pub struct Outbound {
+    pub publication: Arc<Publication>,
+    pub receipt: Option<ReceiptToken>,
+}
+
+/// The close signal of one connection; set once, by whoever closes it first.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    reason: AtomicUsize,
+    notify: Notify,
+}
+
+impl Control {
+    pub(crate) fn close(&self, reason: CloseReason) -> bool {
+        let first = self.reason.compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        if first {
+            self.notify.notify_one();
+        }
+        first
+    }
+
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        CloseReason::from_code(self.reason.load(Ordering::SeqCst))
+    }
+
+    pub(crate) async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+pub(crate) struct Member {
+    tx: mpsc::Sender<Outbound>,
+    control: Arc<Control>,
+}
+
+pub(crate) struct ConnectionRecord {
+    user: Option<String>,
+    control: Arc<Control>,
+}
+
+/// Counters of this node, exported as metrics and in `/v1/cluster`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub published: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub no_subscriber: AtomicU64,
+    pub delivered_sse: AtomicU64,
+    pub delivered_ws: AtomicU64,
+    pub recovered: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub resets_history_gone: AtomicU64,
+    pub resets_gap: AtomicU64,
+    pub resets_epoch_changed: AtomicU64,
+    pub gaps_detected: AtomicU64,
+    pub slow_consumer_disconnects: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// A snapshot of [`Stats`] plus gauges.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub connections: u64,
+    pub channels: u64,
+    pub connections_opened: u64,
+    pub published: u64,
+    pub duplicates: u64,
+    pub no_subscriber: u64,
+    pub delivered_sse: u64,
+    pub delivered_ws: u64,
+    pub recovered: u64,
+    pub duplicates_dropped: u64,
+    pub resets_history_gone: u64,
+    pub resets_gap: u64,
+    pub resets_epoch_changed: u64,
+    pub gaps_detected: u64,
+    pub slow_consumer_disconnects: u64,
+}
+
+/// This node's hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    pub(crate) shared: Arc<HubShared>,
+}
+
+pub(crate) struct HubShared {
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) config: HubConfig,
+    pub(crate) stats: Stats,
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<ChannelName, HashMap<u64, Member>>>]>,
+    connections: Mutex<HashMap<u64, ConnectionRecord>>,
+    receipts: Mutex<HashMap<u64, Arc<Receipt>>>,
+    next_receipt: AtomicU64,
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its map consistent at each step; a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    /// Builds the hub around `engine` and starts the engine with this hub as its sink.
+    pub async fn start(engine: Arc<dyn Engine>, config: HubConfig) -> Result<Self, EngineError> {
+        let shared = Arc::new(HubShared {
+            engine: engine.clone(),
+            config,
+            stats: Stats::default(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            connections: Mutex::new(HashMap::new()),
+            receipts: Mutex::new(HashMap::new()),
+            next_receipt: AtomicU64::new(1),
+        });
+        let sink: Arc<dyn EngineSink> = shared.clone();
+        let weak: Weak<dyn EngineSink> = Arc::downgrade(&sink);
+        engine.start(weak).await?;
+        Ok(Self { shared })
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.shared.engine.node_id()
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.shared.engine
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    /// Publishes through the engine.
+    pub async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError> {
+        let outcome = self.shared.engine.publish(request).await?;
+        self.count_publish(&outcome);
+        Ok(outcome)
+    }
+
+    /// Publishes and waits up to `timeout` for this node's connections to write it.
+    pub async fn publish_awaiting_delivery(
+        &self,
+        mut request: PublishRequest,
+        timeout: Duration,
+    ) -> Result<(PublishOutcome, ReceiptSummary), EngineError> {
+        let id = self.shared.next_receipt.fetch_add(1, Ordering::Relaxed);
+        let receipt = Arc::new(Receipt::default());
+        lock(&self.shared.receipts).insert(id, receipt.clone());
+        request.receipt = Some(id);
+        let result = self.shared.engine.publish(request).await;
+        let summary = match &result {
+            Ok(outcome) if !outcome.duplicate => Some(receipt.wait(timeout).await),
+            _ => None,
+        };
+        lock(&self.shared.receipts).remove(&id);
+        let outcome = result?;
+        self.count_publish(&outcome);
+        Ok((outcome, summary.unwrap_or(ReceiptSummary { written: 0, timed_out: false })))
+    }
+
+    fn count_publish(&self, outcome: &PublishOutcome) {
+        let counter = if outcome.duplicate { &self.shared.stats.duplicates } else { &self.shared.stats.published };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Opens a session (one client connection) on this node.
+    pub fn open_session(&self, transport: Transport, user: Option<String>) -> Result<Session, HubError> {
+        let max = self.shared.config.max_connections;
+        let (tx, rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
+        let control = Arc::new(Control::default());
+        let id = {
+            let mut connections = lock(&self.shared.connections);
+            if connections.len() >= max {
+                return Err(HubError::TooManyConnections(max));
+            }
+            let mut id = rand::random::<u64>();
+            while id == 0 || connections.contains_key(&id) {
+                id = rand::random::<u64>();
+            }
+            connections.insert(id, ConnectionRecord { user: user.clone(), control: control.clone() });
+            id
+        };
+        self.shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Session::new(self.shared.clone(), id, transport, user, tx, rx, control))
+    }
+
+    pub async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, EngineError> {
+        self.shared.engine.history(channel, since, limit).await
+    }
+
+    pub async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
+        self.shared.engine.presence(channel).await
+    }
+
+    /// Closes the user's connections in the whole cluster.
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, EngineError> {
+        self.shared.engine.disconnect_user(user).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
+        self.shared.engine.nodes().await
+    }
+
+    pub async fn ready(&self) -> bool {
+        self.shared.engine.ready().await
+    }
+
+    /// Closes every local connection (shutdown).
+    pub fn close_all(&self, reason: CloseReason) -> usize {
+        lock(&self.shared.connections).values().filter(|c| c.control.close(reason)).count()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channel_count(&self) -> usize {
+        self.shared.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        lock(&self.shared.connections).len()
+    }
+}
+
+impl HubShared {
+    fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, HashMap<u64, Member>>> {
+        &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
+    }
+
+    /// Adds a member; returns true when it is the channel's first local subscriber.
+    pub(crate) fn join(&self, channel: &ChannelName, id: u64, tx: mpsc::Sender<Outbound>, control: Arc<Control>) -> bool {
+        let mut shard = lock(self.shard(channel));
+        let members = shard.entry(channel.clone()).or_default();
+        members.insert(id, Member { tx, control });
+        members.len() == 1
+    }
+
+    /// Removes a member; returns true when the channel has no local subscriber left (its entry is gone).
+    pub(crate) fn leave(&self, channel: &ChannelName, id: u64) -> bool {
+        let mut shard = lock(self.shard(channel));
+        let Some(members) = shard.get_mut(channel) else { return false };
+        members.remove(&id);
+        if members.is_empty() {
+            shard.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn forget_connection(&self, id: u64) {
+        lock(&self.connections).remove(&id);
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: get(&s.connections),
+            channels: self.shards.iter().map(|s| lock(s).len() as u64).sum(),
+            connections_opened: get(&s.connections_opened),
+            published: get(&s.published),
+            duplicates: get(&s.duplicates),
+            no_subscriber: get(&s.no_subscriber),
+            delivered_sse: get(&s.delivered_sse),
+            delivered_ws: get(&s.delivered_ws),
+            recovered: get(&s.recovered),
+            duplicates_dropped: get(&s.duplicates_dropped),
+            resets_history_gone: get(&s.resets_history_gone),
+            resets_gap: get(&s.resets_gap),
+            resets_epoch_changed: get(&s.resets_epoch_changed),
+            gaps_detected: get(&s.gaps_detected),
+            slow_consumer_disconnects: get(&s.slow_consumer_disconnects),
+        }
+    }
+}
+
+impl EngineSink for HubShared {
+    fn deliver(&self, publication: Arc<Publication>) {
+        let receipt = publication.receipt.and_then(|id| lock(&self.receipts).get(&id).cloned());
+        let shard = lock(self.shard(&publication.channel));
+        let Some(members) = shard.get(&publication.channel) else {
+            drop(shard);
+            self.stats.no_subscriber.fetch_add(1, Ordering::Relaxed);
+            if let Some(receipt) = receipt {
+                receipt.fanned_out(0);
+            }
+            return;
+        };
+        // Every token handed out is either written or dropped (counted as abandoned), so the receipt
+        // expects one answer per member, including members whose queue refused the item.
+        let recipients = members.len();
+        for member in members.values() {
+            let item = Outbound { publication: publication.clone(), receipt: receipt.as_ref().map(|r| r.token()) };
+            match member.tx.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if member.control.close(CloseReason::SlowConsumer) {
+                        self.stats.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        drop(shard);
+        if let Some(receipt) = receipt {
+            receipt.fanned_out(recipients);
+        }
+    }
+
+    fn disconnect_user(&self, user: &str) -> usize {
+        lock(&self.connections)
+            .values()
+            .filter(|c| c.user.as_deref() == Some(user))
+            .filter(|c| c.control.close(CloseReason::Disconnected))
+            .count()
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let snapshot = self.snapshot();
+        json!(snapshot)
+    }
+}

@@ -1,0 +1,374 @@
+//! The embedded in-memory engine: a single node's streams, history, dedup keys and presence.
+//!
+//! This is the default engine and the reference for what the `Engine` contract means. It holds no
+//! connection state (that is the hub's); it only owns what a distributed engine would keep in its
+//! shared store. Publishing hands the publication to the hub while the channel's shard lock is held,
+//! which is what keeps per-channel delivery order equal to offset order.
+//!
+//! Memory is bounded: history per channel by the namespace's size and age, stream state is dropped
+//! once a channel with no local subscribers has been idle for its history age, and idempotency keys
+//! are capped at [`MAX_DEDUP_KEYS`] (oldest forgotten first) besides expiring with the dedup window.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::channel::ChannelName;
+use crate::engine::{Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest};
+use crate::policy::Policies;
+use crate::position::{Epoch, Position};
+use crate::publication::{Publication, now_ms};
+
+/// Most idempotency keys remembered at once; beyond this the oldest are forgotten early.
+pub const MAX_DEDUP_KEYS: usize = 1_000_000;
+/// How often idle streams are swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+const SHARDS: usize = 64;
+
+/// The in-memory engine. Cheap to share behind an `Arc`.
+pub struct MemoryEngine {
+    node_id: String,
+    policies: Policies,
+    sink: OnceLock<Weak<dyn EngineSink>>,
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<ChannelName, Stream>>]>,
+    dedup: Mutex<Dedup>,
+    presence: Mutex<HashMap<ChannelName, HashMap<String, PresenceEntry>>>,
+    /// Channels with local subscribers: their stream state is never swept, so their epoch is stable.
+    subscribed: Mutex<HashSet<ChannelName>>,
+}
+
+struct Stream {
+    epoch: Epoch,
+    offset: u64,
+    history: VecDeque<Arc<Publication>>,
+    last_publish_ms: u64,
+}
+
+#[derive(Default)]
+struct Dedup {
+    keys: HashMap<(ChannelName, String), DedupEntry>,
+    /// Insertion order, for expiry and the cap; entries whose key was replaced are skipped.
+    order: VecDeque<(u64, ChannelName, String)>,
+}
+
+struct DedupEntry {
+    position: Position,
+    correlation_id: Arc<str>,
+    expires_ms: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the maps half-updated in a way that matters
+    // more than stopping delivery would, so poisoning is ignored.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Stream {
+    fn new(now: u64) -> Self {
+        Self { epoch: Epoch::generate(), offset: 0, history: VecDeque::new(), last_publish_ms: now }
+    }
+
+    fn top(&self) -> Position {
+        Position::new(self.epoch.clone(), self.offset)
+    }
+
+    fn trim(&mut self, size: usize, ttl: Duration, now: u64) {
+        let oldest_kept = now.saturating_sub(ttl.as_millis() as u64);
+        while self.history.len() > size || self.history.front().is_some_and(|p| p.published_at_ms < oldest_kept) {
+            self.history.pop_front();
+        }
+    }
+}
+
+impl MemoryEngine {
+    pub fn new(node_id: impl Into<String>, policies: Policies) -> Self {
+        Self {
+            node_id: node_id.into(),
+            policies,
+            sink: OnceLock::new(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            dedup: Mutex::new(Dedup::default()),
+            presence: Mutex::new(HashMap::new()),
+            subscribed: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, Stream>> {
+        let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        &self.shards[index]
+    }
+
+    fn sink(&self) -> Option<Arc<dyn EngineSink>> {
+        self.sink.get().and_then(Weak::upgrade)
+    }
+
+    /// Drops stream state of channels idle for longer than their history age and without local
+    /// subscribers, and expired idempotency keys. Returns how many streams were dropped.
+    pub fn sweep(&self) -> usize {
+        let now = now_ms();
+        let subscribed = lock(&self.subscribed).clone();
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut streams = lock(shard);
+            streams.retain(|channel, stream| {
+                let policy = self.policies.history(channel);
+                stream.trim(policy.size, policy.ttl, now);
+                let idle = now.saturating_sub(stream.last_publish_ms) > policy.ttl.as_millis() as u64;
+                let keep = !idle || subscribed.contains(channel);
+                dropped += usize::from(!keep);
+                keep
+            });
+        }
+        let mut dedup = lock(&self.dedup);
+        dedup.prune(now, MAX_DEDUP_KEYS);
+        dropped
+    }
+
+    /// Number of channels with stream state (for tests and stats).
+    pub fn stream_count(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Number of channels with at least one presence entry.
+    pub fn presence_channel_count(&self) -> usize {
+        lock(&self.presence).len()
+    }
+}
+
+impl Dedup {
+    fn prune(&mut self, now: u64, cap: usize) {
+        while let Some((expires_ms, _, _)) = self.order.front() {
+            if *expires_ms > now && self.order.len() <= cap {
+                break;
+            }
+            if let Some((expires_ms, channel, key)) = self.order.pop_front() {
+                let map_key = (channel, key);
+                if self.keys.get(&map_key).is_some_and(|e| e.expires_ms == expires_ms) {
+                    self.keys.remove(&map_key);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    async fn start(&self, sink: Weak<dyn EngineSink>) -> Result<(), EngineError> {
+        self.sink.set(sink).map_err(|_| EngineError::Protocol("engine started twice".into()))
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError> {
+        let now = now_ms();
+        let window_ms = self.policies.dedup_window().as_millis() as u64;
+        // Lock order: dedup, then the channel's shard. The dedup lock is only taken for keyed publishes.
+        let mut dedup = request.idempotency_key.as_ref().map(|_| lock(&self.dedup));
+        if let (Some(dedup), Some(key)) = (dedup.as_mut(), request.idempotency_key.as_ref()) {
+            dedup.prune(now, MAX_DEDUP_KEYS);
+            if let Some(entry) = dedup.keys.get(&(request.channel.clone(), key.clone())) {
+                return Ok(PublishOutcome {
+                    position: entry.position.clone(),
+                    correlation_id: entry.correlation_id.clone(),
+                    duplicate: true,
+                });
+            }
+        }
+        let policy = self.policies.history(&request.channel);
+        let mut streams = lock(self.shard(&request.channel));
+        let stream = streams.entry(request.channel.clone()).or_insert_with(|| Stream::new(now));
+        stream.offset += 1;
+        stream.last_publish_ms = now;
+        let position = stream.top();
+        let publication = Arc::new(Publication::new(
+            request.channel.clone(),
+            position.clone(),
+            request.event,
+            &request.data,
+            request.correlation_id.clone(),
+            now,
+            request.receipt,
+        ));
+        stream.history.push_back(publication.clone());
+        stream.trim(policy.size, policy.ttl, now);
+        if let (Some(dedup), Some(key)) = (dedup.as_mut(), request.idempotency_key) {
+            let expires_ms = now + window_ms;
+            dedup.order.push_back((expires_ms, request.channel.clone(), key.clone()));
+            dedup.keys.insert(
+                (request.channel, key),
+                DedupEntry { position: position.clone(), correlation_id: request.correlation_id.clone(), expires_ms },
+            );
+        }
+        drop(dedup);
+        if let Some(sink) = self.sink() {
+            sink.deliver(publication);
+        }
+        drop(streams);
+        Ok(PublishOutcome { position, correlation_id: request.correlation_id, duplicate: false })
+    }
+
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError> {
+        lock(&self.subscribed).insert(channel.clone());
+        Ok(())
+    }
+
+    fn unsubscribe(&self, channel: &ChannelName) {
+        lock(&self.subscribed).remove(channel);
+    }
+
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, EngineError> {
+        let now = now_ms();
+        let policy = self.policies.history(channel);
+        let mut streams = lock(self.shard(channel));
+        let stream = streams.entry(channel.clone()).or_insert_with(|| Stream::new(now));
+        stream.trim(policy.size, policy.ttl, now);
+        let top = stream.top();
+        let Some(since) = since else {
+            let skip = stream.history.len().saturating_sub(limit);
+            return Ok(History::Covered { top, publications: stream.history.iter().skip(skip).cloned().collect() });
+        };
+        if since.epoch != stream.epoch || since.offset > stream.offset {
+            return Ok(History::Gone { top });
+        }
+        if since.offset == stream.offset {
+            return Ok(History::Covered { top, publications: Vec::new() });
+        }
+        let first = stream.history.front().map_or(u64::MAX, |p| p.position.offset);
+        if first > since.offset + 1 {
+            return Ok(History::Gone { top });
+        }
+        let skip = (since.offset + 1 - first) as usize;
+        let publications = stream.history.iter().skip(skip).take(limit).cloned().collect();
+        Ok(History::Covered { top, publications })
+    }
+
+    async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
+        let mut streams = lock(self.shard(channel));
+        Ok(streams.entry(channel.clone()).or_insert_with(|| Stream::new(now_ms())).top())
+    }
+
+    async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
+        lock(&self.presence).entry(channel.clone()).or_default().insert(entry.connection_id.clone(), entry);
+        Ok(())
+    }
+
+    fn presence_leave(&self, channel: &ChannelName, connection_id: &str) {
+        let mut presence = lock(&self.presence);
+        if let Entry::Occupied(mut entries) = presence.entry(channel.clone()) {
+            entries.get_mut().remove(connection_id);
+            if entries.get().is_empty() {
+                entries.remove();
+            }
+        }
+    }
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
+        let presence = lock(&self.presence);
+        let mut entries: Vec<_> = presence.get(channel).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        entries.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+        Ok(entries)
+    }
+
+    async fn disconnect_user(&self, user: &str) -> Result<usize, EngineError> {
+        Ok(self.sink().map_or(0, |sink| sink.disconnect_user(user)))
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
+        let stats = self.sink().map(|sink| sink.stats()).unwrap_or_default();
+        Ok(vec![NodeInfo { node: self.node_id.clone(), stats }])
+    }
+
+    async fn ready(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::HistoryPolicy;
+    use serde_json::value::RawValue;
+
+    fn request(channel: &ChannelName, key: Option<&str>) -> PublishRequest {
+        PublishRequest {
+            channel: channel.clone(),
+            event: Arc::from("message"),
+            data: RawValue::from_string("1".into()).expect("json"),
+            idempotency_key: key.map(str::to_owned),
+            correlation_id: Arc::from("c"),
+            receipt: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_history_and_gaps() {
+        let mut policies = Policies::default();
+        policies.default_history = HistoryPolicy { size: 3, ttl: Duration::from_secs(60) };
+        let engine = MemoryEngine::new("n", policies);
+        let ch = ChannelName::parse("a").expect("channel");
+        let start = engine.top(&ch).await.expect("top");
+        assert_eq!(start.offset, 0);
+        for expected in 1..=5 {
+            let out = engine.publish(request(&ch, None)).await.expect("publish");
+            assert_eq!(out.position, Position::new(start.epoch.clone(), expected));
+        }
+        let covered = |since: u64| {
+            let engine = &engine;
+            let ch = &ch;
+            let epoch = start.epoch.clone();
+            async move {
+                match engine.history(ch, Some(&Position::new(epoch, since)), 100).await.expect("history") {
+                    History::Covered { publications, .. } => Some(publications.iter().map(|p| p.position.offset).collect::<Vec<_>>()),
+                    History::Gone { .. } => None,
+                }
+            }
+        };
+        assert_eq!(covered(5).await, Some(vec![]));
+        assert_eq!(covered(2).await, Some(vec![3, 4, 5]));
+        assert_eq!(covered(1).await, None, "offset 2 was trimmed");
+        assert_eq!(covered(6).await, None, "a position from the future is not covered");
+        let other = Position::new(Epoch::generate(), 5);
+        assert!(matches!(engine.history(&ch, Some(&other), 10).await, Ok(History::Gone { .. })));
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_publishes_once() {
+        let engine = MemoryEngine::new("n", Policies::default());
+        let ch = ChannelName::parse("a").expect("channel");
+        let first = engine.publish(request(&ch, Some("k"))).await.expect("publish");
+        let second = engine.publish(request(&ch, Some("k"))).await.expect("publish");
+        let other_channel = engine.publish(request(&ChannelName::parse("b").expect("c"), Some("k"))).await.expect("p");
+        assert!(!first.duplicate && second.duplicate && !other_channel.duplicate);
+        assert_eq!(first.position, second.position);
+        assert_eq!(engine.top(&ch).await.expect("top").offset, 1);
+    }
+
+    #[test]
+    fn dedup_cap_forgets_oldest() {
+        let mut dedup = Dedup::default();
+        let ch = ChannelName::parse("a").expect("channel");
+        for i in 0..10u64 {
+            dedup.order.push_back((u64::MAX, ch.clone(), i.to_string()));
+            dedup.keys.insert(
+                (ch.clone(), i.to_string()),
+                DedupEntry { position: Position::new(Epoch::generate(), i), correlation_id: Arc::from("c"), expires_ms: u64::MAX },
+            );
+        }
+        dedup.prune(0, 4);
+        assert_eq!(dedup.keys.len(), 4);
+        assert!(dedup.keys.contains_key(&(ch, "9".to_owned())));
+    }
+}

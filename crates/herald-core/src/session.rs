@@ -1,0 +1,345 @@
+//! One client connection's view of the hub: its channels, the position it holds in each, and the
+//! ordering rules that make recovery safe.
+//!
+//! Rule every edit must keep: every offset handed to the transport is the next one after the
+//! connection's position in that channel, or is preceded by a reset for that channel. To get there a
+//! subscription joins the channel first (live publications start queueing), then replays history from
+//! the client's position, and [`Session::resolve`] drops queued publications the replay already covered.
+//! A jump in offsets is repaired from history; what history cannot cover becomes a reset.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::mpsc;
+
+use crate::channel::ChannelName;
+use crate::engine::{History, PresenceEntry};
+use crate::hub::{CloseReason, Control, HubError, HubShared, Outbound};
+use crate::position::{Position, encode_cursor};
+use crate::publication::{Publication, format_timestamp, now_ms};
+
+/// How the client is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    Ws,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sse => "sse",
+            Self::Ws => "ws",
+        }
+    }
+}
+
+/// Why a client is told to reconcile a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The client's position can no longer be replayed (trimmed, expired or another epoch).
+    HistoryGone,
+    /// Publications went missing in transit and history no longer holds them.
+    Gap,
+    /// The channel's stream started a new epoch while the client was connected.
+    EpochChanged,
+}
+
+impl ResetReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HistoryGone => "history_gone",
+            Self::Gap => "gap",
+            Self::EpochChanged => "epoch_changed",
+        }
+    }
+}
+
+/// What the transport writes to the client, in order.
+#[derive(Debug)]
+pub enum SessionEvent {
+    Publication {
+        publication: Arc<Publication>,
+        /// Replayed from history rather than delivered live.
+        recovered: bool,
+        /// The SSE cursor after this event (only when the session tracks cursors).
+        cursor: Option<String>,
+    },
+    Reset {
+        channel: ChannelName,
+        reason: ResetReason,
+        /// Where delivery continues from.
+        position: Position,
+        cursor: Option<String>,
+    },
+}
+
+/// One client connection. Dropping it removes every trace of the connection from the hub and presence.
+pub struct Session {
+    shared: Arc<HubShared>,
+    id: u64,
+    id_text: String,
+    transport: Transport,
+    user: Option<String>,
+    connected_at: String,
+    tx: mpsc::Sender<Outbound>,
+    rx: mpsc::Receiver<Outbound>,
+    control: Arc<Control>,
+    /// The position delivered so far in each subscribed channel, in name order (the cursor's order).
+    positions: BTreeMap<ChannelName, Position>,
+    track_cursor: bool,
+}
+
+impl Session {
+    pub(crate) fn new(
+        shared: Arc<HubShared>,
+        id: u64,
+        transport: Transport,
+        user: Option<String>,
+        tx: mpsc::Sender<Outbound>,
+        rx: mpsc::Receiver<Outbound>,
+        control: Arc<Control>,
+    ) -> Self {
+        Self {
+            shared,
+            id,
+            id_text: format!("{id:016x}"),
+            transport,
+            user,
+            connected_at: format_timestamp(now_ms()),
+            tx,
+            rx,
+            control,
+            positions: BTreeMap::new(),
+            track_cursor: false,
+        }
+    }
+
+    /// The connection ID clients and presence see.
+    pub fn id(&self) -> &str {
+        &self.id_text
+    }
+
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// Makes every event carry the SSE cursor of all channels after it.
+    pub fn track_cursor(&mut self, on: bool) {
+        self.track_cursor = on;
+    }
+
+    pub fn channels(&self) -> impl Iterator<Item = &ChannelName> {
+        self.positions.keys()
+    }
+
+    pub fn position(&self, channel: &ChannelName) -> Option<&Position> {
+        self.positions.get(channel)
+    }
+
+    /// The cursor of all channels as they stand.
+    pub fn cursor(&self) -> String {
+        let channels: Vec<ChannelName> = self.positions.keys().cloned().collect();
+        encode_cursor(&channels, self.positions.values())
+    }
+
+    /// Why the hub closed this connection, if it did.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.control.reason()
+    }
+
+    /// Subscribes to `channel`, live in the engine before this returns. With `since`, appends to `out`
+    /// the publications after it (or a reset when they cannot be replayed). Without, starts at the top.
+    pub async fn subscribe(
+        &mut self,
+        channel: ChannelName,
+        since: Option<Position>,
+        out: &mut Vec<SessionEvent>,
+    ) -> Result<Position, HubError> {
+        if self.positions.contains_key(&channel) {
+            return Err(HubError::AlreadySubscribed(channel));
+        }
+        let max = self.shared.config.max_channels_per_connection;
+        if self.positions.len() >= max {
+            return Err(HubError::TooManyChannels(max));
+        }
+        self.shared.join(&channel, self.id, self.tx.clone(), self.control.clone());
+        match self.start_position(&channel, since, out).await {
+            Ok(position) => {
+                self.positions.insert(channel, position.clone());
+                if self.track_cursor {
+                    // The cursor now has this channel too; earlier events' cursors lacked it.
+                    let cursor = self.cursor();
+                    for event in out.iter_mut() {
+                        match event {
+                            SessionEvent::Publication { cursor: c, .. } | SessionEvent::Reset { cursor: c, .. } => {
+                                *c = Some(cursor.clone())
+                            }
+                        }
+                    }
+                }
+                Ok(position)
+            }
+            Err(error) => {
+                self.release(&channel);
+                Err(error)
+            }
+        }
+    }
+
+    async fn start_position(
+        &mut self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        out: &mut Vec<SessionEvent>,
+    ) -> Result<Position, HubError> {
+        let engine = self.shared.engine.clone();
+        engine.subscribe(channel).await?;
+        let entry = PresenceEntry {
+            node: engine.node_id().to_owned(),
+            connection_id: self.id_text.clone(),
+            user: self.user.clone(),
+            transport: self.transport.as_str(),
+            connected_at: self.connected_at.clone(),
+        };
+        engine.presence_join(channel, entry).await?;
+        let Some(since) = since else {
+            return Ok(engine.top(channel).await?);
+        };
+        match engine.history(channel, Some(&since), self.shared.config.max_replay).await? {
+            History::Covered { publications, .. } => {
+                let mut position = since;
+                for publication in publications {
+                    if publication.position.offset == position.offset + 1 {
+                        position = publication.position.clone();
+                        out.push(SessionEvent::Publication { publication, recovered: true, cursor: None });
+                    }
+                }
+                self.shared.stats.recovered.fetch_add(out.len() as u64, Ordering::Relaxed);
+                Ok(position)
+            }
+            History::Gone { top } => {
+                self.shared.stats.resets_history_gone.fetch_add(1, Ordering::Relaxed);
+                out.push(SessionEvent::Reset {
+                    channel: channel.clone(),
+                    reason: ResetReason::HistoryGone,
+                    position: top.clone(),
+                    cursor: None,
+                });
+                Ok(top)
+            }
+        }
+    }
+
+    /// Leaves `channel`. Publications of it still queued are dropped by [`Session::resolve`].
+    pub fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), HubError> {
+        if self.positions.remove(channel).is_none() {
+            return Err(HubError::NotSubscribed(channel.clone()));
+        }
+        self.release(channel);
+        Ok(())
+    }
+
+    fn release(&self, channel: &ChannelName) {
+        if self.shared.leave(channel, self.id) {
+            self.shared.engine.unsubscribe(channel);
+        }
+        self.shared.engine.presence_leave(channel, &self.id_text);
+    }
+
+    /// Waits for queued publications (up to `max`, appended to `batch`) or for the hub to close the
+    /// connection. Cancel-safe: nothing is lost when the future is dropped before it completes.
+    pub async fn recv(&mut self, batch: &mut Vec<Outbound>, max: usize) -> Result<(), CloseReason> {
+        if let Some(reason) = self.control.reason() {
+            return Err(reason);
+        }
+        tokio::select! {
+            biased;
+            reason = self.control.closed() => Err(reason),
+            _ = self.rx.recv_many(batch, max.max(1)) => Ok(()),
+        }
+    }
+
+    /// Turns received items into events, in order, dropping what the client already has and repairing
+    /// gaps from history. Must run to completion (do not race it against other futures).
+    pub async fn resolve(&mut self, batch: &mut Vec<Outbound>, out: &mut Vec<SessionEvent>) {
+        let before = out.len();
+        let mut recovered = 0u64;
+        for item in batch.drain(..) {
+            let publication = item.publication;
+            let Some(position) = self.positions.get(&publication.channel) else {
+                continue; // unsubscribed since it was queued
+            };
+            let incoming = &publication.position;
+            if incoming.epoch == position.epoch && incoming.offset <= position.offset {
+                self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if incoming.epoch != position.epoch || incoming.offset != position.offset + 1 {
+                recovered += self.repair(&publication, out).await;
+            }
+            let channel = publication.channel.clone();
+            self.positions.insert(channel, publication.position.clone());
+            let cursor = self.track_cursor.then(|| self.cursor());
+            if let Some(token) = item.receipt {
+                token.written();
+            }
+            out.push(SessionEvent::Publication { publication, recovered: false, cursor });
+        }
+        let live = (out.len() - before) as u64 - recovered;
+        let counter = match self.transport {
+            Transport::Sse => &self.shared.stats.delivered_sse,
+            Transport::Ws => &self.shared.stats.delivered_ws,
+        };
+        counter.fetch_add(live, Ordering::Relaxed);
+        self.shared.stats.recovered.fetch_add(recovered, Ordering::Relaxed);
+    }
+
+    /// Fills the hole before `next` from history, or emits a reset; returns how many it replayed.
+    async fn repair(&mut self, next: &Publication, out: &mut Vec<SessionEvent>) -> u64 {
+        let channel = &next.channel;
+        let Some(mut position) = self.positions.get(channel).cloned() else { return 0 };
+        let stats = &self.shared.stats;
+        let same_epoch = position.epoch == next.position.epoch;
+        if same_epoch {
+            stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut replayed = 0;
+        if let Ok(History::Covered { publications, .. }) =
+            self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await
+        {
+            for publication in publications {
+                let p = &publication.position;
+                if p.epoch == position.epoch && p.offset == position.offset + 1 && p.offset < next.position.offset {
+                    position = p.clone();
+                    self.positions.insert(channel.clone(), position.clone());
+                    let cursor = self.track_cursor.then(|| self.cursor());
+                    out.push(SessionEvent::Publication { publication, recovered: true, cursor });
+                    replayed += 1;
+                }
+            }
+        }
+        if position.epoch == next.position.epoch && position.offset + 1 == next.position.offset {
+            return replayed;
+        }
+        let reason = if same_epoch { ResetReason::Gap } else { ResetReason::EpochChanged };
+        let counter = if same_epoch { &stats.resets_gap } else { &stats.resets_epoch_changed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let continue_from = Position::new(next.position.epoch.clone(), next.position.offset.saturating_sub(1));
+        self.positions.insert(channel.clone(), continue_from.clone());
+        let cursor = self.track_cursor.then(|| self.cursor());
+        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: continue_from, cursor });
+        replayed
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let channels: Vec<ChannelName> = std::mem::take(&mut self.positions).into_keys().collect();
+        for channel in &channels {
+            self.release(channel);
+        }
+        self.shared.forget_connection(self.id);
+    }
+}
