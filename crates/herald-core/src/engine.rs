@@ -112,8 +112,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Publications after `since` (all of them up to `limit`), or `Gone`. With `since = None`, the
     /// latest `limit` publications.
-    async fn history(&self, channel: &ChannelName, since: Option<&Position>, limit: usize)
-    -> Result<History, EngineError>;
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, EngineError>;
 
     /// The channel's current top position (offset 0 of a fresh epoch when it has none).
     async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError>;

@@ -18,7 +18,9 @@ use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 
 use crate::channel::ChannelName;
-use crate::engine::{Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest};
+use crate::engine::{
+    Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest,
+};
 use crate::position::Position;
 use crate::publication::Publication;
 use crate::receipt::{Receipt, ReceiptSummary, ReceiptToken};
@@ -135,6 +137,9 @@ impl Control {
     }
 }
 
+/// Channel -> (connection ID -> member), one map per shard.
+type ChannelMap = HashMap<ChannelName, HashMap<u64, Member>>;
+
 pub(crate) struct Member {
     tx: mpsc::Sender<Outbound>,
     control: Arc<Control>,
@@ -195,7 +200,7 @@ pub(crate) struct HubShared {
     pub(crate) config: HubConfig,
     pub(crate) stats: Stats,
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<ChannelName, HashMap<u64, Member>>>]>,
+    shards: Box<[Mutex<ChannelMap>]>,
     connections: Mutex<HashMap<u64, ConnectionRecord>>,
     receipts: Mutex<HashMap<u64, Arc<Receipt>>>,
     next_receipt: AtomicU64,
@@ -338,12 +343,18 @@ impl Hub {
 }
 
 impl HubShared {
-    fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, HashMap<u64, Member>>> {
+    fn shard(&self, channel: &ChannelName) -> &Mutex<ChannelMap> {
         &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
     }
 
     /// Adds a member; returns true when it is the channel's first local subscriber.
-    pub(crate) fn join(&self, channel: &ChannelName, id: u64, tx: mpsc::Sender<Outbound>, control: Arc<Control>) -> bool {
+    pub(crate) fn join(
+        &self,
+        channel: &ChannelName,
+        id: u64,
+        tx: mpsc::Sender<Outbound>,
+        control: Arc<Control>,
+    ) -> bool {
         let mut shard = lock(self.shard(channel));
         let members = shard.entry(channel.clone()).or_default();
         members.insert(id, Member { tx, control });

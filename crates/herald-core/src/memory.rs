@@ -18,7 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::channel::ChannelName;
-use crate::engine::{Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest};
+use crate::engine::{
+    Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest,
+};
 use crate::policy::Policies;
 use crate::position::{Epoch, Position};
 use crate::publication::{Publication, now_ms};
@@ -315,8 +317,10 @@ mod tests {
 
     #[tokio::test]
     async fn offsets_history_and_gaps() {
-        let mut policies = Policies::default();
-        policies.default_history = HistoryPolicy { size: 3, ttl: Duration::from_secs(60) };
+        let policies = Policies {
+            default_history: HistoryPolicy { size: 3, ttl: Duration::from_secs(60) },
+            ..Policies::default()
+        };
         let engine = MemoryEngine::new("n", policies);
         let ch = ChannelName::parse("a").expect("channel");
         let start = engine.top(&ch).await.expect("top");
@@ -331,7 +335,9 @@ mod tests {
             let epoch = start.epoch.clone();
             async move {
                 match engine.history(ch, Some(&Position::new(epoch, since)), 100).await.expect("history") {
-                    History::Covered { publications, .. } => Some(publications.iter().map(|p| p.position.offset).collect::<Vec<_>>()),
+                    History::Covered { publications, .. } => {
+                        Some(publications.iter().map(|p| p.position.offset).collect::<Vec<_>>())
+                    }
                     History::Gone { .. } => None,
                 }
             }
@@ -364,7 +370,11 @@ mod tests {
             dedup.order.push_back((u64::MAX, ch.clone(), i.to_string()));
             dedup.keys.insert(
                 (ch.clone(), i.to_string()),
-                DedupEntry { position: Position::new(Epoch::generate(), i), correlation_id: Arc::from("c"), expires_ms: u64::MAX },
+                DedupEntry {
+                    position: Position::new(Epoch::generate(), i),
+                    correlation_id: Arc::from("c"),
+                    expires_ms: u64::MAX,
+                },
             );
         }
         dedup.prune(0, 4);

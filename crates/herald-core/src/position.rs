@@ -30,11 +30,7 @@ pub struct Epoch(Arc<str>);
 impl Epoch {
     /// A fresh random epoch (10 alphanumeric characters, about 59 bits).
     pub fn generate() -> Self {
-        let text: String = rand::rng()
-            .sample_iter(rand::distr::Alphanumeric)
-            .take(10)
-            .map(char::from)
-            .collect();
+        let text: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(10).map(char::from).collect();
         Self(Arc::from(text))
     }
 
@@ -161,10 +157,8 @@ mod tests {
     #[test]
     fn cursor_round_trips() {
         let chans = channels(&["a", "user:42"]);
-        let positions = vec![
-            Position::new(Epoch::generate(), 0),
-            Position::new(Epoch::parse("E1").expect("epoch"), u64::MAX),
-        ];
+        let positions =
+            vec![Position::new(Epoch::generate(), 0), Position::new(Epoch::parse("E1").expect("epoch"), u64::MAX)];
         let text = encode_cursor(&chans, &positions);
         assert_eq!(decode_cursor(&text, &chans), Ok(positions));
     }
@@ -177,9 +171,19 @@ mod tests {
         let text = encode_cursor(&chans, &pos);
         assert_eq!(decode_cursor(&text, &other), Err(CursorError::Foreign));
         assert_eq!(decode_cursor(&text, &chans[..1]), Err(CursorError::Foreign));
-        for bad in ["", "1", "2.00000000.e-1", "1.zzzzzzzz.e-1", "1.0000000.e-1", "1.00000000.e-", "1.00000000.-1",
-            "1.00000000.e-1x", "1.00000000.e-99999999999999999999999", "1.00000000.e_1", "1.00000000.e-+1"]
-        {
+        for bad in [
+            "",
+            "1",
+            "2.00000000.e-1",
+            "1.zzzzzzzz.e-1",
+            "1.0000000.e-1",
+            "1.00000000.e-",
+            "1.00000000.-1",
+            "1.00000000.e-1x",
+            "1.00000000.e-99999999999999999999999",
+            "1.00000000.e_1",
+            "1.00000000.e-+1",
+        ] {
             assert!(matches!(decode_cursor(bad, &chans), Err(CursorError::Malformed(_))), "{bad:?}");
         }
     }

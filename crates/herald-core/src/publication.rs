@@ -63,7 +63,9 @@ struct EnvelopeIn<'a> {
 /// Why an envelope or a field of a publication is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublicationError {
-    #[error("event name must be 1 to {MAX_EVENT_BYTES} characters of A-Z a-z 0-9 _ - . : and must not start with \"herald.\"")]
+    #[error(
+        "event name must be 1 to {MAX_EVENT_BYTES} characters of A-Z a-z 0-9 _ - . : and must not start with \"herald.\""
+    )]
     InvalidEvent,
     #[error("correlation ID must be 1 to {MAX_CORRELATION_ID_BYTES} printable ASCII characters")]
     InvalidCorrelationId,

@@ -1,1 +1,151 @@
-//! placeholder
+//! Herald's server: the HTTP, SSE and WebSocket surface of `../shared/CONTRACT.md` over a
+//! [`herald_core::Hub`], as a library ([`router`], [`run`]) and the `herald` binary (`main.rs`).
+//!
+//! The server is a thin layer: it parses and checks input, turns core events into wire frames and core
+//! errors into the contract's JSON errors. Delivery logic lives in `herald-core`.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod ops;
+pub mod serve;
+pub mod sse;
+pub mod ws;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use herald_core::{CloseReason, Engine, Hub, MemoryEngine};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Cli, Config, EXIT_BAD_CONFIG, Settings};
+pub use error::ApiError;
+
+/// Shared state of one running node. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    hub: Hub,
+    settings: Settings,
+    draining: AtomicBool,
+    metrics: ops::Metrics,
+}
+
+impl AppState {
+    pub fn new(hub: Hub, settings: Settings) -> Self {
+        Self {
+            inner: Arc::new(AppInner { hub, settings, draining: AtomicBool::new(false), metrics: ops::Metrics::new() }),
+        }
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.settings.config
+    }
+
+    pub(crate) fn metrics(&self) -> &ops::Metrics {
+        &self.inner.metrics
+    }
+
+    /// True once shutdown began: readiness fails and new connections are refused.
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining: readiness fails, new clients are refused, connected clients are told to go.
+    pub fn drain(&self) -> usize {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.hub.close_all(CloseReason::ShuttingDown)
+    }
+}
+
+/// Every route of the contract, for serving or for nesting into another axum application.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config().limits.max_body_bytes;
+    Router::new()
+        .route("/", get(ops::index))
+        .route("/v1/sse", get(sse::handler))
+        .route("/v1/ws", get(ws::handler))
+        .route("/v1/publish", post(api::publish))
+        .route("/v1/broadcast", post(api::broadcast))
+        .route("/v1/history", get(api::history))
+        .route("/v1/presence", get(api::presence))
+        .route("/v1/disconnect", post(api::disconnect))
+        .route("/v1/cluster", get(api::cluster))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Builds the engine named by the configuration.
+pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
+    match settings.config.engine.as_str() {
+        "memory" => Ok(Arc::new(MemoryEngine::new(settings.node_id.clone(), settings.policies()))),
+        other => anyhow::bail!("unsupported engine {other:?}"),
+    }
+}
+
+/// Starts the hub and the engine for `settings`.
+pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
+    let engine: Arc<dyn Engine> = match settings.config.engine.as_str() {
+        "memory" => {
+            let memory = Arc::new(MemoryEngine::new(settings.node_id.clone(), settings.policies()));
+            spawn_sweeper(Arc::downgrade(&memory));
+            memory
+        }
+        _ => build_engine(&settings)?,
+    };
+    let hub = Hub::start(engine, settings.hub_config()).await?;
+    Ok(AppState::new(hub, settings))
+}
+
+fn spawn_sweeper(engine: std::sync::Weak<MemoryEngine>) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(herald_core::memory::SWEEP_INTERVAL);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let Some(engine) = engine.upgrade() else { break };
+            let dropped = engine.sweep();
+            tracing::debug!(dropped, "swept idle streams");
+        }
+    });
+}
+
+/// Serves `state` on `listener` until `shutdown` fires, then drains: readiness fails, clients are told
+/// to reconnect elsewhere, in-flight requests finish, bounded by the configured grace period.
+pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tracker = TaskTracker::new();
+    let app = router(state.clone());
+    let grace = Duration::from_secs(state.config().shutdown_grace_secs);
+    let accept = tokio::spawn(serve::accept_loop(listener, app, shutdown.clone(), tracker.clone()));
+    shutdown.cancelled().await;
+    let told = state.drain();
+    tracing::info!(connections = told, "draining");
+    let _ = accept.await;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period; exiting anyway");
+    }
+    Ok(())
+}

@@ -1,1 +1,94 @@
-fn main() {}
+//! The `herald` binary: parse configuration (exit 64 when it is bad, before binding anything), set up
+//! logging, bind, print one machine-readable line with the bound address, serve until SIGTERM/SIGINT,
+//! drain, exit. A second signal exits at once.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use herald_server::{Cli, EXIT_BAD_CONFIG, Settings, config};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let settings = match config::load(&cli, &env) {
+        Ok(settings) => settings,
+        Err(problems) => {
+            eprintln!("herald: the configuration is not valid:");
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    init_logging(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("herald: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if settings.config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listen = settings.listen;
+    let state = herald_server::start(settings).await.context("starting the engine")?;
+    let socket = if listen.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .context("creating the listening socket")?;
+    socket.set_reuseaddr(true).context("setting SO_REUSEADDR")?;
+    socket.bind(listen).with_context(|| format!("binding {listen}"))?;
+    // A deep backlog absorbs reconnect storms (tokio's default is 1024).
+    let listener = socket.listen(4096).with_context(|| format!("listening on {listen}"))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "listening on a non-loopback address without client authentication");
+    } else if state.config().api_keys.is_empty() {
+        tracing::warn!("no API keys configured: anyone who can reach this address may publish (fine on loopback)");
+    }
+    // The one line tests and scripts read: the address actually bound (port 0 resolved).
+    println!("{}", serde_json::json!({"listening": bound.to_string(), "node": state.hub().node_id()}));
+    tracing::info!(%bound, node = state.hub().node_id(), "herald listening; open http://{bound}/");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    herald_server::run(state, listener, shutdown).await
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown requested; a second signal exits at once");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(1);
+}

@@ -1,0 +1,362 @@
+//! The server API for backends: publish, broadcast, history, presence, disconnect, cluster.
+//!
+//! Bodies and queries are parsed here by hand (not with axum's extractors) so that every bad input
+//! gets the contract's JSON error with a precise code instead of a framework's plain-text rejection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_core::publication::{DEFAULT_EVENT, compact_json, validate_correlation_id, validate_event};
+use herald_core::{ChannelName, Epoch, History, Position, PublishOutcome, PublishRequest};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Publications returned by `/v1/history` unless `limit` says otherwise, and the most it may ask for.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+/// Longest user name `/v1/disconnect` accepts, in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    event: Option<String>,
+    idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    event: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user: String,
+}
+
+/// Checks `Authorization: Bearer <key>` against the configured API keys (if any), in constant time.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let keys = &state.config().api_keys;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    // Compare against every key without stopping early, so timing says nothing about which matched.
+    let matched = keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), presented.as_bytes()));
+    if matched { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// Parses a JSON body, mapping each failure to its contract error.
+pub fn parse_body<T: DeserializeOwned>(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge { limit: state.config().limits.max_body_bytes }
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidBody(error.to_string()),
+        _ => ApiError::MalformedJson(error.to_string()),
+    })
+}
+
+/// The query string as key-value pairs.
+pub fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
+    query.as_deref().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+fn single<'a>(pairs: &'a [(String, String)], key: &str) -> Result<Option<&'a str>, ApiError> {
+    let mut values = pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(format!("query parameter {key} given more than once")));
+    }
+    Ok(first)
+}
+
+fn number<T: std::str::FromStr>(pairs: &[(String, String)], key: &str) -> Result<Option<T>, ApiError> {
+    single(pairs, key)?
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| ApiError::BadRequest(format!("query parameter {key} must be a non-negative integer")))
+        })
+        .transpose()
+}
+
+/// The correlation ID of a publish: `X-Correlation-ID`, else the trace ID of a valid W3C `traceparent`,
+/// else a fresh one.
+pub fn correlation_id(headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
+    if let Some(value) = headers.get("x-correlation-id") {
+        let text = value.to_str().map_err(|_| ApiError::BadRequest("X-Correlation-ID must be ASCII".into()))?;
+        return validate_correlation_id(text).map_err(|e| ApiError::BadRequest(format!("X-Correlation-ID: {e}")));
+    }
+    if let Some(trace_id) = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(trace_id_of) {
+        return Ok(Arc::from(trace_id));
+    }
+    Ok(Arc::from(format!("{:032x}", rand::random::<u128>())))
+}
+
+/// The trace ID of a `traceparent` header (`version-traceid-parentid-flags`), if well formed.
+fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    valid.then_some(trace)
+}
+
+fn parse_event(event: Option<String>) -> Result<Arc<str>, ApiError> {
+    match event {
+        None => Ok(Arc::from(DEFAULT_EVENT)),
+        Some(event) => validate_event(&event).map_err(|e| ApiError::InvalidBody(e.to_string())),
+    }
+}
+
+fn outcome_json(channel: &ChannelName, outcome: &PublishOutcome) -> Value {
+    json!({
+        "channel": channel,
+        "epoch": outcome.position.epoch,
+        "offset": outcome.position.offset,
+        "duplicate": outcome.duplicate,
+        "correlation_id": &*outcome.correlation_id,
+    })
+}
+
+/// `POST /v1/publish`
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let pairs = query_pairs(&query);
+    let await_delivery = match single(&pairs, "await")? {
+        None => false,
+        Some("delivery") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!("await={other:?} is not supported; use await=delivery")));
+        }
+    };
+    let max_await = state.config().limits.max_await_ms;
+    let timeout_ms: u64 = number(&pairs, "timeout_ms")?.unwrap_or(1000);
+    if timeout_ms > max_await {
+        return Err(ApiError::BadRequest(format!("timeout_ms must be at most {max_await}")));
+    }
+    let body: PublishBody = parse_body(&state, body)?;
+    let channel = ChannelName::parse(&body.channel)?;
+    if let Some(key) = &body.idempotency_key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(ApiError::InvalidBody(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            )));
+        }
+    }
+    let request = PublishRequest {
+        channel: channel.clone(),
+        event: parse_event(body.event)?,
+        data: compact_json(body.data),
+        idempotency_key: body.idempotency_key,
+        correlation_id: correlation_id(&headers)?,
+        receipt: None,
+    };
+    let correlation = request.correlation_id.clone();
+    if !await_delivery {
+        let outcome = state.hub().publish(request).await.inspect_err(|_| state.metrics().refused("engine"))?;
+        tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset, "published");
+        return Ok(Json(outcome_json(&channel, &outcome)).into_response());
+    }
+    let (outcome, summary) = state
+        .hub()
+        .publish_awaiting_delivery(request, Duration::from_millis(timeout_ms))
+        .await
+        .inspect_err(|_| state.metrics().refused("engine"))?;
+    let mut answer = outcome_json(&channel, &outcome);
+    let nodes: Vec<&str> = if summary.written > 0 { vec![state.hub().node_id()] } else { vec![] };
+    answer["delivery"] = json!({"connections": summary.written, "nodes": nodes, "timed_out": summary.timed_out});
+    Ok(Json(answer).into_response())
+}
+
+/// `POST /v1/broadcast`
+pub async fn broadcast(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let body: BroadcastBody = parse_body(&state, body)?;
+    let max = state.config().limits.max_broadcast_channels;
+    if body.channels.is_empty() || body.channels.len() > max {
+        return Err(ApiError::InvalidBody(format!("channels must list 1 to {max} channels")));
+    }
+    let event = parse_event(body.event)?;
+    let data = compact_json(body.data);
+    let correlation = correlation_id(&headers)?;
+    let mut results = Vec::with_capacity(body.channels.len());
+    for name in body.channels {
+        let channel = match ChannelName::parse(&name) {
+            Ok(channel) => channel,
+            Err(error) => {
+                results.push(json!({"channel": name, "error": ApiError::from(error).body()["error"]}));
+                continue;
+            }
+        };
+        let request = PublishRequest {
+            channel: channel.clone(),
+            event: event.clone(),
+            data: data.clone(),
+            idempotency_key: None,
+            correlation_id: correlation.clone(),
+            receipt: None,
+        };
+        match state.hub().publish(request).await {
+            Ok(outcome) => results.push(outcome_json(&channel, &outcome)),
+            Err(error) => {
+                state.metrics().refused("engine");
+                results.push(json!({"channel": channel, "error": ApiError::from(error).body()["error"]}));
+            }
+        }
+    }
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+/// `GET /v1/history?channel=…&since_epoch=…&since_offset=…&limit=…`
+pub async fn history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let pairs = query_pairs(&query);
+    let channel =
+        ChannelName::parse(single(&pairs, "channel")?.ok_or(ApiError::BadRequest("channel is required".into()))?)?;
+    let limit: usize = number(&pairs, "limit")?.unwrap_or(DEFAULT_HISTORY_LIMIT);
+    if limit == 0 || limit > MAX_HISTORY_LIMIT {
+        return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_HISTORY_LIMIT}")));
+    }
+    let since = match (single(&pairs, "since_epoch")?, number::<u64>(&pairs, "since_offset")?) {
+        (None, None) => None,
+        (Some(epoch), Some(offset)) => Some(Position::new(Epoch::parse(epoch)?, offset)),
+        _ => return Err(ApiError::BadRequest("since_epoch and since_offset go together".into())),
+    };
+    match state.hub().history(&channel, since.as_ref(), limit).await? {
+        History::Covered { top, publications } => {
+            let publications: Vec<&RawValue> = publications
+                .iter()
+                .filter_map(|p| std::str::from_utf8(p.envelope()).ok())
+                .filter_map(|text| serde_json::from_str::<&RawValue>(text).ok())
+                .collect();
+            Ok(Json(
+                json!({"channel": channel, "epoch": top.epoch, "offset": top.offset, "publications": publications}),
+            )
+            .into_response())
+        }
+        History::Gone { .. } => Err(ApiError::HistoryGone),
+    }
+}
+
+/// `GET /v1/presence?channel=…`
+pub async fn presence(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let pairs = query_pairs(&query);
+    let channel =
+        ChannelName::parse(single(&pairs, "channel")?.ok_or(ApiError::BadRequest("channel is required".into()))?)?;
+    let connections = state.hub().presence(&channel).await?;
+    Ok(Json(json!({"channel": channel, "connections": connections})).into_response())
+}
+
+/// `POST /v1/disconnect` with `{"user":"…"}`
+pub async fn disconnect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let body: DisconnectBody = parse_body(&state, body)?;
+    if body.user.is_empty() || body.user.len() > MAX_USER_BYTES {
+        return Err(ApiError::InvalidBody(format!("user must be 1 to {MAX_USER_BYTES} bytes")));
+    }
+    let disconnected = state.hub().disconnect_user(&body.user).await?;
+    Ok(Json(json!({ "disconnected": disconnected })).into_response())
+}
+
+/// `GET /v1/cluster`
+pub async fn cluster(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let nodes = state.hub().nodes().await?;
+    Ok(Json(json!({"node": state.hub().node_id(), "engine": engine_kind(&state), "nodes": nodes})).into_response())
+}
+
+fn engine_kind(state: &AppState) -> &str {
+    state.config().engine.split("://").next().unwrap_or("memory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_gives_its_trace_id() {
+        assert_eq!(
+            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-0000-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

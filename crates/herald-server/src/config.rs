@@ -1,0 +1,410 @@
+//! Configuration: one serde tree with defaults in code, layered TOML file -> `HERALD_*` environment ->
+//! command-line flags, validated as a whole before anything binds a socket.
+//!
+//! Environment keys are the TOML keys in upper case with `HERALD_` in front; nested keys join with a
+//! double underscore (`HERALD_LIMITS__MAX_BODY_BYTES`). Every key is documented in `docs/config.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use herald_core::{HistoryPolicy, HubConfig, Policies};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Exit status for a configuration the server refuses (EX_USAGE from sysexits.h).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Command-line flags. Each has an environment variable and a TOML key of the same name.
+#[derive(Debug, Parser, Default)]
+#[command(name = "herald", version, about = "Herald real-time delivery gateway")]
+pub struct Cli {
+    /// Address to listen on (HERALD_LISTEN; default 127.0.0.1:8080). Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Engine URL: `memory` (default) or, in later versions, `redis://…`, `nats://…` (HERALD_ENGINE).
+    #[arg(long, value_name = "URL")]
+    pub engine: Option<String>,
+    /// TOML configuration file (HERALD_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This node's name in the cluster (HERALD_NODE_ID; default: a random name).
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Log format: `text` or `json` (HERALD_LOG_FORMAT).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: String,
+    pub engine: String,
+    pub node_id: Option<String>,
+    pub log_format: String,
+    /// Server API keys; when any is set the server API needs `Authorization: Bearer <key>`.
+    #[serde(deserialize_with = "string_or_list")]
+    pub api_keys: Vec<String>,
+    pub history: HistoryConfig,
+    /// Per-namespace overrides, keyed by namespace (the part of a channel before the first `:`).
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+    pub limits: LimitsConfig,
+    pub sse: SseConfig,
+    /// How long an idempotency key is remembered, in seconds.
+    pub dedup_window_secs: u64,
+    /// Longest a graceful shutdown may take before the process exits anyway, in seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Publications kept per channel.
+    pub size: usize,
+    /// Seconds a publication stays in history.
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    pub history_size: Option<usize>,
+    pub history_ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body of the server API, in bytes.
+    pub max_body_bytes: usize,
+    /// Connections (SSE plus WebSocket) this node accepts.
+    pub max_connections: usize,
+    /// Channels one connection may subscribe to.
+    pub max_channels_per_connection: usize,
+    /// Publications waiting for one connection before it counts as too slow and is closed.
+    pub queue_capacity: usize,
+    /// Largest WebSocket message a client may send, in bytes.
+    pub ws_max_message_bytes: usize,
+    /// Channels one broadcast may name.
+    pub max_broadcast_channels: usize,
+    /// Longest `timeout_ms` a publisher may wait for delivery receipts.
+    pub max_await_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// Seconds between `: ping` comments on an idle stream.
+    pub ping_interval_secs: u64,
+    /// Reconnect delay suggested to EventSource clients (`retry:`), in milliseconds.
+    pub retry_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            engine: "memory".into(),
+            node_id: None,
+            log_format: "text".into(),
+            api_keys: Vec::new(),
+            history: HistoryConfig::default(),
+            namespaces: BTreeMap::new(),
+            limits: LimitsConfig::default(),
+            sse: SseConfig::default(),
+            dedup_window_secs: 24 * 60 * 60,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        let policy = HistoryPolicy::default();
+        Self { size: policy.size, ttl_secs: policy.ttl.as_secs() }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let hub = HubConfig::default();
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_connections: hub.max_connections,
+            max_channels_per_connection: hub.max_channels_per_connection,
+            queue_capacity: hub.queue_capacity,
+            ws_max_message_bytes: 64 * 1024,
+            max_broadcast_channels: 1000,
+            max_await_ms: 30_000,
+        }
+    }
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self { ping_interval_secs: 15, retry_ms: 1000 }
+    }
+}
+
+fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(text) => text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        OneOrMany::Many(list) => list,
+    })
+}
+
+/// Validated settings the server runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub node_id: String,
+}
+
+impl Settings {
+    pub fn hub_config(&self) -> HubConfig {
+        let limits = &self.config.limits;
+        HubConfig {
+            queue_capacity: limits.queue_capacity,
+            max_channels_per_connection: limits.max_channels_per_connection,
+            max_connections: limits.max_connections,
+            max_replay: self
+                .config
+                .history
+                .size
+                .max(self.config.namespaces.values().filter_map(|n| n.history_size).max().unwrap_or(0)),
+        }
+    }
+
+    pub fn policies(&self) -> Policies {
+        let c = &self.config;
+        let default_history = HistoryPolicy { size: c.history.size, ttl: Duration::from_secs(c.history.ttl_secs) };
+        let namespaces = c
+            .namespaces
+            .iter()
+            .map(|(name, ns)| {
+                let policy = HistoryPolicy {
+                    size: ns.history_size.unwrap_or(default_history.size),
+                    ttl: ns.history_ttl_secs.map_or(default_history.ttl, Duration::from_secs),
+                };
+                (name.clone(), policy)
+            })
+            .collect();
+        Policies { default_history, namespaces, dedup_window: Some(Duration::from_secs(c.dedup_window_secs)) }
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.config.sse.ping_interval_secs)
+    }
+}
+
+/// Loads the configuration from the file named by `--config`/`HERALD_CONFIG`, the environment and the
+/// flags, and validates it. Returns every problem found, not just the first.
+pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Settings, Vec<String>> {
+    let config_file =
+        cli.config.clone().or_else(|| env.iter().find(|(k, _)| k == "HERALD_CONFIG").map(|(_, v)| PathBuf::from(v)));
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = &config_file {
+        if !path.is_file() {
+            return Err(vec![format!("config file {} does not exist or is not a file", path.display())]);
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let env_pairs: Vec<(String, String)> =
+        env.iter().filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG").cloned().collect();
+    figment = figment.merge(EnvPairs { pairs: env_pairs });
+    let mut flags = serde_json::Map::new();
+    let mut put = |key: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            flags.insert(key.to_owned(), serde_json::Value::String(v.clone()));
+        }
+    };
+    put("listen", &cli.listen);
+    put("engine", &cli.engine);
+    put("node_id", &cli.node_id);
+    put("log_format", &cli.log_format);
+    figment = figment.merge(Serialized::defaults(serde_json::Value::Object(flags)));
+    let config: Config =
+        figment.extract().map_err(|errors| errors.into_iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    validate(config)
+}
+
+/// Reads `HERALD_*` variables from a given list instead of the process environment, so tests and the
+/// binary share one code path.
+struct EnvPairs {
+    pairs: Vec<(String, String)>,
+}
+
+impl figment::Provider for EnvPairs {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable(s)")
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, value) in &self.pairs {
+            let Some(stripped) = key.strip_prefix("HERALD_") else { continue };
+            let key = stripped.to_ascii_lowercase();
+            let path: Vec<&str> = key.split("__").collect();
+            let raw = figment::value::Value::from(value.clone());
+            // API keys stay strings even when they look like numbers.
+            let value = if key == "api_keys" { raw } else { parse_env_value(raw) };
+            insert_path(&mut dict, &path, value);
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+fn insert_path(dict: &mut figment::value::Dict, path: &[&str], value: figment::value::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry((*first).to_owned())
+                .or_insert_with(|| figment::value::Value::from(figment::value::Dict::new()));
+            if let figment::value::Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Environment values are strings; numbers and booleans are parsed so typed keys accept them.
+fn parse_env_value(value: figment::value::Value) -> figment::value::Value {
+    use figment::value::Value;
+    let Some(text) = value.as_str() else { return value };
+    if let Ok(number) = text.parse::<u64>() {
+        return Value::from(number);
+    }
+    if let Ok(number) = text.parse::<i64>() {
+        return Value::from(number);
+    }
+    match text {
+        "true" => Value::from(true),
+        "false" => Value::from(false),
+        _ => value,
+    }
+}
+
+fn validate(config: Config) -> Result<Settings, Vec<String>> {
+    let mut problems = Vec::new();
+    let listen =
+        config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
+    if config.engine != "memory" {
+        if config.engine.starts_with("redis://")
+            || config.engine.starts_with("rediss://")
+            || config.engine.starts_with("nats://")
+        {
+            problems.push(format!("engine: {:?} is not supported by this build yet; use \"memory\"", config.engine));
+        } else {
+            problems.push(format!("engine: {:?} is not an engine URL; expected \"memory\"", config.engine));
+        }
+    }
+    if !matches!(config.log_format.as_str(), "text" | "json") {
+        problems.push(format!("log_format: {:?} must be \"text\" or \"json\"", config.log_format));
+    }
+    if let Some(node) = &config.node_id {
+        if node.is_empty()
+            || node.len() > 64
+            || !node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            problems.push(format!("node_id: {node:?} must be 1 to 64 of A-Z a-z 0-9 - _"));
+        }
+    }
+    for key in &config.api_keys {
+        if key.len() < 16 {
+            problems.push("api_keys: every key must be at least 16 characters".to_owned());
+            break;
+        }
+    }
+    let limits = &config.limits;
+    let positive = [
+        ("limits.max_body_bytes", limits.max_body_bytes as u64),
+        ("limits.max_connections", limits.max_connections as u64),
+        ("limits.max_channels_per_connection", limits.max_channels_per_connection as u64),
+        ("limits.queue_capacity", limits.queue_capacity as u64),
+        ("limits.ws_max_message_bytes", limits.ws_max_message_bytes as u64),
+        ("limits.max_broadcast_channels", limits.max_broadcast_channels as u64),
+        ("sse.ping_interval_secs", config.sse.ping_interval_secs),
+        ("history.ttl_secs", config.history.ttl_secs),
+        ("dedup_window_secs", config.dedup_window_secs),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            problems.push(format!("{key} must be greater than 0"));
+        }
+    }
+    for (name, ns) in &config.namespaces {
+        if name.is_empty()
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@' | b'=' | b'/'))
+        {
+            problems.push(format!("namespaces.{name}: not a valid namespace name"));
+        }
+        if ns.history_ttl_secs == Some(0) {
+            problems.push(format!("namespaces.{name}.history_ttl_secs must be greater than 0"));
+        }
+    }
+    match listen {
+        Ok(listen) if problems.is_empty() => {
+            let node_id = config.node_id.clone().unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+            Ok(Settings { config, listen, node_id })
+        }
+        Ok(_) => Err(problems),
+        Err(problem) => {
+            problems.insert(0, problem);
+            Err(problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_env_and_flags_layer_in_order() {
+        let settings = load(&Cli::default(), &[]).expect("defaults are valid");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.config.history.size, 256);
+
+        let e = env(&[
+            ("HERALD_LISTEN", "127.0.0.1:9000"),
+            ("HERALD_LIMITS__MAX_BODY_BYTES", "2048"),
+            ("HERALD_API_KEYS", "aaaaaaaaaaaaaaaa, bbbbbbbbbbbbbbbb"),
+        ]);
+        let settings = load(&Cli::default(), &e).expect("valid");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(settings.config.limits.max_body_bytes, 2048);
+        assert_eq!(settings.config.api_keys.len(), 2);
+
+        let cli = Cli { listen: Some("127.0.0.1:0".into()), ..Cli::default() };
+        assert_eq!(load(&cli, &e).expect("valid").listen.to_string(), "127.0.0.1:0");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let cli = Cli { listen: Some("nope".into()), engine: Some("carrier-pigeon://".into()), ..Cli::default() };
+        let problems = load(&cli, &env(&[("HERALD_LIMITS__QUEUE_CAPACITY", "0")])).expect_err("invalid");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        let problems = load(&Cli::default(), &env(&[("HERALD_NO_SUCH_KEY", "1")])).expect_err("unknown key");
+        assert!(problems[0].contains("no_such_key"), "{problems:?}");
+    }
+}

@@ -1,0 +1,121 @@
+//! The server API's error type: every failure becomes the contract's JSON body
+//! `{"error":{"code":"…","message":"…"}}` with a fitting status. Classification lives here only.
+//! Server-side failures (5xx) get a generic message; their detail goes to the log.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_core::{ChannelError, CursorError, EngineError, HubError};
+use serde_json::json;
+
+/// An error answer of the HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("invalid channel: {0}")]
+    Channel(#[from] ChannelError),
+    #[error("invalid cursor: {0}")]
+    Cursor(#[from] CursorError),
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body does not match: {0}")]
+    InvalidBody(String),
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("history no longer covers the requested position")]
+    HistoryGone,
+    #[error("{0}")]
+    Limit(String),
+    #[error("not found")]
+    NotFound,
+    #[error("engine unavailable")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_)
+            | Self::Channel(_)
+            | Self::Cursor(_)
+            | Self::MalformedJson(_)
+            | Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::HistoryGone => StatusCode::GONE,
+            Self::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::Channel(_) => "invalid_channel",
+            Self::Cursor(_) => "invalid_cursor",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidBody(_) => "invalid_body",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::HistoryGone => "history_gone",
+            Self::Limit(_) => "limit_exceeded",
+            Self::NotFound => "not_found",
+            Self::Unavailable(_) => "engine_unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The message clients see; server-side details stay in the log.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Unavailable(_) => "the engine is unavailable; retry later".to_owned(),
+            Self::Internal(_) => "internal error".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The JSON body, also used for WebSocket error frames.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"code": self.code(), "message": self.public_message()}})
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(error: HubError) -> Self {
+        match error {
+            HubError::Engine(e) => e.into(),
+            HubError::TooManyConnections(_) | HubError::TooManyChannels(_) => Self::Limit(error.to_string()),
+            HubError::AlreadySubscribed(_) | HubError::NotSubscribed(_) => Self::BadRequest(error.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            match &self {
+                Self::Unavailable(detail) | Self::Internal(detail) => tracing::warn!(%status, detail, "request failed"),
+                _ => tracing::warn!(%status, "request failed"),
+            }
+        }
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,106 @@
+//! Operations endpoints (`/healthz`, `/readyz`, `/metrics`), the demo page at `/`, and the JSON
+//! answers for unknown routes and methods.
+//!
+//! Metrics: the hub keeps its own counters (plain atomics on the hot path); at each scrape they are
+//! copied into this node's Prometheus recorder and rendered. The recorder is local to the node (no
+//! global state), so several nodes can live in one process (tests, embedding).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+
+/// This node's metrics registry plus counters the server itself keeps.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    refused_engine: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        Self { recorder, handle, refused_engine: AtomicU64::new(0) }
+    }
+
+    /// A publication the API could not accept, by reason.
+    pub fn refused(&self, _reason: &'static str) {
+        self.refused_engine.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, state: &AppState) -> String {
+        let s = state.hub().stats();
+        let refused_engine = self.refused_engine.load(Ordering::Relaxed);
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("herald_publications_total", "result" => "accepted").absolute(s.published);
+            counter!("herald_publications_total", "result" => "duplicate").absolute(s.duplicates);
+            counter!("herald_publications_refused_total", "reason" => "engine_unavailable").absolute(refused_engine);
+            counter!("herald_publications_without_subscribers_total").absolute(s.no_subscriber);
+            counter!("herald_deliveries_total", "transport" => "sse").absolute(s.delivered_sse);
+            counter!("herald_deliveries_total", "transport" => "ws").absolute(s.delivered_ws);
+            counter!("herald_recovered_total").absolute(s.recovered);
+            counter!("herald_duplicates_dropped_total").absolute(s.duplicates_dropped);
+            counter!("herald_resets_total", "reason" => "history_gone").absolute(s.resets_history_gone);
+            counter!("herald_resets_total", "reason" => "gap").absolute(s.resets_gap);
+            counter!("herald_resets_total", "reason" => "epoch_changed").absolute(s.resets_epoch_changed);
+            counter!("herald_gaps_detected_total").absolute(s.gaps_detected);
+            counter!("herald_slow_client_disconnects_total").absolute(s.slow_consumer_disconnects);
+            counter!("herald_connections_opened_total").absolute(s.connections_opened);
+            gauge!("herald_connections").set(s.connections as f64);
+            gauge!("herald_channels").set(s.channels as f64);
+        });
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let engine_ready = state.hub().ready().await;
+    let draining = state.draining();
+    let ready = engine_ready && !draining;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"ready": ready, "engine": engine_ready, "draining": draining}))).into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics().render(&state);
+    let mut response = text.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+pub async fn method_not_allowed() -> Response {
+    let body = json!({"error": {"code": "method_not_allowed", "message": "method not allowed on this path"}});
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}

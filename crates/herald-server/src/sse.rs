@@ -1,0 +1,178 @@
+//! `GET /v1/sse`: a Server-Sent Events stream over one session.
+//!
+//! The response body is a stream that owns the [`Session`]; when the client goes away hyper drops the
+//! body and the session's `Drop` removes the connection from the hub at once. Queued publications are
+//! read in batches and written as one chunk per batch. Every event carries `id: <cursor>`, the
+//! position of every channel of the connection right after that event, so `Last-Event-ID` resumes
+//! exactly where the client stopped. The first event (`herald.connected`) carries the starting cursor.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+use herald_core::{ChannelName, Outbound, Position, Session, SessionEvent, Transport, decode_cursor, encode_cursor};
+use serde_json::json;
+use tokio::time::{Interval, MissedTickBehavior};
+
+use crate::AppState;
+use crate::api::query_pairs;
+use crate::error::ApiError;
+
+/// Most queued publications written in one chunk.
+pub const MAX_BATCH: usize = 256;
+
+/// `GET /v1/sse?channel=A[&channel=B…][&last_event_id=…]`
+pub async fn handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    if state.draining() {
+        return Err(ApiError::Unavailable("node is draining".into()));
+    }
+    let pairs = query_pairs(&query);
+    let mut channels = Vec::new();
+    for (key, value) in &pairs {
+        match key.as_str() {
+            "channel" => channels.push(ChannelName::parse(value)?),
+            "last_event_id" | "token" => {}
+            other => return Err(ApiError::BadRequest(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    if channels.is_empty() {
+        return Err(ApiError::BadRequest("at least one channel parameter is required".into()));
+    }
+    channels.sort();
+    channels.dedup();
+    let max = state.hub().config().max_channels_per_connection;
+    if channels.len() > max {
+        return Err(ApiError::Limit(format!("a connection may hold at most {max} channels")));
+    }
+    let header_cursor = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map_err(|_| ApiError::BadRequest("Last-Event-ID must be ASCII".into())));
+    let cursor = match header_cursor.transpose()? {
+        Some(text) if !text.is_empty() => Some(text.to_owned()),
+        _ => pairs.iter().find(|(k, v)| k == "last_event_id" && !v.is_empty()).map(|(_, v)| v.clone()),
+    };
+    let since: Option<Vec<Position>> = cursor.map(|c| decode_cursor(&c, &channels)).transpose()?;
+
+    let mut session = state.hub().open_session(Transport::Sse, None)?;
+    let mut initial = Vec::new();
+    let mut start = Vec::with_capacity(channels.len());
+    for (index, channel) in channels.iter().enumerate() {
+        let from = since.as_ref().map(|positions| positions[index].clone());
+        let position = session.subscribe(channel.clone(), from.clone(), &mut initial).await?;
+        start.push(from.unwrap_or(position));
+    }
+    session.track_cursor(true);
+
+    let config = &state.config().sse;
+    let mut first = BytesMut::with_capacity(512);
+    first.put_slice(format!("retry: {}\n", config.retry_ms).as_bytes());
+    let connected = json!({"node": state.hub().node_id(), "connection_id": session.id(), "channels": channels});
+    put_event(&mut first, &encode_cursor(&channels, &start), "herald.connected", connected.to_string().as_bytes());
+    // Replayed events: each carries the cursor with its own channel advanced and the others at their start.
+    let mut positions = start;
+    for event in &initial {
+        let (channel, position) = match event {
+            SessionEvent::Publication { publication, .. } => (&publication.channel, &publication.position),
+            SessionEvent::Reset { channel, position, .. } => (channel, position),
+        };
+        if let Ok(index) = channels.binary_search(channel) {
+            positions[index] = position.clone();
+        }
+        encode_event(&mut first, event, &encode_cursor(&channels, &positions));
+    }
+
+    let ping = state.settings().ping_interval();
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stream = SseStream {
+        session,
+        batch: Vec::new(),
+        events: Vec::new(),
+        ping: interval,
+        first: Some(first.freeze()),
+        done: false,
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(stream, SseStream::next));
+    let mut response = body.into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+struct SseStream {
+    session: Session,
+    batch: Vec<Outbound>,
+    events: Vec<SessionEvent>,
+    ping: Interval,
+    first: Option<Bytes>,
+    done: bool,
+}
+
+impl SseStream {
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+        if let Some(first) = self.first.take() {
+            return Some((Ok(first), self));
+        }
+        if self.done {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                received = self.session.recv(&mut self.batch, MAX_BATCH) => {
+                    if let Err(reason) = received {
+                        self.done = true;
+                        let jitter = rand::random::<u64>() % 1000;
+                        let text = format!(": closed {}\nretry: {}\n\n", reason.as_str(), 250 + jitter);
+                        return Some((Ok(Bytes::from(text)), self));
+                    }
+                    self.session.resolve(&mut self.batch, &mut self.events).await;
+                    if self.events.is_empty() {
+                        continue;
+                    }
+                    let mut buffer = BytesMut::with_capacity(self.events.len() * 256);
+                    for event in self.events.drain(..) {
+                        let cursor = match &event {
+                            SessionEvent::Publication { cursor, .. } | SessionEvent::Reset { cursor, .. } => cursor.clone(),
+                        };
+                        encode_event(&mut buffer, &event, cursor.as_deref().unwrap_or_default());
+                    }
+                    self.ping.reset();
+                    return Some((Ok(buffer.freeze()), self));
+                }
+                _ = self.ping.tick() => return Some((Ok(Bytes::from_static(b": ping\n\n")), self)),
+            }
+        }
+    }
+}
+
+fn encode_event(buffer: &mut BytesMut, event: &SessionEvent, cursor: &str) {
+    match event {
+        SessionEvent::Publication { publication, .. } => {
+            put_event(buffer, cursor, &publication.event, publication.envelope());
+        }
+        SessionEvent::Reset { channel, reason, position, .. } => {
+            let data = json!({"channel": channel, "reason": reason.as_str(), "epoch": position.epoch, "offset": position.offset});
+            put_event(buffer, cursor, "herald.reset", data.to_string().as_bytes());
+        }
+    }
+}
+
+fn put_event(buffer: &mut BytesMut, id: &str, event: &str, data: &[u8]) {
+    buffer.reserve(id.len() + event.len() + data.len() + 24);
+    buffer.put_slice(b"id: ");
+    buffer.put_slice(id.as_bytes());
+    buffer.put_slice(b"\nevent: ");
+    buffer.put_slice(event.as_bytes());
+    buffer.put_slice(b"\ndata: ");
+    buffer.put_slice(data);
+    buffer.put_slice(b"\n\n");
+}

@@ -1,0 +1,248 @@
+//! `GET /v1/ws`: the WebSocket transport over one session.
+//!
+//! One task owns the socket: it `select!`s over the client's frames, the session's queue and the
+//! heartbeat. Client frames are JSON ops (`subscribe`, `unsubscribe`, `ping`); a bad frame gets an
+//! `error` reply and the socket stays open. Writes are bounded by [`WRITE_TIMEOUT`], so a client
+//! that stops reading is closed instead of pinning the task.
+//!
+//! Close codes sent by Herald: 1001 (node shutting down), 1009 (message too big), 4000 (too slow:
+//! resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped answering pings).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use herald_core::{ChannelName, CloseReason, Epoch, Outbound, Position, Session, SessionEvent, Transport};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::MissedTickBehavior;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Longest a single write to the client may take before the connection counts as too slow.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most queued publications handled per wake-up.
+pub const MAX_BATCH: usize = 256;
+
+/// `GET /v1/ws`
+pub async fn handler(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    if state.draining() {
+        return Err(ApiError::Unavailable("node is draining".into()));
+    }
+    let session = state.hub().open_session(Transport::Ws, None)?;
+    let limit = state.config().limits.ws_max_message_bytes;
+    Ok(upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| Connection { socket, session, state }.run()))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum Op {
+    Subscribe { id: Option<u64>, channel: String, since: Option<Since> },
+    Unsubscribe { id: Option<u64>, channel: String },
+    Ping { id: Option<u64> },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Since {
+    epoch: String,
+    offset: u64,
+}
+
+struct Connection {
+    socket: WebSocket,
+    session: Session,
+    state: AppState,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let mut batch: Vec<Outbound> = Vec::new();
+        let mut events: Vec<SessionEvent> = Vec::new();
+        let ping_every = self.state.settings().ping_interval();
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut awaiting_pong = false;
+        loop {
+            let flow = tokio::select! {
+                frame = self.socket.recv() => match frame {
+                    Some(Ok(message)) => {
+                        if matches!(message, Message::Pong(_)) {
+                            awaiting_pong = false;
+                        }
+                        self.on_message(message).await
+                    }
+                    Some(Err(error)) => self.on_read_error(error).await,
+                    None => Flow::Stop,
+                },
+                received = self.session.recv(&mut batch, MAX_BATCH) => match received {
+                    Ok(()) => {
+                        self.session.resolve(&mut batch, &mut events).await;
+                        let mut flow = Flow::Continue;
+                        for event in events.drain(..) {
+                            if let Flow::Stop = self.send(event_frame(&event)).await {
+                                flow = Flow::Stop;
+                                break;
+                            }
+                        }
+                        flow
+                    }
+                    Err(reason) => {
+                        let code = match reason {
+                            CloseReason::ShuttingDown => 1001,
+                            CloseReason::SlowConsumer => 4000,
+                            CloseReason::Disconnected => 4001,
+                        };
+                        self.close(code, reason.as_str()).await;
+                        Flow::Stop
+                    }
+                },
+                _ = ping.tick() => {
+                    if awaiting_pong {
+                        self.close(4002, "ping_timeout").await;
+                        Flow::Stop
+                    } else {
+                        awaiting_pong = true;
+                        self.send(Message::Ping(Default::default())).await
+                    }
+                }
+            };
+            if let Flow::Stop = flow {
+                break;
+            }
+        }
+    }
+
+    async fn send(&mut self, message: Message) -> Flow {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(message)).await {
+            Ok(Ok(())) => Flow::Continue,
+            _ => Flow::Stop,
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
+    }
+
+    async fn on_read_error(&mut self, error: axum::Error) -> Flow {
+        let text = error.to_string();
+        if text.contains("too long") || text.contains("too big") || text.contains("Space limit exceeded") {
+            let limit = self.state.config().limits.ws_max_message_bytes;
+            let reply = error_frame(None, "frame_too_large", &format!("messages may be at most {limit} bytes"));
+            let _ = self.send(reply).await;
+            self.close(1009, "frame_too_large").await;
+        }
+        Flow::Stop
+    }
+
+    async fn on_message(&mut self, message: Message) -> Flow {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return self
+                    .send(error_frame(None, "unsupported_frame", "binary frames are not supported; send JSON text"))
+                    .await;
+            }
+            Message::Close(_) => return Flow::Stop,
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+        };
+        let value: Value = match serde_json::from_str(text.as_str()) {
+            Ok(value) => value,
+            Err(error) => return self.send(error_frame(None, "malformed_json", &error.to_string())).await,
+        };
+        let id = value.get("id").and_then(Value::as_u64);
+        let op = match value.get("op").and_then(Value::as_str) {
+            Some("subscribe" | "unsubscribe" | "ping") => serde_json::from_value::<Op>(value),
+            Some(other) => {
+                return self
+                    .send(error_frame(
+                        id,
+                        "unknown_op",
+                        &format!("unknown op {other:?}; expected subscribe, unsubscribe or ping"),
+                    ))
+                    .await;
+            }
+            None => return self.send(error_frame(id, "invalid_frame", "a frame needs an \"op\" string")).await,
+        };
+        match op {
+            Ok(Op::Ping { id }) => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
+            Ok(Op::Subscribe { id, channel, since }) => self.subscribe(id, channel, since).await,
+            Ok(Op::Unsubscribe { id, channel }) => {
+                let result = ChannelName::parse(&channel)
+                    .map_err(ApiError::from)
+                    .and_then(|channel| self.session.unsubscribe(&channel).map_err(ApiError::from));
+                match result {
+                    Ok(()) => {
+                        self.send(text_frame(json!({"type": "unsubscribed", "id": id, "channel": channel}))).await
+                    }
+                    Err(error) => self.send(api_error_frame(id, &error)).await,
+                }
+            }
+            Err(error) => self.send(error_frame(id, "invalid_frame", &error.to_string())).await,
+        }
+    }
+
+    async fn subscribe(&mut self, id: Option<u64>, channel: String, since: Option<Since>) -> Flow {
+        let channel = match ChannelName::parse(&channel) {
+            Ok(channel) => channel,
+            Err(error) => return self.send(api_error_frame(id, &ApiError::from(error))).await,
+        };
+        let since = match since.map(|s| Epoch::parse(&s.epoch).map(|epoch| Position::new(epoch, s.offset))).transpose()
+        {
+            Ok(since) => since,
+            Err(error) => return self.send(api_error_frame(id, &ApiError::from(error))).await,
+        };
+        let mut events = Vec::new();
+        match self.session.subscribe(channel.clone(), since, &mut events).await {
+            Ok(position) => {
+                for event in &events {
+                    if let Flow::Stop = self.send(event_frame(event)).await {
+                        return Flow::Stop;
+                    }
+                }
+                let reply = json!({"type": "subscribed", "id": id, "channel": channel, "epoch": position.epoch, "offset": position.offset});
+                self.send(text_frame(reply)).await
+            }
+            Err(error) => self.send(api_error_frame(id, &ApiError::from(error))).await,
+        }
+    }
+}
+
+fn text_frame(value: Value) -> Message {
+    Message::Text(Utf8Bytes::from(value.to_string()))
+}
+
+fn error_frame(id: Option<u64>, code: &str, message: &str) -> Message {
+    text_frame(json!({"type": "error", "id": id, "code": code, "message": message}))
+}
+
+fn api_error_frame(id: Option<u64>, error: &ApiError) -> Message {
+    error_frame(id, error.code(), &error.public_message())
+}
+
+fn event_frame(event: &SessionEvent) -> Message {
+    match event {
+        SessionEvent::Publication { publication, .. } => {
+            // The envelope is a JSON object: splice the type field in front of its fields.
+            let envelope = publication.envelope();
+            let mut text = String::with_capacity(envelope.len() + 20);
+            text.push_str("{\"type\":\"message\",");
+            text.push_str(std::str::from_utf8(&envelope[1..]).unwrap_or("}"));
+            Message::Text(Utf8Bytes::from(text))
+        }
+        SessionEvent::Reset { channel, reason, position, .. } => text_frame(json!({
+            "type": "reset", "channel": channel, "reason": reason.as_str(), "epoch": position.epoch, "offset": position.offset,
+        })),
+    }
+}
