@@ -107,11 +107,16 @@ pub struct Outbound {
     pub receipt: Option<ReceiptToken>,
 }
 
+/// Called once when the hub closes a connection, so the transport can abort a write that is blocked
+/// on a client that stopped reading (the connection's task cannot see the close signal while it waits).
+pub type CloseHook = Box<dyn Fn(CloseReason) + Send + Sync>;
+
 /// The close signal of one connection; set once, by whoever closes it first.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Control {
     reason: AtomicUsize,
     notify: Notify,
+    hook: std::sync::OnceLock<CloseHook>,
 }
 
 impl Control {
@@ -119,8 +124,15 @@ impl Control {
         let first = self.reason.compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst).is_ok();
         if first {
             self.notify.notify_one();
+            if let Some(hook) = self.hook.get() {
+                hook(reason);
+            }
         }
         first
+    }
+
+    pub(crate) fn set_hook(&self, hook: CloseHook) {
+        let _ = self.hook.set(hook);
     }
 
     pub(crate) fn reason(&self) -> Option<CloseReason> {

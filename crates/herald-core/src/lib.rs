@@ -17,7 +17,7 @@ pub mod session;
 
 pub use channel::{ChannelError, ChannelName};
 pub use engine::{Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest};
-pub use hub::{CloseReason, Hub, HubConfig, HubError, Outbound, StatsSnapshot};
+pub use hub::{CloseHook, CloseReason, Hub, HubConfig, HubError, Outbound, StatsSnapshot};
 pub use memory::MemoryEngine;
 pub use policy::{HistoryPolicy, Policies};
 pub use position::{CursorError, Epoch, Position, decode_cursor, encode_cursor};

@@ -144,6 +144,13 @@ impl Session {
         encode_cursor(&channels, self.positions.values())
     }
 
+    /// Registers what to do, besides waking [`Session::recv`], when the hub closes this connection
+    /// (typically: abort the socket, whose task may be blocked writing to a client that stopped reading).
+    /// Only the first hook is kept.
+    pub fn on_close(&self, hook: crate::hub::CloseHook) {
+        self.control.set_hook(hook);
+    }
+
     /// Why the hub closed this connection, if it did.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.control.reason()

@@ -94,6 +94,8 @@ pub struct LimitsConfig {
     pub max_broadcast_channels: usize,
     /// Longest `timeout_ms` a publisher may wait for delivery receipts.
     pub max_await_ms: u64,
+    /// Seconds a write to a client may stay blocked before the connection is closed.
+    pub write_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +143,7 @@ impl Default for LimitsConfig {
             ws_max_message_bytes: 64 * 1024,
             max_broadcast_channels: 1000,
             max_await_ms: 30_000,
+            write_timeout_secs: 10,
         }
     }
 }
@@ -339,6 +342,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.queue_capacity", limits.queue_capacity as u64),
         ("limits.ws_max_message_bytes", limits.ws_max_message_bytes as u64),
         ("limits.max_broadcast_channels", limits.max_broadcast_channels as u64),
+        ("limits.write_timeout_secs", limits.write_timeout_secs),
         ("sse.ping_interval_secs", config.sse.ping_interval_secs),
         ("history.ttl_secs", config.history.ttl_secs),
         ("dedup_window_secs", config.dedup_window_secs),

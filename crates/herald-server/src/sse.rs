@@ -9,17 +9,23 @@
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
+use std::sync::Arc;
+
+use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
-use herald_core::{ChannelName, Outbound, Position, Session, SessionEvent, Transport, decode_cursor, encode_cursor};
+use herald_core::{
+    ChannelName, CloseReason, Outbound, Position, Session, SessionEvent, Transport, decode_cursor, encode_cursor,
+};
 use serde_json::json;
 use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::AppState;
 use crate::api::query_pairs;
 use crate::error::ApiError;
+use crate::serve::KillSwitch;
 
 /// Most queued publications written in one chunk.
 pub const MAX_BATCH: usize = 256;
@@ -27,6 +33,7 @@ pub const MAX_BATCH: usize = 256;
 /// `GET /v1/sse?channel=A[&channel=B…][&last_event_id=…]`
 pub async fn handler(
     State(state): State<AppState>,
+    kill: Option<Extension<Arc<KillSwitch>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -61,6 +68,15 @@ pub async fn handler(
     let since: Option<Vec<Position>> = cursor.map(|c| decode_cursor(&c, &channels)).transpose()?;
 
     let mut session = state.hub().open_session(Transport::Sse, None)?;
+    if let Some(Extension(kill)) = kill {
+        // A client too slow to keep up must go now, even while hyper is blocked writing to it; it resumes
+        // from its cursor. Other closes end the stream gracefully (the write timeout bounds them).
+        session.on_close(Box::new(move |reason| {
+            if reason == CloseReason::SlowConsumer {
+                kill.kill();
+            }
+        }));
+    }
     let mut initial = Vec::new();
     let mut start = Vec::with_capacity(channels.len());
     for (index, channel) in channels.iter().enumerate() {

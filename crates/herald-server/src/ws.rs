@@ -139,7 +139,7 @@ impl Connection {
         let text = error.to_string();
         if text.contains("too long") || text.contains("too big") || text.contains("Space limit exceeded") {
             let limit = self.state.config().limits.ws_max_message_bytes;
-            let reply = error_frame(None, "frame_too_large", &format!("messages may be at most {limit} bytes"));
+            let reply = error_frame(Value::Null, "frame_too_large", &format!("messages may be at most {limit} bytes"));
             let _ = self.send(reply).await;
             self.close(1009, "frame_too_large").await;
         }
@@ -151,7 +151,11 @@ impl Connection {
             Message::Text(text) => text,
             Message::Binary(_) => {
                 return self
-                    .send(error_frame(None, "unsupported_frame", "binary frames are not supported; send JSON text"))
+                    .send(error_frame(
+                        Value::Null,
+                        "unsupported_frame",
+                        "binary frames are not supported; send JSON text",
+                    ))
                     .await;
             }
             Message::Close(_) => return Flow::Stop,
@@ -159,21 +163,22 @@ impl Connection {
         };
         let value: Value = match serde_json::from_str(text.as_str()) {
             Ok(value) => value,
-            Err(error) => return self.send(error_frame(None, "malformed_json", &error.to_string())).await,
+            Err(error) => return self.send(error_frame(Value::Null, "malformed_json", &error.to_string())).await,
         };
-        let id = value.get("id").and_then(Value::as_u64);
+        // Error replies echo the client's id as sent, even when it is not a valid one.
+        let raw_id = value.get("id").cloned().unwrap_or(Value::Null);
         let op = match value.get("op").and_then(Value::as_str) {
             Some("subscribe" | "unsubscribe" | "ping") => serde_json::from_value::<Op>(value),
             Some(other) => {
                 return self
                     .send(error_frame(
-                        id,
+                        raw_id,
                         "unknown_op",
                         &format!("unknown op {other:?}; expected subscribe, unsubscribe or ping"),
                     ))
                     .await;
             }
-            None => return self.send(error_frame(id, "invalid_frame", "a frame needs an \"op\" string")).await,
+            None => return self.send(error_frame(raw_id, "invalid_frame", "a frame needs an \"op\" string")).await,
         };
         match op {
             Ok(Op::Ping { id }) => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
@@ -189,7 +194,7 @@ impl Connection {
                     Err(error) => self.send(api_error_frame(id, &error)).await,
                 }
             }
-            Err(error) => self.send(error_frame(id, "invalid_frame", &error.to_string())).await,
+            Err(error) => self.send(error_frame(raw_id, "invalid_frame", &error.to_string())).await,
         }
     }
 
@@ -223,7 +228,8 @@ fn text_frame(value: Value) -> Message {
     Message::Text(Utf8Bytes::from(value.to_string()))
 }
 
-fn error_frame(id: Option<u64>, code: &str, message: &str) -> Message {
+fn error_frame(id: impl Into<Value>, code: &str, message: &str) -> Message {
+    let id: Value = id.into();
     text_frame(json!({"type": "error", "id": id, "code": code, "message": message}))
 }
 

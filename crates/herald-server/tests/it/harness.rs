@@ -1,0 +1,264 @@
+//! Test harness: an in-process node on 127.0.0.1:0 and small SSE, WebSocket and HTTP helpers.
+//! Every wait is bounded by [`TIMEOUT`] and fails with a message instead of hanging.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures_util::{SinkExt, Stream, StreamExt};
+use herald_server::{AppState, Cli, Config, config};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    _task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let cli = Cli { listen: Some("127.0.0.1:0".into()), ..Cli::default() };
+        let mut settings = config::load(&cli, &[]).expect("default test configuration is valid");
+        tweak(&mut settings.config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let state = herald_server::start(settings).await.expect("start node");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(herald_server::run(state.clone(), listener, shutdown.clone()));
+        Self { addr, state, shutdown, _task: task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// Publishes and expects 200; returns the answer.
+    pub async fn publish(&self, channel: &str, data: Value) -> Value {
+        let (status, body) = self.post("/v1/publish", json!({"channel": channel, "data": data})).await;
+        assert_eq!(status, StatusCode::OK, "publish failed: {body}");
+        body
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = client().post(self.url(path)).json(&body).send().await.expect("POST");
+        read_json(response).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        let response = client()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST");
+        read_json(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = client().get(self.url(path)).send().await.expect("GET");
+        read_json(response).await
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().expect("reqwest client")
+}
+
+pub async fn read_json(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("body is not JSON ({status}): {text:?}"));
+    (status, value)
+}
+
+/// Asserts the contract's error shape and returns the code.
+pub fn error_code(body: &Value) -> &str {
+    let code = body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"));
+    assert!(body["error"]["message"].is_string(), "error without message: {body}");
+    code
+}
+
+/// Polls `condition` until it holds or [`TIMEOUT`] passes. For state that settles asynchronously
+/// (a server noticing a closed socket); never used to order events a test causes itself.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;
+
+/// An SSE client that remembers the last event ID like a browser's EventSource.
+pub struct Sse {
+    stream: EventStream,
+    pub last_id: String,
+}
+
+impl Sse {
+    pub async fn connect(
+        server: &Server,
+        query: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Sse, (StatusCode, Value)> {
+        let mut request = client().get(server.url(&format!("/v1/sse?{query}")));
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await.expect("GET /v1/sse");
+        if response.status() != StatusCode::OK {
+            return Err(read_json(response).await);
+        }
+        let headers = response.headers();
+        assert_eq!(headers["content-type"], "text/event-stream");
+        assert_eq!(headers["cache-control"], "no-cache");
+        assert_eq!(headers["x-accel-buffering"], "no");
+        let stream = response.bytes_stream().eventsource().map(|r| r.map_err(|e| e.to_string()));
+        Ok(Sse { stream: Box::pin(stream), last_id: String::new() })
+    }
+
+    /// Connects and reads the `herald.connected` event.
+    pub async fn open(server: &Server, query: &str, last_event_id: Option<&str>) -> (Sse, Value) {
+        let mut sse = Self::connect(server, query, last_event_id).await.expect("SSE connect");
+        let (event, data) = sse.next().await;
+        assert_eq!(event, "herald.connected", "first event must be herald.connected: {data}");
+        (sse, data)
+    }
+
+    /// The next event's name and data (JSON).
+    pub async fn next(&mut self) -> (String, Value) {
+        let event = tokio::time::timeout(TIMEOUT, self.stream.next())
+            .await
+            .expect("timed out waiting for an SSE event")
+            .expect("SSE stream ended")
+            .expect("SSE stream failed");
+        if !event.id.is_empty() {
+            self.last_id = event.id.clone();
+        }
+        let data = serde_json::from_str(&event.data).unwrap_or_else(|_| panic!("data is not JSON: {:?}", event.data));
+        (event.event, data)
+    }
+
+    /// Reads events until the stream ends; returns them.
+    pub async fn until_closed(&mut self) -> Vec<(String, Value)> {
+        let mut events = Vec::new();
+        loop {
+            match tokio::time::timeout(TIMEOUT, self.stream.next()).await.expect("timed out waiting for the end") {
+                Some(Ok(event)) => {
+                    if !event.id.is_empty() {
+                        self.last_id = event.id.clone();
+                    }
+                    events.push((event.event, serde_json::from_str(&event.data).unwrap_or(Value::Null)));
+                }
+                Some(Err(_)) | None => return events,
+            }
+        }
+    }
+
+    /// Expects `count` publications of `channel` with offsets following `after`; returns their data.
+    pub async fn expect_offsets(&mut self, channel: &str, after: u64, count: u64) -> Vec<Value> {
+        let mut data = Vec::new();
+        for expected in after + 1..=after + count {
+            let (event, envelope) = self.next().await;
+            assert_eq!(event, "message", "{envelope}");
+            assert_eq!(envelope["channel"], channel, "{envelope}");
+            assert_eq!(envelope["offset"], expected, "{envelope}");
+            data.push(envelope["data"].clone());
+        }
+        data
+    }
+}
+
+pub type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Ws {
+    pub socket: WsStream,
+}
+
+impl Ws {
+    pub async fn connect(server: &Server) -> Ws {
+        let (socket, _) = tokio_tungstenite::connect_async(server.ws_url()).await.expect("WS connect");
+        Ws { socket }
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.socket.send(Message::text(value.to_string())).await.expect("WS send");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).await.expect("WS send");
+    }
+
+    /// The next JSON text frame (pings are answered by tungstenite and skipped).
+    pub async fn next(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(TIMEOUT, self.socket.next())
+                .await
+                .expect("timed out waiting for a WS frame")
+                .expect("WS stream ended")
+                .expect("WS read failed");
+            match message {
+                Message::Text(text) => return serde_json::from_str(text.as_str()).expect("WS frame is JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected WS message {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until a close frame; returns its code and reason.
+    pub async fn close_frame(&mut self) -> (u16, String) {
+        loop {
+            let message = tokio::time::timeout(TIMEOUT, self.socket.next()).await.expect("timed out waiting for close");
+            match message {
+                Some(Ok(Message::Close(Some(frame)))) => return (frame.code.into(), frame.reason.to_string()),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, id: u64, channel: &str, since: Option<Value>) -> Vec<Value> {
+        let mut op = json!({"op": "subscribe", "id": id, "channel": channel});
+        if let Some(since) = since {
+            op["since"] = since;
+        }
+        self.send(op).await;
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.next().await;
+            let done = frame["type"] == "subscribed" || frame["type"] == "error";
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests of the server: real sockets on loopback, real HTTP, SSE and WebSocket clients.
+//! One test binary (this one) keeps link times down; modules group features.
+
+mod api;
+mod harness;
+mod lifecycle;
+mod process;
+mod sse;
+mod ws;
