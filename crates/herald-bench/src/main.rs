@@ -1,1 +1,212 @@
-fn main() {}
+//! `herald-bench`: benchmarks of a Herald node, run against a `herald` process this tool starts (so it
+//! can read the server's CPU time and resident memory from /proc) or against a running node.
+//!
+//! Subcommands: `fanout` (deliveries per second and CPU per delivery), `latency` (publish-to-socket
+//! latency at a fixed rate), `memory` (resident memory per idle SSE connection). Every run is bounded
+//! in connections, publications and time, and targets loopback only.
+
+mod clients;
+mod node;
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::clients::{SseFleet, publish_client};
+use crate::node::Node;
+
+#[derive(Parser)]
+#[command(name = "herald-bench", about = "Benchmarks for Herald (loopback only)")]
+struct Cli {
+    /// The `herald` binary to start (use a release build).
+    #[arg(long, default_value = "target/release/herald", global = true)]
+    herald: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deliveries per second: `--channels` channels, `--subscribers` SSE connections spread over them.
+    Fanout {
+        #[arg(long, default_value_t = 10_000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        /// Publications per channel.
+        #[arg(long, default_value_t = 200)]
+        publications: usize,
+        /// Payload bytes per publication (approximate).
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Publish requests in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Publish-to-socket latency at a fixed publication rate.
+    Latency {
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Channels published to round-robin, one subscriber each.
+        #[arg(long, default_value_t = 100)]
+        channels: usize,
+    },
+    /// Resident memory per idle SSE connection.
+    Memory {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fanout { subscribers, channels, publications, payload, concurrency } => {
+            fanout(&cli.herald, subscribers, channels, publications, payload, concurrency).await
+        }
+        Command::Latency { rate, seconds, channels } => latency(&cli.herald, rate, seconds, channels).await,
+        Command::Memory { connections } => memory(&cli.herald, connections).await,
+    }
+}
+
+fn channel_names(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("bench:{i}")).collect()
+}
+
+async fn fanout(
+    herald: &str,
+    subscribers: usize,
+    channels: usize,
+    publications: usize,
+    payload: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    if channels == 0 || subscribers < channels {
+        bail!("need at least one subscriber per channel");
+    }
+    // Queues deep enough for every publication in flight: the benchmark measures throughput, not drops.
+    let queue = (publications + 64).max(1024).to_string();
+    let node = Node::start(herald, &[("HERALD_LIMITS__QUEUE_CAPACITY", queue.as_str())]).await?;
+    let names = channel_names(channels);
+    let fleet = SseFleet::connect(node.addr, &names, subscribers, false).await?;
+    let expected = (subscribers * publications) as u64;
+    let pad = "x".repeat(payload);
+    // Every request publishes one round to up to 1,000 channels, so the HTTP API is not what is measured.
+    let mut requests = Vec::new();
+    for round in 0..publications {
+        for batch in names.chunks(1000) {
+            requests.push(json!({"channels": batch, "data": {"n": round, "pad": pad}}).to_string());
+        }
+    }
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(requests.into_iter()));
+    let cpu_before = node.cpu_seconds()?;
+    let started = Instant::now();
+    let mut publishers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (requests, http, url) = (requests.clone(), publish_client(), node.url("/v1/broadcast"));
+        publishers.push(tokio::spawn(async move {
+            loop {
+                let next = requests.lock().ok().and_then(|mut r| r.next());
+                let Some(body) = next else { return Ok(()) };
+                let response = http.post(&url).header("content-type", "application/json").body(body).send().await?;
+                if !response.status().is_success() {
+                    bail!("broadcast failed: {}", response.status());
+                }
+            }
+        }));
+    }
+    for publisher in publishers {
+        publisher.await??;
+    }
+    fleet.wait_for(expected, Duration::from_secs(120)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = node.cpu_seconds()? - cpu_before;
+    let delivered = fleet.delivered();
+    println!(
+        "{}",
+        json!({
+            "bench": "fanout", "subscribers": subscribers, "channels": channels, "publications_per_channel": publications,
+            "payload_bytes": payload, "publish_concurrency": concurrency, "deliveries": delivered, "seconds": round3(elapsed),
+            "deliveries_per_sec": (delivered as f64 / elapsed).round(),
+            "server_cpu_seconds": round3(cpu), "server_cpu_us_per_delivery": round3(cpu * 1e6 / delivered as f64),
+        })
+    );
+    fleet.close();
+    Ok(())
+}
+
+async fn latency(herald: &str, rate: u64, seconds: u64, channels: usize) -> anyhow::Result<()> {
+    let node = Node::start(herald, &[]).await?;
+    let names = channel_names(channels);
+    let fleet = SseFleet::connect(node.addr, &names, channels, true).await?;
+    let total = rate * seconds;
+    let publishers = 16u64;
+    let clock = fleet.clock();
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let http = publish_client();
+        let url = node.url("/v1/publish");
+        let names = names.clone();
+        tasks.push(tokio::spawn(async move {
+            // Open loop: publication k is due at k / rate seconds, whatever the answers' latency.
+            let mut k = p;
+            while k < total {
+                let due = clock + Duration::from_nanos(k * 1_000_000_000 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let sent = clock.elapsed().as_nanos() as u64;
+                let channel = &names[(k as usize) % names.len()];
+                let body = json!({"channel": channel, "data": {"t": sent}});
+                if let Err(error) = http.post(&url).json(&body).send().await {
+                    eprintln!("publish failed: {error}");
+                }
+                k += publishers;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    fleet.wait_for(total, Duration::from_secs(30)).await?;
+    let histogram = fleet.latencies();
+    println!(
+        "{}",
+        json!({
+            "bench": "latency", "rate": rate, "seconds": seconds, "channels": channels, "publications": total,
+            "p50_us": histogram.value_at_quantile(0.50), "p99_us": histogram.value_at_quantile(0.99),
+            "p999_us": histogram.value_at_quantile(0.999), "max_us": histogram.max(),
+        })
+    );
+    fleet.close();
+    Ok(())
+}
+
+async fn memory(herald: &str, connections: usize) -> anyhow::Result<()> {
+    let node = Node::start(herald, &[]).await?;
+    // Warm up allocator and runtime with a few connections, then measure the growth for the rest.
+    let names = channel_names(connections);
+    let warm = SseFleet::connect(node.addr, &names[..100.min(connections)], 100.min(connections), false).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = node.rss_bytes()?;
+    let fleet = SseFleet::connect(node.addr, &names, connections, false).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = node.rss_bytes()?;
+    println!(
+        "{}",
+        json!({
+            "bench": "memory", "connections": connections, "rss_before_bytes": before, "rss_after_bytes": after,
+            "bytes_per_connection": (after.saturating_sub(before)) as f64 / connections as f64,
+        })
+    );
+    fleet.close();
+    warm.close();
+    Ok(())
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}

@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use serde_json::json;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
 use crate::engine::{
@@ -112,10 +113,13 @@ pub struct Outbound {
 pub type CloseHook = Box<dyn Fn(CloseReason) + Send + Sync>;
 
 /// The close signal of one connection; set once, by whoever closes it first.
+///
+/// The connection's task waits on it through an `AtomicWaker` (registered in the same poll as the
+/// queue), which costs far less per wake-up than a `Notify` waiter list.
 #[derive(Default)]
 pub(crate) struct Control {
     reason: AtomicUsize,
-    notify: Notify,
+    waker: AtomicWaker,
     hook: std::sync::OnceLock<CloseHook>,
 }
 
@@ -123,7 +127,7 @@ impl Control {
     pub(crate) fn close(&self, reason: CloseReason) -> bool {
         let first = self.reason.compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst).is_ok();
         if first {
-            self.notify.notify_one();
+            self.waker.wake();
             if let Some(hook) = self.hook.get() {
                 hook(reason);
             }
@@ -139,12 +143,15 @@ impl Control {
         CloseReason::from_code(self.reason.load(Ordering::SeqCst))
     }
 
-    pub(crate) async fn closed(&self) -> CloseReason {
-        loop {
-            if let Some(reason) = self.reason() {
-                return reason;
-            }
-            self.notify.notified().await;
+    /// Ready with the reason once closed; otherwise registers the task to be woken by `close`.
+    pub(crate) fn poll_closed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<CloseReason> {
+        if let Some(reason) = self.reason() {
+            return std::task::Poll::Ready(reason);
+        }
+        self.waker.register(cx.waker());
+        match self.reason() {
+            Some(reason) => std::task::Poll::Ready(reason),
+            None => std::task::Poll::Pending,
         }
     }
 }

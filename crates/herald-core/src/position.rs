@@ -95,13 +95,53 @@ pub enum CursorError {
 
 /// Encodes the cursor for `positions`, which must be in the same order as `channels`.
 pub fn encode_cursor<'a>(channels: &[ChannelName], positions: impl IntoIterator<Item = &'a Position>) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(16 + channels.len() * 20);
-    let _ = write!(out, "1.{:08x}", channel_set_tag(channels));
-    for position in positions {
-        let _ = write!(out, ".{}-{}", position.epoch, position.offset);
+    let mut out = Vec::with_capacity(16 + channels.len() * 20);
+    CursorEncoder::new(channels).write(&mut out, positions);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Writes cursors for one fixed channel set without allocating: the hot path of SSE delivery, where
+/// every event carries one.
+#[derive(Debug, Clone)]
+pub struct CursorEncoder {
+    /// `1.<tag>`
+    prefix: [u8; 10],
+}
+
+impl CursorEncoder {
+    pub fn new(channels: &[ChannelName]) -> Self {
+        let mut prefix = *b"1.00000000";
+        let tag = channel_set_tag(channels);
+        for (i, byte) in prefix[2..].iter_mut().enumerate() {
+            *byte = b"0123456789abcdef"[((tag >> (28 - 4 * i)) & 0xf) as usize];
+        }
+        Self { prefix }
     }
-    out
+
+    /// Appends the cursor of `positions` (in channel order) to `out`.
+    pub fn write<'a>(&self, out: &mut Vec<u8>, positions: impl IntoIterator<Item = &'a Position>) {
+        out.extend_from_slice(&self.prefix);
+        for position in positions {
+            out.push(b'.');
+            out.extend_from_slice(position.epoch.as_str().as_bytes());
+            out.push(b'-');
+            push_decimal(out, position.offset);
+        }
+    }
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// Decodes a cursor made by [`encode_cursor`] for the same `channels`, in order.
@@ -160,7 +200,10 @@ mod tests {
         let positions =
             vec![Position::new(Epoch::generate(), 0), Position::new(Epoch::parse("E1").expect("epoch"), u64::MAX)];
         let text = encode_cursor(&chans, &positions);
+        assert!(text.starts_with(&format!("1.{:08x}.", channel_set_tag(&chans))), "{text}");
         assert_eq!(decode_cursor(&text, &chans), Ok(positions));
+        let zero = vec![Position::new(Epoch::parse("z").expect("epoch"), 0); 2];
+        assert_eq!(decode_cursor(&encode_cursor(&chans, &zero), &chans), Ok(zero));
     }
 
     #[test]

@@ -63,16 +63,23 @@ pub enum SessionEvent {
         publication: Arc<Publication>,
         /// Replayed from history rather than delivered live.
         recovered: bool,
-        /// The SSE cursor after this event (only when the session tracks cursors).
-        cursor: Option<String>,
     },
     Reset {
         channel: ChannelName,
         reason: ResetReason,
         /// Where delivery continues from.
         position: Position,
-        cursor: Option<String>,
     },
+}
+
+impl SessionEvent {
+    /// The channel and the position the client holds in it after this event.
+    pub fn position(&self) -> (&ChannelName, &Position) {
+        match self {
+            Self::Publication { publication, .. } => (&publication.channel, &publication.position),
+            Self::Reset { channel, position, .. } => (channel, position),
+        }
+    }
 }
 
 /// One client connection. Dropping it removes every trace of the connection from the hub and presence.
@@ -88,7 +95,6 @@ pub struct Session {
     control: Arc<Control>,
     /// The position delivered so far in each subscribed channel, in name order (the cursor's order).
     positions: BTreeMap<ChannelName, Position>,
-    track_cursor: bool,
 }
 
 impl Session {
@@ -112,7 +118,6 @@ impl Session {
             rx,
             control,
             positions: BTreeMap::new(),
-            track_cursor: false,
         }
     }
 
@@ -123,11 +128,6 @@ impl Session {
 
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
-    }
-
-    /// Makes every event carry the SSE cursor of all channels after it.
-    pub fn track_cursor(&mut self, on: bool) {
-        self.track_cursor = on;
     }
 
     pub fn channels(&self) -> impl Iterator<Item = &ChannelName> {
@@ -175,17 +175,6 @@ impl Session {
         match self.start_position(&channel, since, out).await {
             Ok(position) => {
                 self.positions.insert(channel, position.clone());
-                if self.track_cursor {
-                    // The cursor now has this channel too; earlier events' cursors lacked it.
-                    let cursor = self.cursor();
-                    for event in out.iter_mut() {
-                        match event {
-                            SessionEvent::Publication { cursor: c, .. } | SessionEvent::Reset { cursor: c, .. } => {
-                                *c = Some(cursor.clone())
-                            }
-                        }
-                    }
-                }
                 Ok(position)
             }
             Err(error) => {
@@ -220,7 +209,7 @@ impl Session {
                 for publication in publications {
                     if publication.position.offset == position.offset + 1 {
                         position = publication.position.clone();
-                        out.push(SessionEvent::Publication { publication, recovered: true, cursor: None });
+                        out.push(SessionEvent::Publication { publication, recovered: true });
                     }
                 }
                 self.shared.stats.recovered.fetch_add(out.len() as u64, Ordering::Relaxed);
@@ -232,7 +221,6 @@ impl Session {
                     channel: channel.clone(),
                     reason: ResetReason::HistoryGone,
                     position: top.clone(),
-                    cursor: None,
                 });
                 Ok(top)
             }
@@ -258,14 +246,14 @@ impl Session {
     /// Waits for queued publications (up to `max`, appended to `batch`) or for the hub to close the
     /// connection. Cancel-safe: nothing is lost when the future is dropped before it completes.
     pub async fn recv(&mut self, batch: &mut Vec<Outbound>, max: usize) -> Result<(), CloseReason> {
-        if let Some(reason) = self.control.reason() {
-            return Err(reason);
-        }
-        tokio::select! {
-            biased;
-            reason = self.control.closed() => Err(reason),
-            _ = self.rx.recv_many(batch, max.max(1)) => Ok(()),
-        }
+        let max = max.max(1);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(reason) = self.control.poll_closed(cx) {
+                return std::task::Poll::Ready(Err(reason));
+            }
+            self.rx.poll_recv_many(cx, batch, max).map(|_| Ok(()))
+        })
+        .await
     }
 
     /// Turns received items into events, in order, dropping what the client already has and repairing
@@ -275,24 +263,25 @@ impl Session {
         let mut recovered = 0u64;
         for item in batch.drain(..) {
             let publication = item.publication;
-            let Some(position) = self.positions.get(&publication.channel) else {
+            let Some(position) = self.positions.get_mut(&publication.channel) else {
                 continue; // unsubscribed since it was queued
             };
             let incoming = &publication.position;
-            if incoming.epoch == position.epoch && incoming.offset <= position.offset {
+            let same_epoch = incoming.epoch == position.epoch;
+            if same_epoch && incoming.offset <= position.offset {
                 self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if incoming.epoch != position.epoch || incoming.offset != position.offset + 1 {
+            if same_epoch && incoming.offset == position.offset + 1 {
+                position.offset = incoming.offset;
+            } else {
                 recovered += self.repair(&publication, out).await;
+                self.positions.insert(publication.channel.clone(), publication.position.clone());
             }
-            let channel = publication.channel.clone();
-            self.positions.insert(channel, publication.position.clone());
-            let cursor = self.track_cursor.then(|| self.cursor());
             if let Some(token) = item.receipt {
                 token.written();
             }
-            out.push(SessionEvent::Publication { publication, recovered: false, cursor });
+            out.push(SessionEvent::Publication { publication, recovered: false });
         }
         let live = (out.len() - before) as u64 - recovered;
         let counter = match self.transport {
@@ -321,8 +310,7 @@ impl Session {
                 if p.epoch == position.epoch && p.offset == position.offset + 1 && p.offset < next.position.offset {
                     position = p.clone();
                     self.positions.insert(channel.clone(), position.clone());
-                    let cursor = self.track_cursor.then(|| self.cursor());
-                    out.push(SessionEvent::Publication { publication, recovered: true, cursor });
+                    out.push(SessionEvent::Publication { publication, recovered: true });
                     replayed += 1;
                 }
             }
@@ -335,8 +323,7 @@ impl Session {
         counter.fetch_add(1, Ordering::Relaxed);
         let continue_from = Position::new(next.position.epoch.clone(), next.position.offset.saturating_sub(1));
         self.positions.insert(channel.clone(), continue_from.clone());
-        let cursor = self.track_cursor.then(|| self.cursor());
-        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: continue_from, cursor });
+        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: continue_from });
         replayed
     }
 }

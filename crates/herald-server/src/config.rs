@@ -225,7 +225,8 @@ pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Settings, Vec<String>
         figment = figment.merge(Toml::file_exact(path));
     }
     let env_pairs: Vec<(String, String)> =
-        env.iter().filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG").cloned().collect();
+        // HERALD_CONFIG names the file; HERALD_LOG is the log filter, read by the binary's logger.
+        env.iter().filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG" && k != "HERALD_LOG").cloned().collect();
     figment = figment.merge(EnvPairs { pairs: env_pairs });
     let mut flags = serde_json::Map::new();
     let mut put = |key: &str, value: &Option<String>| {

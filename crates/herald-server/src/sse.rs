@@ -15,10 +15,8 @@ use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, BytesMut};
-use herald_core::{
-    ChannelName, CloseReason, Outbound, Position, Session, SessionEvent, Transport, decode_cursor, encode_cursor,
-};
+use herald_core::position::CursorEncoder;
+use herald_core::{ChannelName, CloseReason, Outbound, Position, Session, SessionEvent, Transport, decode_cursor};
 use serde_json::json;
 use tokio::time::{Interval, MissedTickBehavior};
 
@@ -84,37 +82,35 @@ pub async fn handler(
         let position = session.subscribe(channel.clone(), from.clone(), &mut initial).await?;
         start.push(from.unwrap_or(position));
     }
-    session.track_cursor(true);
-
+    let encoder = CursorEncoder::new(&channels);
     let config = &state.config().sse;
-    let mut first = BytesMut::with_capacity(512);
-    first.put_slice(format!("retry: {}\n", config.retry_ms).as_bytes());
+    let mut first = Vec::with_capacity(512);
+    first.extend_from_slice(format!("retry: {}\n", config.retry_ms).as_bytes());
     let connected = json!({"node": state.hub().node_id(), "connection_id": session.id(), "channels": channels});
-    put_event(&mut first, &encode_cursor(&channels, &start), "herald.connected", connected.to_string().as_bytes());
-    // Replayed events: each carries the cursor with its own channel advanced and the others at their start.
-    let mut positions = start;
-    for event in &initial {
-        let (channel, position) = match event {
-            SessionEvent::Publication { publication, .. } => (&publication.channel, &publication.position),
-            SessionEvent::Reset { channel, position, .. } => (channel, position),
-        };
-        if let Ok(index) = channels.binary_search(channel) {
-            positions[index] = position.clone();
-        }
-        encode_event(&mut first, event, &encode_cursor(&channels, &positions));
-    }
-
-    let ping = state.settings().ping_interval();
-    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let stream = SseStream {
+    let mut cursor = Vec::with_capacity(64);
+    encoder.write(&mut cursor, &start);
+    put_event(&mut first, &cursor, "herald.connected", connected.to_string().as_bytes());
+    // Replayed events: each cursor has its own channel advanced and the others at their start.
+    let mut stream = SseStream {
         session,
+        channels,
+        positions: start,
+        encoder,
         batch: Vec::new(),
         events: Vec::new(),
-        ping: interval,
-        first: Some(first.freeze()),
+        ping: tokio::time::interval_at(
+            tokio::time::Instant::now() + state.settings().ping_interval(),
+            state.settings().ping_interval(),
+        ),
+        wrote_since_ping: true,
+        first: None,
         done: false,
     };
+    stream.ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    for event in &initial {
+        stream.encode(&mut first, event);
+    }
+    stream.first = Some(Bytes::from(first));
     let body = Body::from_stream(futures_util::stream::unfold(stream, SseStream::next));
     let mut response = body.into_response();
     let h = response.headers_mut();
@@ -126,9 +122,16 @@ pub async fn handler(
 
 struct SseStream {
     session: Session,
+    /// The connection's channels, sorted: the cursor's order.
+    channels: Vec<ChannelName>,
+    /// What the client holds in each channel after the last event written.
+    positions: Vec<Position>,
+    encoder: CursorEncoder,
     batch: Vec<Outbound>,
     events: Vec<SessionEvent>,
     ping: Interval,
+    /// Pings go out only on streams that were silent for a whole interval.
+    wrote_since_ping: bool,
     first: Option<Bytes>,
     done: bool,
 }
@@ -154,41 +157,58 @@ impl SseStream {
                     if self.events.is_empty() {
                         continue;
                     }
-                    let mut buffer = BytesMut::with_capacity(self.events.len() * 256);
-                    for event in self.events.drain(..) {
-                        let cursor = match &event {
-                            SessionEvent::Publication { cursor, .. } | SessionEvent::Reset { cursor, .. } => cursor.clone(),
-                        };
-                        encode_event(&mut buffer, &event, cursor.as_deref().unwrap_or_default());
+                    let events = std::mem::take(&mut self.events);
+                    let mut buffer = Vec::with_capacity(events.len() * 256);
+                    for event in &events {
+                        self.encode(&mut buffer, event);
                     }
-                    self.ping.reset();
-                    return Some((Ok(buffer.freeze()), self));
+                    self.events = events;
+                    self.events.clear();
+                    self.wrote_since_ping = true;
+                    return Some((Ok(Bytes::from(buffer)), self));
                 }
-                _ = self.ping.tick() => return Some((Ok(Bytes::from_static(b": ping\n\n")), self)),
+                _ = self.ping.tick() => {
+                    if !std::mem::replace(&mut self.wrote_since_ping, false) {
+                        return Some((Ok(Bytes::from_static(b": ping\n\n")), self));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends one event with the cursor that holds once the client has it.
+    fn encode(&mut self, buffer: &mut Vec<u8>, event: &SessionEvent) {
+        let (channel, position) = event.position();
+        let index = if self.channels.len() == 1 { Ok(0) } else { self.channels.binary_search(channel) };
+        if let Ok(index) = index {
+            let held = &mut self.positions[index];
+            if held.epoch == position.epoch {
+                held.offset = position.offset;
+            } else {
+                *held = position.clone();
+            }
+        }
+        let mut cursor = Vec::with_capacity(24 + 16 * self.positions.len());
+        self.encoder.write(&mut cursor, &self.positions);
+        match event {
+            SessionEvent::Publication { publication, .. } => {
+                put_event(buffer, &cursor, &publication.event, publication.envelope());
+            }
+            SessionEvent::Reset { channel, reason, position } => {
+                let data = json!({"channel": channel, "reason": reason.as_str(), "epoch": position.epoch, "offset": position.offset});
+                put_event(buffer, &cursor, "herald.reset", data.to_string().as_bytes());
             }
         }
     }
 }
 
-fn encode_event(buffer: &mut BytesMut, event: &SessionEvent, cursor: &str) {
-    match event {
-        SessionEvent::Publication { publication, .. } => {
-            put_event(buffer, cursor, &publication.event, publication.envelope());
-        }
-        SessionEvent::Reset { channel, reason, position, .. } => {
-            let data = json!({"channel": channel, "reason": reason.as_str(), "epoch": position.epoch, "offset": position.offset});
-            put_event(buffer, cursor, "herald.reset", data.to_string().as_bytes());
-        }
-    }
-}
-
-fn put_event(buffer: &mut BytesMut, id: &str, event: &str, data: &[u8]) {
+fn put_event(buffer: &mut Vec<u8>, id: &[u8], event: &str, data: &[u8]) {
     buffer.reserve(id.len() + event.len() + data.len() + 24);
-    buffer.put_slice(b"id: ");
-    buffer.put_slice(id.as_bytes());
-    buffer.put_slice(b"\nevent: ");
-    buffer.put_slice(event.as_bytes());
-    buffer.put_slice(b"\ndata: ");
-    buffer.put_slice(data);
-    buffer.put_slice(b"\n\n");
+    buffer.extend_from_slice(b"id: ");
+    buffer.extend_from_slice(id);
+    buffer.extend_from_slice(b"\nevent: ");
+    buffer.extend_from_slice(event.as_bytes());
+    buffer.extend_from_slice(b"\ndata: ");
+    buffer.extend_from_slice(data);
+    buffer.extend_from_slice(b"\n\n");
 }

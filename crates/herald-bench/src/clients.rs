@@ -1,0 +1,160 @@
+//! Many SSE connections on raw TCP, spread over several loopback source addresses (one address has
+//! about 28,000 ephemeral ports). Each connection counts publication events; in latency mode it also
+//! reads the send time the publisher put into `data.t` and records the difference.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use memchr::memmem;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio::task::JoinSet;
+
+pub struct SseFleet {
+    delivered: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+    tasks: JoinSet<()>,
+    clock: Instant,
+}
+
+pub fn publish_client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().tcp_nodelay(true).pool_max_idle_per_host(64).build().unwrap_or_default()
+}
+
+impl SseFleet {
+    /// Opens `connections` SSE streams, connection i on channel `channels[i % len]`, and returns once
+    /// every one has received `herald.connected`.
+    pub async fn connect(
+        server: SocketAddr,
+        channels: &[String],
+        connections: usize,
+        measure: bool,
+    ) -> anyhow::Result<Self> {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let latencies = Arc::new(Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?));
+        let clock = Instant::now();
+        let connected = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut tasks = JoinSet::new();
+        let opening = Arc::new(tokio::sync::Semaphore::new(256));
+        for i in 0..connections {
+            let channel = channels[i % channels.len()].clone();
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % 4) as u8));
+            let (delivered, latencies, connected, opening) =
+                (delivered.clone(), latencies.clone(), connected.clone(), opening.clone());
+            tasks.spawn(async move {
+                let permit = opening.acquire_owned().await;
+                match open(server, source, &channel).await {
+                    Ok((socket, rest)) => {
+                        drop(permit);
+                        connected.add_permits(1);
+                        read_events(socket, rest, delivered, measure.then_some((latencies, clock))).await;
+                    }
+                    Err(error) => eprintln!("connection {i} failed: {error:#}"),
+                }
+            });
+        }
+        let deadline = Duration::from_secs(120);
+        let all = tokio::time::timeout(deadline, connected.acquire_many(connections as u32)).await;
+        match all {
+            Ok(Ok(permits)) => permits.forget(),
+            _ => bail!("not every SSE connection was established within {deadline:?}"),
+        }
+        Ok(Self { delivered, latencies, tasks, clock })
+    }
+
+    pub fn clock(&self) -> Instant {
+        self.clock
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `count` publications were received in total.
+    pub async fn wait_for(&self, count: u64, bound: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + bound;
+        while self.delivered() < count {
+            if Instant::now() > deadline {
+                bail!("only {} of {count} deliveries arrived within {bound:?}", self.delivered());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    pub fn latencies(&self) -> Histogram<u64> {
+        self.latencies.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn close(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+async fn open(server: SocketAddr, source: IpAddr, channel: &str) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0)).context("bind source address")?;
+    let mut stream = socket.connect(server).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    let request = format!("GET /v1/sse?channel={channel} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut buffer = Vec::with_capacity(1024);
+    let finder = memmem::Finder::new(b"event: herald.connected");
+    loop {
+        let mut chunk = [0u8; 1024];
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            bail!("closed before herald.connected: {}", String::from_utf8_lossy(&buffer));
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+        if let Some(at) = finder.find(&buffer) {
+            let rest = buffer.split_off(at + 23);
+            return Ok((stream, rest));
+        }
+    }
+}
+
+async fn read_events(
+    mut stream: tokio::net::TcpStream,
+    mut pending: Vec<u8>,
+    delivered: Arc<AtomicU64>,
+    measure: Option<(Arc<Mutex<Histogram<u64>>>, Instant)>,
+) {
+    let events = memmem::Finder::new(b"\nevent: ");
+    let stamp = memmem::Finder::new(b"\"t\":");
+    let mut local = measure.as_ref().and_then(|_| Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok());
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        // Count whole events only: keep the tail after the last complete event for the next read.
+        let complete = pending.windows(2).rposition(|w| w == b"\n\n").map(|p| p + 2).unwrap_or(0);
+        if complete > 0 {
+            let count = events.find_iter(&pending[..complete]).count() as u64;
+            if let (Some((_, clock)), Some(histogram)) = (&measure, local.as_mut()) {
+                let now = clock.elapsed().as_micros() as u64;
+                for at in stamp.find_iter(&pending[..complete]) {
+                    let digits: Vec<u8> =
+                        pending[at + 4..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+                    if let Some(sent_ns) = std::str::from_utf8(&digits).ok().and_then(|d| d.parse::<u64>().ok()) {
+                        let _ = histogram.record(now.saturating_sub(sent_ns / 1000).max(1));
+                    }
+                }
+                if let Some((shared, _)) = &measure {
+                    if let Ok(mut shared) = shared.lock() {
+                        let _ = shared.add(&*histogram);
+                    }
+                }
+                histogram.reset();
+            }
+            delivered.fetch_add(count, Ordering::Relaxed);
+            pending.drain(..complete);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => pending.extend_from_slice(&chunk[..read]),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! A `herald` process started for a benchmark: its address, CPU time and resident memory.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct Node {
+    child: Child,
+    pid: u32,
+    pub addr: SocketAddr,
+}
+
+impl Node {
+    /// Starts `herald --listen 127.0.0.1:0` with `env` and waits for its listening line.
+    pub async fn start(binary: &str, env: &[(&str, &str)]) -> anyhow::Result<Node> {
+        let mut command = Command::new(binary);
+        command.args(["--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        command.env("HERALD_LIMITS__MAX_CONNECTIONS", "200000").env("HERALD_LOG", "warn");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child =
+            command.spawn().with_context(|| format!("starting {binary} (build it with cargo build --release)"))?;
+        let pid = child.id().context("herald exited at once")?;
+        let stdout = child.stdout.take().context("herald stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).await.context("reading the listening line")?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("listening line {line:?}"))?;
+        let Some(addr) = parsed["listening"].as_str() else { bail!("no listening address in {line:?}") };
+        Ok(Node { child, pid, addr: addr.parse()? })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// User plus system CPU seconds the process has used.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat format")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11).context("utime")?.parse()?;
+        let stime: f64 = fields.get(12).context("stime")?.parse()?;
+        Ok((utime + stime) / clock_ticks())
+    }
+
+    /// Resident set size in bytes.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
+        let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ is 100 on every Linux configuration this runs on.
+    100.0
+}
