@@ -80,10 +80,16 @@ pub enum EngineError {
     Protocol(String),
 }
 
+/// The pending answer to [`Engine::subscribe`].
+pub type SubscribeFuture = futures_util::future::BoxFuture<'static, Result<(), EngineError>>;
+
 /// How the engine hands things to the node's hub.
 pub trait EngineSink: Send + Sync {
     /// A publication of a channel this node subscribed to. Called in offset order per channel.
     fn deliver(&self, publication: Arc<Publication>);
+    /// The engine may have missed publications of `channel` up to `top` (after a reconnect, or its
+    /// history was lost): every local connection checks its position and replays or resets.
+    fn resync(&self, channel: &ChannelName, top: &Position);
     /// Close this user's local connections; returns how many were closed.
     fn disconnect_user(&self, user: &str) -> usize;
     /// This node's counters, for `/v1/cluster`.
@@ -103,11 +109,12 @@ pub trait Engine: Send + Sync + 'static {
     /// the publication to every node subscribed to the channel. Returns once the engine accepted it.
     async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError>;
 
-    /// Makes this node receive the channel's publications. Returns once that is live; calling it for a
-    /// channel already subscribed is cheap.
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError>;
+    /// Makes this node receive the channel's publications. The request is taken when this is called
+    /// (the hub calls it under its lock, to order it against `unsubscribe`); the future resolves once
+    /// the subscription is live. Cheap for a channel already subscribed.
+    fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture;
 
-    /// This node no longer needs the channel. Fire and forget; ordered after earlier subscribes.
+    /// This node no longer needs the channel. Fire and forget; ordered after earlier `subscribe` calls.
     fn unsubscribe(&self, channel: &ChannelName);
 
     /// Publications after `since` (all of them up to `limit`), or `Gone`. With `since = None`, the

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
 use crate::engine::{
-    Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest,
+    Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest, SubscribeFuture,
 };
 use crate::position::Position;
 use crate::publication::Publication;
@@ -103,9 +103,12 @@ pub enum HubError {
 
 /// One queued item for a connection.
 #[derive(Debug)]
-pub struct Outbound {
-    pub publication: Arc<Publication>,
-    pub receipt: Option<ReceiptToken>,
+pub enum Outbound {
+    /// A publication to deliver, with this connection's share of a delivery receipt if one is awaited.
+    Publication { publication: Arc<Publication>, receipt: Option<ReceiptToken> },
+    /// The engine may have missed publications of `channel` up to `top` (it reconnected or history was
+    /// lost): the session checks its position against `top` and replays or resets.
+    Resync { channel: ChannelName, top: Position },
 }
 
 /// Called once when the hub closes a connection, so the transport can abort a write that is blocked
@@ -366,30 +369,31 @@ impl HubShared {
         &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
     }
 
-    /// Adds a member; returns true when it is the channel's first local subscriber.
+    /// Adds a member and returns the engine's subscription, live once the future resolves. The engine
+    /// is asked under the shard lock, so subscribe and unsubscribe requests reach it in the order the
+    /// channel's membership changed (no lost subscription when the last leaves as the next joins).
     pub(crate) fn join(
         &self,
         channel: &ChannelName,
         id: u64,
         tx: mpsc::Sender<Outbound>,
         control: Arc<Control>,
-    ) -> bool {
+    ) -> SubscribeFuture {
         let mut shard = lock(self.shard(channel));
         let members = shard.entry(channel.clone()).or_default();
         members.insert(id, Member { tx, control });
-        members.len() == 1
+        self.engine.subscribe(channel)
     }
 
-    /// Removes a member; returns true when the channel has no local subscriber left (its entry is gone).
-    pub(crate) fn leave(&self, channel: &ChannelName, id: u64) -> bool {
+    /// Removes a member; the last one out releases the engine's subscription (under the same lock).
+    pub(crate) fn leave(&self, channel: &ChannelName, id: u64) {
         let mut shard = lock(self.shard(channel));
-        let Some(members) = shard.get_mut(channel) else { return false };
+        let Some(members) = shard.get_mut(channel) else { return };
         members.remove(&id);
         if members.is_empty() {
             shard.remove(channel);
-            return true;
+            self.engine.unsubscribe(channel);
         }
-        false
     }
 
     pub(crate) fn forget_connection(&self, id: u64) {
@@ -436,7 +440,10 @@ impl EngineSink for HubShared {
         // expects one answer per member, including members whose queue refused the item.
         let recipients = members.len();
         for member in members.values() {
-            let item = Outbound { publication: publication.clone(), receipt: receipt.as_ref().map(|r| r.token()) };
+            let item = Outbound::Publication {
+                publication: publication.clone(),
+                receipt: receipt.as_ref().map(|r| r.token()),
+            };
             match member.tx.try_send(item) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -450,6 +457,19 @@ impl EngineSink for HubShared {
         drop(shard);
         if let Some(receipt) = receipt {
             receipt.fanned_out(recipients);
+        }
+    }
+
+    fn resync(&self, channel: &ChannelName, top: &Position) {
+        let shard = lock(self.shard(channel));
+        let Some(members) = shard.get(channel) else { return };
+        for member in members.values() {
+            let item = Outbound::Resync { channel: channel.clone(), top: top.clone() };
+            if let Err(mpsc::error::TrySendError::Full(_)) = member.tx.try_send(item) {
+                if member.control.close(CloseReason::SlowConsumer) {
+                    self.stats.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 

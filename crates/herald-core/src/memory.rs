@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 use crate::channel::ChannelName;
 use crate::engine::{
-    Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest,
+    Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest, SubscribeFuture,
 };
 use crate::policy::Policies;
 use crate::position::{Epoch, Position};
@@ -217,9 +217,9 @@ impl Engine for MemoryEngine {
         Ok(PublishOutcome { position, correlation_id: request.correlation_id, duplicate: false })
     }
 
-    async fn subscribe(&self, channel: &ChannelName) -> Result<(), EngineError> {
+    fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
         lock(&self.subscribed).insert(channel.clone());
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {

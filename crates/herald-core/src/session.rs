@@ -171,8 +171,8 @@ impl Session {
         if self.positions.len() >= max {
             return Err(HubError::TooManyChannels(max));
         }
-        self.shared.join(&channel, self.id, self.tx.clone(), self.control.clone());
-        match self.start_position(&channel, since, out).await {
+        let live = self.shared.join(&channel, self.id, self.tx.clone(), self.control.clone());
+        match self.start_position(&channel, live, since, out).await {
             Ok(position) => {
                 self.positions.insert(channel, position.clone());
                 Ok(position)
@@ -187,11 +187,12 @@ impl Session {
     async fn start_position(
         &mut self,
         channel: &ChannelName,
+        live: crate::engine::SubscribeFuture,
         since: Option<Position>,
         out: &mut Vec<SessionEvent>,
     ) -> Result<Position, HubError> {
         let engine = self.shared.engine.clone();
-        engine.subscribe(channel).await?;
+        live.await?;
         let entry = PresenceEntry {
             node: engine.node_id().to_owned(),
             connection_id: self.id_text.clone(),
@@ -237,9 +238,7 @@ impl Session {
     }
 
     fn release(&self, channel: &ChannelName) {
-        if self.shared.leave(channel, self.id) {
-            self.shared.engine.unsubscribe(channel);
-        }
+        self.shared.leave(channel, self.id);
         self.shared.engine.presence_leave(channel, &self.id_text);
     }
 
@@ -262,7 +261,18 @@ impl Session {
         let before = out.len();
         let mut recovered = 0u64;
         for item in batch.drain(..) {
-            let publication = item.publication;
+            let (publication, receipt) = match item {
+                Outbound::Publication { publication, receipt } => (publication, receipt),
+                Outbound::Resync { channel, top } => {
+                    if let Some(position) = self.positions.get(&channel) {
+                        let behind = position.epoch != top.epoch || position.offset < top.offset;
+                        if behind {
+                            recovered += self.repair(&channel, &top, out).await;
+                        }
+                    }
+                    continue;
+                }
+            };
             let Some(position) = self.positions.get_mut(&publication.channel) else {
                 continue; // unsubscribed since it was queued
             };
@@ -275,15 +285,17 @@ impl Session {
             if same_epoch && incoming.offset == position.offset + 1 {
                 position.offset = incoming.offset;
             } else {
-                recovered += self.repair(&publication, out).await;
+                let before_it = Position::new(incoming.epoch.clone(), incoming.offset - 1);
+                recovered += self.repair(&publication.channel, &before_it, out).await;
                 self.positions.insert(publication.channel.clone(), publication.position.clone());
             }
-            if let Some(token) = item.receipt {
+            if let Some(token) = receipt {
                 token.written();
             }
             out.push(SessionEvent::Publication { publication, recovered: false });
         }
-        let live = (out.len() - before) as u64 - recovered;
+        let resets = out[before..].iter().filter(|e| matches!(e, SessionEvent::Reset { .. })).count() as u64;
+        let live = (out.len() - before) as u64 - recovered - resets;
         let counter = match self.transport {
             Transport::Sse => &self.shared.stats.delivered_sse,
             Transport::Ws => &self.shared.stats.delivered_ws,
@@ -292,38 +304,39 @@ impl Session {
         self.shared.stats.recovered.fetch_add(recovered, Ordering::Relaxed);
     }
 
-    /// Fills the hole before `next` from history, or emits a reset; returns how many it replayed.
-    async fn repair(&mut self, next: &Publication, out: &mut Vec<SessionEvent>) -> u64 {
-        let channel = &next.channel;
+    /// Brings the client from its position in `channel` up to `target` from history, or emits a reset
+    /// that moves it to `target`. Returns how many publications it replayed.
+    async fn repair(&mut self, channel: &ChannelName, target: &Position, out: &mut Vec<SessionEvent>) -> u64 {
         let Some(mut position) = self.positions.get(channel).cloned() else { return 0 };
         let stats = &self.shared.stats;
-        let same_epoch = position.epoch == next.position.epoch;
+        let same_epoch = position.epoch == target.epoch;
         if same_epoch {
             stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
         }
         let mut replayed = 0;
-        if let Ok(History::Covered { publications, .. }) =
-            self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await
-        {
-            for publication in publications {
-                let p = &publication.position;
-                if p.epoch == position.epoch && p.offset == position.offset + 1 && p.offset < next.position.offset {
-                    position = p.clone();
-                    self.positions.insert(channel.clone(), position.clone());
-                    out.push(SessionEvent::Publication { publication, recovered: true });
-                    replayed += 1;
+        if same_epoch {
+            if let Ok(History::Covered { publications, .. }) =
+                self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await
+            {
+                for publication in publications {
+                    let p = &publication.position;
+                    if p.epoch == position.epoch && p.offset == position.offset + 1 && p.offset <= target.offset {
+                        position = p.clone();
+                        out.push(SessionEvent::Publication { publication, recovered: true });
+                        replayed += 1;
+                    }
                 }
             }
         }
-        if position.epoch == next.position.epoch && position.offset + 1 == next.position.offset {
+        if position.epoch == target.epoch && position.offset >= target.offset {
+            self.positions.insert(channel.clone(), position);
             return replayed;
         }
         let reason = if same_epoch { ResetReason::Gap } else { ResetReason::EpochChanged };
         let counter = if same_epoch { &stats.resets_gap } else { &stats.resets_epoch_changed };
         counter.fetch_add(1, Ordering::Relaxed);
-        let continue_from = Position::new(next.position.epoch.clone(), next.position.offset.saturating_sub(1));
-        self.positions.insert(channel.clone(), continue_from.clone());
-        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: continue_from });
+        self.positions.insert(channel.clone(), target.clone());
+        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: target.clone() });
         replayed
     }
 }
