@@ -69,6 +69,17 @@ pub struct NodeInfo {
     pub stats: serde_json::Value,
 }
 
+/// Counters of an engine's own machinery.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EngineStats {
+    /// Round trip of the last backplane probe, if the engine probes itself.
+    pub probe_rtt_us: Option<u64>,
+    /// Times the engine's subscriber connection was re-established.
+    pub reconnects: u64,
+    /// Gaps in the backplane's delivery that were filled from history.
+    pub gaps_repaired: u64,
+}
+
 /// Engine failures; all of them mean "the engine cannot do this now".
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -142,4 +153,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether this node can deliver right now.
     async fn ready(&self) -> bool;
+
+    /// The node is leaving: withdraw it from the cluster now rather than when its heartbeat expires.
+    async fn stop(&self) {}
+
+    /// Counters of the engine's own machinery, for metrics.
+    fn stats(&self) -> EngineStats {
+        EngineStats::default()
+    }
 }

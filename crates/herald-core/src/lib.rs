@@ -16,7 +16,9 @@ pub mod receipt;
 pub mod session;
 
 pub use channel::{ChannelError, ChannelName};
-pub use engine::{Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest};
+pub use engine::{
+    Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest,
+};
 pub use hub::{CloseHook, CloseReason, Hub, HubConfig, HubError, Outbound, StatsSnapshot};
 pub use memory::MemoryEngine;
 pub use policy::{HistoryPolicy, Policies};

@@ -55,6 +55,7 @@ pub struct Config {
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     pub limits: LimitsConfig,
     pub sse: SseConfig,
+    pub redis: RedisSection,
     /// How long an idempotency key is remembered, in seconds.
     pub dedup_window_secs: u64,
     /// Longest a graceful shutdown may take before the process exits anyway, in seconds.
@@ -107,6 +108,34 @@ pub struct SseConfig {
     pub retry_ms: u64,
 }
 
+/// Settings of the Redis engine (used when `engine` is a `redis://` URL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// Prefix of every key and pub/sub channel; clusters with different prefixes share a Redis safely.
+    pub prefix: String,
+    /// Milliseconds between backplane probes (a message the node sends itself through pub/sub).
+    pub probe_interval_ms: u64,
+    /// Milliseconds without a probe coming back before the subscription counts as stale.
+    pub probe_timeout_ms: u64,
+    /// Seconds after which a node that stopped heartbeating (and its presence) is gone.
+    pub node_ttl_secs: u64,
+    /// Milliseconds any single Redis command may take before the request fails (503).
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            prefix: "herald".into(),
+            probe_interval_ms: 1000,
+            probe_timeout_ms: 3000,
+            node_ttl_secs: 30,
+            command_timeout_ms: 1000,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -119,6 +148,7 @@ impl Default for Config {
             namespaces: BTreeMap::new(),
             limits: LimitsConfig::default(),
             sse: SseConfig::default(),
+            redis: RedisSection::default(),
             dedup_window_secs: 24 * 60 * 60,
             shutdown_grace_secs: 10,
         }
@@ -304,19 +334,41 @@ fn parse_env_value(value: figment::value::Value) -> figment::value::Value {
     }
 }
 
+fn redis_url_ok(url: &str) -> Result<(), String> {
+    herald_redis::check_url(url)
+}
+
 fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let mut problems = Vec::new();
     let listen =
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
-    if config.engine != "memory" {
-        if config.engine.starts_with("redis://")
-            || config.engine.starts_with("rediss://")
-            || config.engine.starts_with("nats://")
-        {
-            problems.push(format!("engine: {:?} is not supported by this build yet; use \"memory\"", config.engine));
-        } else {
-            problems.push(format!("engine: {:?} is not an engine URL; expected \"memory\"", config.engine));
+    let engine = config.engine.as_str();
+    if engine.starts_with("redis://") {
+        if let Err(error) = redis_url_ok(engine) {
+            problems.push(format!("engine: {engine:?} is not a usable Redis URL: {error}"));
         }
+    } else if engine.starts_with("rediss://") || engine.starts_with("nats://") {
+        problems.push(format!("engine: {engine:?} is not supported by this build yet; use \"memory\" or redis://"));
+    } else if engine != "memory" {
+        problems.push(format!("engine: {engine:?} is not an engine URL; expected \"memory\" or redis://host:port/db"));
+    }
+    let redis = &config.redis;
+    let prefix_ok = redis.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if redis.prefix.is_empty() || !prefix_ok {
+        problems.push(format!("redis.prefix: {:?} must be letters, digits, _ - .", redis.prefix));
+    }
+    for (key, value) in [
+        ("redis.probe_interval_ms", redis.probe_interval_ms),
+        ("redis.probe_timeout_ms", redis.probe_timeout_ms),
+        ("redis.node_ttl_secs", redis.node_ttl_secs),
+        ("redis.command_timeout_ms", redis.command_timeout_ms),
+    ] {
+        if value == 0 {
+            problems.push(format!("{key} must be greater than 0"));
+        }
+    }
+    if redis.probe_timeout_ms <= redis.probe_interval_ms {
+        problems.push("redis.probe_timeout_ms must be greater than redis.probe_interval_ms".to_owned());
     }
     if !matches!(config.log_format.as_str(), "text" | "json") {
         problems.push(format!("log_format: {:?} must be \"text\" or \"json\"", config.log_format));

@@ -20,6 +20,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use herald_core::{CloseReason, Engine, Hub, MemoryEngine};
+use herald_redis::{RedisConfig, RedisEngine};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -97,24 +98,31 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Builds the engine named by the configuration.
-pub fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
-    match settings.config.engine.as_str() {
-        "memory" => Ok(Arc::new(MemoryEngine::new(settings.node_id.clone(), settings.policies()))),
-        other => anyhow::bail!("unsupported engine {other:?}"),
+/// Builds the engine named by the configuration (connecting to it when it is remote).
+pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>> {
+    let config = &settings.config;
+    if config.engine == "memory" {
+        let memory = Arc::new(MemoryEngine::new(settings.node_id.clone(), settings.policies()));
+        spawn_sweeper(Arc::downgrade(&memory));
+        return Ok(memory);
     }
+    if config.engine.starts_with("redis://") {
+        let r = &config.redis;
+        let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
+        redis.prefix = r.prefix.clone();
+        redis.probe_interval = Duration::from_millis(r.probe_interval_ms);
+        redis.probe_timeout = Duration::from_millis(r.probe_timeout_ms);
+        redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
+        redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
+        let engine = RedisEngine::connect(redis).await.map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
+        return Ok(Arc::new(engine));
+    }
+    anyhow::bail!("unsupported engine {:?}", config.engine)
 }
 
 /// Starts the hub and the engine for `settings`.
 pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
-    let engine: Arc<dyn Engine> = match settings.config.engine.as_str() {
-        "memory" => {
-            let memory = Arc::new(MemoryEngine::new(settings.node_id.clone(), settings.policies()));
-            spawn_sweeper(Arc::downgrade(&memory));
-            memory
-        }
-        _ => build_engine(&settings)?,
-    };
+    let engine = build_engine(&settings).await?;
     let hub = Hub::start(engine, settings.hub_config()).await?;
     Ok(AppState::new(hub, settings))
 }
@@ -148,5 +156,6 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period; exiting anyway");
     }
+    state.hub().engine().stop().await;
     Ok(())
 }

@@ -42,6 +42,7 @@ impl Metrics {
     fn render(&self, state: &AppState) -> String {
         let s = state.hub().stats();
         let refused_engine = self.refused_engine.load(Ordering::Relaxed);
+        let engine = state.hub().engine().stats();
         metrics::with_local_recorder(&self.recorder, || {
             counter!("herald_publications_total", "result" => "accepted").absolute(s.published);
             counter!("herald_publications_total", "result" => "duplicate").absolute(s.duplicates);
@@ -57,6 +58,11 @@ impl Metrics {
             counter!("herald_gaps_detected_total").absolute(s.gaps_detected);
             counter!("herald_slow_client_disconnects_total").absolute(s.slow_consumer_disconnects);
             counter!("herald_connections_opened_total").absolute(s.connections_opened);
+            counter!("herald_engine_reconnects_total").absolute(engine.reconnects);
+            counter!("herald_engine_gaps_repaired_total").absolute(engine.gaps_repaired);
+            if let Some(rtt) = engine.probe_rtt_us {
+                gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);
+            }
             gauge!("herald_connections").set(s.connections as f64);
             gauge!("herald_channels").set(s.channels as f64);
         });

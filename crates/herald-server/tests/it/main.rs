@@ -2,8 +2,10 @@
 //! One test binary (this one) keeps link times down; modules group features.
 
 mod api;
+mod cluster;
 mod harness;
 mod lifecycle;
 mod process;
+mod redis;
 mod sse;
 mod ws;

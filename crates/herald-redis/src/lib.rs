@@ -1,0 +1,540 @@
+//! Herald's Redis engine: any node delivers to any client through one Redis.
+//!
+//! - Publish is one Lua script (`scripts.rs`): idempotency key, next offset, epoch, history (a stream
+//!   trimmed to the namespace's size, expiring with its age) and the pub/sub message, atomically. It is
+//!   acknowledged only once Redis ran it; every command is bounded by a timeout, so while Redis is
+//!   unreachable callers get an error quickly (the API answers 503).
+//! - Fan-out: one pub/sub connection per node (`subscriber.rs`), subscribed per channel while the
+//!   node has local subscribers, so a publication reaches only nodes that need it.
+//! - No silent loss: the subscriber tracks the last offset delivered per channel; a jump is filled from
+//!   history before anything newer; after a reconnect every channel is re-synced, and where history is
+//!   gone the hub is told to reset its connections.
+//! - Self-check: the node publishes a probe to itself every probe interval; a probe that does not come
+//!   back in time marks the subscription stale, which fails readiness and forces a reconnect.
+//! - Cluster state: nodes heartbeat into a sorted set; presence entries carry their node and are
+//!   ignored (and removed) once that node stops heartbeating, so a crashed node leaves no ghosts.
+
+mod keys;
+mod scripts;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_core::engine::SubscribeFuture;
+use herald_core::publication::{format_timestamp, now_ms};
+use herald_core::{
+    ChannelName, Engine, EngineError, EngineSink, EngineStats, Epoch, History, NodeInfo, Policies, Position,
+    PresenceEntry, Publication, PublishOutcome, PublishRequest,
+};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+pub use keys::Keys;
+
+/// Settings of the Redis engine.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db`.
+    pub url: String,
+    /// Prefix of every key and pub/sub channel.
+    pub prefix: String,
+    pub node_id: String,
+    pub policies: Policies,
+    /// A node that has not heartbeated for this long is gone (with its presence).
+    pub node_ttl: Duration,
+    /// How often the node sends itself a probe through pub/sub.
+    pub probe_interval: Duration,
+    /// A probe not back within this time marks the subscription stale.
+    pub probe_timeout: Duration,
+    /// Bound on every Redis command.
+    pub command_timeout: Duration,
+}
+
+impl RedisConfig {
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>, policies: Policies) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "herald".into(),
+            node_id: node_id.into(),
+            policies,
+            node_ttl: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(3),
+            command_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Checks that `url` is a Redis URL this engine can use (without connecting).
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The Redis engine. Create with [`RedisEngine::connect`], hand to `Hub::start`.
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RedisConfig,
+    pub(crate) keys: Keys,
+    pub(crate) client: redis::Client,
+    pub(crate) commands: ConnectionManager,
+    publish_script: Script,
+    top_script: Script,
+    pub(crate) sink: OnceLock<Weak<dyn EngineSink>>,
+    pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
+    subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
+    /// Last position handed to the hub per subscribed channel (gap detection).
+    pub(crate) delivered: Mutex<HashMap<ChannelName, Position>>,
+    /// The pub/sub connection is up and its last probe came back in time.
+    pub(crate) connected: AtomicBool,
+    pub(crate) probe_fresh: AtomicBool,
+    pub(crate) probe_rtt_us: AtomicU64,
+    /// When the last probe came back (µs since the Unix epoch).
+    pub(crate) last_probe_us: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) gaps_repaired: AtomicU64,
+    /// Replies to requests this node made to other nodes (disconnect), by request ID.
+    pub(crate) replies: Mutex<HashMap<u64, mpsc::UnboundedSender<usize>>>,
+    next_request: AtomicU64,
+    pub(crate) stopping: AtomicBool,
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unavailable(error: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(error.to_string())
+}
+
+impl RedisEngine {
+    /// Connects the command connection (failing if Redis cannot be reached now).
+    pub async fn connect(config: RedisConfig) -> Result<Self, EngineError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let commands = tokio::time::timeout(
+            config.command_timeout * 3,
+            ConnectionManager::new_with_config(client.clone(), manager_config),
+        )
+        .await
+        .map_err(|_| EngineError::Timeout)?
+        .map_err(unavailable)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let keys = Keys::new(&config.prefix, &config.node_id);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                keys,
+                client,
+                commands,
+                publish_script: Script::new(scripts::PUBLISH),
+                top_script: Script::new(scripts::TOP),
+                sink: OnceLock::new(),
+                subscriber: tx,
+                subscriber_rx: Mutex::new(Some(rx)),
+                delivered: Mutex::new(HashMap::new()),
+                connected: AtomicBool::new(false),
+                probe_fresh: AtomicBool::new(false),
+                probe_rtt_us: AtomicU64::new(0),
+                last_probe_us: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
+                gaps_repaired: AtomicU64::new(0),
+                replies: Mutex::new(HashMap::new()),
+                next_request: AtomicU64::new(1),
+                stopping: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    pub(crate) fn sink(&self) -> Option<Arc<dyn EngineSink>> {
+        self.sink.get().and_then(Weak::upgrade)
+    }
+
+    pub(crate) async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.config.command_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(unavailable(error)),
+            Err(_) => Err(EngineError::Timeout),
+        }
+    }
+
+    pub(crate) async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
+        let policy = self.config.policies.history(channel);
+        let mut conn = self.commands.clone();
+        let mut invocation = self.top_script.prepare_invoke();
+        invocation
+            .key(self.keys.meta(channel))
+            .key(self.keys.stream(channel))
+            .arg(Epoch::generate().as_str())
+            .arg(policy.ttl.as_millis() as u64);
+        let (epoch, offset): (String, u64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        Ok(Position::new(epoch, offset))
+    }
+
+    /// Publications of the current epoch with offsets in `from..=to` (at most `limit`), oldest first,
+    /// skipping entries older than the namespace's history age.
+    pub(crate) async fn range(
+        &self,
+        channel: &ChannelName,
+        from: u64,
+        to: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Arc<Publication>>, EngineError> {
+        let mut conn = self.commands.clone();
+        let end = to.map_or_else(|| "+".to_owned(), |to| format!("{to}-0"));
+        let entries: Vec<(String, Vec<Vec<u8>>)> = self
+            .bounded(
+                redis::cmd("XRANGE")
+                    .arg(self.keys.stream(channel))
+                    .arg(format!("{from}-0"))
+                    .arg(end)
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let oldest_kept = now_ms().saturating_sub(self.config.policies.history(channel).ttl.as_millis() as u64);
+        let mut publications = Vec::with_capacity(entries.len());
+        for (_id, fields) in entries {
+            let mut stamp = 0u64;
+            let mut envelope = None;
+            for pair in fields.chunks(2) {
+                match (pair.first().map(Vec::as_slice), pair.get(1)) {
+                    (Some(b"t"), Some(value)) => {
+                        stamp = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+                    }
+                    (Some(b"p"), Some(value)) => envelope = Some(value.clone()),
+                    _ => {}
+                }
+            }
+            if stamp < oldest_kept {
+                continue;
+            }
+            if let Some(envelope) = envelope {
+                match Publication::from_envelope(envelope.into(), None) {
+                    Ok(publication) => publications.push(Arc::new(publication)),
+                    Err(error) => tracing::warn!(%channel, %error, "unreadable history entry"),
+                }
+            }
+        }
+        Ok(publications)
+    }
+
+    pub(crate) async fn live_nodes(&self) -> Result<Vec<String>, EngineError> {
+        let mut conn = self.commands.clone();
+        let since = now_ms().saturating_sub(self.config.node_ttl.as_millis() as u64);
+        self.bounded(conn.zrangebyscore(self.keys.nodes(), since, "+inf")).await
+    }
+
+    pub(crate) async fn heartbeat(&self) -> Result<(), EngineError> {
+        let stats = self.sink().map(|s| s.stats()).unwrap_or_default();
+        let mut stats = stats;
+        if let Some(object) = stats.as_object_mut() {
+            object.insert("probe_rtt_us".into(), json!(self.probe_rtt_us.load(Ordering::Relaxed)));
+            object.insert("ready".into(), json!(self.is_ready()));
+        }
+        let mut conn = self.commands.clone();
+        let now = now_ms();
+        let ttl = self.config.node_ttl.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        pipe.zadd(self.keys.nodes(), &self.config.node_id, now)
+            .ignore()
+            .zrembyscore(self.keys.nodes(), 0, now.saturating_sub(ttl))
+            .ignore()
+            .pset_ex(self.keys.node_stats(&self.config.node_id), stats.to_string(), ttl)
+            .ignore();
+        self.bounded(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.connected.load(Ordering::SeqCst) && self.probe_fresh.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    async fn start(&self, sink: Weak<dyn EngineSink>) -> Result<(), EngineError> {
+        self.inner.sink.set(sink).map_err(|_| EngineError::Protocol("engine started twice".into()))?;
+        let rx = lock(&self.inner.subscriber_rx).take().ok_or(EngineError::Protocol("engine started twice".into()))?;
+        subscriber::spawn(self.inner.clone(), rx);
+        let _ = self.inner.heartbeat().await;
+        Ok(())
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError> {
+        let inner = &self.inner;
+        let channel = &request.channel;
+        let policy = inner.config.policies.history(channel);
+        let now = now_ms();
+        let header = format!("{}\t{}\n", inner.config.node_id, request.receipt.unwrap_or(0));
+        let mut invocation = inner.publish_script.prepare_invoke();
+        invocation.key(inner.keys.meta(channel)).key(inner.keys.stream(channel));
+        if let Some(key) = &request.idempotency_key {
+            invocation.key(inner.keys.dedup(channel, key));
+        }
+        invocation
+            .arg(inner.keys.pubsub(channel))
+            .arg(channel.as_str())
+            .arg(&*request.event)
+            .arg(request.data.get())
+            .arg(&*request.correlation_id)
+            .arg(format_timestamp(now))
+            .arg(now)
+            .arg(policy.size)
+            .arg(policy.ttl.as_millis() as u64)
+            .arg(inner.config.policies.dedup_window().as_secs())
+            .arg(Epoch::generate().as_str())
+            .arg(header);
+        let mut conn = inner.commands.clone();
+        let reply: redis::Value = inner.bounded(invocation.invoke_async(&mut conn)).await?;
+        let mut outcome = parse_publish_reply(reply)?;
+        if !outcome.duplicate {
+            outcome.correlation_id = request.correlation_id.clone();
+        }
+        Ok(outcome)
+    }
+
+    fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.subscriber.send(subscriber::Command::Subscribe(channel.clone(), tx));
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(EngineError::Unavailable("subscriber stopped".into()));
+            }
+            rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("subscriber stopped".into())))
+        })
+    }
+
+    fn unsubscribe(&self, channel: &ChannelName) {
+        let _ = self.inner.subscriber.send(subscriber::Command::Unsubscribe(channel.clone()));
+    }
+
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, EngineError> {
+        let inner = &self.inner;
+        let top = inner.top(channel).await?;
+        let Some(since) = since else {
+            let from = top.offset.saturating_sub(limit as u64) + 1;
+            let publications = inner
+                .range(channel, from, Some(top.offset), limit)
+                .await?
+                .into_iter()
+                .filter(|p| p.position.epoch == top.epoch);
+            return Ok(History::Covered { publications: publications.collect(), top });
+        };
+        if since.epoch != top.epoch || since.offset > top.offset {
+            return Ok(History::Gone { top });
+        }
+        if since.offset == top.offset {
+            return Ok(History::Covered { top, publications: Vec::new() });
+        }
+        let publications = inner.range(channel, since.offset + 1, None, limit).await?;
+        let contiguous = publications
+            .first()
+            .is_some_and(|p| p.position.epoch == since.epoch && p.position.offset == since.offset + 1);
+        if !contiguous {
+            return Ok(History::Gone { top });
+        }
+        let publications = publications.into_iter().filter(|p| p.position.epoch == since.epoch).collect();
+        Ok(History::Covered { top, publications })
+    }
+
+    async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
+        self.inner.top(channel).await
+    }
+
+    async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let value = serde_json::to_string(&entry).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let mut conn = inner.commands.clone();
+        let key = inner.keys.presence(channel);
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, &entry.connection_id, value).ignore().expire(&key, 24 * 3600).ignore();
+        inner.bounded(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    fn presence_leave(&self, channel: &ChannelName, connection_id: &str) {
+        let inner = self.inner.clone();
+        let key = inner.keys.presence(channel);
+        let field = connection_id.to_owned();
+        tokio::spawn(async move {
+            let mut conn = inner.commands.clone();
+            if let Err(error) = inner.bounded(conn.hdel::<_, _, ()>(&key, &field)).await {
+                // The entry's node liveness still hides it once this node stops; a stale entry of a live
+                // node stays until the next successful leave or the key's expiry.
+                tracing::debug!(%error, key, "presence leave failed");
+            }
+        });
+    }
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
+        let inner = &self.inner;
+        let key = inner.keys.presence(channel);
+        let mut conn = inner.commands.clone();
+        let raw: HashMap<String, String> = inner.bounded(conn.hgetall(&key)).await?;
+        let live = inner.live_nodes().await?;
+        let mut entries = Vec::with_capacity(raw.len());
+        let mut ghosts = Vec::new();
+        for (field, value) in raw {
+            match serde_json::from_str::<StoredPresence>(&value) {
+                Ok(stored) if live.contains(&stored.node) => entries.push(stored.into_entry()),
+                _ => ghosts.push(field),
+            }
+        }
+        if !ghosts.is_empty() {
+            let _ = inner.bounded(conn.hdel::<_, _, ()>(&key, ghosts)).await;
+        }
+        entries.sort_by(|a, b| (&a.node, &a.connection_id).cmp(&(&b.node, &b.connection_id)));
+        Ok(entries)
+    }
+
+    async fn disconnect_user(&self, user: &str) -> Result<usize, EngineError> {
+        let inner = &self.inner;
+        let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        lock(&inner.replies).insert(id, tx);
+        let message = json!({"op": "disconnect", "user": user, "reply_to": inner.config.node_id, "id": id});
+        let mut conn = inner.commands.clone();
+        let receivers: Result<usize, EngineError> =
+            inner.bounded(conn.publish(inner.keys.control_all(), message.to_string())).await;
+        let mut total = 0;
+        if let Ok(receivers) = receivers {
+            let deadline = tokio::time::Instant::now() + inner.config.command_timeout;
+            for _ in 0..receivers {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(count)) => total += count,
+                    _ => break,
+                }
+            }
+        }
+        lock(&inner.replies).remove(&id);
+        receivers.map(|_| total)
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
+        let inner = &self.inner;
+        let live = inner.live_nodes().await?;
+        if live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = live.iter().map(|n| inner.keys.node_stats(n)).collect();
+        let mut conn = inner.commands.clone();
+        let stats: Vec<Option<String>> = inner.bounded(redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
+        Ok(live
+            .into_iter()
+            .zip(stats)
+            .map(|(node, stats)| {
+                let stats = stats.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_else(|| json!({}));
+                NodeInfo { node, stats }
+            })
+            .collect())
+    }
+
+    async fn ready(&self) -> bool {
+        self.inner.is_ready()
+    }
+
+    fn stats(&self) -> EngineStats {
+        let i = &self.inner;
+        EngineStats {
+            probe_rtt_us: Some(i.probe_rtt_us.load(Ordering::Relaxed)),
+            reconnects: i.reconnects.load(Ordering::Relaxed),
+            gaps_repaired: i.gaps_repaired.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn stop(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        let mut conn = inner.commands.clone();
+        let _ = inner.bounded(conn.zrem::<_, _, ()>(inner.keys.nodes(), &inner.config.node_id)).await;
+        let _ = inner.bounded(conn.del::<_, ()>(inner.keys.node_stats(&inner.config.node_id))).await;
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StoredPresence {
+    node: String,
+    connection_id: String,
+    user: Option<String>,
+    transport: String,
+    connected_at: String,
+}
+
+impl StoredPresence {
+    fn into_entry(self) -> PresenceEntry {
+        PresenceEntry {
+            node: self.node,
+            connection_id: self.connection_id,
+            user: self.user,
+            transport: if self.transport == "ws" { "ws" } else { "sse" },
+            connected_at: self.connected_at,
+        }
+    }
+}
+
+fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineError> {
+    let protocol = |what: &str| EngineError::Protocol(format!("unexpected publish reply: {what}"));
+    let redis::Value::Array(items) = reply else { return Err(protocol("not an array")) };
+    let text = |value: &redis::Value| -> Option<String> {
+        match value {
+            redis::Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+            redis::Value::SimpleString(text) => Some(text.clone()),
+            redis::Value::Int(number) => Some(number.to_string()),
+            _ => None,
+        }
+    };
+    match items.as_slice() {
+        [redis::Value::Int(1), seen] => {
+            let seen = text(seen).ok_or_else(|| protocol("duplicate"))?;
+            let mut parts = seen.splitn(3, ':');
+            let (Some(epoch), Some(offset), Some(correlation)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(protocol("duplicate record"));
+            };
+            let epoch = Epoch::parse(epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
+            let offset = offset.parse().map_err(|_| protocol("offset"))?;
+            Ok(PublishOutcome {
+                position: Position::new(epoch, offset),
+                correlation_id: Arc::from(correlation),
+                duplicate: true,
+            })
+        }
+        [redis::Value::Int(0), epoch, redis::Value::Int(offset)] => {
+            let epoch = text(epoch).ok_or_else(|| protocol("epoch"))?;
+            let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
+            Ok(PublishOutcome {
+                position: Position::new(epoch, (*offset).max(0) as u64),
+                // The caller's correlation ID; filled in by the caller.
+                correlation_id: Arc::from(""),
+                duplicate: false,
+            })
+        }
+        _ => Err(protocol("shape")),
+    }
+}

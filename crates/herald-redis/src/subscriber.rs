@@ -1,0 +1,357 @@
+//! The node's one pub/sub connection and the tasks around it.
+//!
+//! - The **actor** owns the subscription set. Requests arrive in the order the hub's channel
+//!   memberships changed (it sends them under its lock), are applied in batches (one SUBSCRIBE or
+//!   UNSUBSCRIBE for many channels), and a subscriber is answered once Redis confirmed the SUBSCRIBE.
+//!   When the connection is lost (or the probe says it went stale) the actor reconnects with backoff,
+//!   resubscribes everything and hands the receiver the list of channels to re-sync. While it is
+//!   disconnected, new subscriptions are refused at once (clients get 503) instead of waiting.
+//! - The **receiver** reads messages in order. For each channel it knows the last offset handed to the
+//!   hub; duplicates are dropped and a jump is filled from history before the newer publication.
+//!   After a reconnect it first re-syncs every channel from history, and tells the hub the top position
+//!   so connections that cannot be caught up get a reset.
+//! - The **prober** publishes a probe to the node's own control channel every probe interval and marks
+//!   the connection stale when probes stop coming back; it also writes the node's heartbeat.
+//!
+//! The command queue from the hub is unbounded on purpose: it is fed under the hub's lock, where
+//! waiting is not allowed; its length is bounded by how fast connections join and leave channels.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_core::{ChannelName, EngineError, Publication};
+use redis::AsyncCommands;
+use redis::aio::{PubSubSink, PubSubStream};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Inner, lock};
+
+pub(crate) enum Command {
+    Subscribe(ChannelName, oneshot::Sender<Result<(), EngineError>>),
+    Unsubscribe(ChannelName),
+    /// The receiver of connection `generation` saw its stream end.
+    Lost(u64),
+    /// The prober found the subscription stale.
+    Stale,
+}
+
+/// Most requests applied in one batch.
+const MAX_BATCH: usize = 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+pub(crate) fn spawn(inner: Arc<Inner>, rx: mpsc::UnboundedReceiver<Command>) {
+    tokio::spawn(actor(inner.clone(), rx));
+    tokio::spawn(prober(inner));
+}
+
+async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
+    let mut desired: BTreeSet<ChannelName> = BTreeSet::new();
+    let mut generation = 0u64;
+    let mut backoff = MIN_BACKOFF;
+    let mut first = true;
+    loop {
+        if inner.stopping.load(Ordering::SeqCst) && inner.subscriber.is_closed() {
+            return;
+        }
+        // Connect and subscribe everything wanted so far.
+        let connected = connect(&inner, &desired).await;
+        let (mut sink, stream) = match connected {
+            Ok(pair) => pair,
+            Err(error) => {
+                inner.connected.store(false, Ordering::SeqCst);
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "redis pub/sub unavailable");
+                let deadline = tokio::time::Instant::now() + backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                // Keep taking requests while down: refuse subscriptions, remember the wanted set.
+                while let Ok(Some(command)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                    match command {
+                        Command::Subscribe(channel, reply) => {
+                            desired.insert(channel);
+                            let _ = reply.send(Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())));
+                        }
+                        Command::Unsubscribe(channel) => {
+                            desired.remove(&channel);
+                        }
+                        Command::Lost(_) | Command::Stale => {}
+                    }
+                }
+                continue;
+            }
+        };
+        backoff = MIN_BACKOFF;
+        generation += 1;
+        if !first {
+            inner.reconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(channels = desired.len(), "redis pub/sub reconnected; re-syncing");
+        }
+        let resync: Vec<ChannelName> = if first { Vec::new() } else { desired.iter().cloned().collect() };
+        first = false;
+        inner.connected.store(true, Ordering::SeqCst);
+        tokio::spawn(receiver(inner.clone(), stream, generation, resync));
+
+        // Serve requests until the connection is lost.
+        let mut batch = Vec::new();
+        loop {
+            batch.clear();
+            match rx.recv().await {
+                Some(command) => batch.push(command),
+                None => return,
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            if let Err(reason) = apply(&inner, &mut sink, &mut desired, generation, &mut batch).await {
+                tracing::warn!(reason, "redis pub/sub connection lost");
+                inner.connected.store(false, Ordering::SeqCst);
+                break;
+            }
+        }
+    }
+}
+
+async fn connect(inner: &Inner, desired: &BTreeSet<ChannelName>) -> Result<(PubSubSink, PubSubStream), EngineError> {
+    let timeout = inner.config.command_timeout * 3;
+    let pubsub = tokio::time::timeout(timeout, inner.client.get_async_pubsub())
+        .await
+        .map_err(|_| EngineError::Timeout)?
+        .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    let (mut sink, stream) = pubsub.split();
+    let mut names = vec![inner.keys.own_control(), inner.keys.control_all()];
+    names.extend(desired.iter().map(|c| inner.keys.pubsub(c)));
+    for chunk in names.chunks(MAX_BATCH) {
+        inner.bounded(sink.subscribe(chunk)).await?;
+    }
+    Ok((sink, stream))
+}
+
+/// Applies a batch of requests; Err when the connection is unusable (the actor then reconnects).
+async fn apply(
+    inner: &Inner,
+    sink: &mut PubSubSink,
+    desired: &mut BTreeSet<ChannelName>,
+    generation: u64,
+    batch: &mut Vec<Command>,
+) -> Result<(), &'static str> {
+    let mut replies = Vec::new();
+    let mut changed: HashMap<ChannelName, bool> = HashMap::new();
+    let mut lost = false;
+    for command in batch.drain(..) {
+        match command {
+            Command::Subscribe(channel, reply) => {
+                if !desired.contains(&channel) {
+                    desired.insert(channel.clone());
+                    changed.insert(channel, true);
+                }
+                replies.push(reply);
+            }
+            Command::Unsubscribe(channel) => {
+                if desired.remove(&channel) {
+                    changed.insert(channel, false);
+                }
+            }
+            Command::Lost(of) if of == generation => lost = true,
+            Command::Stale => lost = true,
+            Command::Lost(_) => {}
+        }
+    }
+    if lost {
+        for reply in replies {
+            let _ = reply.send(Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())));
+        }
+        return Err("stream ended or probe stale");
+    }
+    let subscribe: Vec<String> = changed.iter().filter(|(_, on)| **on).map(|(c, _)| inner.keys.pubsub(c)).collect();
+    let unsubscribe: Vec<String> = changed.iter().filter(|(_, on)| !**on).map(|(c, _)| inner.keys.pubsub(c)).collect();
+    let mut result = Ok(());
+    if !unsubscribe.is_empty() {
+        {
+            let mut delivered = lock(&inner.delivered);
+            for (channel, on) in &changed {
+                if !on {
+                    delivered.remove(channel);
+                }
+            }
+        }
+        if inner.bounded(sink.unsubscribe(&unsubscribe)).await.is_err() {
+            result = Err("unsubscribe failed");
+        }
+    }
+    if result.is_ok() && !subscribe.is_empty() && inner.bounded(sink.subscribe(&subscribe)).await.is_err() {
+        result = Err("subscribe failed");
+    }
+    for reply in replies {
+        let answer = result.map_err(|reason| EngineError::Unavailable(reason.into()));
+        let _ = reply.send(answer);
+    }
+    result
+}
+
+async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, resync: Vec<ChannelName>) {
+    for channel in resync {
+        resync_channel(&inner, &channel).await;
+    }
+    let own_control = inner.keys.own_control();
+    let control_all = inner.keys.control_all();
+    while let Some(message) = stream.next().await {
+        let name = message.get_channel_name();
+        let payload = message.get_payload_bytes();
+        if name == own_control || name == control_all {
+            on_control(&inner, payload).await;
+            continue;
+        }
+        let Some(channel) = inner.keys.channel_of(name) else { continue };
+        let Some(split) = payload.iter().position(|b| *b == b'\n') else { continue };
+        let envelope = Bytes::copy_from_slice(&payload[split + 1..]);
+        let receipt = parse_header(&payload[..split], &inner.config.node_id);
+        match Publication::from_envelope(envelope, receipt) {
+            Ok(publication) if publication.channel == channel => deliver_in_order(&inner, Arc::new(publication)).await,
+            Ok(_) => tracing::warn!(%channel, "publication on the wrong pub/sub channel ignored"),
+            Err(error) => tracing::warn!(%channel, %error, "unreadable publication ignored"),
+        }
+    }
+    let _ = inner.subscriber.send(Command::Lost(generation));
+}
+
+/// `<origin node>\t<receipt id>`: the receipt only matters on the node that is waiting for it.
+fn parse_header(header: &[u8], node: &str) -> Option<u64> {
+    let text = std::str::from_utf8(header).ok()?;
+    let (origin, receipt) = text.split_once('\t')?;
+    let receipt: u64 = receipt.parse().ok()?;
+    (origin == node && receipt != 0).then_some(receipt)
+}
+
+/// Hands `publication` to the hub after everything before it in its channel.
+async fn deliver_in_order(inner: &Inner, publication: Arc<Publication>) {
+    let Some(sink) = inner.sink() else { return };
+    let channel = publication.channel.clone();
+    let last = lock(&inner.delivered).get(&channel).cloned();
+    if let Some(last) = last {
+        let incoming = &publication.position;
+        if incoming.epoch == last.epoch {
+            if incoming.offset <= last.offset {
+                return; // already delivered (a re-sync got there first)
+            }
+            if incoming.offset > last.offset + 1 {
+                // Missed pub/sub messages: fill the hole from history, in order.
+                inner.gaps_repaired.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%channel, from = last.offset + 1, to = incoming.offset - 1, "gap in pub/sub; replaying from history");
+                if let Ok(missing) = inner.range(&channel, last.offset + 1, Some(incoming.offset - 1), 100_000).await {
+                    for earlier in missing {
+                        if earlier.position.epoch == incoming.epoch {
+                            sink.deliver(earlier);
+                        }
+                    }
+                }
+                // Whatever history no longer had, each connection sees as a gap and resets.
+            }
+        }
+    }
+    lock(&inner.delivered).insert(channel, publication.position.clone());
+    sink.deliver(publication);
+}
+
+/// After a reconnect: deliver what the channel got while we were away, then let connections check.
+async fn resync_channel(inner: &Inner, channel: &ChannelName) {
+    let Some(sink) = inner.sink() else { return };
+    let top = match inner.top(channel).await {
+        Ok(top) => top,
+        Err(error) => {
+            tracing::warn!(%channel, %error, "re-sync failed; connections will repair on the next publication");
+            return;
+        }
+    };
+    let last = lock(&inner.delivered).get(channel).cloned();
+    if let Some(last) = last.filter(|l| l.epoch == top.epoch && l.offset < top.offset) {
+        if let Ok(missing) = inner.range(channel, last.offset + 1, Some(top.offset), 100_000).await {
+            for publication in missing {
+                let next = lock(&inner.delivered).get(channel).map_or(0, |p| p.offset) + 1;
+                if publication.position.epoch == top.epoch && publication.position.offset == next {
+                    lock(&inner.delivered).insert(channel.clone(), publication.position.clone());
+                    sink.deliver(publication);
+                }
+            }
+        }
+    }
+    lock(&inner.delivered).insert(channel.clone(), top.clone());
+    sink.resync(channel, &top);
+}
+
+async fn on_control(inner: &Inner, payload: &[u8]) {
+    let Ok(message) = serde_json::from_slice::<Value>(payload) else { return };
+    match message["op"].as_str() {
+        Some("probe") if message["node"].as_str() == Some(inner.config.node_id.as_str()) => {
+            let sent = message["sent_us"].as_u64().unwrap_or(0);
+            inner.probe_rtt_us.store(now_us().saturating_sub(sent), Ordering::Relaxed);
+            inner.last_probe_us.store(now_us(), Ordering::Relaxed);
+        }
+        Some("disconnect") => {
+            let (Some(user), Some(reply_to), Some(id)) =
+                (message["user"].as_str(), message["reply_to"].as_str(), message["id"].as_u64())
+            else {
+                return;
+            };
+            let count = inner.sink().map_or(0, |sink| sink.disconnect_user(user));
+            let reply = json!({"op": "disconnected", "id": id, "count": count, "node": inner.config.node_id});
+            let mut conn = inner.commands.clone();
+            let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.control(reply_to), reply.to_string())).await;
+        }
+        Some("disconnected") => {
+            if let (Some(id), Some(count)) = (message["id"].as_u64(), message["count"].as_u64()) {
+                if let Some(waiter) = lock(&inner.replies).get(&id) {
+                    let _ = waiter.send(count as usize);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Probes the subscription and heartbeats the node.
+async fn prober(inner: Arc<Inner>) {
+    let mut interval = tokio::time::interval(inner.config.probe_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats carry the node's counters to /v1/cluster, so they go out with every probe.
+    let heartbeat_every = inner.config.probe_interval.min(inner.config.node_ttl / 6);
+    let mut last_heartbeat = tokio::time::Instant::now();
+    let stale_after_us = inner.config.probe_timeout.as_micros() as u64;
+    let started = now_us();
+    loop {
+        interval.tick().await;
+        if inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = now_us();
+        let last = inner.last_probe_us.load(Ordering::Relaxed).max(started);
+        let fresh = now.saturating_sub(last) <= stale_after_us;
+        let was_fresh = inner.probe_fresh.swap(fresh, Ordering::SeqCst);
+        if was_fresh && !fresh && inner.connected.load(Ordering::SeqCst) {
+            tracing::warn!(silent_ms = now.saturating_sub(last) / 1000, "pub/sub subscription is stale; reconnecting");
+            // Pretend the last probe came back now, so the fresh connection gets a full timeout to prove
+            // itself before it is declared stale again.
+            inner.last_probe_us.store(now, Ordering::Relaxed);
+            let _ = inner.subscriber.send(Command::Stale);
+        }
+        let probe = json!({"op": "probe", "node": inner.config.node_id, "sent_us": now_us()});
+        let mut conn = inner.commands.clone();
+        let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.own_control(), probe.to_string())).await;
+        if last_heartbeat.elapsed() >= heartbeat_every {
+            last_heartbeat = tokio::time::Instant::now();
+            if let Err(error) = inner.heartbeat().await {
+                tracing::debug!(%error, "heartbeat failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The Redis engine with several nodes on a real `redis-server` of the test's own: cross-node delivery,
+//! ordering, resume anywhere, idempotency, subscription release, Redis restart, pub/sub kill, node crash.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Server, Sse, TIMEOUT, client, eventually};
+use crate::process::Node;
+use crate::redis::RedisServer;
+
+fn prefix() -> String {
+    format!("t{:08x}", rand::random::<u32>())
+}
+
+async fn node(redis: &RedisServer, prefix: &str) -> Server {
+    let (url, prefix) = (redis.url(), prefix.to_owned());
+    Server::with(move |config| {
+        config.engine = url;
+        config.redis.prefix = prefix;
+        config.redis.probe_interval_ms = 100;
+        config.redis.probe_timeout_ms = 1000;
+        config.redis.node_ttl_secs = 3;
+    })
+    .await
+}
+
+async fn cluster(redis: &RedisServer, size: usize) -> Vec<Server> {
+    let prefix = prefix();
+    let mut nodes = Vec::new();
+    for _ in 0..size {
+        nodes.push(node(redis, &prefix).await);
+    }
+    nodes
+}
+
+async fn wait_ready(server: &Server) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if server.get("/readyz").await.0 == StatusCode::OK {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_on_one_node_reaches_clients_on_the_others() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 3).await;
+    let (mut on_a, _) = Sse::open(&nodes[0], "channel=user:42", None).await;
+    let (mut on_c, _) = Sse::open(&nodes[2], "channel=user:42", None).await;
+    let answer = nodes[1].publish("user:42", json!({"from": "b"})).await;
+    assert_eq!(answer["offset"], 1);
+    nodes[2].publish("user:42", json!({"from": "c"})).await;
+    for sse in [&mut on_a, &mut on_c] {
+        assert_eq!(sse.expect_offsets("user:42", 0, 2).await, vec![json!({"from": "b"}), json!({"from": "c"})]);
+    }
+    let (status, cluster) = nodes[0].get("/v1/cluster").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cluster["nodes"].as_array().map(Vec::len), Some(3));
+    let (_, presence) = nodes[1].get("/v1/presence?channel=user:42").await;
+    assert_eq!(presence["connections"].as_array().map(Vec::len), Some(2), "presence is cluster-wide: {presence}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_publishers_on_several_nodes_keep_one_strict_order() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 3).await;
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        subscribers.push(Sse::open(node, "channel=order:1", None).await.0);
+    }
+    let per_node = 100;
+    let publishers = nodes.iter().enumerate().map(|(n, node)| async move {
+        for i in 0..per_node {
+            node.publish("order:1", json!({"node": n, "i": i})).await;
+        }
+    });
+    join_all(publishers).await;
+    for sse in &mut subscribers {
+        let data = sse.expect_offsets("order:1", 0, 3 * per_node).await;
+        // Per publisher, its own publications keep their order too.
+        for n in 0..3 {
+            let mine: Vec<u64> = data.iter().filter(|d| d["node"] == n).filter_map(|d| d["i"].as_u64()).collect();
+            assert_eq!(mine, (0..per_node).collect::<Vec<_>>());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 3).await;
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=user:7&channel=user:8", None).await;
+    nodes[1].publish("user:7", json!(1)).await;
+    sse.expect_offsets("user:7", 0, 1).await;
+    let cursor = sse.last_id.clone();
+    drop(sse);
+    for i in 2..=5 {
+        nodes[2].publish("user:7", json!(i)).await;
+    }
+    nodes[2].publish("user:8", json!("eight")).await;
+    let (mut resumed, _) = Sse::open(&nodes[1], "channel=user:7&channel=user:8", Some(&cursor)).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let (_, envelope) = resumed.next().await;
+        got.push((envelope["channel"].clone(), envelope["offset"].clone()));
+    }
+    let seven: Vec<_> = got.iter().filter(|(c, _)| c == "user:7").map(|(_, o)| o.clone()).collect();
+    assert_eq!(seven, vec![json!(2), json!(3), json!(4), json!(5)]);
+    assert!(got.contains(&(json!("user:8"), json!(1))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_shared_by_the_cluster() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 2).await;
+    let body = json!({"channel": "pay:9", "data": 1, "idempotency_key": "charge-77"});
+    let (_, first) = nodes[0].post("/v1/publish", body.clone()).await;
+    let (_, again) = nodes[1].post("/v1/publish", body).await;
+    assert_eq!((first["duplicate"].as_bool(), again["duplicate"].as_bool()), (Some(false), Some(true)));
+    assert_eq!((&first["epoch"], &first["offset"]), (&again["epoch"], &again["offset"]));
+    assert_eq!(first["correlation_id"], again["correlation_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
+    let redis = RedisServer::start();
+    let prefix = prefix();
+    let a = node(&redis, &prefix).await;
+    let b = node(&redis, &prefix).await;
+    let pubsub = format!("{prefix}:c:room:5");
+    assert_eq!(redis.numsub(&pubsub), 0);
+    let (first, _) = Sse::open(&a, "channel=room:5", None).await;
+    assert_eq!(redis.numsub(&pubsub), 1, "live before herald.connected");
+    let (second, _) = Sse::open(&a, "channel=room:5", None).await;
+    assert_eq!(redis.numsub(&pubsub), 1, "one subscription per node, not per client");
+    // Publishing from B reaches A only; B, with no subscriber, receives nothing.
+    b.publish("room:5", json!(1)).await;
+    drop(first);
+    drop(second);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while redis.numsub(&pubsub) != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "subscription not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.state.hub().stats().delivered_sse, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pubsub_connection_is_repaired_and_nothing_is_lost() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 2).await;
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=feed:1", None).await;
+    for i in 1..=5 {
+        nodes[1].publish("feed:1", json!(i)).await;
+    }
+    sse.expect_offsets("feed:1", 0, 5).await;
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap_or_default();
+    assert!(killed.starts_with(':'), "CLIENT KILL answered {killed}");
+    // Published while node A's subscription is down or coming back: recovered from history.
+    for i in 6..=15 {
+        nodes[1].publish("feed:1", json!(i)).await;
+    }
+    let data = sse.expect_offsets("feed:1", 5, 10).await;
+    assert_eq!(data, (6..=15).map(|i| json!(i)).collect::<Vec<_>>());
+    eventually("reconnect counted", || nodes[0].state.hub().engine().stats().reconnects >= 1).await;
+    wait_ready(&nodes[0]).await;
+    nodes[1].publish("feed:1", json!(16)).await;
+    sse.expect_offsets("feed:1", 15, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_nothing_silently_and_publishes_fail_fast_meanwhile() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, 2).await;
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=jobs:1", None).await;
+    let mut acked: Vec<Value> = Vec::new();
+    for i in 0..10 {
+        acked.push(nodes[1].publish("jobs:1", json!(i)).await);
+    }
+    redis.stop();
+    for i in 10..13 {
+        let started = std::time::Instant::now();
+        let (status, body) = nodes[1].post("/v1/publish", json!({"channel": "jobs:1", "data": i})).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"]["code"], "engine_unavailable");
+        assert!(started.elapsed() < Duration::from_secs(5), "503 must come quickly, took {:?}", started.elapsed());
+    }
+    let (status, _) = nodes[0].get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not ready while Redis is down");
+    redis.restart();
+    wait_ready(&nodes[0]).await;
+    wait_ready(&nodes[1]).await;
+    for i in 13..23 {
+        acked.push(nodes[1].publish("jobs:1", json!(i)).await);
+    }
+    // Read until the last acknowledged publication arrives; check every acknowledged one is covered.
+    let last = acked.last().cloned().unwrap_or_default();
+    let mut delivered: Vec<(Value, Value)> = Vec::new();
+    let mut resets: Vec<Value> = Vec::new();
+    while !delivered.contains(&(last["epoch"].clone(), last["offset"].clone())) {
+        let (event, data) = sse.next().await;
+        match event.as_str() {
+            "message" => delivered.push((data["epoch"].clone(), data["offset"].clone())),
+            "herald.reset" => resets.push(data),
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    for ack in &acked {
+        let position = (ack["epoch"].clone(), ack["offset"].clone());
+        let covered =
+            resets.iter().any(|r| r["epoch"] != ack["epoch"] || r["offset"].as_u64() >= ack["offset"].as_u64());
+        assert!(delivered.contains(&position) || covered, "acknowledged {ack} was lost silently; resets {resets:?}");
+    }
+    // Before the restart everything arrived; the new epoch starts after a reset.
+    assert_eq!(delivered.iter().filter(|(e, _)| *e == acked[0]["epoch"]).count(), 10);
+    assert!(!resets.is_empty(), "the lost history is announced with a reset");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_node_leaves_no_presence_behind() {
+    let redis = RedisServer::start();
+    let prefix = prefix();
+    let env = [
+        ("HERALD_ENGINE", redis.url()),
+        ("HERALD_REDIS__PREFIX", prefix.clone()),
+        ("HERALD_REDIS__NODE_TTL_SECS", "3".to_owned()),
+        ("HERALD_REDIS__PROBE_INTERVAL_MS", "100".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut doomed = Node::spawn(&["--listen", "127.0.0.1:0"], &env);
+    let survivor = node(&redis, &prefix).await;
+    let response = client().get(format!("http://{}/v1/sse?channel=room:9", doomed.addr)).send().await.expect("SSE");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    use futures_util::StreamExt;
+    let first = tokio::time::timeout(TIMEOUT, body.next()).await.expect("connected event");
+    assert!(first.is_some());
+    let (_, presence) = survivor.get("/v1/presence?channel=room:9").await;
+    assert_eq!(presence["connections"].as_array().map(Vec::len), Some(1), "{presence}");
+    doomed.signal("KILL");
+    doomed.wait_exit(Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, presence) = survivor.get("/v1/presence?channel=room:9").await;
+        let (_, cluster) = survivor.get("/v1/cluster").await;
+        if presence["connections"] == json!([]) && cluster["nodes"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ghost presence after the node died: {presence}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
