@@ -28,7 +28,24 @@ pub struct PublishRequest {
     pub idempotency_key: Option<String>,
     pub correlation_id: Arc<str>,
     /// Set when the publisher waits for delivery receipts; travels with the publication, not to clients.
-    pub receipt: Option<u64>,
+    pub receipt: Option<ReceiptRequest>,
+}
+
+/// A publisher waiting for delivery receipts: the ID its node waits under, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptRequest {
+    pub id: u64,
+    pub timeout: std::time::Duration,
+}
+
+/// What one node reports for an awaited publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReceipt {
+    pub node: String,
+    /// Connections that had the publication written.
+    pub written: usize,
+    /// Some of its connections had not written it when the node's wait ran out.
+    pub timed_out: bool,
 }
 
 /// The answer to a publish.
@@ -40,6 +57,9 @@ pub struct PublishOutcome {
     pub correlation_id: Arc<str>,
     /// True when the idempotency key had been seen: nothing new was published.
     pub duplicate: bool,
+    /// How many nodes the publication was handed to, when the engine knows (a distributed engine's
+    /// fan-out count); `None` means only this node can deliver it.
+    pub receivers: Option<usize>,
 }
 
 /// The answer to a history query.
@@ -101,6 +121,11 @@ pub trait EngineSink: Send + Sync {
     /// The engine may have missed publications of `channel` up to `top` (after a reconnect, or its
     /// history was lost): every local connection checks its position and replays or resets.
     fn resync(&self, channel: &ChannelName, top: &Position);
+    /// Registers a receipt that the next delivery carrying its ID will count; for engines that report
+    /// receipts of publications made on other nodes.
+    fn track_receipt(&self) -> (u64, Arc<crate::receipt::Receipt>);
+    /// Forgets a receipt made by `track_receipt`.
+    fn untrack_receipt(&self, id: u64);
     /// Close this user's local connections; returns how many were closed.
     fn disconnect_user(&self, user: &str) -> usize;
     /// This node's counters, for `/v1/cluster`.
@@ -156,6 +181,19 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The node is leaving: withdraw it from the cluster now rather than when its heartbeat expires.
     async fn stop(&self) {}
+
+    /// Gathers the receipts of `expected` nodes for the publication published with `receipt` (each
+    /// node reports once its connections wrote it or its wait ran out), until `timeout`. Engines that
+    /// only deliver locally return `None`; the hub then counts its own connections.
+    async fn collect_receipts(
+        &self,
+        receipt: u64,
+        expected: usize,
+        timeout: std::time::Duration,
+    ) -> Option<Vec<NodeReceipt>> {
+        let _ = (receipt, expected, timeout);
+        None
+    }
 
     /// Counters of the engine's own machinery, for metrics.
     fn stats(&self) -> EngineStats {

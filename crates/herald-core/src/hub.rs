@@ -19,12 +19,13 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
+use crate::engine::ReceiptRequest;
 use crate::engine::{
     Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest, SubscribeFuture,
 };
 use crate::position::Position;
 use crate::publication::Publication;
-use crate::receipt::{Receipt, ReceiptSummary, ReceiptToken};
+use crate::receipt::{Receipt, ReceiptToken};
 use crate::session::{Session, Transport};
 
 /// Outbound queue slots per connection unless configured.
@@ -172,6 +173,16 @@ pub(crate) struct ConnectionRecord {
     control: Arc<Control>,
 }
 
+/// Which connections had an awaited publication written, across the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub connections: usize,
+    /// Nodes with at least one such connection, sorted.
+    pub nodes: Vec<String>,
+    /// Some node (or this node's own connections) did not answer within the timeout.
+    pub timed_out: bool,
+}
+
 /// Counters of this node, exported as metrics and in `/v1/cluster`.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -271,25 +282,40 @@ impl Hub {
         Ok(outcome)
     }
 
-    /// Publishes and waits up to `timeout` for this node's connections to write it.
+    /// Publishes and waits up to `timeout` for the connections that receive it, on every node, to have
+    /// it written.
     pub async fn publish_awaiting_delivery(
         &self,
         mut request: PublishRequest,
         timeout: Duration,
-    ) -> Result<(PublishOutcome, ReceiptSummary), EngineError> {
-        let id = self.shared.next_receipt.fetch_add(1, Ordering::Relaxed);
-        let receipt = Arc::new(Receipt::default());
-        lock(&self.shared.receipts).insert(id, receipt.clone());
-        request.receipt = Some(id);
+    ) -> Result<(PublishOutcome, DeliveryReport), EngineError> {
+        let (id, receipt) = self.shared.track_receipt();
+        request.receipt = Some(ReceiptRequest { id, timeout });
         let result = self.shared.engine.publish(request).await;
-        let summary = match &result {
-            Ok(outcome) if !outcome.duplicate => Some(receipt.wait(timeout).await),
-            _ => None,
+        let report = match &result {
+            Ok(outcome) if outcome.duplicate => DeliveryReport::default(),
+            Ok(outcome) => match outcome.receivers {
+                None => {
+                    let summary = receipt.wait(timeout).await;
+                    let nodes = if summary.written > 0 { vec![self.node_id().to_owned()] } else { Vec::new() };
+                    DeliveryReport { connections: summary.written, nodes, timed_out: summary.timed_out }
+                }
+                Some(expected) => {
+                    let receipts = self.shared.engine.collect_receipts(id, expected, timeout).await.unwrap_or_default();
+                    let timed_out = receipts.len() < expected || receipts.iter().any(|r| r.timed_out);
+                    let mut nodes: Vec<String> =
+                        receipts.iter().filter(|r| r.written > 0).map(|r| r.node.clone()).collect();
+                    nodes.sort();
+                    let connections = receipts.iter().map(|r| r.written).sum();
+                    DeliveryReport { connections, nodes, timed_out }
+                }
+            },
+            Err(_) => DeliveryReport::default(),
         };
-        lock(&self.shared.receipts).remove(&id);
+        self.shared.untrack_receipt(id);
         let outcome = result?;
         self.count_publish(&outcome);
-        Ok((outcome, summary.unwrap_or(ReceiptSummary { written: 0, timed_out: false })))
+        Ok((outcome, report))
     }
 
     fn count_publish(&self, outcome: &PublishOutcome) {
@@ -458,6 +484,17 @@ impl EngineSink for HubShared {
         if let Some(receipt) = receipt {
             receipt.fanned_out(recipients);
         }
+    }
+
+    fn track_receipt(&self) -> (u64, Arc<Receipt>) {
+        let id = self.next_receipt.fetch_add(1, Ordering::Relaxed);
+        let receipt = Arc::new(Receipt::default());
+        lock(&self.receipts).insert(id, receipt.clone());
+        (id, receipt)
+    }
+
+    fn untrack_receipt(&self, id: u64) {
+        lock(&self.receipts).remove(&id);
     }
 
     fn resync(&self, channel: &ChannelName, top: &Position) {

@@ -17,9 +17,10 @@ pub mod session;
 
 pub use channel::{ChannelError, ChannelName};
 pub use engine::{
-    Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest,
+    Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, NodeReceipt, PresenceEntry, PublishOutcome,
+    PublishRequest, ReceiptRequest,
 };
-pub use hub::{CloseHook, CloseReason, Hub, HubConfig, HubError, Outbound, StatsSnapshot};
+pub use hub::{CloseHook, CloseReason, DeliveryReport, Hub, HubConfig, HubError, Outbound, StatsSnapshot};
 pub use memory::MemoryEngine;
 pub use policy::{HistoryPolicy, Policies};
 pub use position::{CursorError, Epoch, Position, decode_cursor, encode_cursor};

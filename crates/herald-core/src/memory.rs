@@ -181,6 +181,7 @@ impl Engine for MemoryEngine {
                     position: entry.position.clone(),
                     correlation_id: entry.correlation_id.clone(),
                     duplicate: true,
+                    receivers: None,
                 });
             }
         }
@@ -197,7 +198,7 @@ impl Engine for MemoryEngine {
             &request.data,
             request.correlation_id.clone(),
             now,
-            request.receipt,
+            request.receipt.map(|r| r.id),
         ));
         stream.history.push_back(publication.clone());
         stream.trim(policy.size, policy.ttl, now);
@@ -214,7 +215,7 @@ impl Engine for MemoryEngine {
             sink.deliver(publication);
         }
         drop(streams);
-        Ok(PublishOutcome { position, correlation_id: request.correlation_id, duplicate: false })
+        Ok(PublishOutcome { position, correlation_id: request.correlation_id, duplicate: false, receivers: None })
     }
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {

@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use herald_core::engine::SubscribeFuture;
 use herald_core::publication::{format_timestamp, now_ms};
 use herald_core::{
-    ChannelName, Engine, EngineError, EngineSink, EngineStats, Epoch, History, NodeInfo, Policies, Position,
-    PresenceEntry, Publication, PublishOutcome, PublishRequest,
+    ChannelName, Engine, EngineError, EngineSink, EngineStats, Epoch, History, NodeInfo, NodeReceipt, Policies,
+    Position, PresenceEntry, Publication, PublishOutcome, PublishRequest,
 };
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -103,9 +103,14 @@ pub(crate) struct Inner {
     pub(crate) gaps_repaired: AtomicU64,
     /// Replies to requests this node made to other nodes (disconnect), by request ID.
     pub(crate) replies: Mutex<HashMap<u64, mpsc::UnboundedSender<usize>>>,
+    /// Delivery receipts from other nodes for publications this node awaits, by receipt ID.
+    pub(crate) receipt_replies: Mutex<HashMap<u64, ReceiptChannel>>,
     next_request: AtomicU64,
     pub(crate) stopping: AtomicBool,
 }
+
+/// Where receipts for one awaited publication arrive; the receiver is taken by `collect_receipts`.
+pub(crate) type ReceiptChannel = (mpsc::UnboundedSender<NodeReceipt>, Option<mpsc::UnboundedReceiver<NodeReceipt>>);
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -152,6 +157,7 @@ impl RedisEngine {
                 reconnects: AtomicU64::new(0),
                 gaps_repaired: AtomicU64::new(0),
                 replies: Mutex::new(HashMap::new()),
+                receipt_replies: Mutex::new(HashMap::new()),
                 next_request: AtomicU64::new(1),
                 stopping: AtomicBool::new(false),
             }),
@@ -288,7 +294,14 @@ impl Engine for RedisEngine {
         let channel = &request.channel;
         let policy = inner.config.policies.history(channel);
         let now = now_ms();
-        let header = format!("{}\t{}\n", inner.config.node_id, request.receipt.unwrap_or(0));
+        // Message header: origin node, receipt ID (0 when nobody waits) and how long the origin waits.
+        let (receipt_id, receipt_ms) = request.receipt.map_or((0, 0), |r| (r.id, r.timeout.as_millis() as u64));
+        let header = format!("{}\t{receipt_id}\t{receipt_ms}\n", inner.config.node_id);
+        if receipt_id != 0 {
+            // Registered before publishing: another node may answer before the script returns.
+            let (tx, rx) = mpsc::unbounded_channel();
+            lock(&inner.receipt_replies).insert(receipt_id, (tx, Some(rx)));
+        }
         let mut invocation = inner.publish_script.prepare_invoke();
         invocation.key(inner.keys.meta(channel)).key(inner.keys.stream(channel));
         if let Some(key) = &request.idempotency_key {
@@ -308,8 +321,12 @@ impl Engine for RedisEngine {
             .arg(Epoch::generate().as_str())
             .arg(header);
         let mut conn = inner.commands.clone();
-        let reply: redis::Value = inner.bounded(invocation.invoke_async(&mut conn)).await?;
-        let mut outcome = parse_publish_reply(reply)?;
+        let reply = inner.bounded(invocation.invoke_async::<redis::Value>(&mut conn)).await;
+        let outcome = reply.and_then(parse_publish_reply);
+        if receipt_id != 0 && !matches!(&outcome, Ok(o) if !o.duplicate) {
+            lock(&inner.receipt_replies).remove(&receipt_id);
+        }
+        let mut outcome = outcome?;
         if !outcome.duplicate {
             outcome.correlation_id = request.correlation_id.clone();
         }
@@ -460,6 +477,23 @@ impl Engine for RedisEngine {
         self.inner.is_ready()
     }
 
+    async fn collect_receipts(&self, receipt: u64, expected: usize, timeout: Duration) -> Option<Vec<NodeReceipt>> {
+        let rx = lock(&self.inner.receipt_replies).get_mut(&receipt).and_then(|(_, rx)| rx.take());
+        let mut receipts = Vec::new();
+        if let Some(mut rx) = rx {
+            // Each node waits up to `timeout` for its connections; allow the report a moment to travel.
+            let deadline = tokio::time::Instant::now() + timeout + self.inner.config.command_timeout / 4;
+            while receipts.len() < expected {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(node_receipt)) => receipts.push(node_receipt),
+                    _ => break,
+                }
+            }
+        }
+        lock(&self.inner.receipt_replies).remove(&receipt);
+        Some(receipts)
+    }
+
     fn stats(&self) -> EngineStats {
         let i = &self.inner;
         EngineStats {
@@ -523,9 +557,10 @@ fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineErro
                 position: Position::new(epoch, offset),
                 correlation_id: Arc::from(correlation),
                 duplicate: true,
+                receivers: None,
             })
         }
-        [redis::Value::Int(0), epoch, redis::Value::Int(offset)] => {
+        [redis::Value::Int(0), epoch, redis::Value::Int(offset), redis::Value::Int(receivers)] => {
             let epoch = text(epoch).ok_or_else(|| protocol("epoch"))?;
             let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
             Ok(PublishOutcome {
@@ -533,6 +568,7 @@ fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineErro
                 // The caller's correlation ID; filled in by the caller.
                 correlation_id: Arc::from(""),
                 duplicate: false,
+                receivers: Some((*receivers).max(0) as usize),
             })
         }
         _ => Err(protocol("shape")),

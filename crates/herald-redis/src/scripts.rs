@@ -5,7 +5,8 @@
 /// 10 dedup window (s), 11 a fresh epoch (used if the channel has none), 12 message header.
 /// Channel, event and correlation ID are validated by Herald to contain no quote or backslash, so the
 /// envelope can be assembled by concatenation; `data` is already JSON.
-/// Returns {1, "epoch:offset:correlation"} for a duplicate, {0, epoch, offset} otherwise.
+/// Returns {1, "epoch:offset:correlation"} for a duplicate, {0, epoch, offset, receivers} otherwise,
+/// where receivers is how many pub/sub connections (nodes) got the message.
 pub const PUBLISH: &str = r#"
 local meta, stream, dedup = KEYS[1], KEYS[2], KEYS[3]
 if dedup then
@@ -30,8 +31,8 @@ redis.call('PEXPIRE', meta, ARGV[9])
 if dedup then
   redis.call('SET', dedup, epoch .. ':' .. offset .. ':' .. ARGV[5], 'EX', ARGV[10])
 end
-redis.call('PUBLISH', ARGV[1], ARGV[12] .. envelope)
-return {0, epoch, offset}
+local receivers = redis.call('PUBLISH', ARGV[1], ARGV[12] .. envelope)
+return {0, epoch, offset, receivers}
 "#;
 
 /// The channel's top position, creating a fresh epoch when it has none.

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use herald_core::{ChannelName, EngineError, Publication};
+use herald_core::{ChannelName, EngineError, NodeReceipt, Publication};
 use redis::AsyncCommands;
 use redis::aio::{PubSubSink, PubSubStream};
 use serde_json::{Value, json};
@@ -211,9 +211,31 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
         let Some(channel) = inner.keys.channel_of(name) else { continue };
         let Some(split) = payload.iter().position(|b| *b == b'\n') else { continue };
         let envelope = Bytes::copy_from_slice(&payload[split + 1..]);
-        let receipt = parse_header(&payload[..split], &inner.config.node_id);
-        match Publication::from_envelope(envelope, receipt) {
-            Ok(publication) if publication.channel == channel => deliver_in_order(&inner, Arc::new(publication)).await,
+        let header = Header::parse(&payload[..split]);
+        // Someone waits for delivery receipts: count this node's writes under a local receipt.
+        let tracked = header.as_ref().filter(|h| h.receipt != 0).and_then(|h| {
+            let sink = inner.sink()?;
+            let (local, receipt) = sink.track_receipt();
+            Some((h.clone(), local, receipt, sink))
+        });
+        match Publication::from_envelope(envelope, tracked.as_ref().map(|t| t.1)) {
+            Ok(publication) if publication.channel == channel => {
+                deliver_in_order(&inner, Arc::new(publication)).await;
+                if let Some((header, local, receipt, sink)) = tracked {
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        let summary = receipt.wait(header.wait).await;
+                        sink.untrack_receipt(local);
+                        let report = json!({
+                            "op": "receipt", "id": header.receipt, "node": inner.config.node_id,
+                            "written": summary.written, "timed_out": summary.timed_out,
+                        });
+                        let mut conn = inner.commands.clone();
+                        let target = inner.keys.control(&header.origin);
+                        let _ = inner.bounded(conn.publish::<_, _, ()>(target, report.to_string())).await;
+                    });
+                }
+            }
             Ok(_) => tracing::warn!(%channel, "publication on the wrong pub/sub channel ignored"),
             Err(error) => tracing::warn!(%channel, %error, "unreadable publication ignored"),
         }
@@ -221,12 +243,24 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
     let _ = inner.subscriber.send(Command::Lost(generation));
 }
 
-/// `<origin node>\t<receipt id>`: the receipt only matters on the node that is waiting for it.
-fn parse_header(header: &[u8], node: &str) -> Option<u64> {
-    let text = std::str::from_utf8(header).ok()?;
-    let (origin, receipt) = text.split_once('\t')?;
-    let receipt: u64 = receipt.parse().ok()?;
-    (origin == node && receipt != 0).then_some(receipt)
+/// The line before each envelope: `<origin node>\t<receipt id>\t<wait ms>`.
+#[derive(Clone)]
+struct Header {
+    origin: String,
+    /// 0 when nobody waits for receipts.
+    receipt: u64,
+    wait: Duration,
+}
+
+impl Header {
+    fn parse(line: &[u8]) -> Option<Header> {
+        let text = std::str::from_utf8(line).ok()?;
+        let mut parts = text.split('\t');
+        let origin = parts.next()?.to_owned();
+        let receipt = parts.next()?.parse().ok()?;
+        let wait_ms: u64 = parts.next()?.parse().ok()?;
+        Some(Header { origin, receipt, wait: Duration::from_millis(wait_ms.min(60_000)) })
+    }
 }
 
 /// Hands `publication` to the hub after everything before it in its channel.
@@ -303,6 +337,17 @@ async fn on_control(inner: &Inner, payload: &[u8]) {
             let reply = json!({"op": "disconnected", "id": id, "count": count, "node": inner.config.node_id});
             let mut conn = inner.commands.clone();
             let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.control(reply_to), reply.to_string())).await;
+        }
+        Some("receipt") => {
+            let (Some(id), Some(node), Some(written)) =
+                (message["id"].as_u64(), message["node"].as_str(), message["written"].as_u64())
+            else {
+                return;
+            };
+            if let Some((sender, _)) = lock(&inner.receipt_replies).get(&id) {
+                let timed_out = message["timed_out"].as_bool().unwrap_or(true);
+                let _ = sender.send(NodeReceipt { node: node.to_owned(), written: written as usize, timed_out });
+            }
         }
         Some("disconnected") => {
             if let (Some(id), Some(count)) = (message["id"].as_u64(), message["count"].as_u64()) {

@@ -203,14 +203,14 @@ pub async fn publish(
         tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset, "published");
         return Ok(Json(outcome_json(&channel, &outcome)).into_response());
     }
-    let (outcome, summary) = state
+    let (outcome, report) = state
         .hub()
         .publish_awaiting_delivery(request, Duration::from_millis(timeout_ms))
         .await
         .inspect_err(|_| state.metrics().refused("engine"))?;
     let mut answer = outcome_json(&channel, &outcome);
-    let nodes: Vec<&str> = if summary.written > 0 { vec![state.hub().node_id()] } else { vec![] };
-    answer["delivery"] = json!({"connections": summary.written, "nodes": nodes, "timed_out": summary.timed_out});
+    answer["delivery"] =
+        json!({"connections": report.connections, "nodes": report.nodes, "timed_out": report.timed_out});
     Ok(Json(answer).into_response())
 }
 

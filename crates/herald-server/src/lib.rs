@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config().limits.max_body_bytes;
     Router::new()
         .route("/", get(ops::index))
+        .route("/favicon.ico", get(ops::favicon))
         .route("/v1/sse", get(sse::handler))
         .route("/v1/ws", get(ws::handler))
         .route("/v1/publish", post(api::publish))

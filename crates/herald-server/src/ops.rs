@@ -81,6 +81,11 @@ pub async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
+/// No icon: an empty answer instead of a 404 in every browser console.
+pub async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }

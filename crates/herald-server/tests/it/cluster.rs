@@ -256,3 +256,20 @@ async fn a_crashed_node_leaves_no_presence_behind() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_delivery_gathers_receipts_from_every_node_with_subscribers() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 3).await;
+    let path = "/v1/publish?await=delivery&timeout_ms=2000";
+    let (_, nobody) = nodes[1].post(path, json!({"channel": "user:1", "data": 0})).await;
+    assert_eq!(nobody["delivery"], json!({"connections": 0, "nodes": [], "timed_out": false}));
+    let (_a1, _) = Sse::open(&nodes[0], "channel=user:1", None).await;
+    let (_a2, _) = Sse::open(&nodes[0], "channel=user:1", None).await;
+    let (_c1, _) = Sse::open(&nodes[2], "channel=user:1", None).await;
+    let (status, answer) = nodes[1].post(path, json!({"channel": "user:1", "data": 1})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let mut expected_nodes = vec![nodes[0].state.hub().node_id().to_owned(), nodes[2].state.hub().node_id().to_owned()];
+    expected_nodes.sort();
+    assert_eq!(answer["delivery"], json!({"connections": 3, "nodes": expected_nodes, "timed_out": false}));
+}
