@@ -14,9 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 
+/// One histogram per connection (an uncontended lock per read); merged only when asked.
+type Latencies = Arc<Mutex<Vec<Arc<Mutex<Histogram<u64>>>>>>;
+
 pub struct SseFleet {
     delivered: Arc<AtomicU64>,
-    latencies: Arc<Mutex<Histogram<u64>>>,
+    latencies: Latencies,
     tasks: JoinSet<()>,
     clock: Instant,
 }
@@ -35,7 +38,7 @@ impl SseFleet {
         measure: bool,
     ) -> anyhow::Result<Self> {
         let delivered = Arc::new(AtomicU64::new(0));
-        let latencies = Arc::new(Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?));
+        let latencies: Latencies = Arc::new(Mutex::new(Vec::new()));
         let clock = Instant::now();
         let connected = Arc::new(tokio::sync::Semaphore::new(0));
         let mut tasks = JoinSet::new();
@@ -51,7 +54,14 @@ impl SseFleet {
                     Ok((socket, rest)) => {
                         drop(permit);
                         connected.add_permits(1);
-                        read_events(socket, rest, delivered, measure.then_some((latencies, clock))).await;
+                        let mine = measure
+                            .then(|| Histogram::new_with_bounds(1, 60_000_000, 3).ok())
+                            .flatten()
+                            .map(|h| Arc::new(Mutex::new(h)));
+                        if let (Some(mine), Ok(mut all)) = (&mine, latencies.lock()) {
+                            all.push(mine.clone());
+                        }
+                        read_events(socket, rest, delivered, mine.map(|h| (h, clock))).await;
                     }
                     Err(error) => eprintln!("connection {i} failed: {error:#}"),
                 }
@@ -87,7 +97,15 @@ impl SseFleet {
     }
 
     pub fn latencies(&self) -> Histogram<u64> {
-        self.latencies.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        let mut merged = Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid");
+        if let Ok(all) = self.latencies.lock() {
+            for one in all.iter() {
+                if let Ok(one) = one.lock() {
+                    let _ = merged.add(&*one);
+                }
+            }
+        }
+        merged
     }
 
     pub fn close(mut self) {
@@ -126,28 +144,23 @@ async fn read_events(
 ) {
     let events = memmem::Finder::new(b"\nevent: ");
     let stamp = memmem::Finder::new(b"\"t\":");
-    let mut local = measure.as_ref().and_then(|_| Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok());
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 16 * 1024];
     loop {
         // Count whole events only: keep the tail after the last complete event for the next read.
         let complete = pending.windows(2).rposition(|w| w == b"\n\n").map(|p| p + 2).unwrap_or(0);
         if complete > 0 {
             let count = events.find_iter(&pending[..complete]).count() as u64;
-            if let (Some((_, clock)), Some(histogram)) = (&measure, local.as_mut()) {
+            if let Some((histogram, clock)) = &measure {
                 let now = clock.elapsed().as_micros() as u64;
-                for at in stamp.find_iter(&pending[..complete]) {
-                    let digits: Vec<u8> =
-                        pending[at + 4..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
-                    if let Some(sent_ns) = std::str::from_utf8(&digits).ok().and_then(|d| d.parse::<u64>().ok()) {
-                        let _ = histogram.record(now.saturating_sub(sent_ns / 1000).max(1));
+                if let Ok(mut histogram) = histogram.lock() {
+                    for at in stamp.find_iter(&pending[..complete]) {
+                        let digits = pending[at + 4..].iter().take_while(|b| b.is_ascii_digit()).count();
+                        let text = std::str::from_utf8(&pending[at + 4..at + 4 + digits]).unwrap_or("0");
+                        if let Ok(sent_ns) = text.parse::<u64>() {
+                            let _ = histogram.record(now.saturating_sub(sent_ns / 1000).max(1));
+                        }
                     }
                 }
-                if let Some((shared, _)) = &measure {
-                    if let Ok(mut shared) = shared.lock() {
-                        let _ = shared.add(&*histogram);
-                    }
-                }
-                histogram.reset();
             }
             delivered.fetch_add(count, Ordering::Relaxed);
             pending.drain(..complete);

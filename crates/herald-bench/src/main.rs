@@ -6,6 +6,7 @@
 //! in connections, publications and time, and targets loopback only.
 
 mod clients;
+mod cluster;
 mod node;
 
 use std::time::{Duration, Instant};
@@ -55,6 +56,23 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         channels: usize,
     },
+    /// Cross-node latency, CPU per delivery and Redis commands per publication on a Redis cluster.
+    Cluster {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        channels: usize,
+        /// Subscribers per channel (all on node 0).
+        #[arg(long, default_value_t = 1)]
+        subscribers: usize,
+        /// Also raise the rate step by step to find the highest one held without loss.
+        #[arg(long)]
+        find_max: bool,
+    },
     /// Resident memory per idle SSE connection.
     Memory {
         #[arg(long, default_value_t = 10_000)]
@@ -71,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Latency { rate, seconds, channels } => latency(&cli.herald, rate, seconds, channels).await,
         Command::Memory { connections } => memory(&cli.herald, connections).await,
+        Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max } => {
+            cluster_bench(&cli.herald, nodes, rate, seconds, channels, subscribers, find_max).await
+        }
     }
 }
 
@@ -204,6 +225,58 @@ async fn memory(herald: &str, connections: usize) -> anyhow::Result<()> {
     );
     fleet.close();
     warm.close();
+    Ok(())
+}
+
+async fn cluster_bench(
+    herald: &str,
+    nodes: usize,
+    rate: u64,
+    seconds: u64,
+    channels: usize,
+    subscribers: usize,
+    find_max: bool,
+) -> anyhow::Result<()> {
+    let cluster = cluster::Cluster::start(herald, nodes).await?;
+    let report = |run: &cluster::Run, rate: u64, seconds: u64| {
+        let per_delivery = |seconds: f64| round3(seconds * 1e6 / run.delivered.max(1) as f64);
+        let total: f64 = run.cpu_seconds.iter().sum();
+        json!({
+            "bench": "cluster", "nodes": nodes, "rate": rate, "seconds": seconds, "channels": channels,
+            "subscribers_per_channel": subscribers,
+            "published": run.published, "delivered": run.delivered, "achieved_rate": run.achieved_rate.round(),
+            "p50_us": run.p50_us, "p99_us": run.p99_us, "max_us": run.max_us,
+            "cpu_us_per_delivery_all_processes": per_delivery(total),
+            "cpu_us_per_delivery_by_process": {
+                "redis": per_delivery(run.cpu_seconds[0]),
+                "subscriber_node": per_delivery(run.cpu_seconds[1]),
+                "publishing_nodes": per_delivery(run.cpu_seconds[2..].iter().sum()),
+            },
+            "redis_commands_per_publication": round3(run.redis_calls as f64 / run.published.max(1) as f64),
+            "backplane_messages_received_by_node": run.received_by_node,
+        })
+    };
+    let run = cluster::run(&cluster, rate, seconds, channels, subscribers).await?;
+    println!("{}", report(&run, rate, seconds));
+    if find_max {
+        let mut best = None;
+        for step in [10_000u64, 15_000, 20_000, 25_000, 30_000, 40_000] {
+            let run = match cluster::run(&cluster, step, 3, channels, subscribers).await {
+                Ok(run) => run,
+                Err(error) => {
+                    eprintln!("rate {step}: {error:#}");
+                    break;
+                }
+            };
+            println!("{}", report(&run, step, 3));
+            let held = run.delivered == run.published && run.achieved_rate >= 0.95 * step as f64;
+            if !held {
+                break;
+            }
+            best = Some(step);
+        }
+        println!("{}", json!({"bench": "cluster_max_rate", "highest_rate_held_without_loss": best}));
+    }
     Ok(())
 }
 

@@ -98,6 +98,8 @@ pub struct EngineStats {
     pub reconnects: u64,
     /// Gaps in the backplane's delivery that were filled from history.
     pub gaps_repaired: u64,
+    /// Publications this node received from the backplane.
+    pub messages_received: u64,
 }
 
 /// Engine failures; all of them mean "the engine cannot do this now".

@@ -101,6 +101,7 @@ pub(crate) struct Inner {
     pub(crate) last_probe_us: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     pub(crate) gaps_repaired: AtomicU64,
+    pub(crate) messages_received: AtomicU64,
     /// Replies to requests this node made to other nodes (disconnect), by request ID.
     pub(crate) replies: Mutex<HashMap<u64, mpsc::UnboundedSender<usize>>>,
     /// Delivery receipts from other nodes for publications this node awaits, by receipt ID.
@@ -156,6 +157,7 @@ impl RedisEngine {
                 last_probe_us: AtomicU64::new(0),
                 reconnects: AtomicU64::new(0),
                 gaps_repaired: AtomicU64::new(0),
+                messages_received: AtomicU64::new(0),
                 replies: Mutex::new(HashMap::new()),
                 receipt_replies: Mutex::new(HashMap::new()),
                 next_request: AtomicU64::new(1),
@@ -500,6 +502,7 @@ impl Engine for RedisEngine {
             probe_rtt_us: Some(i.probe_rtt_us.load(Ordering::Relaxed)),
             reconnects: i.reconnects.load(Ordering::Relaxed),
             gaps_repaired: i.gaps_repaired.load(Ordering::Relaxed),
+            messages_received: i.messages_received.load(Ordering::Relaxed),
         }
     }
 

@@ -209,6 +209,7 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
             continue;
         }
         let Some(channel) = inner.keys.channel_of(name) else { continue };
+        inner.messages_received.fetch_add(1, Ordering::Relaxed);
         let Some(split) = payload.iter().position(|b| *b == b'\n') else { continue };
         let envelope = Bytes::copy_from_slice(&payload[split + 1..]);
         let header = Header::parse(&payload[..split]);

@@ -60,6 +60,7 @@ impl Metrics {
             counter!("herald_connections_opened_total").absolute(s.connections_opened);
             counter!("herald_engine_reconnects_total").absolute(engine.reconnects);
             counter!("herald_engine_gaps_repaired_total").absolute(engine.gaps_repaired);
+            counter!("herald_engine_messages_received_total").absolute(engine.messages_received);
             if let Some(rtt) = engine.probe_rtt_us {
                 gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);
             }
