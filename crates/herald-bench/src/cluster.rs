@@ -28,7 +28,7 @@ impl Redis {
             .context("starting redis-server (install it: apt-get install redis-server)")?;
         let redis = Redis { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while redis.command(&["PING"]).map(|r| r.starts_with("+PONG")).unwrap_or(false) == false {
+        while !redis.command(&["PING"]).map(|r| r.starts_with("+PONG")).unwrap_or(false) {
             if Instant::now() > deadline {
                 bail!("redis-server did not start");
             }
