@@ -45,6 +45,11 @@ impl Policies {
         self.dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW)
     }
 
+    /// The shortest history age of any namespace.
+    pub fn shortest_history_ttl(&self) -> Duration {
+        self.namespaces.values().map(|p| p.ttl).fold(self.default_history.ttl, Duration::min)
+    }
+
     /// The longest history age of any namespace: how long an engine must keep a channel's stream state.
     pub fn longest_history_ttl(&self) -> Duration {
         self.namespaces.values().map(|p| p.ttl).fold(self.default_history.ttl, Duration::max)

@@ -91,6 +91,8 @@ pub(crate) struct Inner {
     pub(crate) sink: OnceLock<Weak<dyn EngineSink>>,
     pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
     subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
+    /// Channels this node subscribes to (a copy of the actor's set, for periodic upkeep).
+    pub(crate) subscribed: Mutex<std::collections::HashSet<ChannelName>>,
     /// Last position handed to the hub per subscribed channel (gap detection).
     pub(crate) delivered: Mutex<HashMap<ChannelName, Position>>,
     /// The pub/sub connection is up and its last probe came back in time.
@@ -150,6 +152,7 @@ impl RedisEngine {
                 sink: OnceLock::new(),
                 subscriber: tx,
                 subscriber_rx: Mutex::new(Some(rx)),
+                subscribed: Mutex::new(std::collections::HashSet::new()),
                 delivered: Mutex::new(HashMap::new()),
                 connected: AtomicBool::new(false),
                 probe_fresh: AtomicBool::new(false),

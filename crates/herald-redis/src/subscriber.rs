@@ -72,10 +72,12 @@ async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
                 while let Ok(Some(command)) = tokio::time::timeout_at(deadline, rx.recv()).await {
                     match command {
                         Command::Subscribe(channel, reply) => {
+                            lock(&inner.subscribed).insert(channel.clone());
                             desired.insert(channel);
                             let _ = reply.send(Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())));
                         }
                         Command::Unsubscribe(channel) => {
+                            lock(&inner.subscribed).remove(&channel);
                             desired.remove(&channel);
                         }
                         Command::Lost(_) | Command::Stale => {}
@@ -148,6 +150,7 @@ async fn apply(
         match command {
             Command::Subscribe(channel, reply) => {
                 if !desired.contains(&channel) {
+                    lock(&inner.subscribed).insert(channel.clone());
                     desired.insert(channel.clone());
                     changed.insert(channel, true);
                 }
@@ -155,6 +158,7 @@ async fn apply(
             }
             Command::Unsubscribe(channel) => {
                 if desired.remove(&channel) {
+                    lock(&inner.subscribed).remove(&channel);
                     changed.insert(channel, false);
                 }
             }
@@ -372,6 +376,10 @@ async fn prober(inner: Arc<Inner>) {
     // Heartbeats carry the node's counters to /v1/cluster, so they go out with every probe.
     let heartbeat_every = inner.config.probe_interval.min(inner.config.node_ttl / 6);
     let mut last_heartbeat = tokio::time::Instant::now();
+    // Channels this node subscribes to keep their epoch while idle (their stream state is refreshed well
+    // before it would expire); history entries still age out, and old cursors then get a reset.
+    let refresh_every = (inner.config.policies.shortest_history_ttl() / 3).min(Duration::from_secs(60));
+    let mut last_refresh = tokio::time::Instant::now();
     let stale_after_us = inner.config.probe_timeout.as_micros() as u64;
     let started = now_us();
     loop {
@@ -393,11 +401,32 @@ async fn prober(inner: Arc<Inner>) {
         let probe = json!({"op": "probe", "node": inner.config.node_id, "sent_us": now_us()});
         let mut conn = inner.commands.clone();
         let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.own_control(), probe.to_string())).await;
+        if last_refresh.elapsed() >= refresh_every {
+            last_refresh = tokio::time::Instant::now();
+            refresh_subscribed(&inner).await;
+        }
         if last_heartbeat.elapsed() >= heartbeat_every {
             last_heartbeat = tokio::time::Instant::now();
             if let Err(error) = inner.heartbeat().await {
                 tracing::debug!(%error, "heartbeat failed");
             }
+        }
+    }
+}
+
+/// Extends the life of the epoch of every channel this node subscribes to.
+async fn refresh_subscribed(inner: &Inner) {
+    let channels: Vec<ChannelName> = lock(&inner.subscribed).iter().cloned().collect();
+    for chunk in channels.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for channel in chunk {
+            let ttl = inner.config.policies.history(channel).ttl.as_millis() as u64;
+            pipe.pexpire(inner.keys.meta(channel), ttl as i64).ignore();
+        }
+        let mut conn = inner.commands.clone();
+        if let Err(error) = inner.bounded(pipe.query_async::<()>(&mut conn)).await {
+            tracing::debug!(%error, "refreshing subscribed channels failed");
+            return;
         }
     }
 }

@@ -273,3 +273,26 @@ async fn await_delivery_gathers_receipts_from_every_node_with_subscribers() {
     expected_nodes.sort();
     assert_eq!(answer["delivery"], json!({"connections": 3, "nodes": expected_nodes, "timed_out": false}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribed_idle_channel_keeps_its_epoch_past_its_history_age() {
+    let redis = RedisServer::start();
+    let (url, prefix) = (redis.url(), prefix());
+    let server = Server::with(move |config| {
+        config.engine = url;
+        config.redis.prefix = prefix;
+        config.namespaces.insert(
+            "brief".into(),
+            herald_server::config::NamespaceConfig { history_size: None, history_ttl_secs: Some(1) },
+        );
+    })
+    .await;
+    let (mut sse, _) = Sse::open(&server, "channel=brief:1", None).await;
+    server.publish("brief:1", json!(1)).await;
+    sse.expect_offsets("brief:1", 0, 1).await;
+    // Idle for three history ages: the history entry expires, the live subscriber's epoch must not.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.publish("brief:1", json!(2)).await;
+    let (event, envelope) = sse.next().await;
+    assert_eq!((event.as_str(), envelope["offset"].as_u64()), ("message", Some(2)), "{envelope}");
+}
