@@ -47,7 +47,24 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 pub(crate) fn spawn(inner: Arc<Inner>, rx: mpsc::UnboundedReceiver<Command>) {
     tokio::spawn(actor(inner.clone(), rx));
-    tokio::spawn(prober(inner));
+    tokio::spawn(prober(inner.clone()));
+    tokio::spawn(keeper(inner));
+}
+
+/// Channels this node subscribes to keep their epoch while idle: their stream state is refreshed three
+/// times per history age. History entries still age out (old cursors then get a reset).
+async fn keeper(inner: Arc<Inner>) {
+    let every =
+        (inner.config.policies.shortest_history_ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        refresh_subscribed(&inner).await;
+    }
 }
 
 async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
@@ -376,10 +393,6 @@ async fn prober(inner: Arc<Inner>) {
     // Heartbeats carry the node's counters to /v1/cluster, so they go out with every probe.
     let heartbeat_every = inner.config.probe_interval.min(inner.config.node_ttl / 6);
     let mut last_heartbeat = tokio::time::Instant::now();
-    // Channels this node subscribes to keep their epoch while idle (their stream state is refreshed well
-    // before it would expire); history entries still age out, and old cursors then get a reset.
-    let refresh_every = (inner.config.policies.shortest_history_ttl() / 3).min(Duration::from_secs(60));
-    let mut last_refresh = tokio::time::Instant::now();
     let stale_after_us = inner.config.probe_timeout.as_micros() as u64;
     let started = now_us();
     loop {
@@ -401,10 +414,6 @@ async fn prober(inner: Arc<Inner>) {
         let probe = json!({"op": "probe", "node": inner.config.node_id, "sent_us": now_us()});
         let mut conn = inner.commands.clone();
         let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.own_control(), probe.to_string())).await;
-        if last_refresh.elapsed() >= refresh_every {
-            last_refresh = tokio::time::Instant::now();
-            refresh_subscribed(&inner).await;
-        }
         if last_heartbeat.elapsed() >= heartbeat_every {
             last_heartbeat = tokio::time::Instant::now();
             if let Err(error) = inner.heartbeat().await {

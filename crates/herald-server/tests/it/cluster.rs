@@ -283,7 +283,7 @@ async fn a_subscribed_idle_channel_keeps_its_epoch_past_its_history_age() {
         config.redis.prefix = prefix;
         config.namespaces.insert(
             "brief".into(),
-            herald_server::config::NamespaceConfig { history_size: None, history_ttl_secs: Some(1) },
+            herald_server::config::NamespaceConfig { history_size: None, history_ttl_secs: Some(2) },
         );
     })
     .await;
@@ -291,7 +291,7 @@ async fn a_subscribed_idle_channel_keeps_its_epoch_past_its_history_age() {
     server.publish("brief:1", json!(1)).await;
     sse.expect_offsets("brief:1", 0, 1).await;
     // Idle for three history ages: the history entry expires, the live subscriber's epoch must not.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     server.publish("brief:1", json!(2)).await;
     let (event, envelope) = sse.next().await;
     assert_eq!((event.as_str(), envelope["offset"].as_u64()), ("message", Some(2)), "{envelope}");
