@@ -21,20 +21,30 @@ pub struct Redis {
 impl Redis {
     pub fn start() -> anyhow::Result<Redis> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server (install it: apt-get install redis-server)")?;
+        let child = spawn_redis(port)?;
         let redis = Redis { child, port };
+        redis.wait_ready()?;
+        Ok(redis)
+    }
+
+    /// Kills Redis (like a crash; nothing is on disk, so everything is lost) and starts it again.
+    pub fn crash_and_restart(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        self.child = spawn_redis(self.port)?;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis.command(&["PING"]).map(|r| r.starts_with("+PONG")).unwrap_or(false) {
+        while !self.command(&["PING"]).map(|r| r.starts_with("+PONG")).unwrap_or(false) {
             if Instant::now() > deadline {
                 bail!("redis-server did not start");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(redis)
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -75,6 +85,14 @@ impl Redis {
             .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
             .sum())
     }
+}
+
+fn spawn_redis(port: u16) -> anyhow::Result<Child> {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (install it: apt-get install redis-server)")
 }
 
 /// Whether a RESP answer has arrived whole (enough for the simple and bulk replies used here).

@@ -5,18 +5,15 @@
 //! latency at a fixed rate), `memory` (resident memory per idle SSE connection). Every run is bounded
 //! in connections, publications and time, and targets loopback only.
 
-mod clients;
-mod cluster;
-mod node;
-
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use crate::clients::{SseFleet, publish_client};
-use crate::node::Node;
+use herald_bench::clients::{SseFleet, publish_client};
+use herald_bench::node::Node;
+use herald_bench::{cluster, scenario};
 
 #[derive(Parser)]
 #[command(name = "herald-bench", about = "Benchmarks for Herald (loopback only)")]
@@ -73,6 +70,9 @@ enum Command {
         #[arg(long)]
         find_max: bool,
     },
+    /// The scaling story end to end: several nodes, browsers behind a balancer, callbacks to random
+    /// nodes, optional faults; reports every update as delivered, recovered, reset-covered or lost.
+    Scenario(scenario::ScenarioArgs),
     /// Resident memory per idle SSE connection.
     Memory {
         #[arg(long, default_value_t = 10_000)]
@@ -89,6 +89,18 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Latency { rate, seconds, channels } => latency(&cli.herald, rate, seconds, channels).await,
         Command::Memory { connections } => memory(&cli.herald, connections).await,
+        Command::Scenario(args) => {
+            let report = scenario::run(&cli.herald, &args).await?;
+            if !args.json {
+                println!("{}", report.table());
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.acceptable() {
+                eprintln!("herald-bench: {} updates were lost silently", report.lost_silently);
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max } => {
             cluster_bench(&cli.herald, nodes, rate, seconds, channels, subscribers, find_max).await
         }

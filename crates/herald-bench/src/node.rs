@@ -11,27 +11,40 @@ pub struct Node {
     child: Child,
     pid: u32,
     pub addr: SocketAddr,
+    binary: String,
+    env: Vec<(String, String)>,
 }
 
 impl Node {
     /// Starts `herald --listen 127.0.0.1:0` with `env` and waits for its listening line.
     pub async fn start(binary: &str, env: &[(&str, &str)]) -> anyhow::Result<Node> {
-        let mut command = Command::new(binary);
-        command.args(["--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-        command.env("HERALD_LIMITS__MAX_CONNECTIONS", "200000").env("HERALD_LOG", "warn");
-        for (key, value) in env {
-            command.env(key, value);
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let (child, pid, addr) = spawn(binary, "127.0.0.1:0", &env).await?;
+        Ok(Node { child, pid, addr, binary: binary.to_owned(), env })
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL") to the process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill").args(["-s", signal, &self.pid.to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -s {signal} {} failed", self.pid);
         }
-        let mut child =
-            command.spawn().with_context(|| format!("starting {binary} (build it with cargo build --release)"))?;
-        let pid = child.id().context("herald exited at once")?;
-        let stdout = child.stdout.take().context("herald stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).await.context("reading the listening line")?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("listening line {line:?}"))?;
-        let Some(addr) = parsed["listening"].as_str() else { bail!("no listening address in {line:?}") };
-        Ok(Node { child, pid, addr: addr.parse()? })
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self) -> anyhow::Result<()> {
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts the process again on the same address (after it exited).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let (child, pid, addr) = spawn(&self.binary, &self.addr.to_string(), &self.env).await?;
+        self.child = child;
+        self.pid = pid;
+        self.addr = addr;
+        Ok(())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -50,6 +63,24 @@ impl Node {
         let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
         Ok(kib * 1024)
     }
+}
+
+async fn spawn(binary: &str, listen: &str, env: &[(String, String)]) -> anyhow::Result<(Child, u32, SocketAddr)> {
+    let mut command = Command::new(binary);
+    command.args(["--listen", listen]).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    command.env("HERALD_LIMITS__MAX_CONNECTIONS", "200000").env("HERALD_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child =
+        command.spawn().with_context(|| format!("starting {binary} (build it with cargo build --release)"))?;
+    let pid = child.id().context("herald exited at once")?;
+    let stdout = child.stdout.take().context("herald stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).await.context("reading the listening line")?;
+    let parsed: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("listening line {line:?}"))?;
+    let Some(addr) = parsed["listening"].as_str() else { bail!("no listening address in {line:?}") };
+    Ok((child, pid, addr.parse()?))
 }
 
 impl Drop for Node {

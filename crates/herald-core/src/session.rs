@@ -218,11 +218,17 @@ impl Session {
             }
             History::Gone { top } => {
                 self.shared.stats.resets_history_gone.fetch_add(1, Ordering::Relaxed);
+                let (from, replay) = self.reset_point(channel, &top).await;
                 out.push(SessionEvent::Reset {
                     channel: channel.clone(),
                     reason: ResetReason::HistoryGone,
-                    position: top.clone(),
+                    position: from,
                 });
+                let replayed = replay.len() as u64;
+                out.extend(
+                    replay.into_iter().map(|publication| SessionEvent::Publication { publication, recovered: true }),
+                );
+                self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
                 Ok(top)
             }
         }
@@ -335,9 +341,42 @@ impl Session {
         let reason = if same_epoch { ResetReason::Gap } else { ResetReason::EpochChanged };
         let counter = if same_epoch { &stats.resets_gap } else { &stats.resets_epoch_changed };
         counter.fetch_add(1, Ordering::Relaxed);
+        let (from, replay) =
+            if same_epoch { (target.clone(), Vec::new()) } else { self.reset_point(channel, target).await };
+        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: from });
+        for publication in replay {
+            out.push(SessionEvent::Publication { publication, recovered: true });
+            replayed += 1;
+        }
         self.positions.insert(channel.clone(), target.clone());
-        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: target.clone() });
         replayed
+    }
+
+    /// Where a reset into `top`'s epoch should continue from: the start of that epoch when history still
+    /// holds all of it (the client then gets every publication of the new epoch), else `top` itself.
+    /// Returns the reset position and the publications to replay after the reset, up to `top`.
+    async fn reset_point(&self, channel: &ChannelName, top: &Position) -> (Position, Vec<Arc<Publication>>) {
+        if top.offset == 0 {
+            return (top.clone(), Vec::new());
+        }
+        let start = Position::new(top.epoch.clone(), 0);
+        let limit = self.shared.config.max_replay;
+        match self.shared.engine.history(channel, Some(&start), limit).await {
+            Ok(History::Covered { publications, .. }) => {
+                let mut expected = 1;
+                let mut replay = Vec::new();
+                for publication in publications {
+                    let p = &publication.position;
+                    if p.epoch != top.epoch || p.offset != expected || p.offset > top.offset {
+                        break;
+                    }
+                    expected += 1;
+                    replay.push(publication);
+                }
+                if expected > top.offset { (start, replay) } else { (top.clone(), Vec::new()) }
+            }
+            _ => (top.clone(), Vec::new()),
+        }
     }
 }
 

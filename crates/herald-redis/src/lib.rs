@@ -37,6 +37,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use keys::Keys;
 
+/// How long a starting node waits for Redis to become reachable.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(30);
+
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -132,13 +135,28 @@ impl RedisEngine {
             .set_response_timeout(Some(config.command_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let commands = tokio::time::timeout(
-            config.command_timeout * 3,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        .map_err(|_| EngineError::Timeout)?
-        .map_err(unavailable)?;
+        // Redis may be restarting while this node starts (a deployment during an outage): keep trying for
+        // a while, then give up with the last error.
+        let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
+        let mut delay = Duration::from_millis(100);
+        let commands = loop {
+            let attempt = tokio::time::timeout(
+                config.command_timeout * 3,
+                ConnectionManager::new_with_config(client.clone(), manager_config.clone()),
+            )
+            .await;
+            let error = match attempt {
+                Ok(Ok(manager)) => break manager,
+                Ok(Err(error)) => unavailable(error),
+                Err(_) => EngineError::Timeout,
+            };
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(error);
+            }
+            tracing::warn!(%error, "redis not reachable yet; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let keys = Keys::new(&config.prefix, &config.node_id);
         Ok(Self {

@@ -7,5 +7,6 @@ mod harness;
 mod lifecycle;
 mod process;
 mod redis;
+mod scenario;
 mod sse;
 mod ws;

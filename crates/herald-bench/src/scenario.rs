@@ -1,0 +1,621 @@
+//! `herald-bench scenario`: the production story on one machine. N Herald nodes behind a round-robin
+//! TCP balancer, C simulated browsers each following its own `user:<id>` channel over SSE (reconnecting
+//! with `Last-Event-ID` as EventSource does), and an external system that finishes J jobs after random
+//! delays and sends each result as a publish, with a correlation ID, to a random node.
+//!
+//! Every update is followed by its job number from the publish that produced it to the client that holds
+//! it, so the report can say, per update: delivered live, recovered on resume, covered by a reset, or
+//! lost silently (published with 200, never delivered, never announced). Faults can be injected while
+//! it runs. `--engine naive` runs every node with its own in-memory engine (no coordination): the design
+//! that loses updates; `--engine redis` starts a `redis-server` of its own for the fixed design.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::cluster::Redis;
+use crate::node::Node;
+
+/// What to run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScenarioArgs {
+    /// Herald nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Simulated browsers, one channel `user:<id>` each.
+    #[arg(long, default_value_t = 500)]
+    pub clients: usize,
+    /// Jobs finished by the external system (one publication each).
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: usize,
+    /// Seconds over which the jobs finish.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// `naive` (each node alone), `redis` (a redis-server of the tool's own) or a `redis://` URL.
+    #[arg(long, default_value = "redis")]
+    pub engine: String,
+    /// SIGKILL one node at 30% of the run and start it again.
+    #[arg(long)]
+    pub kill_node: bool,
+    /// Restart every node one by one with SIGTERM, from 40% of the run, as a deployment does.
+    #[arg(long)]
+    pub rolling_restart: bool,
+    /// Crash Redis at 60% of the run and start it again (engine `redis` only).
+    #[arg(long)]
+    pub restart_engine: bool,
+    /// Every 3 s, close this share (0-1) of client connections, like flaky mobile networks.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_connections: f64,
+    /// This share (0-1) of clients reads slowly (a pause after every read).
+    #[arg(long, default_value_t = 0.0)]
+    pub slow_clients: f64,
+    /// Clients connect to the nodes round robin themselves instead of through the balancer (for runs
+    /// with more clients than one process's file descriptors allow behind a proxy).
+    #[arg(long)]
+    pub direct: bool,
+    /// Print only the JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The outcome, as printed in the JSON line.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub design: String,
+    pub nodes: usize,
+    pub clients: usize,
+    pub jobs: usize,
+    pub faults: Vec<String>,
+    /// Callbacks answered 200.
+    pub published: u64,
+    /// Callbacks that never got a 200, even after retries (the sender knows: not silent).
+    pub publish_failed: u64,
+    pub delivered_live: u64,
+    pub recovered: u64,
+    pub reset_covered: u64,
+    pub lost_silently: u64,
+    pub duplicates_dropped: u64,
+    pub reconnects: u64,
+    pub latency_ms: Percentiles,
+    pub recovery_ms: RecoveryPercentiles,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RecoveryPercentiles {
+    pub p99: f64,
+}
+
+impl Report {
+    /// Zero silent loss is the only acceptable outcome of the fixed design.
+    pub fn acceptable(&self) -> bool {
+        self.design == "naive" || self.lost_silently == 0
+    }
+
+    pub fn table(&self) -> String {
+        let share = |n: u64| if self.published == 0 { 0.0 } else { 100.0 * n as f64 / self.published as f64 };
+        let faults = if self.faults.is_empty() { "none".to_owned() } else { self.faults.join(", ") };
+        format!(
+            "design {} | {} nodes | {} clients | {} jobs | faults: {}\n\
+             published (callback got 200)   {:>8}\n\
+             delivered live                 {:>8}  {:>6.2}%\n\
+             recovered on resume            {:>8}  {:>6.2}%\n\
+             covered by a reset             {:>8}  {:>6.2}%\n\
+             LOST SILENTLY                  {:>8}  {:>6.2}%\n\
+             duplicates dropped by offset   {:>8}\n\
+             callbacks that failed loudly   {:>8}\n\
+             client reconnects              {:>8}\n\
+             end-to-end latency ms          p50 {:.1}  p99 {:.1}  max {:.1}\n\
+             recovery latency ms            p99 {:.1}",
+            self.design,
+            self.nodes,
+            self.clients,
+            self.jobs,
+            faults,
+            self.published,
+            self.delivered_live,
+            share(self.delivered_live),
+            self.recovered,
+            share(self.recovered),
+            self.reset_covered,
+            share(self.reset_covered),
+            self.lost_silently,
+            share(self.lost_silently),
+            self.duplicates_dropped,
+            self.publish_failed,
+            self.reconnects,
+            self.latency_ms.p50,
+            self.latency_ms.p99,
+            self.latency_ms.max,
+            self.recovery_ms.p99,
+        )
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// One acknowledged publication.
+#[derive(Debug, Clone)]
+struct Ack {
+    user: usize,
+    epoch: String,
+    offset: u64,
+    acked_us: u64,
+}
+
+/// What one simulated browser saw.
+#[derive(Debug, Default)]
+struct ClientLog {
+    /// Job -> (receive time, recovered, sent time).
+    received: HashMap<u64, (u64, bool, u64)>,
+    /// (epoch, offset, receive time) of each reset.
+    resets: Vec<(String, u64, u64)>,
+    duplicates: u64,
+    reconnects: u64,
+    /// Per connection that replayed something: time from open to the last replayed event.
+    recoveries_us: Vec<u64>,
+}
+
+struct ClientControl {
+    drop_now: Notify,
+    stop: AtomicBool,
+    stopped: Notify,
+}
+
+/// Runs the scenario and returns its report.
+pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
+    if args.nodes == 0 || args.clients == 0 {
+        bail!("need at least one node and one client");
+    }
+    let naive = args.engine == "naive";
+    let mut redis = None;
+    let engine_url = match args.engine.as_str() {
+        "naive" => "memory".to_owned(),
+        "redis" => {
+            let server = Redis::start()?;
+            let url = server.url();
+            redis = Some(server);
+            url
+        }
+        url if url.starts_with("redis://") => url.to_owned(),
+        other => bail!("unknown engine {other:?}: use naive, redis or a redis:// URL"),
+    };
+    if args.restart_engine && redis.is_none() {
+        bail!("--restart-engine needs --engine redis (a Redis this tool started and may restart)");
+    }
+    let prefix = format!("scenario{:08x}", rand::rng().random::<u32>());
+    let env = [
+        ("HERALD_ENGINE", engine_url.as_str()),
+        ("HERALD_REDIS__PREFIX", prefix.as_str()),
+        ("HERALD_REDIS__PROBE_INTERVAL_MS", "200"),
+        ("HERALD_REDIS__PROBE_TIMEOUT_MS", "1000"),
+        ("HERALD_SHUTDOWN_GRACE_SECS", "5"),
+        ("HERALD_LOG", "error"),
+    ];
+    let mut nodes = Vec::new();
+    for _ in 0..args.nodes {
+        nodes.push(Node::start(herald, &env).await?);
+    }
+    let backends: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let http = reqwest::Client::builder().no_proxy().tcp_nodelay(true).build()?;
+    for node in &nodes {
+        wait_ready(&http, node.addr).await?;
+    }
+    let balancer = TcpListener::bind("127.0.0.1:0").await?;
+    let balancer_addr = balancer.local_addr()?;
+    let balancer_task = tokio::spawn(balance(balancer, backends.clone()));
+
+    // Browsers.
+    let connected = Arc::new(AtomicUsize::new(0));
+    let mut controls = Vec::new();
+    let mut logs = Vec::new();
+    let mut client_tasks = Vec::new();
+    for user in 0..args.clients {
+        let control =
+            Arc::new(ClientControl { drop_now: Notify::new(), stop: AtomicBool::new(false), stopped: Notify::new() });
+        let log = Arc::new(Mutex::new(ClientLog::default()));
+        let targets = if args.direct { vec![backends[user % backends.len()]] } else { vec![balancer_addr] };
+        let slow = rand::rng().random_bool(args.slow_clients.clamp(0.0, 1.0));
+        let task = tokio::spawn(browser(
+            user,
+            targets,
+            backends.clone(),
+            args.direct,
+            slow,
+            control.clone(),
+            log.clone(),
+            connected.clone(),
+        ));
+        controls.push(control);
+        logs.push(log);
+        client_tasks.push(task);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while connected.load(Ordering::Relaxed) < args.clients {
+        if Instant::now() > deadline {
+            bail!("only {} of {} clients connected", connected.load(Ordering::Relaxed), args.clients);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Faults.
+    let run_for = Duration::from_secs(args.seconds.max(1));
+    let mut faults = Vec::new();
+    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
+    let redis = Arc::new(Mutex::new(redis));
+    let mut fault_tasks = Vec::new();
+    if args.kill_node {
+        faults.push("kill-node".to_owned());
+        let (nodes, http) = (nodes.clone(), http.clone());
+        fault_tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(run_for.mul_f64(0.3)).await;
+            let mut nodes = nodes.lock().await;
+            let victim = nodes.len() - 1;
+            nodes[victim].signal("KILL")?;
+            nodes[victim].wait_exit().await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            nodes[victim].restart().await?;
+            wait_ready(&http, nodes[victim].addr).await
+        }));
+    }
+    if args.rolling_restart {
+        faults.push("rolling-restart".to_owned());
+        let (nodes, http) = (nodes.clone(), http.clone());
+        fault_tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(run_for.mul_f64(0.4)).await;
+            let mut nodes = nodes.lock().await;
+            for node in nodes.iter_mut() {
+                node.signal("TERM")?;
+                node.wait_exit().await?;
+                node.restart().await?;
+                wait_ready(&http, node.addr).await?;
+            }
+            Ok(())
+        }));
+    }
+    if args.restart_engine {
+        faults.push("restart-engine".to_owned());
+        let redis = redis.clone();
+        fault_tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(run_for.mul_f64(0.6)).await;
+            tokio::task::spawn_blocking(move || match redis.lock() {
+                Ok(mut guard) => guard.as_mut().map_or(Ok(()), |r| r.crash_and_restart(Duration::from_secs(1))),
+                Err(_) => Ok(()),
+            })
+            .await?
+        }));
+    }
+    let dropping = Arc::new(AtomicBool::new(true));
+    if args.drop_connections > 0.0 {
+        faults.push(format!("drop-connections {}", args.drop_connections));
+        let (controls, share, dropping) = (controls.clone(), args.drop_connections.clamp(0.0, 1.0), dropping.clone());
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(3));
+            interval.tick().await;
+            while dropping.load(Ordering::Relaxed) {
+                interval.tick().await;
+                for control in &controls {
+                    if rand::rng().random_bool(share) {
+                        control.drop_now.notify_one();
+                    }
+                }
+            }
+        });
+    }
+    if args.slow_clients > 0.0 {
+        faults.push(format!("slow-clients {}", args.slow_clients));
+    }
+
+    // The external system: jobs finish at random times and call back a random node.
+    let acks: Arc<Mutex<HashMap<u64, Ack>>> = Arc::new(Mutex::new(HashMap::new()));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut job_tasks = Vec::new();
+    for job in 0..args.jobs as u64 {
+        let delay = run_for.mul_f64(rand::rng().random::<f64>());
+        let user = rand::rng().random_range(0..args.clients);
+        let (http, acks, failed, backends) = (http.clone(), acks.clone(), failed.clone(), backends.clone());
+        job_tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until((started + delay).into()).await;
+            match callback(&http, &backends, job, user).await {
+                Some(ack) => {
+                    if let Ok(mut acks) = acks.lock() {
+                        acks.insert(job, ack);
+                    }
+                }
+                None => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in job_tasks {
+        task.await?;
+    }
+    for task in fault_tasks {
+        task.await?.context("fault injection")?;
+    }
+    dropping.store(false, Ordering::Relaxed);
+
+    // Drain: give clients time to receive, resume or be told; the fixed design must account for all.
+    let drain_until = Instant::now() + if naive { Duration::from_secs(3) } else { Duration::from_secs(20) };
+    let mut report;
+    loop {
+        report = account(args, &faults, &acks, &logs, failed.load(Ordering::Relaxed));
+        if report.lost_silently == 0 || Instant::now() > drain_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for control in &controls {
+        control.stop.store(true, Ordering::Relaxed);
+        control.stopped.notify_one();
+    }
+    for task in client_tasks {
+        let _ = task.await;
+    }
+    balancer_task.abort();
+    drop(nodes);
+    Ok(report)
+}
+
+async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = http.get(format!("http://{addr}/readyz")).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("node {addr} never became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Round-robin TCP balancer: each accepted connection goes to the next backend that accepts it.
+async fn balance(listener: TcpListener, backends: Vec<SocketAddr>) {
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else { continue };
+        let (backends, next) = (backends.clone(), next.clone());
+        tokio::spawn(async move {
+            let _ = inbound.set_nodelay(true);
+            for _ in 0..backends.len() {
+                let backend = backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+                if let Ok(mut outbound) = TcpStream::connect(backend).await {
+                    let _ = outbound.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one job's result to random nodes until one answers 200 (like a webhook sender retrying).
+async fn callback(http: &reqwest::Client, backends: &[SocketAddr], job: u64, user: usize) -> Option<Ack> {
+    for _ in 0..100 {
+        let node = backends[rand::rng().random_range(0..backends.len())];
+        let body =
+            json!({"channel": format!("user:{user}"), "event": "job.done", "data": {"job": job, "sent_us": now_us()}});
+        let answer = http
+            .post(format!("http://{node}/v1/publish"))
+            .header("x-correlation-id", format!("job-{job}"))
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if let Ok(response) = answer {
+            if response.status().is_success() {
+                let value: Value = response.json().await.ok()?;
+                return Some(Ack {
+                    user,
+                    epoch: value["epoch"].as_str()?.to_owned(),
+                    offset: value["offset"].as_u64()?,
+                    acked_us: now_us(),
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn browser(
+    user: usize,
+    targets: Vec<SocketAddr>,
+    backends: Vec<SocketAddr>,
+    direct: bool,
+    slow: bool,
+    control: Arc<ClientControl>,
+    log: Arc<Mutex<ClientLog>>,
+    connected: Arc<AtomicUsize>,
+) {
+    let http = match reqwest::Client::builder().no_proxy().tcp_nodelay(true).build() {
+        Ok(http) => http,
+        Err(_) => return,
+    };
+    let mut last_id = String::new();
+    let mut position: Option<(String, u64)> = None;
+    let mut first = true;
+    let mut attempt = 0usize;
+    while !control.stop.load(Ordering::Relaxed) {
+        // Direct clients move to the next node when theirs is gone, as a DNS round robin would.
+        let target = if direct { backends[(user + attempt) % backends.len()] } else { targets[0] };
+        attempt += 1;
+        let mut request = http.get(format!("http://{target}/v1/sse?channel=user:{user}"));
+        if !last_id.is_empty() {
+            request = request.header("last-event-id", &last_id);
+        }
+        let mut retry = Duration::from_millis(1000);
+        if let Ok(response) = request.send().await {
+            if response.status().is_success() {
+                let opened_us = now_us();
+                if first {
+                    connected.fetch_add(1, Ordering::Relaxed);
+                    first = false;
+                } else if let Ok(mut log) = log.lock() {
+                    log.reconnects += 1;
+                }
+                let mut last_replayed = None;
+                let mut events = response.bytes_stream().eventsource();
+                loop {
+                    let event = tokio::select! {
+                        event = events.next() => event,
+                        _ = control.drop_now.notified() => None,
+                        _ = control.stopped.notified() => None,
+                    };
+                    let Some(Ok(event)) = event else { break };
+                    if let Some(value) = event.retry {
+                        retry = value;
+                    }
+                    if !event.id.is_empty() {
+                        last_id = event.id.clone();
+                    }
+                    if let Some(at) = record(&log, &event.event, &event.data, opened_us, &mut position) {
+                        last_replayed = Some(at);
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+                if let (Some(at), Ok(mut log)) = (last_replayed, log.lock()) {
+                    log.recoveries_us.push(at.saturating_sub(opened_us));
+                }
+            }
+        }
+        if control.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // EventSource waits `retry` before reconnecting; a little jitter spreads a storm.
+        let jitter = Duration::from_millis(rand::rng().random_range(0..250));
+        tokio::select! {
+            _ = tokio::time::sleep(retry.min(Duration::from_secs(3)) + jitter) => {}
+            _ = control.stopped.notified() => break,
+        }
+    }
+}
+
+/// Records one event in the client's log, dropping what the client already holds (by offset) as a
+/// careful client does. Returns the receive time when the event reached the client through recovery.
+fn record(
+    log: &Mutex<ClientLog>,
+    event: &str,
+    data: &str,
+    opened_us: u64,
+    position: &mut Option<(String, u64)>,
+) -> Option<u64> {
+    let data: Value = serde_json::from_str(data).ok()?;
+    let now = now_us();
+    let mut log = log.lock().ok()?;
+    let epoch = data["epoch"].as_str().unwrap_or_default().to_owned();
+    let offset = data["offset"].as_u64().unwrap_or(0);
+    match event {
+        "herald.reset" => {
+            log.resets.push((epoch.clone(), offset, now));
+            *position = Some((epoch, offset));
+            None
+        }
+        "job.done" => {
+            if position.as_ref().is_some_and(|(e, o)| *e == epoch && offset <= *o) {
+                log.duplicates += 1;
+                return None;
+            }
+            let published_us = data["published_at"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_micros() as u64);
+            // Published before this connection opened: it reached the client through recovery.
+            let recovered = published_us + 1000 < opened_us;
+            let job = data["data"]["job"].as_u64().unwrap_or(u64::MAX);
+            let sent = data["data"]["sent_us"].as_u64().unwrap_or(now);
+            log.received.entry(job).or_insert((now, recovered, sent));
+            *position = Some((epoch, offset));
+            recovered.then_some(now)
+        }
+        _ => None,
+    }
+}
+
+fn account(
+    args: &ScenarioArgs,
+    faults: &[String],
+    acks: &Mutex<HashMap<u64, Ack>>,
+    logs: &[Arc<Mutex<ClientLog>>],
+    failed: u64,
+) -> Report {
+    let acks = acks.lock().map(|a| a.clone()).unwrap_or_default();
+    let mut report = Report {
+        design: if args.engine == "naive" { "naive".into() } else { "redis".into() },
+        nodes: args.nodes,
+        clients: args.clients,
+        jobs: args.jobs,
+        faults: faults.to_vec(),
+        published: acks.len() as u64,
+        publish_failed: failed,
+        ..Report::default()
+    };
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid");
+    let mut recovery = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid");
+    for log in logs {
+        if let Ok(log) = log.lock() {
+            report.duplicates_dropped += log.duplicates;
+            report.reconnects += log.reconnects;
+            for value in &log.recoveries_us {
+                let _ = recovery.record((*value).max(1));
+            }
+        }
+    }
+    for (job, ack) in &acks {
+        let Some(log) = logs.get(ack.user) else { continue };
+        let Ok(log) = log.lock() else { continue };
+        if let Some((at, recovered, sent)) = log.received.get(job) {
+            let _ = latency.record(at.saturating_sub(*sent).max(1));
+            if *recovered {
+                report.recovered += 1;
+            } else {
+                report.delivered_live += 1;
+            }
+            continue;
+        }
+        let covered = log.resets.iter().any(|(epoch, offset, at)| {
+            (*epoch == ack.epoch && *offset >= ack.offset) || (*epoch != ack.epoch && *at >= ack.acked_us)
+        });
+        if covered {
+            report.reset_covered += 1;
+        } else {
+            report.lost_silently += 1;
+        }
+    }
+    let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
+    report.latency_ms = Percentiles {
+        p50: ms(latency.value_at_quantile(0.5)),
+        p99: ms(latency.value_at_quantile(0.99)),
+        max: ms(latency.max()),
+    };
+    report.recovery_ms = RecoveryPercentiles { p99: ms(recovery.value_at_quantile(0.99)) };
+    report
+}

@@ -1,0 +1,85 @@
+//! The scaling scenario, small: several `herald` processes, browsers behind a balancer, callbacks to
+//! random nodes. The naive design loses updates silently; the Redis design loses none, under each fault
+//! and under all of them at once.
+
+use herald_bench::scenario::{self, Report, ScenarioArgs};
+
+fn args(engine: &str) -> ScenarioArgs {
+    ScenarioArgs {
+        nodes: 3,
+        clients: 24,
+        jobs: 300,
+        seconds: 3,
+        engine: engine.to_owned(),
+        kill_node: false,
+        rolling_restart: false,
+        restart_engine: false,
+        drop_connections: 0.0,
+        slow_clients: 0.0,
+        direct: false,
+        json: true,
+    }
+}
+
+async fn check(args: ScenarioArgs) -> Report {
+    let report = scenario::run(env!("CARGO_BIN_EXE_herald"), &args).await.expect("scenario runs");
+    println!("{}", report.table());
+    assert_eq!(report.published + report.publish_failed, args.jobs as u64, "every job was sent");
+    assert_eq!(
+        report.delivered_live + report.recovered + report.reset_covered + report.lost_silently,
+        report.published,
+        "every published update is accounted for once"
+    );
+    report
+}
+
+async fn no_silent_loss(args: ScenarioArgs) {
+    let report = check(args).await;
+    assert_eq!(report.lost_silently, 0, "{}", report.table());
+    assert_eq!(report.publish_failed, 0, "{}", report.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_naive_design_loses_about_two_thirds_silently() {
+    let report = check(args("naive")).await;
+    let lost = report.lost_silently as f64 / report.published as f64;
+    assert!((0.5..0.8).contains(&lost), "expected about 2/3 lost with 3 uncoordinated nodes: {}", report.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_design_loses_nothing() {
+    no_silent_loss(args("redis")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_when_a_node_is_killed() {
+    no_silent_loss(ScenarioArgs { kill_node: true, ..args("redis") }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_during_a_rolling_restart() {
+    no_silent_loss(ScenarioArgs { rolling_restart: true, ..args("redis") }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_when_redis_restarts() {
+    no_silent_loss(ScenarioArgs { restart_engine: true, ..args("redis") }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_with_flaky_connections_and_slow_clients() {
+    no_silent_loss(ScenarioArgs { drop_connections: 0.3, slow_clients: 0.3, ..args("redis") }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_with_every_fault_at_once() {
+    no_silent_loss(ScenarioArgs {
+        kill_node: true,
+        rolling_restart: true,
+        restart_engine: true,
+        drop_connections: 0.3,
+        slow_clients: 0.3,
+        ..args("redis")
+    })
+    .await;
+}
