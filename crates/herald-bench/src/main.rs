@@ -18,9 +18,9 @@ use herald_bench::{cluster, scenario};
 #[derive(Parser)]
 #[command(name = "herald-bench", about = "Benchmarks for Herald (loopback only)")]
 struct Cli {
-    /// The `herald` binary to start (use a release build).
-    #[arg(long, default_value = "target/release/herald", global = true)]
-    herald: String,
+    /// The `herald` binary to start (use a release build); by default the one built next to this tool.
+    #[arg(long, global = true)]
+    herald: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,14 +83,16 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let herald = cli.herald.clone().unwrap_or_else(default_herald);
+    let cli = Cli { herald: Some(herald.clone()), ..cli };
     match cli.command {
         Command::Fanout { subscribers, channels, publications, payload, concurrency } => {
-            fanout(&cli.herald, subscribers, channels, publications, payload, concurrency).await
+            fanout(&herald, subscribers, channels, publications, payload, concurrency).await
         }
-        Command::Latency { rate, seconds, channels } => latency(&cli.herald, rate, seconds, channels).await,
-        Command::Memory { connections } => memory(&cli.herald, connections).await,
+        Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
+        Command::Memory { connections } => memory(&herald, connections).await,
         Command::Scenario(args) => {
-            let report = scenario::run(&cli.herald, &args).await?;
+            let report = scenario::run(&herald, &args).await?;
             if !args.json {
                 println!("{}", report.table());
             }
@@ -102,9 +104,18 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max } => {
-            cluster_bench(&cli.herald, nodes, rate, seconds, channels, subscribers, find_max).await
+            cluster_bench(&herald, nodes, rate, seconds, channels, subscribers, find_max).await
         }
     }
+}
+
+/// `herald` in the same folder as this executable (both are built into the same target directory).
+fn default_herald() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("herald")))
+        .filter(|path| path.exists())
+        .map_or_else(|| "target/release/herald".to_owned(), |path| path.display().to_string())
 }
 
 fn channel_names(count: usize) -> Vec<String> {

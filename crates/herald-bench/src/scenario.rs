@@ -57,6 +57,10 @@ pub struct ScenarioArgs {
     /// Every 3 s, close this share (0-1) of client connections, like flaky mobile networks.
     #[arg(long, default_value_t = 0.0)]
     pub drop_connections: f64,
+    /// How long a client whose connection was dropped stays offline before reconnecting (milliseconds;
+    /// default: the server's `retry:`).
+    #[arg(long)]
+    pub offline_ms: Option<u64>,
     /// This share (0-1) of clients reads slowly (a pause after every read).
     #[arg(long, default_value_t = 0.0)]
     pub slow_clients: f64,
@@ -236,6 +240,7 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
         let targets = if args.direct { vec![backends[user % backends.len()]] } else { vec![balancer_addr] };
         let slow = rand::rng().random_bool(args.slow_clients.clamp(0.0, 1.0));
         let task = tokio::spawn(browser(
+            args.offline_ms.map(Duration::from_millis),
             user,
             targets,
             backends.clone(),
@@ -444,6 +449,7 @@ async fn callback(http: &reqwest::Client, backends: &[SocketAddr], job: u64, use
 
 #[allow(clippy::too_many_arguments)]
 async fn browser(
+    offline: Option<Duration>,
     user: usize,
     targets: Vec<SocketAddr>,
     backends: Vec<SocketAddr>,
@@ -484,7 +490,12 @@ async fn browser(
                 loop {
                     let event = tokio::select! {
                         event = events.next() => event,
-                        _ = control.drop_now.notified() => None,
+                        _ = control.drop_now.notified() => {
+                            if let Some(offline) = offline {
+                                retry = offline;
+                            }
+                            None
+                        }
                         _ = control.stopped.notified() => None,
                     };
                     let Some(Ok(event)) = event else { break };
@@ -512,7 +523,7 @@ async fn browser(
         // EventSource waits `retry` before reconnecting; a little jitter spreads a storm.
         let jitter = Duration::from_millis(rand::rng().random_range(0..250));
         tokio::select! {
-            _ = tokio::time::sleep(retry.min(Duration::from_secs(3)) + jitter) => {}
+            _ = tokio::time::sleep(retry.min(Duration::from_secs(10)) + jitter) => {}
             _ = control.stopped.notified() => break,
         }
     }

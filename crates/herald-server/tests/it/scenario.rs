@@ -15,6 +15,7 @@ fn args(engine: &str) -> ScenarioArgs {
         rolling_restart: false,
         restart_engine: false,
         drop_connections: 0.0,
+        offline_ms: None,
         slow_clients: 0.0,
         direct: false,
         json: true,
