@@ -57,6 +57,8 @@ pub struct RedisConfig {
     pub probe_timeout: Duration,
     /// Bound on every Redis command.
     pub command_timeout: Duration,
+    /// PEM file of the certificate authority for `rediss://` (default: the system's trust store).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl RedisConfig {
@@ -70,13 +72,34 @@ impl RedisConfig {
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(3),
             command_timeout: Duration::from_secs(1),
+            tls_ca_file: None,
         }
     }
 }
 
 /// Checks that `url` is a Redis URL this engine can use (without connecting).
 pub fn check_url(url: &str) -> Result<(), String> {
+    install_crypto_provider();
     redis::Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// rustls needs one process-wide crypto provider; Herald uses ring. Installing twice is harmless.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn build_client(config: &RedisConfig) -> Result<redis::Client, EngineError> {
+    install_crypto_provider();
+    let protocol = |e: redis::RedisError| EngineError::Protocol(e.to_string());
+    match &config.tls_ca_file {
+        Some(path) if config.url.starts_with("rediss://") => {
+            let root_cert =
+                std::fs::read(path).map_err(|e| EngineError::Protocol(format!("reading {}: {e}", path.display())))?;
+            let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
+            redis::Client::build_with_tls(config.url.as_str(), certificates).map_err(protocol)
+        }
+        _ => redis::Client::open(config.url.as_str()).map_err(protocol),
+    }
 }
 
 /// The Redis engine. Create with [`RedisEngine::connect`], hand to `Hub::start`.
@@ -129,7 +152,7 @@ fn unavailable(error: impl std::fmt::Display) -> EngineError {
 impl RedisEngine {
     /// Connects the command connection (failing if Redis cannot be reached now).
     pub async fn connect(config: RedisConfig) -> Result<Self, EngineError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let client = build_client(&config)?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
             .set_response_timeout(Some(config.command_timeout))

@@ -122,6 +122,9 @@ pub struct RedisSection {
     pub node_ttl_secs: u64,
     /// Milliseconds any single Redis command may take before the request fails (503).
     pub command_timeout_ms: u64,
+    /// PEM file of the certificate authority that signed the Redis server's certificate (`rediss://`);
+    /// without it the system's trust store is used.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisSection {
@@ -132,6 +135,7 @@ impl Default for RedisSection {
             probe_timeout_ms: 3000,
             node_ttl_secs: 30,
             command_timeout_ms: 1000,
+            tls_ca_file: None,
         }
     }
 }
@@ -343,16 +347,21 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let listen =
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
     let engine = config.engine.as_str();
-    if engine.starts_with("redis://") {
+    if engine.starts_with("redis://") || engine.starts_with("rediss://") {
         if let Err(error) = redis_url_ok(engine) {
             problems.push(format!("engine: {engine:?} is not a usable Redis URL: {error}"));
         }
-    } else if engine.starts_with("rediss://") || engine.starts_with("nats://") {
+    } else if engine.starts_with("nats://") {
         problems.push(format!("engine: {engine:?} is not supported by this build yet; use \"memory\" or redis://"));
     } else if engine != "memory" {
         problems.push(format!("engine: {engine:?} is not an engine URL; expected \"memory\" or redis://host:port/db"));
     }
     let redis = &config.redis;
+    if let Some(path) = &redis.tls_ca_file {
+        if !path.is_file() {
+            problems.push(format!("redis.tls_ca_file: {} does not exist or is not a file", path.display()));
+        }
+    }
     let prefix_ok = redis.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     if redis.prefix.is_empty() || !prefix_ok {
         problems.push(format!("redis.prefix: {:?} must be letters, digits, _ - .", redis.prefix));

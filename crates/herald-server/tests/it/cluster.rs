@@ -296,3 +296,27 @@ async fn a_subscribed_idle_channel_keeps_its_epoch_past_its_history_age() {
     let (event, envelope) = sse.next().await;
     assert_eq!((event.as_str(), envelope["offset"].as_u64()), ("message", Some(2)), "{envelope}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_to_redis_over_tls_with_rediss_urls() {
+    let redis = RedisServer::start_tls();
+    let prefix = prefix();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, prefix, ca) = (redis.url(), prefix.clone(), redis.tls_ca.clone());
+        assert!(url.starts_with("rediss://"));
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.redis.prefix = prefix;
+                config.redis.tls_ca_file = ca;
+                config.redis.probe_interval_ms = 100;
+            })
+            .await,
+        );
+    }
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=secure:1", None).await;
+    nodes[1].publish("secure:1", json!("over tls")).await;
+    assert_eq!(sse.expect_offsets("secure:1", 0, 1).await, vec![json!("over tls")]);
+    wait_ready(&nodes[0]).await;
+}
