@@ -37,6 +37,9 @@ pub struct Cli {
     /// Log format: `text` or `json` (HERALD_LOG_FORMAT).
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Serve a non-loopback address without any authentication (HERALD_INSECURE).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// The whole configuration.
@@ -50,6 +53,10 @@ pub struct Config {
     /// Server API keys; when any is set the server API needs `Authorization: Bearer <key>`.
     #[serde(deserialize_with = "string_or_list")]
     pub api_keys: Vec<String>,
+    /// HS256 secret for client tokens; when set, clients authenticate with a JWT (see docs/config.md).
+    pub jwt_hs256_secret: Option<String>,
+    /// Allow serving a non-loopback address with no authentication at all.
+    pub insecure: bool,
     pub history: HistoryConfig,
     /// Per-namespace overrides, keyed by namespace (the part of a channel before the first `:`).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -76,6 +83,8 @@ pub struct HistoryConfig {
 pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     pub history_ttl_secs: Option<u64>,
+    /// Who may subscribe when client authentication is on (`owner`, `claim`, `authenticated`, `public`).
+    pub subscribe: Option<crate::auth::SubscribeRule>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +157,8 @@ impl Default for Config {
             node_id: None,
             log_format: "text".into(),
             api_keys: Vec::new(),
+            jwt_hs256_secret: None,
+            insecure: false,
             history: HistoryConfig::default(),
             namespaces: BTreeMap::new(),
             limits: LimitsConfig::default(),
@@ -272,6 +283,9 @@ pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Settings, Vec<String>
     put("engine", &cli.engine);
     put("node_id", &cli.node_id);
     put("log_format", &cli.log_format);
+    if cli.insecure {
+        flags.insert("insecure".to_owned(), serde_json::Value::Bool(true));
+    }
     figment = figment.merge(Serialized::defaults(serde_json::Value::Object(flags)));
     let config: Config =
         figment.extract().map_err(|errors| errors.into_iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
@@ -422,6 +436,20 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         }
         if ns.history_ttl_secs == Some(0) {
             problems.push(format!("namespaces.{name}.history_ttl_secs must be greater than 0"));
+        }
+    }
+    if let Some(secret) = &config.jwt_hs256_secret {
+        if secret.len() < 32 {
+            problems.push("jwt_hs256_secret must be at least 32 bytes".to_owned());
+        }
+    }
+    if let Ok(address) = &listen {
+        let open = config.api_keys.is_empty() && config.jwt_hs256_secret.is_none();
+        if !address.ip().is_loopback() && open && !config.insecure {
+            problems.push(format!(
+                "listen: {address} is reachable from other machines but no authentication is configured; \
+                 set api_keys and jwt_hs256_secret, or pass --insecure to serve it open anyway"
+            ));
         }
     }
     match listen {

@@ -25,6 +25,10 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("history no longer covers the requested position")]
     HistoryGone,
     #[error("{0}")]
@@ -46,7 +50,8 @@ impl ApiError {
             | Self::MalformedJson(_)
             | Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::HistoryGone => StatusCode::GONE,
             Self::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -64,6 +69,8 @@ impl ApiError {
             Self::InvalidBody(_) => "invalid_body",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::Unauthorized => "unauthorized",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Forbidden(_) => "forbidden",
             Self::HistoryGone => "history_gone",
             Self::Limit(_) => "limit_exceeded",
             Self::NotFound => "not_found",

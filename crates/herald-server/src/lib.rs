@@ -5,6 +5,7 @@
 //! errors into the contract's JSON errors. Delivery logic lives in `herald-core`.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod ops;
@@ -39,12 +40,19 @@ struct AppInner {
     settings: Settings,
     draining: AtomicBool,
     metrics: ops::Metrics,
+    auth: auth::ClientAuth,
 }
 
 impl AppState {
     pub fn new(hub: Hub, settings: Settings) -> Self {
         Self {
-            inner: Arc::new(AppInner { hub, settings, draining: AtomicBool::new(false), metrics: ops::Metrics::new() }),
+            inner: Arc::new(AppInner {
+                auth: auth::ClientAuth::from_config(&settings.config),
+                hub,
+                settings,
+                draining: AtomicBool::new(false),
+                metrics: ops::Metrics::new(),
+            }),
         }
     }
 
@@ -58,6 +66,10 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.inner.settings.config
+    }
+
+    pub fn auth(&self) -> &auth::ClientAuth {
+        &self.inner.auth
     }
 
     pub(crate) fn metrics(&self) -> &ops::Metrics {

@@ -60,10 +60,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // A deep backlog absorbs reconnect storms (tokio's default is 1024).
     let listener = socket.listen(4096).with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    if !bound.ip().is_loopback() {
-        tracing::warn!(%bound, "listening on a non-loopback address without client authentication");
-    } else if state.config().api_keys.is_empty() {
-        tracing::warn!("no API keys configured: anyone who can reach this address may publish (fine on loopback)");
+    let config = state.config();
+    if config.api_keys.is_empty() {
+        tracing::warn!(%bound, "no API keys: anyone who can reach this address may publish");
+    }
+    if config.jwt_hs256_secret.is_none() {
+        tracing::warn!(%bound, "no client authentication: anyone who can reach this address may subscribe to any channel");
+    }
+    if config.insecure && !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "INSECURE: serving other machines without the authentication above (--insecure)");
     }
     // The one line tests and scripts read: the address actually bound (port 0 resolved).
     println!("{}", serde_json::json!({"listening": bound.to_string(), "node": state.hub().node_id()}));

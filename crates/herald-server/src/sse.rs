@@ -40,10 +40,12 @@ pub async fn handler(
     }
     let pairs = query_pairs(&query);
     let mut channels = Vec::new();
+    let mut token = None;
     for (key, value) in &pairs {
         match key.as_str() {
             "channel" => channels.push(ChannelName::parse(value)?),
-            "last_event_id" | "token" => {}
+            "token" => token = Some(value.as_str()),
+            "last_event_id" => {}
             other => return Err(ApiError::BadRequest(format!("unknown query parameter {other:?}"))),
         }
     }
@@ -65,7 +67,11 @@ pub async fn handler(
     };
     let since: Option<Vec<Position>> = cursor.map(|c| decode_cursor(&c, &channels)).transpose()?;
 
-    let mut session = state.hub().open_session(Transport::Sse, None)?;
+    let identity = state.auth().authenticate(&headers, token)?;
+    for channel in &channels {
+        state.auth().authorize(state.config(), &identity, channel)?;
+    }
+    let mut session = state.hub().open_session(Transport::Sse, identity.user.clone())?;
     if let Some(Extension(kill)) = kill {
         // A client too slow to keep up must go now, even while hyper is blocked writing to it; it resumes
         // from its cursor. Other closes end the stream gracefully (the write timeout bounds them).
@@ -103,6 +109,7 @@ pub async fn handler(
             state.settings().ping_interval(),
         ),
         wrote_since_ping: true,
+        expiry: identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left))),
         first: None,
         done: false,
     };
@@ -132,6 +139,8 @@ struct SseStream {
     ping: Interval,
     /// Pings go out only on streams that were silent for a whole interval.
     wrote_since_ping: bool,
+    /// Fires when the client's token expires: the stream ends (the client must bring a fresh token).
+    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     first: Option<Bytes>,
     done: bool,
 }
@@ -166,6 +175,10 @@ impl SseStream {
                     self.events.clear();
                     self.wrote_since_ping = true;
                     return Some((Ok(Bytes::from(buffer)), self));
+                }
+                _ = async { if let Some(expiry) = self.expiry.as_mut() { expiry.as_mut().await } else { std::future::pending().await } } => {
+                    self.done = true;
+                    return Some((Ok(Bytes::from_static(b": closed token_expired\n\n")), self));
                 }
                 _ = self.ping.tick() => {
                     if !std::mem::replace(&mut self.wrote_since_ping, false) {

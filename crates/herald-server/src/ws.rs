@@ -6,12 +6,14 @@
 //! that stops reading is closed instead of pinning the task.
 //!
 //! Close codes sent by Herald: 1001 (node shutting down), 1009 (message too big), 4000 (too slow:
-//! resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped answering pings).
+//! resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped answering pings),
+//! 4003 (the client's token expired; send `refresh` with a fresh token before that).
 
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use herald_core::{ChannelName, CloseReason, Epoch, Outbound, Position, Session, SessionEvent, Transport};
 use serde::Deserialize;
@@ -19,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::time::MissedTickBehavior;
 
 use crate::AppState;
+use crate::auth::Identity;
 use crate::error::ApiError;
 
 /// Longest a single write to the client may take before the connection counts as too slow.
@@ -27,24 +30,46 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_BATCH: usize = 256;
 
 /// `GET /v1/ws`
-pub async fn handler(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     if state.draining() {
         return Err(ApiError::Unavailable("node is draining".into()));
     }
-    let session = state.hub().open_session(Transport::Ws, None)?;
+    let pairs = crate::api::query_pairs(&query);
+    let token = pairs.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str());
+    let identity = state.auth().authenticate(&headers, token)?;
+    let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
     Ok(upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| Connection { socket, session, state }.run()))
+        .on_upgrade(move |socket| Connection { socket, session, state, identity }.run()))
 }
 
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Op {
-    Subscribe { id: Option<u64>, channel: String, since: Option<Since> },
-    Unsubscribe { id: Option<u64>, channel: String },
-    Ping { id: Option<u64> },
+    Subscribe {
+        id: Option<u64>,
+        channel: String,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channel: String,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+    /// A fresh token for the same user, before the current one expires.
+    Refresh {
+        id: Option<u64>,
+        token: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -58,6 +83,7 @@ struct Connection {
     socket: WebSocket,
     session: Session,
     state: AppState,
+    identity: Identity,
 }
 
 enum Flow {
@@ -74,7 +100,12 @@ impl Connection {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut awaiting_pong = false;
         loop {
+            let expires_in = self.identity.expires_in();
             let flow = tokio::select! {
+                _ = async { match expires_in { Some(left) => tokio::time::sleep(left).await, None => std::future::pending().await } } => {
+                    self.close(4003, "token_expired").await;
+                    Flow::Stop
+                }
                 frame = self.socket.recv() => match frame {
                     Some(Ok(message)) => {
                         if matches!(message, Message::Pong(_)) {
@@ -168,7 +199,7 @@ impl Connection {
         // Error replies echo the client's id as sent, even when it is not a valid one.
         let raw_id = value.get("id").cloned().unwrap_or(Value::Null);
         let op = match value.get("op").and_then(Value::as_str) {
-            Some("subscribe" | "unsubscribe" | "ping") => serde_json::from_value::<Op>(value),
+            Some("subscribe" | "unsubscribe" | "ping" | "refresh") => serde_json::from_value::<Op>(value),
             Some(other) => {
                 return self
                     .send(error_frame(
@@ -182,6 +213,18 @@ impl Connection {
         };
         match op {
             Ok(Op::Ping { id }) => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
+            Ok(Op::Refresh { id, token }) => match self.state.auth().verify_token(&token) {
+                Ok(fresh) if fresh.user == self.identity.user => {
+                    self.identity = fresh;
+                    let expires_at = self.identity.expires_at;
+                    self.send(text_frame(json!({"type": "refreshed", "id": id, "expires_at": expires_at}))).await
+                }
+                Ok(_) => {
+                    let error = ApiError::Forbidden("a refreshed token must be for the same user".into());
+                    self.send(api_error_frame(id, &error)).await
+                }
+                Err(error) => self.send(api_error_frame(id, &error)).await,
+            },
             Ok(Op::Subscribe { id, channel, since }) => self.subscribe(id, channel, since).await,
             Ok(Op::Unsubscribe { id, channel }) => {
                 let result = ChannelName::parse(&channel)
@@ -208,6 +251,9 @@ impl Connection {
             Ok(since) => since,
             Err(error) => return self.send(api_error_frame(id, &ApiError::from(error))).await,
         };
+        if let Err(error) = self.state.auth().authorize(self.state.config(), &self.identity, &channel) {
+            return self.send(api_error_frame(id, &error)).await;
+        }
         let mut events = Vec::new();
         match self.session.subscribe(channel.clone(), since, &mut events).await {
             Ok(position) => {

@@ -283,7 +283,7 @@ async fn a_subscribed_idle_channel_keeps_its_epoch_past_its_history_age() {
         config.redis.prefix = prefix;
         config.namespaces.insert(
             "brief".into(),
-            herald_server::config::NamespaceConfig { history_size: None, history_ttl_secs: Some(2) },
+            herald_server::config::NamespaceConfig { history_ttl_secs: Some(2), ..Default::default() },
         );
     })
     .await;
@@ -319,4 +319,38 @@ async fn nodes_talk_to_redis_over_tls_with_rediss_urls() {
     nodes[1].publish("secure:1", json!("over tls")).await;
     assert_eq!(sse.expect_offsets("secure:1", 0, 1).await, vec![json!("over tls")]);
     wait_ready(&nodes[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_reaches_the_users_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let prefix = prefix();
+    let secret = "0123456789abcdef0123456789abcdef-cluster";
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.redis.prefix = prefix;
+                config.jwt_hs256_secret = Some(secret.to_owned());
+            })
+            .await,
+        );
+    }
+    let token = |sub: &str| {
+        let claims = json!({"sub": sub, "exp": 4_000_000_000u64});
+        let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("token")
+    };
+    let alice = token("alice");
+    let (mut on_a, _) = Sse::open(&nodes[0], &format!("channel=user:alice&token={alice}"), None).await;
+    let (mut on_b, _) = Sse::open(&nodes[1], &format!("channel=user:alice&token={alice}"), None).await;
+    let (mut bob, _) = Sse::open(&nodes[2], &format!("channel=user:bob&token={}", token("bob")), None).await;
+    let (status, answer) = nodes[2].post("/v1/disconnect", json!({"user": "alice"})).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"disconnected": 2})));
+    on_a.until_closed().await;
+    on_b.until_closed().await;
+    nodes[0].publish("user:bob", json!("still here")).await;
+    assert_eq!(bob.expect_offsets("user:bob", 0, 1).await, vec![json!("still here")]);
 }

@@ -2,6 +2,7 @@
 //! One test binary (this one) keeps link times down; modules group features.
 
 mod api;
+mod auth;
 mod cluster;
 mod harness;
 mod lifecycle;

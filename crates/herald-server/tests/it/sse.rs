@@ -128,7 +128,9 @@ async fn last_event_id_also_works_as_a_query_parameter() {
 #[tokio::test]
 async fn a_gap_history_cannot_cover_becomes_a_reset_then_delivery_goes_on() {
     let server = Server::with(|config| {
-        config.namespaces.insert("short".into(), NamespaceConfig { history_size: Some(3), history_ttl_secs: None });
+        config
+            .namespaces
+            .insert("short".into(), NamespaceConfig { history_size: Some(3), ..NamespaceConfig::default() });
     })
     .await;
     let (mut sse, _) = Sse::open(&server, "channel=short:1", None).await;

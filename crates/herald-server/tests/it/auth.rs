@@ -1,0 +1,216 @@
+//! Client authentication and channel authorization: who may read which channel, over SSE and WS.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_server::auth::SubscribeRule;
+use herald_server::config::NamespaceConfig;
+use jsonwebtoken::{EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Server, Sse, Ws, client, error_code};
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn token_with(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+}
+
+fn token(sub: &str) -> String {
+    token_with(SECRET, json!({"sub": sub, "exp": now() + 600}))
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+async fn secured() -> Server {
+    Server::with(|config| {
+        config.jwt_hs256_secret = Some(SECRET.into());
+        config.namespaces.insert(
+            "news".into(),
+            NamespaceConfig { subscribe: Some(SubscribeRule::Public), ..NamespaceConfig::default() },
+        );
+        config.namespaces.insert(
+            "room".into(),
+            NamespaceConfig { subscribe: Some(SubscribeRule::Authenticated), ..NamespaceConfig::default() },
+        );
+    })
+    .await
+}
+
+async fn sse_status(server: &Server, query: &str, bearer: Option<&str>) -> (StatusCode, Value) {
+    let mut request = client().get(server.url(&format!("/v1/sse?{query}")));
+    if let Some(token) = bearer {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = request.send().await.expect("GET /v1/sse");
+    let status = response.status();
+    if status == StatusCode::OK {
+        return (status, Value::Null);
+    }
+    (status, serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_user_reads_only_their_own_channel_over_sse() {
+    let server = secured().await;
+    let alice = token("alice");
+    assert_eq!(sse_status(&server, "channel=user:alice", Some(&alice)).await.0, StatusCode::OK);
+    assert_eq!(sse_status(&server, &format!("channel=user:alice&token={alice}"), None).await.0, StatusCode::OK);
+    let (status, body) = sse_status(&server, "channel=user:bob", Some(&alice)).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::FORBIDDEN, "forbidden"));
+    let (status, body) = sse_status(&server, "channel=user:alice&channel=user:bob", Some(&alice)).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::FORBIDDEN, "forbidden"), "one forbidden channel refuses all");
+    // A namespace without a rule is reachable only through the channels claim.
+    assert_eq!(sse_status(&server, "channel=order:1", Some(&alice)).await.0, StatusCode::FORBIDDEN);
+    let granted = token_with(
+        SECRET,
+        json!({"sub": "alice", "exp": now() + 600, "channels": ["order:1", "team:red:*", "user:bob"]}),
+    );
+    for channel in ["order:1", "team:red:general", "user:bob"] {
+        assert_eq!(
+            sse_status(&server, &format!("channel={channel}"), Some(&granted)).await.0,
+            StatusCode::OK,
+            "{channel}"
+        );
+    }
+    assert_eq!(sse_status(&server, "channel=order:2", Some(&granted)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(sse_status(&server, "channel=team:blue:x", Some(&granted)).await.0, StatusCode::FORBIDDEN);
+    // Public and authenticated namespaces.
+    assert_eq!(sse_status(&server, "channel=news:today", None).await.0, StatusCode::OK);
+    assert_eq!(sse_status(&server, "channel=room:1", Some(&alice)).await.0, StatusCode::OK);
+    let (status, body) = sse_status(&server, "channel=room:1", None).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthenticated"));
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_never_treated_as_anonymous() {
+    let server = secured().await;
+    let expired = token_with(SECRET, json!({"sub": "alice", "exp": now() - 10}));
+    let other_key = token_with("another-secret-another-secret-another", json!({"sub": "alice", "exp": now() + 600}));
+    let none_alg = format!(
+        "{}.{}.",
+        base64url(br#"{"alg":"none","typ":"JWT"}"#),
+        base64url(format!(r#"{{"sub":"alice","exp":{}}}"#, now() + 600).as_bytes())
+    );
+    let good = token("alice");
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    parts[1] = base64url(format!(r#"{{"sub":"bob","exp":{}}}"#, now() + 600).as_bytes());
+    let tampered = parts.join(".");
+    let no_sub = token_with(SECRET, json!({"exp": now() + 600}));
+    for (name, bad) in [
+        ("expired", &expired),
+        ("other key", &other_key),
+        ("alg none", &none_alg),
+        ("tampered", &tampered),
+        ("no sub", &no_sub),
+        ("garbage", &"not.a.token".to_owned()),
+    ] {
+        // Even on a public channel, a bad token is an error, not an anonymous pass.
+        for channel in ["user:alice", "news:today"] {
+            let (status, body) = sse_status(&server, &format!("channel={channel}"), Some(bad)).await;
+            assert_eq!(
+                (status, error_code(&body)),
+                (StatusCode::UNAUTHORIZED, "unauthenticated"),
+                "{name} on {channel}"
+            );
+        }
+        let upgrade = tokio_tungstenite::connect_async(format!("{}?token={bad}", server.ws_url())).await;
+        assert!(upgrade.is_err(), "{name}: WS upgrade must be refused");
+    }
+    let (status, body) = sse_status(&server, "channel=user:alice", None).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthenticated"));
+}
+
+#[tokio::test]
+async fn websocket_subscriptions_are_authorized_one_by_one() {
+    let server = secured().await;
+    let (socket, _) = tokio_tungstenite::connect_async(format!("{}?token={}", server.ws_url(), token("carol")))
+        .await
+        .expect("WS with a token");
+    let mut ws = Ws { socket };
+    assert_eq!(ws.subscribe(1, "user:carol", None).await.last().map(|f| f["type"].clone()), Some(json!("subscribed")));
+    let refused = ws.subscribe(2, "user:dave", None).await;
+    assert_eq!((refused[0]["type"].as_str(), refused[0]["code"].as_str()), (Some("error"), Some("forbidden")));
+    let (_, presence) = server.get("/v1/presence?channel=user:carol").await;
+    assert_eq!(presence["connections"][0]["user"], "carol");
+}
+
+#[tokio::test]
+async fn a_connection_closes_when_its_token_expires_unless_refreshed() {
+    let server = secured().await;
+    let short = token_with(SECRET, json!({"sub": "erin", "exp": now() + 2}));
+    let response = client()
+        .get(server.url("/v1/sse?channel=user:erin"))
+        .header("authorization", format!("Bearer {short}"))
+        .send()
+        .await
+        .expect("SSE");
+    let text =
+        tokio::time::timeout(Duration::from_secs(10), response.text()).await.expect("stream ends").expect("body");
+    assert!(text.contains(": closed token_expired"), "{text}");
+
+    let (socket, _) =
+        tokio_tungstenite::connect_async(format!("{}?token={}", server.ws_url(), short)).await.expect("WS");
+    let mut ws = Ws { socket };
+    let (code, reason) = ws.close_frame().await;
+    assert_eq!((code, reason.as_str()), (4003, "token_expired"));
+
+    let short = token_with(SECRET, json!({"sub": "erin", "exp": now() + 2}));
+    let (socket, _) =
+        tokio_tungstenite::connect_async(format!("{}?token={}", server.ws_url(), short)).await.expect("WS");
+    let mut ws = Ws { socket };
+    let fresh = token_with(SECRET, json!({"sub": "erin", "exp": now() + 600}));
+    ws.send(json!({"op": "refresh", "id": 1, "token": fresh})).await;
+    assert_eq!(ws.next().await["type"], "refreshed");
+    ws.send(json!({"op": "refresh", "id": 2, "token": token("mallory")})).await;
+    assert_eq!(ws.next().await["code"], "forbidden", "a refresh cannot switch users");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ws.send(json!({"op": "ping", "id": 3})).await;
+    assert_eq!(ws.next().await, json!({"type": "pong", "id": 3}), "still open after the first token's expiry");
+}
+
+#[tokio::test]
+async fn the_server_api_and_sse_tokens_are_separate_credentials() {
+    let server = Server::with(|config| {
+        config.jwt_hs256_secret = Some(SECRET.into());
+        config.api_keys = vec!["k".repeat(32)];
+    })
+    .await;
+    let (sse, _) = Sse::open(&server, &format!("channel=user:frank&token={}", token("frank")), None).await;
+    drop(sse);
+    let response = client()
+        .post(server.url("/v1/publish"))
+        .header("authorization", format!("Bearer {}", token("frank")))
+        .json(&json!({"channel": "user:frank", "data": 1}))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "a client token is not an API key");
+}
+
+#[test]
+fn serving_other_machines_without_authentication_needs_insecure() {
+    let open = herald_server::Cli { listen: Some("0.0.0.0:0".into()), ..herald_server::Cli::default() };
+    let problems = herald_server::config::load(&open, &[]).expect_err("refused");
+    assert!(problems.iter().any(|p| p.contains("--insecure")), "{problems:?}");
+    let insecure = herald_server::Cli { insecure: true, ..open };
+    assert!(herald_server::config::load(&insecure, &[]).is_ok());
+    let secured = herald_server::Cli { listen: Some("0.0.0.0:0".into()), ..herald_server::Cli::default() };
+    let env =
+        vec![("HERALD_JWT_HS256_SECRET".to_owned(), SECRET.to_owned()), ("HERALD_API_KEYS".to_owned(), "a".repeat(32))];
+    assert!(herald_server::config::load(&secured, &env).is_ok());
+}
