@@ -200,6 +200,61 @@ pub struct Stats {
     pub slow_consumer_disconnects: AtomicU64,
     pub connections_opened: AtomicU64,
     pub connections: AtomicU64,
+    /// Publish-to-socket-write latency of live deliveries.
+    pub latency: LatencyHistogram,
+}
+
+/// Upper bounds of the latency histogram's buckets, in microseconds (the last bucket is unbounded).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000,
+];
+
+/// A fixed-bucket histogram of atomics: recording is one bucket search and two atomic adds, cheap
+/// enough for every delivery; quantiles are estimated by interpolating inside a bucket.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// One counter per bucket of [`LATENCY_BUCKETS_US`], plus one for larger values.
+    buckets: [AtomicU64; 15],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, micros: u64) {
+        let index = LATENCY_BUCKETS_US.iter().position(|bound| micros <= *bound).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (not cumulative) and the sum of all values in microseconds.
+    pub fn snapshot(&self) -> ([u64; 15], u64) {
+        let mut counts = [0u64; 15];
+        for (count, bucket) in counts.iter_mut().zip(&self.buckets) {
+            *count = bucket.load(Ordering::Relaxed);
+        }
+        (counts, self.sum_us.load(Ordering::Relaxed))
+    }
+
+    /// Estimated `q` quantile in microseconds (0 when empty).
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        let (counts, _) = self.snapshot();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut seen = 0u64;
+        for (index, count) in counts.iter().enumerate() {
+            if *count > 0 && (seen + count) as f64 >= rank {
+                let low = if index == 0 { 0 } else { LATENCY_BUCKETS_US[index - 1] } as f64;
+                let high = LATENCY_BUCKETS_US.get(index).copied().unwrap_or(LATENCY_BUCKETS_US[13] * 2) as f64;
+                let within = (rank - seen as f64) / *count as f64;
+                return low + (high - low) * within.clamp(0.0, 1.0);
+            }
+            seen += count;
+        }
+        0.0
+    }
 }
 
 /// A snapshot of [`Stats`] plus gauges.
@@ -220,6 +275,19 @@ pub struct StatsSnapshot {
     pub resets_epoch_changed: u64,
     pub gaps_detected: u64,
     pub slow_consumer_disconnects: u64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    /// Shares of what reached clients: live deliveries, recovered publications, resets (`None` before
+    /// anything happened).
+    pub health: Option<DeliveryHealth>,
+}
+
+/// Shares of live deliveries, recoveries and resets among everything this node handed to clients.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct DeliveryHealth {
+    pub delivered_live: f64,
+    pub recovered: f64,
+    pub reset: f64,
 }
 
 /// This node's hub. Cheap to clone.
@@ -380,6 +448,11 @@ impl Hub {
         self.shared.snapshot()
     }
 
+    /// The publish-to-socket-write latency histogram: per-bucket counts and the sum in microseconds.
+    pub fn latency(&self) -> ([u64; 15], u64) {
+        self.shared.stats.latency.snapshot()
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
         self.shared.shards.iter().map(|s| lock(s).len()).sum()
@@ -446,6 +519,19 @@ impl HubShared {
             resets_epoch_changed: get(&s.resets_epoch_changed),
             gaps_detected: get(&s.gaps_detected),
             slow_consumer_disconnects: get(&s.slow_consumer_disconnects),
+            latency_p50_ms: (s.latency.quantile_us(0.5) / 10.0).round() / 100.0,
+            latency_p99_ms: (s.latency.quantile_us(0.99) / 10.0).round() / 100.0,
+            health: {
+                let live = get(&s.delivered_sse) + get(&s.delivered_ws);
+                let recovered = get(&s.recovered);
+                let resets = get(&s.resets_history_gone) + get(&s.resets_gap) + get(&s.resets_epoch_changed);
+                let total = (live + recovered + resets) as f64;
+                (total > 0.0).then(|| DeliveryHealth {
+                    delivered_live: live as f64 / total,
+                    recovered: recovered as f64 / total,
+                    reset: resets as f64 / total,
+                })
+            },
         }
     }
 }

@@ -20,7 +20,10 @@ pub use engine::{
     Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, NodeReceipt, PresenceEntry, PublishOutcome,
     PublishRequest, ReceiptRequest,
 };
-pub use hub::{CloseHook, CloseReason, DeliveryReport, Hub, HubConfig, HubError, Outbound, StatsSnapshot};
+pub use hub::{
+    CloseHook, CloseReason, DeliveryHealth, DeliveryReport, Hub, HubConfig, HubError, LatencyHistogram, Outbound,
+    StatsSnapshot,
+};
 pub use memory::MemoryEngine;
 pub use policy::{HistoryPolicy, Policies};
 pub use position::{CursorError, Epoch, Position, decode_cursor, encode_cursor};

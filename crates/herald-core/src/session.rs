@@ -208,6 +208,8 @@ impl Session {
             History::Covered { publications, .. } => {
                 let mut position = since;
                 for publication in publications {
+                    tracing::debug!(correlation_id = %publication.correlation_id, %channel,
+                        offset = publication.position.offset, connection = %self.id_text, "recovered");
                     if publication.position.offset == position.offset + 1 {
                         position = publication.position.clone();
                         out.push(SessionEvent::Publication { publication, recovered: true });
@@ -265,6 +267,7 @@ impl Session {
     /// gaps from history. Must run to completion (do not race it against other futures).
     pub async fn resolve(&mut self, batch: &mut Vec<Outbound>, out: &mut Vec<SessionEvent>) {
         let before = out.len();
+        let now_us = crate::publication::now_us();
         let mut recovered = 0u64;
         for item in batch.drain(..) {
             let (publication, receipt) = match item {
@@ -298,6 +301,9 @@ impl Session {
             if let Some(token) = receipt {
                 token.written();
             }
+            self.shared.stats.latency.record(now_us.saturating_sub(publication.published_at_ms * 1000));
+            tracing::trace!(correlation_id = %publication.correlation_id, channel = %publication.channel,
+                offset = publication.position.offset, connection = %self.id_text, "delivered");
             out.push(SessionEvent::Publication { publication, recovered: false });
         }
         let resets = out[before..].iter().filter(|e| matches!(e, SessionEvent::Reset { .. })).count() as u64;
@@ -339,6 +345,7 @@ impl Session {
             return replayed;
         }
         let reason = if same_epoch { ResetReason::Gap } else { ResetReason::EpochChanged };
+        tracing::info!(%channel, reason = reason.as_str(), connection = %self.id_text, "reset");
         let counter = if same_epoch { &stats.resets_gap } else { &stats.resets_epoch_changed };
         counter.fetch_add(1, Ordering::Relaxed);
         let (from, replay) =

@@ -242,6 +242,9 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
         });
         match Publication::from_envelope(envelope, tracked.as_ref().map(|t| t.1)) {
             Ok(publication) if publication.channel == channel => {
+                tracing::debug!(correlation_id = %publication.correlation_id, %channel,
+                    offset = publication.position.offset, origin = header.as_ref().map_or("", |h| h.origin.as_str()),
+                    "received from the backplane");
                 deliver_in_order(&inner, Arc::new(publication)).await;
                 if let Some((header, local, receipt, sink)) = tracked {
                     let inner = inner.clone();

@@ -200,7 +200,8 @@ pub async fn publish(
     let correlation = request.correlation_id.clone();
     if !await_delivery {
         let outcome = state.hub().publish(request).await.inspect_err(|_| state.metrics().refused("engine"))?;
-        tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset, "published");
+        tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset,
+            duplicate = outcome.duplicate, "published");
         return Ok(Json(outcome_json(&channel, &outcome)).into_response());
     }
     let (outcome, report) = state

@@ -68,7 +68,9 @@ impl Metrics {
             gauge!("herald_channels").set(s.channels as f64);
         });
         self.handle.run_upkeep();
-        self.handle.render()
+        let mut text = self.handle.render();
+        render_latency(&mut text, state.hub().latency());
+        text
     }
 }
 
@@ -76,6 +78,27 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Appends the delivery latency histogram, kept by the hub in fixed buckets, in Prometheus text format.
+fn render_latency(text: &mut String, (counts, sum_us): ([u64; 15], u64)) {
+    use herald_core::hub::LATENCY_BUCKETS_US;
+    use std::fmt::Write;
+    let name = "herald_delivery_latency_seconds";
+    let _ = writeln!(
+        text,
+        "# HELP {name} Time from a publication's acceptance by the engine to its write to a client (live deliveries)."
+    );
+    let _ = writeln!(text, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, count) in LATENCY_BUCKETS_US.iter().zip(&counts) {
+        cumulative += count;
+        let _ = writeln!(text, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+    }
+    cumulative += counts[LATENCY_BUCKETS_US.len()];
+    let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(text, "{name}_sum {}", sum_us as f64 / 1e6);
+    let _ = writeln!(text, "{name}_count {cumulative}");
 }
 
 pub async fn index() -> Html<&'static str> {

@@ -204,8 +204,9 @@ async fn disconnect_and_cluster_answer() {
         let (status, body) = server.post("/v1/disconnect", bad.clone()).await;
         assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "invalid_body"), "{bad}");
     }
-    let (_sse, _) = Sse::open(&server, "channel=a&channel=b", None).await;
+    let (mut sse, _) = Sse::open(&server, "channel=a&channel=b", None).await;
     server.publish("a", json!(1)).await;
+    sse.expect_offsets("a", 0, 1).await;
     let (status, cluster) = server.get("/v1/cluster").await;
     assert_eq!(status, StatusCode::OK);
     let nodes = cluster["nodes"].as_array().expect("nodes");
@@ -213,6 +214,8 @@ async fn disconnect_and_cluster_answer() {
     assert_eq!(nodes[0]["node"], server.state.hub().node_id());
     assert_eq!((nodes[0]["connections"].as_u64(), nodes[0]["channels"].as_u64()), (Some(1), Some(2)));
     assert_eq!(nodes[0]["published"], 1);
+    assert!(nodes[0]["latency_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{}", nodes[0]);
+    assert_eq!(nodes[0]["health"], json!({"delivered_live": 1.0, "recovered": 0.0, "reset": 0.0}));
 }
 
 #[tokio::test]
@@ -247,6 +250,7 @@ async fn metrics_count_what_happened() {
         "herald_publications_without_subscribers_total 1",
         "herald_connections 1",
         "herald_channels 1",
+        "herald_delivery_latency_seconds_count 3",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
     }

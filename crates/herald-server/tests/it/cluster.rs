@@ -354,3 +354,51 @@ async fn disconnect_reaches_the_users_connections_on_every_node() {
     nodes[0].publish("user:bob", json!("still here")).await;
     assert_eq!(bob.expect_offsets("user:bob", 0, 1).await, vec![json!("still here")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_follows_the_update_into_both_nodes_logs_and_the_envelope() {
+    let redis = RedisServer::start();
+    let prefix = prefix();
+    let dir = std::env::temp_dir().join(format!("herald-logs-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let env = [
+        ("HERALD_ENGINE", redis.url()),
+        ("HERALD_REDIS__PREFIX", prefix.clone()),
+        ("HERALD_LOG_FORMAT", "json".to_owned()),
+        ("HERALD_LOG", "herald_server=debug,herald_core=trace,herald_redis=debug".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
+    let mut node_a = Node::spawn_logging(&["--listen", "127.0.0.1:0"], &env, Some(&log_a));
+    let mut node_b = Node::spawn_logging(&["--listen", "127.0.0.1:0"], &env, Some(&log_b));
+    let url = format!("http://{}/v1/sse?channel=user:5", node_a.addr);
+    let mut sse = Sse::connect_url(&url, None).await.expect("SSE");
+    assert_eq!(sse.next().await.0, "herald.connected");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = client()
+        .post(format!("http://{}/v1/publish", node_b.addr))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"channel": "user:5", "data": 1}))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let (_, envelope) = sse.next().await;
+    assert_eq!(envelope["correlation_id"], trace_id);
+    // Stop both so their logs are complete, then look for the ID at publish (B) and delivery (A).
+    for node in [&node_a, &node_b] {
+        node.signal("TERM");
+    }
+    node_a.wait_exit(Duration::from_secs(10));
+    node_b.wait_exit(Duration::from_secs(10));
+    let has = |path: &std::path::Path, message: &str| {
+        std::fs::read_to_string(path).unwrap_or_default().lines().any(|line| {
+            let entry: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+            entry["fields"]["message"] == message && entry["fields"]["correlation_id"] == trace_id
+        })
+    };
+    assert!(has(&log_b, "published"), "B's publish log lacks the trace ID");
+    assert!(has(&log_a, "received from the backplane"), "A's hand-off log lacks the trace ID");
+    assert!(has(&log_a, "delivered"), "A's delivery log lacks the trace ID");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -129,7 +129,12 @@ impl Sse {
         query: &str,
         last_event_id: Option<&str>,
     ) -> Result<Sse, (StatusCode, Value)> {
-        let mut request = client().get(server.url(&format!("/v1/sse?{query}")));
+        Self::connect_url(&server.url(&format!("/v1/sse?{query}")), last_event_id).await
+    }
+
+    /// Connects to a full SSE URL (for nodes running as processes).
+    pub async fn connect_url(url: &str, last_event_id: Option<&str>) -> Result<Sse, (StatusCode, Value)> {
+        let mut request = client().get(url);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }

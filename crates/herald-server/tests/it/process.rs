@@ -14,8 +14,17 @@ pub struct Node {
 
 impl Node {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Node {
+        Self::spawn_logging(args, env, None)
+    }
+
+    /// Like `spawn`, with the node's log (stderr) written to `log`.
+    pub fn spawn_logging(args: &[&str], env: &[(&str, &str)], log: Option<&std::path::Path>) -> Node {
         let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-        command.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+            None => Stdio::null(),
+        };
+        command.args(args).stdout(Stdio::piped()).stderr(stderr);
         for (key, value) in env {
             command.env(key, value);
         }
