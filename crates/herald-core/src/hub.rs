@@ -109,7 +109,8 @@ pub enum Outbound {
     Publication { publication: Arc<Publication>, receipt: Option<ReceiptToken> },
     /// The engine may have missed publications of `channel` up to `top` (it reconnected or history was
     /// lost): the session checks its position against `top` and replays or resets.
-    Resync { channel: ChannelName, top: Position },
+    /// Boxed: resyncs are rare, and a small item keeps every queue slot small on the hot path.
+    Resync(Box<(ChannelName, Position)>),
 }
 
 /// Called once when the hub closes a connection, so the transport can abort a write that is blocked
@@ -221,9 +222,18 @@ pub struct LatencyHistogram {
 
 impl LatencyHistogram {
     pub fn record(&self, micros: u64) {
+        self.record_many(micros, 1);
+    }
+
+    /// Records `count` values of `micros` at once (a connection's batch, timed by its oldest event):
+    /// the hot path touches the shared counters once per batch, not once per delivery.
+    pub fn record_many(&self, micros: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
         let index = LATENCY_BUCKETS_US.iter().position(|bound| micros <= *bound).unwrap_or(LATENCY_BUCKETS_US.len());
-        self.buckets[index].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(micros, Ordering::Relaxed);
+        self.buckets[index].fetch_add(count, Ordering::Relaxed);
+        self.sum_us.fetch_add(micros.saturating_mul(count), Ordering::Relaxed);
     }
 
     /// Per-bucket counts (not cumulative) and the sum of all values in microseconds.
@@ -587,7 +597,7 @@ impl EngineSink for HubShared {
         let shard = lock(self.shard(channel));
         let Some(members) = shard.get(channel) else { return };
         for member in members.values() {
-            let item = Outbound::Resync { channel: channel.clone(), top: top.clone() };
+            let item = Outbound::Resync(Box::new((channel.clone(), top.clone())));
             if let Err(mpsc::error::TrySendError::Full(_)) = member.tx.try_send(item) {
                 if member.control.close(CloseReason::SlowConsumer) {
                     self.stats.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);

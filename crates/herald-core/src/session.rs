@@ -267,12 +267,15 @@ impl Session {
     /// gaps from history. Must run to completion (do not race it against other futures).
     pub async fn resolve(&mut self, batch: &mut Vec<Outbound>, out: &mut Vec<SessionEvent>) {
         let before = out.len();
-        let now_us = crate::publication::now_us();
+        // The batch's latency is that of its oldest live publication (events of one batch were written
+        // together), recorded once for the whole batch to keep shared counters off the per-event path.
+        let mut oldest_ms = u64::MAX;
         let mut recovered = 0u64;
         for item in batch.drain(..) {
             let (publication, receipt) = match item {
                 Outbound::Publication { publication, receipt } => (publication, receipt),
-                Outbound::Resync { channel, top } => {
+                Outbound::Resync(resync) => {
+                    let (channel, top) = *resync;
                     if let Some(position) = self.positions.get(&channel) {
                         let behind = position.epoch != top.epoch || position.offset < top.offset;
                         if behind {
@@ -301,13 +304,17 @@ impl Session {
             if let Some(token) = receipt {
                 token.written();
             }
-            self.shared.stats.latency.record(now_us.saturating_sub(publication.published_at_ms * 1000));
+            oldest_ms = oldest_ms.min(publication.published_at_ms);
             tracing::trace!(correlation_id = %publication.correlation_id, channel = %publication.channel,
                 offset = publication.position.offset, connection = %self.id_text, "delivered");
             out.push(SessionEvent::Publication { publication, recovered: false });
         }
         let resets = out[before..].iter().filter(|e| matches!(e, SessionEvent::Reset { .. })).count() as u64;
         let live = (out.len() - before) as u64 - recovered - resets;
+        if live > 0 {
+            let latency = crate::publication::now_us().saturating_sub(oldest_ms.saturating_mul(1000));
+            self.shared.stats.latency.record_many(latency, live);
+        }
         let counter = match self.transport {
             Transport::Sse => &self.shared.stats.delivered_sse,
             Transport::Ws => &self.shared.stats.delivered_ws,

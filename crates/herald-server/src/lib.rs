@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(ops::index))
         .route("/favicon.ico", get(ops::favicon))
+        .route("/dashboard", get(ops::dashboard))
         .route("/v1/sse", get(sse::handler))
         .route("/v1/ws", get(ws::handler))
         .route("/v1/publish", post(api::publish))

@@ -19,6 +19,7 @@ use crate::AppState;
 use crate::error::ApiError;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
+const DASHBOARD_HTML: &str = include_str!("../static/dashboard.html");
 
 /// This node's metrics registry plus counters the server itself keeps.
 pub struct Metrics {
@@ -39,7 +40,8 @@ impl Metrics {
         self.refused_engine.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn render(&self, state: &AppState) -> String {
+    async fn render(&self, state: &AppState) -> String {
+        let ready = state.hub().ready().await && !state.draining();
         let s = state.hub().stats();
         let refused_engine = self.refused_engine.load(Ordering::Relaxed);
         let engine = state.hub().engine().stats();
@@ -64,6 +66,7 @@ impl Metrics {
             if let Some(rtt) = engine.probe_rtt_us {
                 gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);
             }
+            gauge!("herald_ready").set(if ready { 1.0 } else { 0.0 });
             gauge!("herald_connections").set(s.connections as f64);
             gauge!("herald_channels").set(s.channels as f64);
         });
@@ -105,6 +108,11 @@ pub async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
+/// The live cluster dashboard (it polls `/v1/cluster`).
+pub async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD_HTML)
+}
+
 /// No icon: an empty answer instead of a 404 in every browser console.
 pub async fn favicon() -> StatusCode {
     StatusCode::NO_CONTENT
@@ -123,7 +131,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics().render(&state);
+    let text = state.metrics().render(&state).await;
     let mut response = text.into_response();
     response
         .headers_mut()

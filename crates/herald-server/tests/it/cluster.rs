@@ -27,7 +27,7 @@ async fn node(redis: &RedisServer, prefix: &str) -> Server {
     .await
 }
 
-async fn cluster(redis: &RedisServer, size: usize) -> Vec<Server> {
+pub async fn cluster(redis: &RedisServer, size: usize) -> Vec<Server> {
     let prefix = prefix();
     let mut nodes = Vec::new();
     for _ in 0..size {

@@ -4,6 +4,7 @@
 mod api;
 mod auth;
 mod cluster;
+mod dashboard;
 mod harness;
 mod lifecycle;
 mod process;
