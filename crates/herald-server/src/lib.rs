@@ -162,7 +162,14 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     let app = router(state.clone());
     let grace = Duration::from_secs(state.config().shutdown_grace_secs);
     let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
-    let accept = tokio::spawn(serve::accept_loop(listener, app, write_timeout, shutdown.clone(), tracker.clone()));
+    let accept = tokio::spawn(serve::accept_loop(
+        listener,
+        app,
+        state.clone(),
+        write_timeout,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
     shutdown.cancelled().await;
     let told = state.drain();
     tracing::info!(connections = told, "draining");

@@ -28,13 +28,35 @@ use crate::serve::KillSwitch;
 /// Most queued publications written in one chunk.
 pub const MAX_BATCH: usize = 256;
 
-/// `GET /v1/sse?channel=A[&channel=B…][&last_event_id=…]`
+/// `GET /v1/sse?channel=A[&channel=B…][&last_event_id=…]` through axum (used when the router is
+/// embedded in another application; the `herald` server answers SSE on its own accept loop, see
+/// `serve.rs`).
 pub async fn handler(
     State(state): State<AppState>,
     kill: Option<Extension<Arc<KillSwitch>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let stream = open(&state, kill.map(|Extension(kill)| kill), &headers, query).await?;
+    let body = Body::from_stream(futures_util::stream::unfold(stream, |mut stream| async move {
+        stream.next_chunk().await.map(|chunk| (Ok::<_, Infallible>(chunk), stream))
+    }));
+    let mut response = body.into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// Checks an SSE request and subscribes its connection: either the stream to write (its first chunk is
+/// `herald.connected` and any replayed events) or the error to answer with.
+pub async fn open(
+    state: &AppState,
+    kill: Option<Arc<KillSwitch>>,
+    headers: &HeaderMap,
+    query: Option<String>,
+) -> Result<SseStream, ApiError> {
     if state.draining() {
         return Err(ApiError::Unavailable("node is draining".into()));
     }
@@ -67,12 +89,12 @@ pub async fn handler(
     };
     let since: Option<Vec<Position>> = cursor.map(|c| decode_cursor(&c, &channels)).transpose()?;
 
-    let identity = state.auth().authenticate(&headers, token)?;
+    let identity = state.auth().authenticate(headers, token)?;
     for channel in &channels {
         state.auth().authorize(state.config(), &identity, channel)?;
     }
     let mut session = state.hub().open_session(Transport::Sse, identity.user.clone())?;
-    if let Some(Extension(kill)) = kill {
+    if let Some(kill) = kill {
         // A client too slow to keep up must go now, even while hyper is blocked writing to it; it resumes
         // from its cursor. Other closes end the stream gracefully (the write timeout bounds them).
         session.on_close(Box::new(move |reason| {
@@ -118,16 +140,11 @@ pub async fn handler(
         stream.encode(&mut first, event);
     }
     stream.first = Some(Bytes::from(first));
-    let body = Body::from_stream(futures_util::stream::unfold(stream, SseStream::next));
-    let mut response = body.into_response();
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(stream)
 }
 
-struct SseStream {
+/// One subscribed SSE connection: yields the chunks to write, in order, until the connection closes.
+pub struct SseStream {
     session: Session,
     /// The connection's channels, sorted: the cursor's order.
     channels: Vec<ChannelName>,
@@ -146,9 +163,10 @@ struct SseStream {
 }
 
 impl SseStream {
-    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
+    /// The next chunk to write; `None` once the stream is over (the client should reconnect).
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(first) = self.first.take() {
-            return Some((Ok(first), self));
+            return Some(first);
         }
         if self.done {
             return None;
@@ -160,7 +178,7 @@ impl SseStream {
                         self.done = true;
                         let jitter = rand::random::<u64>() % 1000;
                         let text = format!(": closed {}\nretry: {}\n\n", reason.as_str(), 250 + jitter);
-                        return Some((Ok(Bytes::from(text)), self));
+                        return Some(Bytes::from(text));
                     }
                     self.session.resolve(&mut self.batch, &mut self.events).await;
                     if self.events.is_empty() {
@@ -174,15 +192,15 @@ impl SseStream {
                     self.events = events;
                     self.events.clear();
                     self.wrote_since_ping = true;
-                    return Some((Ok(Bytes::from(buffer)), self));
+                    return Some(Bytes::from(buffer));
                 }
                 _ = async { if let Some(expiry) = self.expiry.as_mut() { expiry.as_mut().await } else { std::future::pending().await } } => {
                     self.done = true;
-                    return Some((Ok(Bytes::from_static(b": closed token_expired\n\n")), self));
+                    return Some(Bytes::from_static(b": closed token_expired\n\n"));
                 }
                 _ = self.ping.tick() => {
                     if !std::mem::replace(&mut self.wrote_since_ping, false) {
-                        return Some((Ok(Bytes::from_static(b": ping\n\n")), self));
+                        return Some(Bytes::from_static(b": ping\n\n"));
                     }
                 }
             }

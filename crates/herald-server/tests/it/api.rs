@@ -278,3 +278,26 @@ async fn api_keys_guard_the_server_api_when_configured() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(server.get("/healthz").await.0, StatusCode::OK, "operations endpoints stay open");
 }
+
+#[tokio::test]
+async fn the_router_serves_sse_when_embedded_in_another_axum_application() {
+    // An application that embeds Herald serves `router(state)` with its own server (here `axum::serve`),
+    // so SSE goes through the axum handler rather than Herald's accept loop.
+    let cli = herald_server::Cli { listen: Some("127.0.0.1:0".into()), ..herald_server::Cli::default() };
+    let settings = herald_server::config::load(&cli, &[]).expect("config");
+    let state = herald_server::start(settings).await.expect("node");
+    let app = axum::Router::new().nest_service("/herald", herald_server::router(state.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut sse = Sse::connect_url(&format!("http://{addr}/herald/v1/sse?channel=embedded"), None).await.expect("SSE");
+    assert_eq!(sse.next().await.0, "herald.connected");
+    let response = client()
+        .post(format!("http://{addr}/herald/v1/publish"))
+        .json(&json!({"channel": "embedded", "data": "hi"}))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(sse.expect_offsets("embedded", 0, 1).await, vec![json!("hi")]);
+}
