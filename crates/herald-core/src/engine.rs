@@ -29,6 +29,8 @@ pub struct PublishRequest {
     pub correlation_id: Arc<str>,
     /// Set when the publisher waits for delivery receipts; travels with the publication, not to clients.
     pub receipt: Option<ReceiptRequest>,
+    /// W3C `traceparent` of the publish span (when traces are exported); travels to delivering nodes.
+    pub trace_parent: Option<Arc<str>>,
 }
 
 /// A publisher waiting for delivery receipts: the ID its node waits under, and for how long.

@@ -315,7 +315,12 @@ pub(crate) struct HubShared {
     connections: Mutex<HashMap<u64, ConnectionRecord>>,
     receipts: Mutex<HashMap<u64, Arc<Receipt>>>,
     next_receipt: AtomicU64,
+    deliver_hook: std::sync::OnceLock<DeliverHook>,
 }
+
+/// Called after a publication that carries a trace context was handed to this node's connections,
+/// with how many received it (the server records a `deliver` span with it).
+pub type DeliverHook = Box<dyn Fn(&Publication, usize) + Send + Sync>;
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here leaves its map consistent at each step; a poisoned lock is still usable.
@@ -334,6 +339,7 @@ impl Hub {
             connections: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
             next_receipt: AtomicU64::new(1),
+            deliver_hook: std::sync::OnceLock::new(),
         });
         let sink: Arc<dyn EngineSink> = shared.clone();
         let weak: Weak<dyn EngineSink> = Arc::downgrade(&sink);
@@ -343,6 +349,11 @@ impl Hub {
 
     pub fn node_id(&self) -> &str {
         self.shared.engine.node_id()
+    }
+
+    /// Installs the hook called for traced publications after fan-out (only the first one is kept).
+    pub fn set_deliver_hook(&self, hook: DeliverHook) {
+        let _ = self.shared.deliver_hook.set(hook);
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -556,6 +567,9 @@ impl EngineSink for HubShared {
             if let Some(receipt) = receipt {
                 receipt.fanned_out(0);
             }
+            if let (Some(_), Some(hook)) = (&publication.trace_parent, self.deliver_hook.get()) {
+                hook(&publication, 0);
+            }
             return;
         };
         // Every token handed out is either written or dropped (counted as abandoned), so the receipt
@@ -579,6 +593,9 @@ impl EngineSink for HubShared {
         drop(shard);
         if let Some(receipt) = receipt {
             receipt.fanned_out(recipients);
+        }
+        if let (Some(_), Some(hook)) = (&publication.trace_parent, self.deliver_hook.get()) {
+            hook(&publication, recipients);
         }
     }
 

@@ -191,15 +191,18 @@ impl Engine for MemoryEngine {
         stream.offset += 1;
         stream.last_publish_ms = now;
         let position = stream.top();
-        let publication = Arc::new(Publication::new(
-            request.channel.clone(),
-            position.clone(),
-            request.event,
-            &request.data,
-            request.correlation_id.clone(),
-            now,
-            request.receipt.map(|r| r.id),
-        ));
+        let publication = Arc::new(
+            Publication::new(
+                request.channel.clone(),
+                position.clone(),
+                request.event,
+                &request.data,
+                request.correlation_id.clone(),
+                now,
+                request.receipt.map(|r| r.id),
+            )
+            .with_trace_parent(request.trace_parent.clone()),
+        );
         stream.history.push_back(publication.clone());
         stream.trim(policy.size, policy.ttl, now);
         if let (Some(dedup), Some(key)) = (dedup.as_mut(), request.idempotency_key) {
@@ -313,6 +316,7 @@ mod tests {
             idempotency_key: key.map(str::to_owned),
             correlation_id: Arc::from("c"),
             receipt: None,
+            trace_parent: None,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct Publication {
     pub published_at_ms: u64,
     /// Asks the delivering hub to count writes for a publisher awaiting delivery (never sent to clients).
     pub receipt: Option<u64>,
+    /// W3C `traceparent` of the publish span, when traces are exported (never sent to clients).
+    pub trace_parent: Option<Arc<str>>,
     /// `{"channel":…,"epoch":…,"offset":…,"event":…,"data":…,"correlation_id":…,"published_at":…}`,
     /// compact JSON without newlines, so it fits on one SSE `data:` line.
     envelope: Bytes,
@@ -95,7 +97,7 @@ impl Publication {
         };
         // Serialising borrowed strings and a raw value into a Vec cannot fail.
         let envelope = serde_json::to_vec(&out).map(Bytes::from).unwrap_or_default();
-        Self { channel, position, event, correlation_id, published_at_ms, receipt, envelope }
+        Self { channel, position, event, correlation_id, published_at_ms, receipt, trace_parent: None, envelope }
     }
 
     /// Rebuilds a publication from an envelope made by [`Publication::new`] (for example on another node).
@@ -114,8 +116,15 @@ impl Publication {
             correlation_id,
             published_at_ms,
             receipt,
+            trace_parent: None,
             envelope,
         })
+    }
+
+    /// Attaches the publisher's trace context (set by the engine when it makes the publication).
+    pub fn with_trace_parent(mut self, trace_parent: Option<Arc<str>>) -> Self {
+        self.trace_parent = trace_parent;
+        self
     }
 
     /// The envelope JSON, shared.

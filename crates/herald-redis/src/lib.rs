@@ -342,7 +342,8 @@ impl Engine for RedisEngine {
         let now = now_ms();
         // Message header: origin node, receipt ID (0 when nobody waits) and how long the origin waits.
         let (receipt_id, receipt_ms) = request.receipt.map_or((0, 0), |r| (r.id, r.timeout.as_millis() as u64));
-        let header = format!("{}\t{receipt_id}\t{receipt_ms}\n", inner.config.node_id);
+        let trace = request.trace_parent.as_deref().unwrap_or("-");
+        let header = format!("{}\t{receipt_id}\t{receipt_ms}\t{trace}\n", inner.config.node_id);
         if receipt_id != 0 {
             // Registered before publishing: another node may answer before the script returns.
             let (tx, rx) = mpsc::unbounded_channel();

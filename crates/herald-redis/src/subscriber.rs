@@ -240,7 +240,10 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
             let (local, receipt) = sink.track_receipt();
             Some((h.clone(), local, receipt, sink))
         });
-        match Publication::from_envelope(envelope, tracked.as_ref().map(|t| t.1)) {
+        let trace_parent = header.as_ref().and_then(|h| h.trace_parent.clone());
+        match Publication::from_envelope(envelope, tracked.as_ref().map(|t| t.1))
+            .map(|p| p.with_trace_parent(trace_parent))
+        {
             Ok(publication) if publication.channel == channel => {
                 tracing::debug!(correlation_id = %publication.correlation_id, %channel,
                     offset = publication.position.offset, origin = header.as_ref().map_or("", |h| h.origin.as_str()),
@@ -268,13 +271,14 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
     let _ = inner.subscriber.send(Command::Lost(generation));
 }
 
-/// The line before each envelope: `<origin node>\t<receipt id>\t<wait ms>`.
+/// The line before each envelope: `<origin node>\t<receipt id>\t<wait ms>\t<traceparent or ->`.
 #[derive(Clone)]
 struct Header {
     origin: String,
     /// 0 when nobody waits for receipts.
     receipt: u64,
     wait: Duration,
+    trace_parent: Option<Arc<str>>,
 }
 
 impl Header {
@@ -284,7 +288,12 @@ impl Header {
         let origin = parts.next()?.to_owned();
         let receipt = parts.next()?.parse().ok()?;
         let wait_ms: u64 = parts.next()?.parse().ok()?;
-        Some(Header { origin, receipt, wait: Duration::from_millis(wait_ms.min(60_000)) })
+        // A traceparent is 55 printable characters; anything else is ignored.
+        let trace_parent = parts
+            .next()
+            .filter(|t| *t != "-" && t.len() <= 128 && t.bytes().all(|b| b.is_ascii_graphic()))
+            .map(Arc::from);
+        Some(Header { origin, receipt, wait: Duration::from_millis(wait_ms.min(60_000)), trace_parent })
     }
 }
 

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -196,10 +197,17 @@ pub async fn publish(
         idempotency_key: body.idempotency_key,
         correlation_id: correlation_id(&headers)?,
         receipt: None,
+        trace_parent: None,
     };
     let correlation = request.correlation_id.clone();
+    // With trace export on, the publish runs inside a span whose context travels with the publication.
+    let span = crate::telemetry::publish_span(&headers, channel.as_str(), &correlation);
+    let mut request = request;
+    request.trace_parent = span.as_ref().and_then(crate::telemetry::traceparent_of).map(Arc::from);
+    let span = span.unwrap_or_else(tracing::Span::none);
     if !await_delivery {
-        let outcome = state.hub().publish(request).await.inspect_err(|_| state.metrics().refused("engine"))?;
+        let outcome =
+            state.hub().publish(request).instrument(span).await.inspect_err(|_| state.metrics().refused("engine"))?;
         tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset,
             duplicate = outcome.duplicate, "published");
         return Ok(Json(outcome_json(&channel, &outcome)).into_response());
@@ -207,6 +215,7 @@ pub async fn publish(
     let (outcome, report) = state
         .hub()
         .publish_awaiting_delivery(request, Duration::from_millis(timeout_ms))
+        .instrument(span)
         .await
         .inspect_err(|_| state.metrics().refused("engine"))?;
     let mut answer = outcome_json(&channel, &outcome);
@@ -246,6 +255,7 @@ pub async fn broadcast(
             idempotency_key: None,
             correlation_id: correlation.clone(),
             receipt: None,
+            trace_parent: None,
         };
         match state.hub().publish(request).await {
             Ok(outcome) => results.push(outcome_json(&channel, &outcome)),

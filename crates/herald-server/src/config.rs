@@ -57,6 +57,8 @@ pub struct Config {
     pub jwt_hs256_secret: Option<String>,
     /// Allow serving a non-loopback address with no authentication at all.
     pub insecure: bool,
+    /// OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`); when set, publish and deliver spans are exported.
+    pub otlp_endpoint: Option<String>,
     pub history: HistoryConfig,
     /// Per-namespace overrides, keyed by namespace (the part of a channel before the first `:`).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -159,6 +161,7 @@ impl Default for Config {
             api_keys: Vec::new(),
             jwt_hs256_secret: None,
             insecure: false,
+            otlp_endpoint: None,
             history: HistoryConfig::default(),
             namespaces: BTreeMap::new(),
             limits: LimitsConfig::default(),
@@ -436,6 +439,11 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         }
         if ns.history_ttl_secs == Some(0) {
             problems.push(format!("namespaces.{name}.history_ttl_secs must be greater than 0"));
+        }
+    }
+    if let Some(endpoint) = &config.otlp_endpoint {
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            problems.push(format!("otlp_endpoint: {endpoint:?} must be an http:// or https:// URL"));
         }
     }
     if let Some(secret) = &config.jwt_hs256_secret {

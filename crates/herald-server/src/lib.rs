@@ -11,6 +11,7 @@ pub mod error;
 pub mod ops;
 pub mod serve;
 pub mod sse;
+pub mod telemetry;
 pub mod ws;
 
 use std::sync::Arc;
@@ -139,6 +140,19 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
 pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
     let engine = build_engine(&settings).await?;
     let hub = Hub::start(engine, settings.hub_config()).await?;
+    if telemetry::enabled() {
+        hub.set_deliver_hook(Box::new(|publication, recipients| {
+            if let Some(traceparent) = &publication.trace_parent {
+                telemetry::deliver_span(
+                    traceparent,
+                    publication.channel.as_str(),
+                    &publication.correlation_id,
+                    publication.position.offset,
+                    recipients,
+                );
+            }
+        }));
+    }
     Ok(AppState::new(hub, settings))
 }
 

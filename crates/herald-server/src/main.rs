@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use herald_server::{Cli, EXIT_BAD_CONFIG, Settings, config};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,7 +21,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
-    init_logging(&settings);
+    let telemetry = match herald_server::telemetry::init(&settings) {
+        Ok(telemetry) => telemetry,
+        Err(problem) => {
+            eprintln!("herald: the configuration is not valid:\n  - {problem}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -30,22 +35,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(settings)) {
+    let result = runtime.block_on(serve(settings));
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("herald: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(settings: &Settings) {
-    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if settings.config.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -11,4 +11,5 @@ mod process;
 mod redis;
 mod scenario;
 mod sse;
+mod telemetry;
 mod ws;

@@ -10,6 +10,7 @@ use serde_json::Value;
 pub struct Node {
     pub child: Child,
     pub addr: String,
+    pub node: String,
 }
 
 impl Node {
@@ -34,7 +35,8 @@ impl Node {
         BufReader::new(stdout).read_line(&mut line).expect("read listening line");
         let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("listening line is JSON: {line:?}"));
         let addr = parsed["listening"].as_str().expect("listening address").to_owned();
-        Node { child, addr }
+        let node = parsed["node"].as_str().unwrap_or_default().to_owned();
+        Node { child, addr, node }
     }
 
     pub fn signal(&self, signal: &str) {
