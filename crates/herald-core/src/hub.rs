@@ -410,6 +410,11 @@ impl Hub {
     fn count_publish(&self, outcome: &PublishOutcome) {
         let counter = if outcome.duplicate { &self.shared.stats.duplicates } else { &self.shared.stats.published };
         counter.fetch_add(1, Ordering::Relaxed);
+        // A distributed engine knows how many nodes got it; none means nobody in the cluster listened.
+        // (Without that count, the fan-out counts publications that found no local subscriber.)
+        if !outcome.duplicate && outcome.receivers == Some(0) {
+            self.shared.stats.no_subscriber.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Opens a session (one client connection) on this node.

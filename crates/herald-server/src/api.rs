@@ -167,7 +167,17 @@ pub async fn publish(
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    // Every refusal is counted by the code it is answered with.
+    publish_inner(&state, headers, query, body).await.inspect_err(|error| state.metrics().refused(error.code()))
+}
+
+async fn publish_inner(
+    state: &AppState,
+    headers: HeaderMap,
+    query: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(state, &headers)?;
     let pairs = query_pairs(&query);
     let await_delivery = match single(&pairs, "await")? {
         None => false,
@@ -181,7 +191,7 @@ pub async fn publish(
     if timeout_ms > max_await {
         return Err(ApiError::BadRequest(format!("timeout_ms must be at most {max_await}")));
     }
-    let body: PublishBody = parse_body(&state, body)?;
+    let body: PublishBody = parse_body(state, body)?;
     let channel = ChannelName::parse(&body.channel)?;
     if let Some(key) = &body.idempotency_key {
         if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
@@ -206,18 +216,13 @@ pub async fn publish(
     request.trace_parent = span.as_ref().and_then(crate::telemetry::traceparent_of).map(Arc::from);
     let span = span.unwrap_or_else(tracing::Span::none);
     if !await_delivery {
-        let outcome =
-            state.hub().publish(request).instrument(span).await.inspect_err(|_| state.metrics().refused("engine"))?;
+        let outcome = state.hub().publish(request).instrument(span).await?;
         tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset,
             duplicate = outcome.duplicate, "published");
         return Ok(Json(outcome_json(&channel, &outcome)).into_response());
     }
-    let (outcome, report) = state
-        .hub()
-        .publish_awaiting_delivery(request, Duration::from_millis(timeout_ms))
-        .instrument(span)
-        .await
-        .inspect_err(|_| state.metrics().refused("engine"))?;
+    let (outcome, report) =
+        state.hub().publish_awaiting_delivery(request, Duration::from_millis(timeout_ms)).instrument(span).await?;
     let mut answer = outcome_json(&channel, &outcome);
     answer["delivery"] =
         json!({"connections": report.connections, "nodes": report.nodes, "timed_out": report.timed_out});
@@ -260,7 +265,7 @@ pub async fn broadcast(
         match state.hub().publish(request).await {
             Ok(outcome) => results.push(outcome_json(&channel, &outcome)),
             Err(error) => {
-                state.metrics().refused("engine");
+                state.metrics().refused("engine_unavailable");
                 results.push(json!({"channel": channel, "error": ApiError::from(error).body()["error"]}));
             }
         }

@@ -5,8 +5,6 @@
 //! copied into this node's Prometheus recorder and rendered. The recorder is local to the node (no
 //! global state), so several nodes can live in one process (tests, embedding).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -25,30 +23,35 @@ const DASHBOARD_HTML: &str = include_str!("../static/dashboard.html");
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    refused_engine: AtomicU64,
+    /// Publications refused, by the error code of the answer.
+    refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        Self { recorder, handle, refused_engine: AtomicU64::new(0) }
+        Self { recorder, handle, refused: std::sync::Mutex::new(std::collections::BTreeMap::new()) }
     }
 
     /// A publication the API could not accept, by reason.
-    pub fn refused(&self, _reason: &'static str) {
-        self.refused_engine.fetch_add(1, Ordering::Relaxed);
+    pub fn refused(&self, reason: &'static str) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused.entry(reason).or_default() += 1;
+        }
     }
 
     async fn render(&self, state: &AppState) -> String {
         let ready = state.hub().ready().await && !state.draining();
         let s = state.hub().stats();
-        let refused_engine = self.refused_engine.load(Ordering::Relaxed);
+        let refused = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
         let engine = state.hub().engine().stats();
         metrics::with_local_recorder(&self.recorder, || {
             counter!("herald_publications_total", "result" => "accepted").absolute(s.published);
             counter!("herald_publications_total", "result" => "duplicate").absolute(s.duplicates);
-            counter!("herald_publications_refused_total", "reason" => "engine_unavailable").absolute(refused_engine);
+            for (reason, count) in &refused {
+                counter!("herald_publications_refused_total", "reason" => *reason).absolute(*count);
+            }
             counter!("herald_publications_without_subscribers_total").absolute(s.no_subscriber);
             counter!("herald_deliveries_total", "transport" => "sse").absolute(s.delivered_sse);
             counter!("herald_deliveries_total", "transport" => "ws").absolute(s.delivered_ws);

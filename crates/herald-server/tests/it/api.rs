@@ -243,6 +243,8 @@ async fn metrics_count_what_happened() {
     }
     sse.expect_offsets("m", 0, 3).await;
     server.publish("nobody-listens", json!(1)).await;
+    server.post_raw("/v1/publish", "{not json").await;
+    server.post("/v1/publish", json!({"channel": "bad channel", "data": 1})).await;
     let text = client().get(server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
     for line in [
         "herald_publications_total{result=\"accepted\"} 4",
@@ -251,6 +253,9 @@ async fn metrics_count_what_happened() {
         "herald_connections 1",
         "herald_channels 1",
         "herald_delivery_latency_seconds_count 3",
+        "herald_publications_refused_total{reason=\"malformed_json\"} 1",
+        "herald_publications_refused_total{reason=\"invalid_channel\"} 1",
+        "herald_ready 1",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
     }

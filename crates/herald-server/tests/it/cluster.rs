@@ -149,6 +149,10 @@ async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(b.state.hub().stats().delivered_sse, 0);
+    // With nobody subscribed anywhere, the publishing node counts the publication as unheard.
+    let before = b.state.hub().stats().no_subscriber;
+    b.publish("room:5", json!(2)).await;
+    assert_eq!(b.state.hub().stats().no_subscriber, before + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
