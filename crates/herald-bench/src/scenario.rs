@@ -91,6 +91,8 @@ pub struct Report {
     pub lost_silently: u64,
     pub duplicates_dropped: u64,
     pub reconnects: u64,
+    /// The most reconnects in any one second of the run (how stormy restarts were).
+    pub reconnects_per_sec_max: u64,
     pub latency_ms: Percentiles,
     pub recovery_ms: RecoveryPercentiles,
 }
@@ -125,7 +127,7 @@ impl Report {
              LOST SILENTLY                  {:>8}  {:>6.2}%\n\
              duplicates dropped by offset   {:>8}\n\
              callbacks that failed loudly   {:>8}\n\
-             client reconnects              {:>8}\n\
+             client reconnects              {:>8}  (at most {} in one second)\n\
              end-to-end latency ms          p50 {:.1}  p99 {:.1}  max {:.1}\n\
              recovery latency ms            p99 {:.1}",
             self.design,
@@ -145,6 +147,7 @@ impl Report {
             self.duplicates_dropped,
             self.publish_failed,
             self.reconnects,
+            self.reconnects_per_sec_max,
             self.latency_ms.p50,
             self.latency_ms.p99,
             self.latency_ms.max,
@@ -175,6 +178,8 @@ struct ClientLog {
     resets: Vec<(String, u64, u64)>,
     duplicates: u64,
     reconnects: u64,
+    /// When each reconnect succeeded (µs since the Unix epoch).
+    reconnect_times_us: Vec<u64>,
     /// Per connection that replayed something: time from open to the last replayed event.
     recoveries_us: Vec<u64>,
 }
@@ -213,6 +218,7 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
         ("HERALD_REDIS__PROBE_INTERVAL_MS", "200"),
         ("HERALD_REDIS__PROBE_TIMEOUT_MS", "1000"),
         ("HERALD_SHUTDOWN_GRACE_SECS", "5"),
+        ("HERALD_DRAIN_WINDOW_MS", "1000"),
         ("HERALD_LOG", "error"),
     ];
     let mut nodes = Vec::new();
@@ -484,6 +490,7 @@ async fn browser(
                     first = false;
                 } else if let Ok(mut log) = log.lock() {
                     log.reconnects += 1;
+                    log.reconnect_times_us.push(opened_us);
                 }
                 let mut last_replayed = None;
                 let mut events = response.bytes_stream().eventsource();
@@ -591,10 +598,14 @@ fn account(
     };
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid");
     let mut recovery = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid");
+    let mut per_second: HashMap<u64, u64> = HashMap::new();
     for log in logs {
         if let Ok(log) = log.lock() {
             report.duplicates_dropped += log.duplicates;
             report.reconnects += log.reconnects;
+            for at in &log.reconnect_times_us {
+                *per_second.entry(at / 1_000_000).or_default() += 1;
+            }
             for value in &log.recoveries_us {
                 let _ = recovery.record((*value).max(1));
             }
@@ -621,6 +632,7 @@ fn account(
             report.lost_silently += 1;
         }
     }
+    report.reconnects_per_sec_max = per_second.values().copied().max().unwrap_or(0);
     let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
     report.latency_ms = Percentiles {
         p50: ms(latency.value_at_quantile(0.5)),

@@ -470,6 +470,26 @@ impl Hub {
         lock(&self.shared.connections).values().filter(|c| c.control.close(reason)).count()
     }
 
+    /// Closes every local connection, spread evenly over `window` in random order, so that clients
+    /// reconnecting elsewhere arrive as a steady trickle instead of a storm. Returns how many it closed.
+    pub async fn close_gradually(&self, reason: CloseReason, window: Duration) -> usize {
+        use rand::seq::SliceRandom;
+        let mut controls: Vec<Arc<Control>> =
+            lock(&self.shared.connections).values().map(|c| c.control.clone()).collect();
+        controls.shuffle(&mut rand::rng());
+        const STEP: Duration = Duration::from_millis(50);
+        let steps = (window.as_millis() / STEP.as_millis()).max(1) as usize;
+        let per_step = controls.len().div_ceil(steps).max(1);
+        let mut closed = 0;
+        let mut interval = tokio::time::interval(STEP);
+        for slice in controls.chunks(per_step) {
+            interval.tick().await;
+            closed += slice.iter().filter(|c| c.close(reason)).count();
+        }
+        // Connections opened while this ran (none should: the caller refuses new ones) go now.
+        closed + self.close_all(reason)
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.snapshot()
     }

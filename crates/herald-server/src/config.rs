@@ -69,6 +69,8 @@ pub struct Config {
     pub dedup_window_secs: u64,
     /// Longest a graceful shutdown may take before the process exits anyway, in seconds.
     pub shutdown_grace_secs: u64,
+    /// Milliseconds over which connected clients are told to reconnect on shutdown (spread evenly).
+    pub drain_window_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +171,7 @@ impl Default for Config {
             redis: RedisSection::default(),
             dedup_window_secs: 24 * 60 * 60,
             shutdown_grace_secs: 10,
+            drain_window_ms: 3000,
         }
     }
 }
@@ -430,6 +433,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         if value == 0 {
             problems.push(format!("{key} must be greater than 0"));
         }
+    }
+    if config.drain_window_ms >= config.shutdown_grace_secs.saturating_mul(1000) {
+        problems.push("drain_window_ms must be shorter than shutdown_grace_secs".to_owned());
     }
     for (name, ns) in &config.namespaces {
         if name.is_empty()

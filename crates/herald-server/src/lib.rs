@@ -87,6 +87,14 @@ impl AppState {
         self.inner.draining.store(true, Ordering::SeqCst);
         self.inner.hub.close_all(CloseReason::ShuttingDown)
     }
+
+    /// Drains gradually: readiness fails and new clients are refused at once; connected clients are told
+    /// to reconnect (elsewhere, through their cursor) spread over the configured drain window.
+    pub async fn drain_gradually(&self) -> usize {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let window = Duration::from_millis(self.config().drain_window_ms);
+        self.inner.hub.close_gradually(CloseReason::ShuttingDown, window).await
+    }
 }
 
 /// Every route of the contract, for serving or for nesting into another axum application.
@@ -185,11 +193,14 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
         tracker.clone(),
     ));
     shutdown.cancelled().await;
-    let told = state.drain();
-    tracing::info!(connections = told, "draining");
+    // The accept loop stops at once (new connections are refused); readiness fails first thing in
+    // drain_gradually, which then spreads the existing clients' reconnects over the drain window.
     let _ = accept.await;
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + grace;
+    let told = tokio::time::timeout_at(deadline, state.drain_gradually()).await.unwrap_or_else(|_| state.drain());
+    tracing::info!(connections = told, "drained");
+    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
         tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period; exiting anyway");
     }
     state.hub().engine().stop().await;

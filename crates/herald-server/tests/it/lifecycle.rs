@@ -82,7 +82,7 @@ async fn a_client_that_cannot_keep_up_is_closed_and_resumes_without_loss() {
 
 #[tokio::test]
 async fn shutdown_ends_every_stream_and_refuses_new_ones() {
-    let server = Server::start().await;
+    let server = Server::with(|config| config.drain_window_ms = 100).await;
     let (mut sse, _) = Sse::open(&server, "channel=a", None).await;
     let mut ws = Ws::connect(&server).await;
     ws.subscribe(1, "a", None).await;
@@ -90,5 +90,26 @@ async fn shutdown_ends_every_stream_and_refuses_new_ones() {
     assert!(sse.until_closed().await.is_empty(), "the stream ends without further events");
     let (code, reason) = ws.close_frame().await;
     assert_eq!((code, reason.as_str()), (1001, "shutting_down"));
+    assert!(server.state.draining());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_spreads_reconnects_over_the_drain_window() {
+    let server = Server::with(|config| config.drain_window_ms = 1000).await;
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        streams.push(Sse::open(&server, "channel=drain", None).await.0);
+    }
+    let started = std::time::Instant::now();
+    server.stop();
+    let ends = futures_util::future::join_all(streams.iter_mut().map(|sse| async move {
+        sse.until_closed().await;
+        started.elapsed()
+    }))
+    .await;
+    let first = ends.iter().min().copied().unwrap_or_default();
+    let last = ends.iter().max().copied().unwrap_or_default();
+    // Told to leave a few at a time over the window, not all at once (a storm for the other nodes).
+    assert!(last - first >= std::time::Duration::from_millis(500), "closes spanned only {:?}", last - first);
     assert!(server.state.draining());
 }

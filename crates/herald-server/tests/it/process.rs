@@ -116,7 +116,10 @@ fn bad_configuration_exits_64_before_binding_and_names_every_problem() {
 
 #[test]
 fn sigterm_drains_and_exits_promptly_with_clients_connected() {
-    let mut node = Node::spawn(&["--listen", "127.0.0.1:0"], &[("HERALD_SHUTDOWN_GRACE_SECS", "5")]);
+    let mut node = Node::spawn(
+        &["--listen", "127.0.0.1:0"],
+        &[("HERALD_SHUTDOWN_GRACE_SECS", "5"), ("HERALD_DRAIN_WINDOW_MS", "500")],
+    );
     let mut stream = std::net::TcpStream::connect(&node.addr).expect("connect");
     use std::io::{Read, Write};
     stream.write_all(b"GET /v1/sse?channel=a HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
