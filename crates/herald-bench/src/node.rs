@@ -68,7 +68,11 @@ impl Node {
 async fn spawn(binary: &str, listen: &str, env: &[(String, String)]) -> anyhow::Result<(Child, u32, SocketAddr)> {
     let mut command = Command::new(binary);
     command.args(["--listen", listen]).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    command.env("HERALD_LIMITS__MAX_CONNECTIONS", "200000").env("HERALD_LOG", "warn");
+    // Benchmarks measure throughput: no per-key publish rate limit, room for every connection.
+    command
+        .env("HERALD_LIMITS__MAX_CONNECTIONS", "200000")
+        .env("HERALD_LIMITS__PUBLISH_RATE_PER_KEY", "0")
+        .env("HERALD_LOG", "warn");
     for (key, value) in env {
         command.env(key, value);
     }

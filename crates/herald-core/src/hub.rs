@@ -32,6 +32,8 @@ use crate::session::{Session, Transport};
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// Channels one connection may hold unless configured.
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 128;
+/// Connections one user may hold on one node unless configured.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 100;
 /// Connections one node accepts unless configured.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 const SHARDS: usize = 64;
@@ -43,6 +45,8 @@ pub struct HubConfig {
     pub queue_capacity: usize,
     pub max_channels_per_connection: usize,
     pub max_connections: usize,
+    /// Connections one authenticated user may hold on this node.
+    pub max_connections_per_user: usize,
     /// Most publications replayed for one channel on resume (the history size bounds it anyway).
     pub max_replay: usize,
 }
@@ -53,6 +57,7 @@ impl Default for HubConfig {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             max_channels_per_connection: DEFAULT_MAX_CHANNELS_PER_CONNECTION,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
             max_replay: 10_000,
         }
     }
@@ -94,6 +99,8 @@ pub enum HubError {
     Engine(#[from] EngineError),
     #[error("this node already holds {0} connections")]
     TooManyConnections(usize),
+    #[error("this user already holds {0} connections on this node")]
+    TooManyConnectionsForUser(usize),
     #[error("a connection may hold at most {0} channels")]
     TooManyChannels(usize),
     #[error("already subscribed to {0}")]
@@ -313,6 +320,8 @@ pub(crate) struct HubShared {
     hasher: RandomState,
     shards: Box<[Mutex<ChannelMap>]>,
     connections: Mutex<HashMap<u64, ConnectionRecord>>,
+    /// Open connections per authenticated user (lock order: `connections`, then this).
+    per_user: Mutex<HashMap<String, usize>>,
     receipts: Mutex<HashMap<u64, Arc<Receipt>>>,
     next_receipt: AtomicU64,
     deliver_hook: std::sync::OnceLock<DeliverHook>,
@@ -337,6 +346,7 @@ impl Hub {
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             connections: Mutex::new(HashMap::new()),
+            per_user: Mutex::new(HashMap::new()),
             receipts: Mutex::new(HashMap::new()),
             next_receipt: AtomicU64::new(1),
             deliver_hook: std::sync::OnceLock::new(),
@@ -420,12 +430,21 @@ impl Hub {
     /// Opens a session (one client connection) on this node.
     pub fn open_session(&self, transport: Transport, user: Option<String>) -> Result<Session, HubError> {
         let max = self.shared.config.max_connections;
+        let max_per_user = self.shared.config.max_connections_per_user;
         let (tx, rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
         let control = Arc::new(Control::default());
         let id = {
             let mut connections = lock(&self.shared.connections);
             if connections.len() >= max {
                 return Err(HubError::TooManyConnections(max));
+            }
+            if let Some(user) = &user {
+                let mut per_user = lock(&self.shared.per_user);
+                let count = per_user.entry(user.clone()).or_default();
+                if *count >= max_per_user {
+                    return Err(HubError::TooManyConnectionsForUser(max_per_user));
+                }
+                *count += 1;
             }
             let mut id = rand::random::<u64>();
             while id == 0 || connections.contains_key(&id) {
@@ -542,7 +561,16 @@ impl HubShared {
     }
 
     pub(crate) fn forget_connection(&self, id: u64) {
-        lock(&self.connections).remove(&id);
+        let record = lock(&self.connections).remove(&id);
+        if let Some(user) = record.and_then(|r| r.user) {
+            let mut per_user = lock(&self.per_user);
+            if let Some(count) = per_user.get_mut(&user) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    per_user.remove(&user);
+                }
+            }
+        }
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
     }
 

@@ -55,10 +55,12 @@ struct DisconnectBody {
 }
 
 /// Checks `Authorization: Bearer <key>` against the configured API keys (if any), in constant time.
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Returns the matching key's name (`name=secret` entries are named; others are `key-<n>`), or
+/// `anonymous` when no keys are configured.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     let keys = &state.config().api_keys;
     if keys.is_empty() {
-        return Ok(());
+        return Ok("anonymous".to_owned());
     }
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -66,8 +68,53 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(ApiError::Unauthorized)?;
     // Compare against every key without stopping early, so timing says nothing about which matched.
-    let matched = keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), presented.as_bytes()));
-    if matched { Ok(()) } else { Err(ApiError::Unauthorized) }
+    let mut matched = None;
+    for (index, entry) in keys.iter().enumerate() {
+        let (name, secret) = key_parts(entry, index);
+        if constant_time_eq(secret.as_bytes(), presented.as_bytes()) && matched.is_none() {
+            matched = Some(name);
+        }
+    }
+    matched.ok_or(ApiError::Unauthorized)
+}
+
+/// `name=secret` (name of letters, digits, `_` and `-`) or a bare secret, named by its position.
+pub fn key_parts(entry: &str, index: usize) -> (String, &str) {
+    match entry.split_once('=') {
+        Some((name, secret))
+            if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+        {
+            (name.to_owned(), secret)
+        }
+        _ => (format!("key-{}", index + 1), entry),
+    }
+}
+
+/// Per-key token buckets for publications: `publish_rate_per_key` per second, bursting to one second's
+/// worth. Refusals answer 429 with `Retry-After`.
+#[derive(Default)]
+pub struct PublishLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl PublishLimiter {
+    pub fn take(&self, key: &str, rate: u64, count: u64) -> Result<(), ApiError> {
+        if rate == 0 {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let capacity = rate as f64;
+        let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
+        let (tokens, last) = buckets.entry(key.to_owned()).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * capacity).min(capacity);
+        *last = now;
+        if *tokens >= count as f64 {
+            *tokens -= count as f64;
+            Ok(())
+        } else {
+            Err(ApiError::Limit(format!("API key {key} may publish {rate} publications per second")))
+        }
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -177,7 +224,8 @@ async fn publish_inner(
     query: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(state, &headers)?;
+    let key = authorize(state, &headers)?;
+    state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, 1)?;
     let pairs = query_pairs(&query);
     let await_delivery = match single(&pairs, "await")? {
         None => false,
@@ -235,12 +283,13 @@ pub async fn broadcast(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    let key = authorize(&state, &headers)?;
     let body: BroadcastBody = parse_body(&state, body)?;
     let max = state.config().limits.max_broadcast_channels;
     if body.channels.is_empty() || body.channels.len() > max {
         return Err(ApiError::InvalidBody(format!("channels must list 1 to {max} channels")));
     }
+    state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, body.channels.len() as u64)?;
     let event = parse_event(body.event)?;
     let data = compact_json(body.data);
     let correlation = correlation_id(&headers)?;

@@ -57,6 +57,9 @@ pub struct Config {
     pub jwt_hs256_secret: Option<String>,
     /// Allow serving a non-loopback address with no authentication at all.
     pub insecure: bool,
+    /// Browser origins allowed to call Herald from other sites (`https://app.example.com`, or `*`).
+    #[serde(deserialize_with = "string_or_list")]
+    pub cors_allowed_origins: Vec<String>,
     /// OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`); when set, publish and deliver spans are exported.
     pub otlp_endpoint: Option<String>,
     pub history: HistoryConfig,
@@ -98,6 +101,10 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     /// Connections (SSE plus WebSocket) this node accepts.
     pub max_connections: usize,
+    /// Connections one authenticated user may hold on this node.
+    pub max_connections_per_user: usize,
+    /// Publications per second one API key may make on this node (burst: one second's worth); 0 = no limit.
+    pub publish_rate_per_key: u64,
     /// Channels one connection may subscribe to.
     pub max_channels_per_connection: usize,
     /// Publications waiting for one connection before it counts as too slow and is closed.
@@ -164,6 +171,7 @@ impl Default for Config {
             jwt_hs256_secret: None,
             insecure: false,
             otlp_endpoint: None,
+            cors_allowed_origins: Vec::new(),
             history: HistoryConfig::default(),
             namespaces: BTreeMap::new(),
             limits: LimitsConfig::default(),
@@ -189,6 +197,8 @@ impl Default for LimitsConfig {
         Self {
             max_body_bytes: 1024 * 1024,
             max_connections: hub.max_connections,
+            max_connections_per_user: hub.max_connections_per_user,
+            publish_rate_per_key: 50_000,
             max_channels_per_connection: hub.max_channels_per_connection,
             queue_capacity: hub.queue_capacity,
             ws_max_message_bytes: 64 * 1024,
@@ -233,6 +243,7 @@ impl Settings {
             queue_capacity: limits.queue_capacity,
             max_channels_per_connection: limits.max_channels_per_connection,
             max_connections: limits.max_connections,
+            max_connections_per_user: limits.max_connections_per_user,
             max_replay: self
                 .config
                 .history
@@ -410,8 +421,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             problems.push(format!("node_id: {node:?} must be 1 to 64 of A-Z a-z 0-9 - _"));
         }
     }
-    for key in &config.api_keys {
-        if key.len() < 16 {
+    for (index, entry) in config.api_keys.iter().enumerate() {
+        let (_, secret) = crate::api::key_parts(entry, index);
+        if secret.len() < 16 {
             problems.push("api_keys: every key must be at least 16 characters".to_owned());
             break;
         }
@@ -420,6 +432,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let positive = [
         ("limits.max_body_bytes", limits.max_body_bytes as u64),
         ("limits.max_connections", limits.max_connections as u64),
+        ("limits.max_connections_per_user", limits.max_connections_per_user as u64),
         ("limits.max_channels_per_connection", limits.max_channels_per_connection as u64),
         ("limits.queue_capacity", limits.queue_capacity as u64),
         ("limits.ws_max_message_bytes", limits.ws_max_message_bytes as u64),
@@ -445,6 +458,17 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         }
         if ns.history_ttl_secs == Some(0) {
             problems.push(format!("namespaces.{name}.history_ttl_secs must be greater than 0"));
+        }
+    }
+    for origin in &config.cors_allowed_origins {
+        let valid = origin == "*"
+            || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                && axum::http::HeaderValue::from_str(origin).is_ok()
+                && !origin.ends_with('/'));
+        if !valid {
+            problems.push(format!(
+                "cors_allowed_origins: {origin:?} must be \"*\" or an origin like https://app.example.com"
+            ));
         }
     }
     if let Some(endpoint) = &config.otlp_endpoint {

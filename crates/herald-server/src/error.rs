@@ -104,7 +104,9 @@ impl From<HubError> for ApiError {
     fn from(error: HubError) -> Self {
         match error {
             HubError::Engine(e) => e.into(),
-            HubError::TooManyConnections(_) | HubError::TooManyChannels(_) => Self::Limit(error.to_string()),
+            HubError::TooManyConnections(_) | HubError::TooManyConnectionsForUser(_) | HubError::TooManyChannels(_) => {
+                Self::Limit(error.to_string())
+            }
             HubError::AlreadySubscribed(_) | HubError::NotSubscribed(_) => Self::BadRequest(error.to_string()),
         }
     }

@@ -42,6 +42,7 @@ struct AppInner {
     draining: AtomicBool,
     metrics: ops::Metrics,
     auth: auth::ClientAuth,
+    publish_limiter: api::PublishLimiter,
 }
 
 impl AppState {
@@ -49,6 +50,7 @@ impl AppState {
         Self {
             inner: Arc::new(AppInner {
                 auth: auth::ClientAuth::from_config(&settings.config),
+                publish_limiter: api::PublishLimiter::default(),
                 hub,
                 settings,
                 draining: AtomicBool::new(false),
@@ -67,6 +69,10 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.inner.settings.config
+    }
+
+    pub(crate) fn publish_limiter(&self) -> &api::PublishLimiter {
+        &self.inner.publish_limiter
     }
 
     pub fn auth(&self) -> &auth::ClientAuth {
@@ -118,7 +124,43 @@ pub fn router(state: AppState) -> Router {
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(cors(state.config()))
         .with_state(state)
+}
+
+/// CORS for browser clients on other origins (`cors_allowed_origins`); none allowed by default.
+fn cors(config: &Config) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = &config.cors_allowed_origins;
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("x-correlation-id"),
+            HeaderName::from_static("traceparent"),
+        ])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, if that origin is allowed
+/// (used by the SSE path that bypasses the router).
+pub fn cors_allow_origin(config: &Config, origin: Option<&str>) -> Option<String> {
+    let origin = origin?;
+    let origins = &config.cors_allowed_origins;
+    if origins.iter().any(|o| o == "*") {
+        Some("*".to_owned())
+    } else {
+        origins.iter().any(|o| o == origin).then(|| origin.to_owned())
+    }
 }
 
 /// Builds the engine named by the configuration (connecting to it when it is remote).

@@ -177,6 +177,10 @@ async fn serve_sse(
     headers: &HeaderMap,
     query: Option<String>,
 ) {
+    let origin = headers.get("origin").and_then(|v| v.to_str().ok());
+    let cors = crate::cors_allow_origin(state.config(), origin)
+        .map(|allowed| format!("access-control-allow-origin: {allowed}\r\nvary: origin\r\n"))
+        .unwrap_or_default();
     let mut stream = match sse::open(state, Some(kill), headers, query).await {
         Ok(stream) => stream,
         Err(error) => {
@@ -184,7 +188,7 @@ async fn serve_sse(
             let body = error.body().to_string();
             let retry = if matches!(status.as_u16(), 429 | 503) { "retry-after: 1\r\n" } else { "" };
             let response = format!(
-                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n{body}",
+                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{cors}connection: close\r\n\r\n{body}",
                 status.as_u16(),
                 status.canonical_reason().unwrap_or(""),
                 body.len()
@@ -194,9 +198,11 @@ async fn serve_sse(
             return;
         }
     };
-    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-x-accel-buffering: no\r\nconnection: close\r\n\r\n";
-    if io.write_all(HEAD).await.is_err() {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\n\
+         {cors}connection: close\r\n\r\n"
+    );
+    if io.write_all(head.as_bytes()).await.is_err() {
         return;
     }
     let mut probe = [0u8; 1];

@@ -7,6 +7,7 @@ mod cluster;
 mod dashboard;
 mod harness;
 mod lifecycle;
+mod limits;
 mod process;
 mod redis;
 mod scenario;
