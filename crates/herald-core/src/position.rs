@@ -206,6 +206,41 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(&chans, &zero), &chans), Ok(zero));
     }
 
+    proptest::proptest! {
+        /// Any channel set and positions encode to a cursor that decodes back to the same positions.
+        #[test]
+        fn any_cursor_round_trips(
+            names in proptest::collection::btree_set("[A-Za-z0-9_:.@=/-]{1,40}", 1..8),
+            epochs in proptest::collection::vec("[A-Za-z0-9]{1,32}", 8),
+            offsets in proptest::collection::vec(proptest::num::u64::ANY, 8),
+        ) {
+            let chans: Vec<ChannelName> = names.iter().filter_map(|n| ChannelName::parse(n).ok()).collect();
+            let positions: Vec<Position> = chans
+                .iter()
+                .enumerate()
+                .map(|(i, _)| Position::new(Epoch::parse(&epochs[i]).expect("generated epoch"), offsets[i]))
+                .collect();
+            let text = encode_cursor(&chans, &positions);
+            proptest::prop_assert_eq!(decode_cursor(&text, &chans), Ok(positions));
+        }
+
+        /// Decoding arbitrary text never panics, and a cursor only ever decodes for its own channel set.
+        #[test]
+        fn decoding_any_text_is_total(text in ".{0,200}", name in "[a-z]{1,10}") {
+            let chans = vec![ChannelName::parse(&name).expect("generated name")];
+            let _ = decode_cursor(&text, &chans);
+        }
+
+        /// A cursor made for one channel set is refused for any other.
+        #[test]
+        fn a_cursor_is_refused_for_other_channels(a in "[a-z]{1,12}", b in "[a-z]{1,12}") {
+            proptest::prop_assume!(a != b);
+            let (ca, cb) = (vec![ChannelName::parse(&a).expect("a")], vec![ChannelName::parse(&b).expect("b")]);
+            let text = encode_cursor(&ca, &[Position::new(Epoch::parse("e").expect("epoch"), 1)]);
+            proptest::prop_assert!(decode_cursor(&text, &cb).is_err());
+        }
+    }
+
     #[test]
     fn foreign_and_malformed_cursors_are_refused() {
         let chans = channels(&["a", "b"]);
