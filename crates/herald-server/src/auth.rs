@@ -66,31 +66,81 @@ struct Claims {
     channels: Vec<String>,
 }
 
+/// One key a token may be signed with.
+struct VerifyKey {
+    algorithm: Algorithm,
+    key: DecodingKey,
+    /// The JWK's `kid`, for keys from a JWK set.
+    kid: Option<String>,
+}
+
 /// Client authentication as configured.
 pub struct ClientAuth {
-    key: Option<(DecodingKey, Validation)>,
+    keys: Vec<VerifyKey>,
+}
+
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.set_required_spec_claims(&["sub"]);
+    validation.validate_exp = true;
+    // Expiry is exact: a connection is closed when its token expires, not a minute later.
+    validation.leeway = 0;
+    validation
 }
 
 impl ClientAuth {
-    pub fn from_config(config: &Config) -> Self {
-        let key = config.jwt_hs256_secret.as_ref().map(|secret| {
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.set_required_spec_claims(&["sub"]);
-            validation.validate_exp = true;
-            // Expiry is exact: a connection is closed when its token expires, not a minute later.
-            validation.leeway = 0;
-            (DecodingKey::from_secret(secret.as_bytes()), validation)
-        });
-        Self { key }
+    /// Loads every configured key (HS256 secret, RS256/ES256/EdDSA public keys in PEM, a JWK set file).
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &config.jwt_hs256_secret {
+            keys.push(VerifyKey {
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+                kid: None,
+            });
+        }
+        let pem = |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+        if let Some(path) = &config.jwt_rs256_public_key_file {
+            let key = DecodingKey::from_rsa_pem(&pem(path)?).map_err(|e| format!("jwt_rs256_public_key_file: {e}"))?;
+            keys.push(VerifyKey { algorithm: Algorithm::RS256, key, kid: None });
+        }
+        if let Some(path) = &config.jwt_es256_public_key_file {
+            let key = DecodingKey::from_ec_pem(&pem(path)?).map_err(|e| format!("jwt_es256_public_key_file: {e}"))?;
+            keys.push(VerifyKey { algorithm: Algorithm::ES256, key, kid: None });
+        }
+        if let Some(path) = &config.jwt_eddsa_public_key_file {
+            let key = DecodingKey::from_ed_pem(&pem(path)?).map_err(|e| format!("jwt_eddsa_public_key_file: {e}"))?;
+            keys.push(VerifyKey { algorithm: Algorithm::EdDSA, key, kid: None });
+        }
+        if let Some(path) = &config.jwt_jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_str(&text).map_err(|e| format!("jwt_jwks_file: not a JWK set: {e}"))?;
+            for jwk in &set.keys {
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("jwt_jwks_file: {e}"))?;
+                let algorithm = jwk
+                    .common
+                    .key_algorithm
+                    .and_then(|a| a.to_string().parse::<Algorithm>().ok())
+                    .ok_or("jwt_jwks_file: every key needs an \"alg\"")?;
+                if matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+                    return Err("jwt_jwks_file: symmetric keys are not accepted in a JWK set".into());
+                }
+                keys.push(VerifyKey { algorithm, key, kid: jwk.common.key_id.clone() });
+            }
+        }
+        Ok(Self { keys })
     }
 
     pub fn enabled(&self) -> bool {
-        self.key.is_some()
+        !self.keys.is_empty()
     }
 
     /// The identity of a request: anonymous without a token, 401 with a bad one.
     pub fn authenticate(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<Identity, ApiError> {
-        let Some((key, validation)) = &self.key else { return Ok(Identity::default()) };
+        if !self.enabled() {
+            return Ok(Identity::default());
+        }
         let from_header = headers.get(header::AUTHORIZATION).map(|value| {
             value
                 .to_str()
@@ -104,39 +154,64 @@ impl ClientAuth {
             (None, Some(token)) => token,
             (None, None) => return Ok(Identity::default()),
         };
-        self.verify(token, key, validation)
+        self.verify(token)
     }
 
     /// Checks a token (for example one a WebSocket client sends to refresh its connection).
     pub fn verify_token(&self, token: &str) -> Result<Identity, ApiError> {
-        match &self.key {
-            Some((key, validation)) => self.verify(token, key, validation),
-            None => Ok(Identity::default()),
+        if !self.enabled() {
+            return Ok(Identity::default());
         }
+        self.verify(token)
     }
 
-    fn verify(&self, token: &str, key: &DecodingKey, validation: &Validation) -> Result<Identity, ApiError> {
+    fn verify(&self, token: &str) -> Result<Identity, ApiError> {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(ApiError::Unauthenticated("token is empty or too long".into()));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|error| {
-            use jsonwebtoken::errors::ErrorKind;
-            let why = match error.kind() {
-                ErrorKind::ExpiredSignature => "token expired",
-                ErrorKind::InvalidSignature => "token signature is not valid",
-                ErrorKind::InvalidAlgorithm => "token algorithm is not accepted",
-                ErrorKind::MissingRequiredClaim(_) => "token lacks a sub claim",
-                _ => "token is not valid",
-            };
-            ApiError::Unauthenticated(why.into())
-        })?;
-        let claims = data.claims;
-        if claims.sub.is_empty() || claims.sub.len() > 256 {
-            return Err(ApiError::Unauthenticated("token sub must be 1 to 256 bytes".into()));
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| ApiError::Unauthenticated("token is not valid".into()))?;
+        // Only keys of the token's algorithm (and its `kid`, when both name one) are tried, so a token can
+        // never choose how it is checked: `alg: none`, or HS256 signed with a public key, match no key.
+        let candidates = self.keys.iter().filter(|k| {
+            k.algorithm == header.alg
+                && match (&k.kid, &header.kid) {
+                    (Some(mine), Some(theirs)) => mine == theirs,
+                    _ => true,
+                }
+        });
+        let mut outcome = Err(ApiError::Unauthenticated("token algorithm is not accepted".into()));
+        for candidate in candidates {
+            outcome = jsonwebtoken::decode::<Claims>(token, &candidate.key, &validation(candidate.algorithm))
+                .map_err(|error| {
+                    use jsonwebtoken::errors::ErrorKind;
+                    let why = match error.kind() {
+                        ErrorKind::ExpiredSignature => "token expired",
+                        ErrorKind::InvalidSignature => "token signature is not valid",
+                        ErrorKind::InvalidAlgorithm => "token algorithm is not accepted",
+                        ErrorKind::MissingRequiredClaim(_) => "token lacks a sub claim",
+                        _ => "token is not valid",
+                    };
+                    ApiError::Unauthenticated(why.into())
+                })
+                .map(|data| data.claims)
+                .and_then(identity_of);
+            if outcome.is_ok() {
+                break;
+            }
         }
-        Ok(Identity { user: Some(claims.sub), grants: claims.channels, expires_at: claims.exp })
+        outcome
     }
+}
 
+fn identity_of(claims: Claims) -> Result<Identity, ApiError> {
+    if claims.sub.is_empty() || claims.sub.len() > 256 {
+        return Err(ApiError::Unauthenticated("token sub must be 1 to 256 bytes".into()));
+    }
+    Ok(Identity { user: Some(claims.sub), grants: claims.channels, expires_at: claims.exp })
+}
+
+impl ClientAuth {
     /// Whether `identity` may subscribe to `channel` (403 if not; 401 if it should bring a token).
     pub fn authorize(&self, config: &Config, identity: &Identity, channel: &ChannelName) -> Result<(), ApiError> {
         if !self.enabled() {

@@ -55,6 +55,12 @@ pub struct Config {
     pub api_keys: Vec<String>,
     /// HS256 secret for client tokens; when set, clients authenticate with a JWT (see docs/config.md).
     pub jwt_hs256_secret: Option<String>,
+    /// PEM public keys for RS256, ES256 and EdDSA client tokens.
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    pub jwt_es256_public_key_file: Option<PathBuf>,
+    pub jwt_eddsa_public_key_file: Option<PathBuf>,
+    /// A JWK set file (public keys with `alg` and `kid`) for client tokens.
+    pub jwt_jwks_file: Option<PathBuf>,
     /// Allow serving a non-loopback address with no authentication at all.
     pub insecure: bool,
     /// Browser origins allowed to call Herald from other sites (`https://app.example.com`, or `*`).
@@ -169,6 +175,10 @@ impl Default for Config {
             log_format: "text".into(),
             api_keys: Vec::new(),
             jwt_hs256_secret: None,
+            jwt_rs256_public_key_file: None,
+            jwt_es256_public_key_file: None,
+            jwt_eddsa_public_key_file: None,
+            jwt_jwks_file: None,
             insecure: false,
             otlp_endpoint: None,
             cors_allowed_origins: Vec::new(),
@@ -481,8 +491,15 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             problems.push("jwt_hs256_secret must be at least 32 bytes".to_owned());
         }
     }
+    let client_auth = match crate::auth::ClientAuth::from_config(&config) {
+        Ok(auth) => auth.enabled(),
+        Err(problem) => {
+            problems.push(problem);
+            true
+        }
+    };
     if let Ok(address) = &listen {
-        let open = config.api_keys.is_empty() && config.jwt_hs256_secret.is_none();
+        let open = config.api_keys.is_empty() && !client_auth;
         if !address.ip().is_loopback() && open && !config.insecure {
             problems.push(format!(
                 "listen: {address} is reachable from other machines but no authentication is configured; \

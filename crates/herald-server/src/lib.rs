@@ -46,17 +46,19 @@ struct AppInner {
 }
 
 impl AppState {
-    pub fn new(hub: Hub, settings: Settings) -> Self {
-        Self {
+    /// Fails when a configured key file can no longer be read (it was checked at start-up).
+    pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
+        let auth = auth::ClientAuth::from_config(&settings.config).map_err(|problem| anyhow::anyhow!(problem))?;
+        Ok(Self {
             inner: Arc::new(AppInner {
-                auth: auth::ClientAuth::from_config(&settings.config),
+                auth,
                 publish_limiter: api::PublishLimiter::default(),
                 hub,
                 settings,
                 draining: AtomicBool::new(false),
                 metrics: ops::Metrics::new(),
             }),
-        }
+        })
     }
 
     pub fn hub(&self) -> &Hub {
@@ -203,7 +205,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
             }
         }));
     }
-    Ok(AppState::new(hub, settings))
+    AppState::new(hub, settings)
 }
 
 fn spawn_sweeper(engine: std::sync::Weak<MemoryEngine>) {

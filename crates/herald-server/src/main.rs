@@ -62,7 +62,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     if config.api_keys.is_empty() {
         tracing::warn!(%bound, "no API keys: anyone who can reach this address may publish");
     }
-    if config.jwt_hs256_secret.is_none() {
+    if !state.auth().enabled() {
         tracing::warn!(%bound, "no client authentication: anyone who can reach this address may subscribe to any channel");
     }
     if config.insecure && !bound.ip().is_loopback() {

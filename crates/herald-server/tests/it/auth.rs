@@ -214,3 +214,76 @@ fn serving_other_machines_without_authentication_needs_insecure() {
         vec![("HERALD_JWT_HS256_SECRET".to_owned(), SECRET.to_owned()), ("HERALD_API_KEYS".to_owned(), "a".repeat(32))];
     assert!(herald_server::config::load(&secured, &env).is_ok());
 }
+
+/// Runs `openssl` in `dir`; panics with a clear message when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let output =
+        std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn hex_to_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()).collect()
+}
+
+#[tokio::test]
+async fn asymmetric_keys_and_jwk_sets_verify_tokens() {
+    let dir = std::env::temp_dir().join(format!("herald-keys-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (name, args) in [
+        ("rsa", vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        ("other", vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        ("ec", vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        ("ed", vec!["-algorithm", "ed25519"]),
+    ] {
+        let key = format!("{name}.key");
+        let mut full = vec!["genpkey"];
+        full.extend(args);
+        full.extend(["-out", key.as_str()]);
+        openssl(&dir, &full);
+        openssl(&dir, &["pkey", "-in", &key, "-pubout", "-out", &format!("{name}.pub")]);
+    }
+    // A JWK set with the "other" RSA key under kid "k2".
+    let modulus = openssl(&dir, &["rsa", "-pubin", "-in", "other.pub", "-noout", "-modulus"]);
+    let modulus = hex_to_bytes(modulus.trim().trim_start_matches("Modulus="));
+    let jwks = json!({"keys": [{"kty": "RSA", "alg": "RS256", "kid": "k2", "use": "sig", "n": base64url(&modulus), "e": "AQAB"}]});
+    std::fs::write(dir.join("jwks.json"), jwks.to_string()).expect("jwks");
+    let paths = dir.clone();
+    let server = Server::with(move |config| {
+        config.jwt_rs256_public_key_file = Some(paths.join("rsa.pub"));
+        config.jwt_es256_public_key_file = Some(paths.join("ec.pub"));
+        config.jwt_eddsa_public_key_file = Some(paths.join("ed.pub"));
+        config.jwt_jwks_file = Some(paths.join("jwks.json"));
+    })
+    .await;
+    let read = |name: &str| std::fs::read(dir.join(name)).expect("key file");
+    let claims = json!({"sub": "zoe", "exp": now() + 600});
+    let sign = |algorithm: jsonwebtoken::Algorithm, key: EncodingKey, kid: Option<&str>| {
+        let mut header = Header::new(algorithm);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+    };
+    use jsonwebtoken::Algorithm::{ES256, EdDSA, HS256, RS256};
+    let accepted = [
+        ("RS256", sign(RS256, EncodingKey::from_rsa_pem(&read("rsa.key")).expect("rsa"), None)),
+        ("ES256", sign(ES256, EncodingKey::from_ec_pem(&read("ec.key")).expect("ec"), None)),
+        ("EdDSA", sign(EdDSA, EncodingKey::from_ed_pem(&read("ed.key")).expect("ed"), None)),
+        ("JWKS k2", sign(RS256, EncodingKey::from_rsa_pem(&read("other.key")).expect("other"), Some("k2"))),
+    ];
+    for (name, token) in &accepted {
+        assert_eq!(sse_status(&server, "channel=user:zoe", Some(token)).await.0, StatusCode::OK, "{name}");
+    }
+    let refused = [
+        (
+            "JWKS key under another kid",
+            sign(RS256, EncodingKey::from_rsa_pem(&read("other.key")).expect("other"), Some("k9")),
+        ),
+        ("HS256 keyed with the public key", sign(HS256, EncodingKey::from_secret(&read("rsa.pub")), None)),
+    ];
+    for (name, token) in &refused {
+        let (status, body) = sse_status(&server, "channel=user:zoe", Some(token)).await;
+        assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthenticated"), "{name}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
