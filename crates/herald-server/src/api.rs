@@ -153,6 +153,12 @@ fn single<'a>(pairs: &'a [(String, String)], key: &str) -> Result<Option<&'a str
     Ok(first)
 }
 
+/// The required `channel` query parameter, validated.
+fn channel_param(pairs: &[(String, String)]) -> Result<ChannelName, ApiError> {
+    let name = single(pairs, "channel")?.ok_or(ApiError::BadRequest("channel is required".into()))?;
+    Ok(ChannelName::parse(name)?)
+}
+
 fn number<T: std::str::FromStr>(pairs: &[(String, String)], key: &str) -> Result<Option<T>, ApiError> {
     single(pairs, key)?
         .map(|v| {
@@ -330,8 +336,7 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let pairs = query_pairs(&query);
-    let channel =
-        ChannelName::parse(single(&pairs, "channel")?.ok_or(ApiError::BadRequest("channel is required".into()))?)?;
+    let channel = channel_param(&pairs)?;
     let limit: usize = number(&pairs, "limit")?.unwrap_or(DEFAULT_HISTORY_LIMIT);
     if limit == 0 || limit > MAX_HISTORY_LIMIT {
         return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_HISTORY_LIMIT}")));
@@ -365,8 +370,7 @@ pub async fn presence(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let pairs = query_pairs(&query);
-    let channel =
-        ChannelName::parse(single(&pairs, "channel")?.ok_or(ApiError::BadRequest("channel is required".into()))?)?;
+    let channel = channel_param(&pairs)?;
     let connections = state.hub().presence(&channel).await?;
     Ok(Json(json!({"channel": channel, "connections": connections})).into_response())
 }
