@@ -73,6 +73,16 @@ enum Command {
     /// The scaling story end to end: several nodes, browsers behind a balancer, callbacks to random
     /// nodes, optional faults; reports every update as delivered, recovered, reset-covered or lost.
     Scenario(scenario::ScenarioArgs),
+    /// Resident memory before and after a connect/disconnect storm and slow readers (should return
+    /// to where it was).
+    Churn {
+        /// Connect/disconnect cycles in the storm.
+        #[arg(long, default_value_t = 20_000)]
+        cycles: usize,
+        /// Clients that stop reading while publications pile up for them.
+        #[arg(long, default_value_t = 200)]
+        slow_readers: usize,
+    },
     /// Resident memory per idle SSE connection.
     Memory {
         #[arg(long, default_value_t = 10_000)]
@@ -91,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
         Command::Memory { connections } => memory(&herald, connections).await,
+        Command::Churn { cycles, slow_readers } => churn(&herald, cycles, slow_readers).await,
         Command::Scenario(args) => {
             let report = scenario::run(&herald, &args).await?;
             if !args.json {
@@ -248,6 +259,69 @@ async fn memory(herald: &str, connections: usize) -> anyhow::Result<()> {
     );
     fleet.close();
     warm.close();
+    Ok(())
+}
+
+/// One storm round: `count` clients connect (each gets `herald.connected`) and all disconnect.
+async fn storm(node: &Node, count: usize) -> anyhow::Result<()> {
+    let names = channel_names(count.min(500));
+    let fleet = SseFleet::connect(node.addr, &names, count, false).await?;
+    fleet.close();
+    Ok(())
+}
+
+/// Slow readers: `count` raw clients subscribe to one channel and never read while large publications
+/// are published to it, until the node closes them as too slow.
+async fn slow_readers(node: &Node, count: usize) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sockets = Vec::new();
+    for _ in 0..count {
+        let mut socket = tokio::net::TcpStream::connect(node.addr).await?;
+        socket.write_all(b"GET /v1/sse?channel=slow HTTP/1.1\r\nHost: bench\r\n\r\n").await?;
+        let mut head = [0u8; 256];
+        let _ = socket.read(&mut head).await?;
+        sockets.push(socket);
+    }
+    let http = publish_client();
+    let pad = "x".repeat(4096);
+    for i in 0..3000 {
+        let body = json!({"channel": "slow", "data": {"i": i, "pad": pad}});
+        http.post(node.url("/v1/publish")).json(&body).send().await?;
+    }
+    drop(sockets);
+    Ok(())
+}
+
+async fn churn(herald: &str, cycles: usize, readers: usize) -> anyhow::Result<()> {
+    let node = Node::start(herald, &[("HERALD_LIMITS__QUEUE_CAPACITY", "64")]).await?;
+    let names = channel_names(1000);
+    let steady = SseFleet::connect(node.addr, &names, 1000, false).await?;
+    // One round of everything first, so the allocator and runtime reach their working size.
+    storm(&node, 2000).await?;
+    slow_readers(&node, readers.min(50)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = node.rss_bytes()?;
+    let mut done = 0;
+    while done < cycles {
+        let round = (cycles - done).min(2000);
+        storm(&node, round).await?;
+        done += round;
+    }
+    slow_readers(&node, readers).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = node.rss_bytes()?;
+    let stats: serde_json::Value = publish_client().get(node.url("/v1/cluster")).send().await?.json().await?;
+    println!(
+        "{}",
+        json!({
+            "bench": "churn", "steady_connections": 1000, "cycles": cycles, "slow_readers": readers,
+            "rss_before_bytes": before, "rss_after_bytes": after,
+            "rss_change_percent": round3((after as f64 - before as f64) * 100.0 / before as f64),
+            "slow_client_disconnects": stats["nodes"][0]["slow_consumer_disconnects"],
+            "connections_after": stats["nodes"][0]["connections"],
+        })
+    );
+    steady.close();
     Ok(())
 }
 

@@ -25,8 +25,10 @@ use crate::api::query_pairs;
 use crate::error::ApiError;
 use crate::serve::KillSwitch;
 
-/// Most queued publications written in one chunk.
+/// Most queued publications taken from the queue at once.
 pub const MAX_BATCH: usize = 256;
+/// A chunk stops growing past this many bytes (the rest of a batch follows in the next chunk).
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// `GET /v1/sse?channel=A[&channel=B…][&last_event_id=…]` through axum (used when the router is
 /// embedded in another application; the `herald` server answers SSE on its own accept loop, see
@@ -126,6 +128,7 @@ pub async fn open(
         encoder,
         batch: Vec::new(),
         events: Vec::new(),
+        sent: 0,
         ping: tokio::time::interval_at(
             tokio::time::Instant::now() + state.settings().ping_interval(),
             state.settings().ping_interval(),
@@ -153,6 +156,8 @@ pub struct SseStream {
     encoder: CursorEncoder,
     batch: Vec<Outbound>,
     events: Vec<SessionEvent>,
+    /// How many of `events` were already written.
+    sent: usize,
     ping: Interval,
     /// Pings go out only on streams that were silent for a whole interval.
     wrote_since_ping: bool,
@@ -167,6 +172,10 @@ impl SseStream {
     pub async fn next_chunk(&mut self) -> Option<Bytes> {
         if let Some(first) = self.first.take() {
             return Some(first);
+        }
+        // Events resolved earlier that did not fit in the last chunk go first.
+        if self.sent < self.events.len() {
+            return Some(self.take_encoded());
         }
         if self.done {
             return None;
@@ -184,15 +193,7 @@ impl SseStream {
                     if self.events.is_empty() {
                         continue;
                     }
-                    let events = std::mem::take(&mut self.events);
-                    let mut buffer = Vec::with_capacity(events.len() * 256);
-                    for event in &events {
-                        self.encode(&mut buffer, event);
-                    }
-                    self.events = events;
-                    self.events.clear();
-                    self.wrote_since_ping = true;
-                    return Some(Bytes::from(buffer));
+                    return Some(self.take_encoded());
                 }
                 _ = async { if let Some(expiry) = self.expiry.as_mut() { expiry.as_mut().await } else { std::future::pending().await } } => {
                     self.done = true;
@@ -205,6 +206,24 @@ impl SseStream {
                 }
             }
         }
+    }
+
+    /// Encodes resolved events into one chunk of at most about [`MAX_CHUNK_BYTES`]; what does not fit
+    /// stays for the next chunk, so a client that reads slowly pins one bounded buffer, not a batch.
+    fn take_encoded(&mut self) -> Bytes {
+        let events = std::mem::take(&mut self.events);
+        let mut buffer = Vec::with_capacity(((events.len() - self.sent) * 256).min(MAX_CHUNK_BYTES));
+        while self.sent < events.len() && buffer.len() < MAX_CHUNK_BYTES {
+            self.encode(&mut buffer, &events[self.sent]);
+            self.sent += 1;
+        }
+        self.events = events;
+        if self.sent == self.events.len() {
+            self.events.clear();
+            self.sent = 0;
+        }
+        self.wrote_since_ping = true;
+        Bytes::from(buffer)
     }
 
     /// Appends one event with the cursor that holds once the client has it.
