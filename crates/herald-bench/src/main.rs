@@ -109,7 +109,10 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("{}", serde_json::to_string(&report)?);
             if !report.acceptable() {
-                eprintln!("herald-bench: {} updates were lost silently", report.lost_silently);
+                eprintln!(
+                    "herald-bench: {} updates lost silently; at most {} reconnects in one second (bound {:?})",
+                    report.lost_silently, report.reconnects_per_sec_max, report.reconnects_per_sec_bound
+                );
                 std::process::exit(1);
             }
             Ok(())

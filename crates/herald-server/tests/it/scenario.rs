@@ -19,6 +19,8 @@ fn args(engine: &str) -> ScenarioArgs {
         slow_clients: 0.0,
         direct: false,
         json: true,
+        drain_window_ms: 1000,
+        max_reconnects_per_sec: None,
     }
 }
 
