@@ -54,6 +54,37 @@ struct DisconnectBody {
     user: String,
 }
 
+/// A publish body that passed every check.
+pub struct ValidPublish {
+    pub channel: ChannelName,
+    pub event: Arc<str>,
+    /// Compact JSON (no line breaks).
+    pub data: Box<RawValue>,
+    pub idempotency_key: Option<String>,
+}
+
+fn validate_publish(body: PublishBody) -> Result<ValidPublish, ApiError> {
+    let channel = ChannelName::parse(&body.channel)?;
+    if let Some(key) = &body.idempotency_key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(ApiError::InvalidBody(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(ValidPublish {
+        channel,
+        event: parse_event(body.event)?,
+        data: compact_json(body.data),
+        idempotency_key: body.idempotency_key,
+    })
+}
+
+/// Parses and checks a publish request body exactly as `POST /v1/publish` does (for tests and fuzzing).
+pub fn parse_publish_body(bytes: &[u8]) -> Result<ValidPublish, ApiError> {
+    validate_publish(decode_json(bytes)?)
+}
+
 /// Checks `Authorization: Bearer <key>` against the configured API keys (if any), in constant time.
 /// Returns the matching key's name (`name=secret` entries are named; others are `key-<n>`), or
 /// `anonymous` when no keys are configured.
@@ -133,7 +164,12 @@ pub fn parse_body<T: DeserializeOwned>(state: &AppState, body: Result<Bytes, Byt
             ApiError::BadRequest(rejection.body_text())
         }
     })?;
-    serde_json::from_slice(&bytes).map_err(|error| match error.classify() {
+    decode_json(&bytes)
+}
+
+/// JSON into `T`: syntax errors are `malformed_json`, shape errors `invalid_body`.
+fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| match error.classify() {
         serde_json::error::Category::Data => ApiError::InvalidBody(error.to_string()),
         _ => ApiError::MalformedJson(error.to_string()),
     })
@@ -246,19 +282,13 @@ async fn publish_inner(
         return Err(ApiError::BadRequest(format!("timeout_ms must be at most {max_await}")));
     }
     let body: PublishBody = parse_body(state, body)?;
-    let channel = ChannelName::parse(&body.channel)?;
-    if let Some(key) = &body.idempotency_key {
-        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-            return Err(ApiError::InvalidBody(format!(
-                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
-            )));
-        }
-    }
+    let valid = validate_publish(body)?;
+    let channel = valid.channel;
     let request = PublishRequest {
         channel: channel.clone(),
-        event: parse_event(body.event)?,
-        data: compact_json(body.data),
-        idempotency_key: body.idempotency_key,
+        event: valid.event,
+        data: valid.data,
+        idempotency_key: valid.idempotency_key,
         correlation_id: correlation_id(&headers)?,
         receipt: None,
         trace_parent: None,

@@ -192,28 +192,13 @@ impl Connection {
             Message::Close(_) => return Flow::Stop,
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
         };
-        let value: Value = match serde_json::from_str(text.as_str()) {
-            Ok(value) => value,
-            Err(error) => return self.send(error_frame(Value::Null, "malformed_json", &error.to_string())).await,
-        };
-        // Error replies echo the client's id as sent, even when it is not a valid one.
-        let raw_id = value.get("id").cloned().unwrap_or(Value::Null);
-        let op = match value.get("op").and_then(Value::as_str) {
-            Some("subscribe" | "unsubscribe" | "ping" | "refresh") => serde_json::from_value::<Op>(value),
-            Some(other) => {
-                return self
-                    .send(error_frame(
-                        raw_id,
-                        "unknown_op",
-                        &format!("unknown op {other:?}; expected subscribe, unsubscribe or ping"),
-                    ))
-                    .await;
-            }
-            None => return self.send(error_frame(raw_id, "invalid_frame", "a frame needs an \"op\" string")).await,
+        let op = match parse_frame(text.as_str()) {
+            Ok(op) => op,
+            Err((id, code, message)) => return self.send(error_frame(id, code, &message)).await,
         };
         match op {
-            Ok(Op::Ping { id }) => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
-            Ok(Op::Refresh { id, token }) => match self.state.auth().verify_token(&token) {
+            Op::Ping { id } => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
+            Op::Refresh { id, token } => match self.state.auth().verify_token(&token) {
                 Ok(fresh) if fresh.user == self.identity.user => {
                     self.identity = fresh;
                     let expires_at = self.identity.expires_at;
@@ -225,8 +210,8 @@ impl Connection {
                 }
                 Err(error) => self.send(api_error_frame(id, &error)).await,
             },
-            Ok(Op::Subscribe { id, channel, since }) => self.subscribe(id, channel, since).await,
-            Ok(Op::Unsubscribe { id, channel }) => {
+            Op::Subscribe { id, channel, since } => self.subscribe(id, channel, since).await,
+            Op::Unsubscribe { id, channel } => {
                 let result = ChannelName::parse(&channel)
                     .map_err(ApiError::from)
                     .and_then(|channel| self.session.unsubscribe(&channel).map_err(ApiError::from));
@@ -237,7 +222,6 @@ impl Connection {
                     Err(error) => self.send(api_error_frame(id, &error)).await,
                 }
             }
-            Err(error) => self.send(error_frame(raw_id, "invalid_frame", &error.to_string())).await,
         }
     }
 
@@ -267,6 +251,36 @@ impl Connection {
             }
             Err(error) => self.send(api_error_frame(id, &ApiError::from(error))).await,
         }
+    }
+}
+
+/// A client frame's op, or the error reply it gets: the id as the client sent it, a code, a message.
+fn parse_frame(text: &str) -> Result<Op, (Value, &'static str, String)> {
+    let value: Value = serde_json::from_str(text).map_err(|e| (Value::Null, "malformed_json", e.to_string()))?;
+    // Error replies echo the client's id as sent, even when it is not a valid one.
+    let raw_id = value.get("id").cloned().unwrap_or(Value::Null);
+    let name = value.get("op").and_then(Value::as_str).map(str::to_owned);
+    match name.as_deref() {
+        Some("subscribe" | "unsubscribe" | "ping" | "refresh") => {
+            serde_json::from_value::<Op>(value).map_err(|e| (raw_id, "invalid_frame", e.to_string()))
+        }
+        Some(other) => Err((
+            raw_id,
+            "unknown_op",
+            format!("unknown op {other:?}; expected subscribe, unsubscribe, ping or refresh"),
+        )),
+        None => Err((raw_id, "invalid_frame", "a frame needs an \"op\" string".to_owned())),
+    }
+}
+
+/// The op a client text frame holds, or the error code it is answered with (for tests and fuzzing).
+pub fn frame_kind(text: &str) -> Result<&'static str, &'static str> {
+    match parse_frame(text) {
+        Ok(Op::Subscribe { .. }) => Ok("subscribe"),
+        Ok(Op::Unsubscribe { .. }) => Ok("unsubscribe"),
+        Ok(Op::Ping { .. }) => Ok("ping"),
+        Ok(Op::Refresh { .. }) => Ok("refresh"),
+        Err((_, code, _)) => Err(code),
     }
 }
 
