@@ -181,6 +181,18 @@ pub(crate) struct ConnectionRecord {
     control: Arc<Control>,
 }
 
+/// Removes a tracked receipt when dropped.
+struct Untrack<'a> {
+    shared: &'a HubShared,
+    id: u64,
+}
+
+impl Drop for Untrack<'_> {
+    fn drop(&mut self) {
+        self.shared.untrack_receipt(self.id);
+    }
+}
+
 /// Which connections had an awaited publication written, across the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeliveryReport {
@@ -228,10 +240,6 @@ pub struct LatencyHistogram {
 }
 
 impl LatencyHistogram {
-    pub fn record(&self, micros: u64) {
-        self.record_many(micros, 1);
-    }
-
     /// Records `count` values of `micros` at once (a connection's batch, timed by its oldest event):
     /// the hot path touches the shared counters once per batch, not once per delivery.
     pub fn record_many(&self, micros: u64, count: u64) {
@@ -389,6 +397,8 @@ impl Hub {
         timeout: Duration,
     ) -> Result<(PublishOutcome, DeliveryReport), EngineError> {
         let (id, receipt) = self.shared.track_receipt();
+        // Forgotten on every path, including a caller that gives up (its request future is dropped).
+        let _untrack = Untrack { shared: &self.shared, id };
         request.receipt = Some(ReceiptRequest { id, timeout });
         let result = self.shared.engine.publish(request).await;
         let report = match &result {
@@ -411,7 +421,6 @@ impl Hub {
             },
             Err(_) => DeliveryReport::default(),
         };
-        self.shared.untrack_receipt(id);
         let outcome = result?;
         self.count_publish(&outcome);
         Ok((outcome, report))

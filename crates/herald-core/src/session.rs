@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::channel::ChannelName;
 use crate::engine::{History, PresenceEntry};
 use crate::hub::{CloseReason, Control, HubError, HubShared, Outbound};
-use crate::position::{Position, encode_cursor};
+use crate::position::Position;
 use crate::publication::{Publication, format_timestamp, now_ms};
 
 /// How the client is connected.
@@ -126,34 +126,11 @@ impl Session {
         &self.id_text
     }
 
-    pub fn user(&self) -> Option<&str> {
-        self.user.as_deref()
-    }
-
-    pub fn channels(&self) -> impl Iterator<Item = &ChannelName> {
-        self.positions.keys()
-    }
-
-    pub fn position(&self, channel: &ChannelName) -> Option<&Position> {
-        self.positions.get(channel)
-    }
-
-    /// The cursor of all channels as they stand.
-    pub fn cursor(&self) -> String {
-        let channels: Vec<ChannelName> = self.positions.keys().cloned().collect();
-        encode_cursor(&channels, self.positions.values())
-    }
-
     /// Registers what to do, besides waking [`Session::recv`], when the hub closes this connection
     /// (typically: abort the socket, whose task may be blocked writing to a client that stopped reading).
     /// Only the first hook is kept.
     pub fn on_close(&self, hook: crate::hub::CloseHook) {
         self.control.set_hook(hook);
-    }
-
-    /// Why the hub closed this connection, if it did.
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        self.control.reason()
     }
 
     /// Subscribes to `channel`, live in the engine before this returns. With `since`, appends to `out`
@@ -207,15 +184,18 @@ impl Session {
         match engine.history(channel, Some(&since), self.shared.config.max_replay).await? {
             History::Covered { publications, .. } => {
                 let mut position = since;
+                let mut replayed = 0u64;
                 for publication in publications {
-                    tracing::debug!(correlation_id = %publication.correlation_id, %channel,
-                        offset = publication.position.offset, connection = %self.id_text, "recovered");
                     if publication.position.offset == position.offset + 1 {
+                        tracing::debug!(correlation_id = %publication.correlation_id, %channel,
+                            offset = publication.position.offset, connection = %self.id_text, "recovered");
                         position = publication.position.clone();
                         out.push(SessionEvent::Publication { publication, recovered: true });
+                        replayed += 1;
                     }
                 }
-                self.shared.stats.recovered.fetch_add(out.len() as u64, Ordering::Relaxed);
+                // `out` may already hold other channels' events (SSE subscribes several into one list).
+                self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
                 Ok(position)
             }
             History::Gone { top } => {
@@ -297,7 +277,8 @@ impl Session {
             if same_epoch && incoming.offset == position.offset + 1 {
                 position.offset = incoming.offset;
             } else {
-                let before_it = Position::new(incoming.epoch.clone(), incoming.offset - 1);
+                // An engine never makes offset 0, but a corrupt message must not underflow.
+                let before_it = Position::new(incoming.epoch.clone(), incoming.offset.saturating_sub(1));
                 recovered += self.repair(&publication.channel, &before_it, out).await;
                 self.positions.insert(publication.channel.clone(), publication.position.clone());
             }

@@ -138,8 +138,14 @@ pub(crate) struct Inner {
     pub(crate) stopping: AtomicBool,
 }
 
-/// Where receipts for one awaited publication arrive; the receiver is taken by `collect_receipts`.
-pub(crate) type ReceiptChannel = (mpsc::UnboundedSender<NodeReceipt>, Option<mpsc::UnboundedReceiver<NodeReceipt>>);
+/// Where receipts for one awaited publication arrive (since when, sender, the receiver until
+/// `collect_receipts` takes it).
+pub(crate) type ReceiptChannel =
+    (std::time::Instant, mpsc::UnboundedSender<NodeReceipt>, Option<mpsc::UnboundedReceiver<NodeReceipt>>);
+
+/// Receipt channels older than this are dropped: their publisher stopped waiting long ago (a caller that
+/// gave up mid-request never reaches `collect_receipts`, which would otherwise remove its entry).
+const RECEIPT_CHANNEL_MAX_AGE: Duration = Duration::from_secs(120);
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -347,7 +353,9 @@ impl Engine for RedisEngine {
         if receipt_id != 0 {
             // Registered before publishing: another node may answer before the script returns.
             let (tx, rx) = mpsc::unbounded_channel();
-            lock(&inner.receipt_replies).insert(receipt_id, (tx, Some(rx)));
+            let mut channels = lock(&inner.receipt_replies);
+            channels.retain(|_, (since, _, _)| since.elapsed() < RECEIPT_CHANNEL_MAX_AGE);
+            channels.insert(receipt_id, (std::time::Instant::now(), tx, Some(rx)));
         }
         let mut invocation = inner.publish_script.prepare_invoke();
         invocation.key(inner.keys.meta(channel)).key(inner.keys.stream(channel));
@@ -483,6 +491,8 @@ impl Engine for RedisEngine {
         let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&inner.replies).insert(id, tx);
+        // Removed however this ends, including when the caller stops waiting.
+        let _forget = Forget { map: &inner.replies, id };
         let message = json!({"op": "disconnect", "user": user, "reply_to": inner.config.node_id, "id": id});
         let mut conn = inner.commands.clone();
         let receivers: Result<usize, EngineError> =
@@ -497,7 +507,6 @@ impl Engine for RedisEngine {
                 }
             }
         }
-        lock(&inner.replies).remove(&id);
         receivers.map(|_| total)
     }
 
@@ -525,7 +534,7 @@ impl Engine for RedisEngine {
     }
 
     async fn collect_receipts(&self, receipt: u64, expected: usize, timeout: Duration) -> Option<Vec<NodeReceipt>> {
-        let rx = lock(&self.inner.receipt_replies).get_mut(&receipt).and_then(|(_, rx)| rx.take());
+        let rx = lock(&self.inner.receipt_replies).get_mut(&receipt).and_then(|(_, _, rx)| rx.take());
         let mut receipts = Vec::new();
         if let Some(mut rx) = rx {
             // Each node waits up to `timeout` for its connections; allow the report a moment to travel.
@@ -557,6 +566,18 @@ impl Engine for RedisEngine {
         let mut conn = inner.commands.clone();
         let _ = inner.bounded(conn.zrem::<_, _, ()>(inner.keys.nodes(), &inner.config.node_id)).await;
         let _ = inner.bounded(conn.del::<_, ()>(inner.keys.node_stats(&inner.config.node_id))).await;
+    }
+}
+
+/// Removes a pending request's reply channel when dropped.
+struct Forget<'a, T> {
+    map: &'a Mutex<HashMap<u64, T>>,
+    id: u64,
+}
+
+impl<T> Drop for Forget<'_, T> {
+    fn drop(&mut self) {
+        lock(self.map).remove(&self.id);
     }
 }
 

@@ -378,7 +378,7 @@ async fn on_control(inner: &Inner, payload: &[u8]) {
             else {
                 return;
             };
-            if let Some((sender, _)) = lock(&inner.receipt_replies).get(&id) {
+            if let Some((_, sender, _)) = lock(&inner.receipt_replies).get(&id) {
                 let timed_out = message["timed_out"].as_bool().unwrap_or(true);
                 let _ = sender.send(NodeReceipt { node: node.to_owned(), written: written as usize, timed_out });
             }

@@ -75,6 +75,7 @@ async fn one_stream_carries_several_channels_and_resumes_them_all() {
     let of = |ch: &str| seen.iter().filter(|(c, _)| c == ch).map(|(_, o)| o.unwrap_or(0)).collect::<Vec<_>>();
     assert_eq!(of("a"), vec![6, 7, 8]);
     assert_eq!(of("b"), vec![6, 7, 8]);
+    assert_eq!(server.state.hub().stats().recovered, 6, "each replayed publication counted once");
     server.publish("a", json!("live")).await;
     resumed.expect_offsets("a", 8, 1).await;
 }
