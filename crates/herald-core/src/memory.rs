@@ -131,16 +131,6 @@ impl MemoryEngine {
         dedup.prune(now, MAX_DEDUP_KEYS);
         dropped
     }
-
-    /// Number of channels with stream state (for tests and stats).
-    pub fn stream_count(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
-    }
-
-    /// Number of channels with at least one presence entry.
-    pub fn presence_channel_count(&self) -> usize {
-        lock(&self.presence).len()
-    }
 }
 
 impl Dedup {

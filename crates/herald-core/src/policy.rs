@@ -49,9 +49,4 @@ impl Policies {
     pub fn shortest_history_ttl(&self) -> Duration {
         self.namespaces.values().map(|p| p.ttl).fold(self.default_history.ttl, Duration::min)
     }
-
-    /// The longest history age of any namespace: how long an engine must keep a channel's stream state.
-    pub fn longest_history_ttl(&self) -> Duration {
-        self.namespaces.values().map(|p| p.ttl).fold(self.default_history.ttl, Duration::max)
-    }
 }

@@ -131,21 +131,6 @@ impl Publication {
     pub fn envelope(&self) -> &Bytes {
         &self.envelope
     }
-
-    /// The `data` field's JSON text, borrowed from the envelope.
-    pub fn data(&self) -> Box<RawValue> {
-        #[derive(Deserialize)]
-        struct DataOnly {
-            data: Box<RawValue>,
-        }
-        serde_json::from_slice::<DataOnly>(&self.envelope)
-            .map(|d| d.data)
-            .unwrap_or_else(|_| RawValue::from_string("null".to_owned()).unwrap_or_default())
-    }
-
-    pub fn published_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.published_at_ms)
-    }
 }
 
 /// Checks an event name: 1..=64 of `A-Z a-z 0-9 _ - . :`, not in the reserved `herald.` space.
@@ -218,7 +203,7 @@ mod tests {
         let back = Publication::from_envelope(publication.envelope().clone(), None).expect("parse");
         assert_eq!(back.position, publication.position);
         assert_eq!(back.published_at_ms, publication.published_at_ms);
-        assert_eq!(back.data().get(), data.get());
+        assert_eq!(back.envelope(), publication.envelope());
     }
 
     #[test]

@@ -120,14 +120,15 @@ pub async fn open(
     let mut cursor = Vec::with_capacity(64);
     encoder.write(&mut cursor, &start);
     put_event(&mut first, &cursor, "herald.connected", connected.to_string().as_bytes());
-    // Replayed events: each cursor has its own channel advanced and the others at their start.
     let mut stream = SseStream {
         session,
         channels,
         positions: start,
         encoder,
         batch: Vec::new(),
-        events: Vec::new(),
+        // Replayed events follow `herald.connected` in bounded chunks, each cursor advancing its own
+        // channel from the start positions.
+        events: initial,
         sent: 0,
         ping: tokio::time::interval_at(
             tokio::time::Instant::now() + state.settings().ping_interval(),
@@ -139,9 +140,6 @@ pub async fn open(
         done: false,
     };
     stream.ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    for event in &initial {
-        stream.encode(&mut first, event);
-    }
     stream.first = Some(Bytes::from(first));
     Ok(stream)
 }

@@ -9,6 +9,7 @@
 //! resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped answering pings),
 //! 4003 (the client's token expired; send `refresh` with a fresh token before that).
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -18,7 +19,7 @@ use axum::response::Response;
 use herald_core::{ChannelName, CloseReason, Epoch, Outbound, Position, Session, SessionEvent, Transport};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::time::MissedTickBehavior;
+use tokio::time::{MissedTickBehavior, Sleep};
 
 use crate::AppState;
 use crate::auth::Identity;
@@ -44,10 +45,10 @@ pub async fn handler(
     let identity = state.auth().authenticate(&headers, token)?;
     let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
-    Ok(upgrade
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| Connection { socket, session, state, identity }.run()))
+    Ok(upgrade.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| {
+        let expiry = identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
+        Connection { socket, session, state, identity, expiry }.run()
+    }))
 }
 
 #[derive(Deserialize)]
@@ -84,6 +85,8 @@ struct Connection {
     session: Session,
     state: AppState,
     identity: Identity,
+    /// Fires when the token expires; replaced on `refresh`.
+    expiry: Option<Pin<Box<Sleep>>>,
 }
 
 enum Flow {
@@ -100,9 +103,8 @@ impl Connection {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut awaiting_pong = false;
         loop {
-            let expires_in = self.identity.expires_in();
             let flow = tokio::select! {
-                _ = async { match expires_in { Some(left) => tokio::time::sleep(left).await, None => std::future::pending().await } } => {
+                _ = async { match self.expiry.as_mut() { Some(expiry) => expiry.as_mut().await, None => std::future::pending().await } } => {
                     self.close(4003, "token_expired").await;
                     Flow::Stop
                 }
@@ -200,6 +202,7 @@ impl Connection {
             Op::Ping { id } => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
             Op::Refresh { id, token } => match self.state.auth().verify_token(&token) {
                 Ok(fresh) if fresh.user == self.identity.user => {
+                    self.expiry = fresh.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
                     self.identity = fresh;
                     let expires_at = self.identity.expires_at;
                     self.send(text_frame(json!({"type": "refreshed", "id": id, "expires_at": expires_at}))).await
