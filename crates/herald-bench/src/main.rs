@@ -82,6 +82,9 @@ enum Command {
         /// Clients that stop reading while publications pile up for them.
         #[arg(long, default_value_t = 200)]
         slow_readers: usize,
+        /// Seconds the node is left idle after each phase before its resident memory is read.
+        #[arg(long, default_value_t = 20)]
+        settle_secs: u64,
     },
     /// Resident memory per idle SSE connection.
     Memory {
@@ -101,7 +104,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
         Command::Memory { connections } => memory(&herald, connections).await,
-        Command::Churn { cycles, slow_readers } => churn(&herald, cycles, slow_readers).await,
+        Command::Churn { cycles, slow_readers, settle_secs } => {
+            churn(&herald, cycles, slow_readers, Duration::from_secs(settle_secs)).await
+        }
         Command::Scenario(args) => {
             let report = scenario::run(&herald, &args).await?;
             if !args.json {
@@ -295,15 +300,26 @@ async fn slow_readers(node: &Node, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn churn(herald: &str, cycles: usize, readers: usize) -> anyhow::Result<()> {
+/// Resident memory of `node` once a second while it is idle for `settle`; the last reading counts.
+async fn settled(node: &Node, settle: Duration) -> anyhow::Result<Vec<u64>> {
+    let mut samples = Vec::new();
+    for _ in 0..settle.as_secs().max(1) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(node.rss_bytes()?);
+    }
+    Ok(samples)
+}
+
+async fn churn(herald: &str, cycles: usize, readers: usize, settle: Duration) -> anyhow::Result<()> {
     let node = Node::start(herald, &[("HERALD_LIMITS__QUEUE_CAPACITY", "64")]).await?;
     let names = channel_names(1000);
     let steady = SseFleet::connect(node.addr, &names, 1000, false).await?;
     // One round of everything first, so the allocator and runtime reach their working size.
     storm(&node, 2000).await?;
     slow_readers(&node, readers.min(50)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = node.rss_bytes()?;
+    let before_series = settled(&node, settle).await?;
+    let before = before_series.last().copied().unwrap_or_default();
+    let before_breakdown = node.rss_breakdown()?;
     let mut done = 0;
     while done < cycles {
         let round = (cycles - done).min(2000);
@@ -311,8 +327,9 @@ async fn churn(herald: &str, cycles: usize, readers: usize) -> anyhow::Result<()
         done += round;
     }
     slow_readers(&node, readers).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = node.rss_bytes()?;
+    let after_series = settled(&node, settle).await?;
+    let after = after_series.last().copied().unwrap_or_default();
+    let after_breakdown = node.rss_breakdown()?;
     let stats: serde_json::Value = publish_client().get(node.url("/v1/cluster")).send().await?.json().await?;
     println!(
         "{}",
@@ -320,6 +337,9 @@ async fn churn(herald: &str, cycles: usize, readers: usize) -> anyhow::Result<()
             "bench": "churn", "steady_connections": 1000, "cycles": cycles, "slow_readers": readers,
             "rss_before_bytes": before, "rss_after_bytes": after,
             "rss_change_percent": round3((after as f64 - before as f64) * 100.0 / before as f64),
+            "rss_before": before_breakdown, "rss_after": after_breakdown,
+            "rss_kib_each_second_before": before_series.iter().map(|b| b / 1024).collect::<Vec<_>>(),
+            "rss_kib_each_second_after": after_series.iter().map(|b| b / 1024).collect::<Vec<_>>(),
             "slow_client_disconnects": stats["nodes"][0]["slow_consumer_disconnects"],
             "connections_after": stats["nodes"][0]["connections"],
         })

@@ -63,6 +63,38 @@ impl Node {
         let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
         Ok(kib * 1024)
     }
+
+    /// Resident bytes by kind of mapping, from `/proc/<pid>/smaps`: the main heap (`[heap]`), other
+    /// anonymous mappings (glibc's per-thread arenas, large allocations, thread stacks) and file-backed
+    /// mappings (the binary and libraries).
+    pub fn rss_breakdown(&self) -> anyhow::Result<serde_json::Value> {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", self.pid))?;
+        let (mut heap, mut anon, mut file, mut anon_mappings) = (0u64, 0u64, 0u64, 0u64);
+        let mut kind = 0;
+        for line in smaps.lines() {
+            let mut fields = line.split_whitespace();
+            let Some(first) = fields.next() else { continue };
+            if first.contains('-') && !first.ends_with(':') {
+                let name = line.split_whitespace().nth(5);
+                kind = match name {
+                    Some("[heap]") => 0,
+                    None => 1,
+                    Some(_) => 2,
+                };
+                if kind == 1 {
+                    anon_mappings += 1;
+                }
+            } else if first == "Rss:" {
+                let kib: u64 = fields.next().context("Rss value")?.parse()?;
+                match kind {
+                    0 => heap += kib * 1024,
+                    1 => anon += kib * 1024,
+                    _ => file += kib * 1024,
+                }
+            }
+        }
+        Ok(serde_json::json!({"heap": heap, "anonymous": anon, "anonymous_mappings": anon_mappings, "file": file}))
+    }
 }
 
 async fn spawn(binary: &str, listen: &str, env: &[(String, String)]) -> anyhow::Result<(Child, u32, SocketAddr)> {

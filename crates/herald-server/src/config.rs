@@ -123,6 +123,11 @@ pub struct LimitsConfig {
     pub max_await_ms: u64,
     /// Seconds a write to a client may stay blocked before the connection is closed.
     pub write_timeout_secs: u64,
+    /// Seconds a client gets to send a whole request head; also how long a kept-alive API connection may
+    /// sit idle between requests.
+    pub header_read_timeout_secs: u64,
+    /// Largest request head (request line plus headers), in bytes.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +220,8 @@ impl Default for LimitsConfig {
             max_broadcast_channels: 1000,
             max_await_ms: 30_000,
             write_timeout_secs: 10,
+            header_read_timeout_secs: 10,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -448,6 +455,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.ws_max_message_bytes", limits.ws_max_message_bytes as u64),
         ("limits.max_broadcast_channels", limits.max_broadcast_channels as u64),
         ("limits.write_timeout_secs", limits.write_timeout_secs),
+        ("limits.header_read_timeout_secs", limits.header_read_timeout_secs),
         ("sse.ping_interval_secs", config.sse.ping_interval_secs),
         ("history.ttl_secs", config.history.ttl_secs),
         ("dedup_window_secs", config.dedup_window_secs),
@@ -456,6 +464,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         if value == 0 {
             problems.push(format!("{key} must be greater than 0"));
         }
+    }
+    if !(1024..=1024 * 1024).contains(&limits.max_header_bytes) {
+        problems.push("limits.max_header_bytes must be between 1024 and 1048576".to_owned());
     }
     if config.drain_window_ms >= config.shutdown_grace_secs.saturating_mul(1000) {
         problems.push("drain_window_ms must be shorter than shutdown_grace_secs".to_owned());

@@ -23,6 +23,10 @@ pub enum ApiError {
     InvalidBody(String),
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("request head (request line and headers) is larger than {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("the request head did not arrive within {secs} s")]
+    RequestTimeout { secs: u64 },
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("{0}")]
@@ -50,6 +54,8 @@ impl ApiError {
             | Self::MalformedJson(_)
             | Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized | Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::HistoryGone => StatusCode::GONE,
@@ -68,6 +74,8 @@ impl ApiError {
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidBody(_) => "invalid_body",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::RequestTimeout { .. } => "request_timeout",
             Self::Unauthorized => "unauthorized",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::Forbidden(_) => "forbidden",

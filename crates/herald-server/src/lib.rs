@@ -227,15 +227,9 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     let tracker = TaskTracker::new();
     let app = router(state.clone());
     let grace = Duration::from_secs(state.config().shutdown_grace_secs);
-    let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
-    let accept = tokio::spawn(serve::accept_loop(
-        listener,
-        app,
-        state.clone(),
-        write_timeout,
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    let limits = serve::ConnectionLimits::from(&state.config().limits);
+    let accept =
+        tokio::spawn(serve::accept_loop(listener, app, state.clone(), limits, shutdown.clone(), tracker.clone()));
     shutdown.cancelled().await;
     // The accept loop stops at once (new connections are refused); readiness fails first thing in
     // drain_gradually, which then spreads the existing clients' reconnects over the drain window.

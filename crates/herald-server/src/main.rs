@@ -8,6 +8,13 @@ use clap::Parser;
 use herald_server::{Cli, EXIT_BAD_CONFIG, Settings, config};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc with its background threads: memory freed after a connection storm or a burst of slow
+/// clients goes back to the system within seconds instead of staying in per-thread arenas, as glibc's
+/// allocator keeps it (BENCHMARKS.md, "Memory after churn"). Embedders choose their own allocator.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let env: Vec<(String, String)> = std::env::vars().collect();

@@ -38,17 +38,37 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::error::ApiError;
 use crate::{AppState, sse};
 
-/// Time a client gets to send its request headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per-connection bounds of the accept loop (from `limits.*`, docs/config.md).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a write to a client may stay blocked.
+    pub write_timeout: Duration,
+    /// How long a client gets to send a whole request head (and how long a kept-alive connection may
+    /// wait for its next request).
+    pub header_read_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+}
+
+impl From<&crate::config::LimitsConfig> for ConnectionLimits {
+    fn from(limits: &crate::config::LimitsConfig) -> Self {
+        Self {
+            write_timeout: Duration::from_secs(limits.write_timeout_secs),
+            header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+            max_header_bytes: limits.max_header_bytes,
+        }
+    }
+}
 
 /// Accepts until `shutdown` fires; connection tasks are tracked by `tracker`.
 pub async fn accept_loop(
     listener: TcpListener,
     app: Router,
     state: AppState,
-    write_timeout: Duration,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -76,32 +96,77 @@ pub async fn accept_loop(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let kill = Arc::new(KillSwitch::default());
-            let mut guarded = GuardedIo::new(stream, kill.clone(), write_timeout);
+            let mut guarded = GuardedIo::new(stream, kill.clone(), limits.write_timeout);
             let mut head = Vec::new();
-            match tokio::time::timeout(HEADER_READ_TIMEOUT, read_head(&mut guarded, &mut head)).await {
-                Ok(Ok(true)) => {}
-                _ => return, // closed, timed out or oversized before a request head arrived
-            }
-            if let Some((headers, query)) = sse_request(&head) {
-                drop(head);
-                serve_sse(&state, guarded, kill, &headers, query).await;
+            let read = tokio::time::timeout(
+                limits.header_read_timeout,
+                read_head(&mut guarded, &mut head, limits.max_header_bytes),
+            )
+            .await;
+            let refused = match read {
+                Ok(Ok(Head::Complete)) => match classify(&head) {
+                    Request::Sse(headers, query) => {
+                        drop(head);
+                        serve_sse(&state, guarded, kill, &headers, query).await;
+                        return;
+                    }
+                    Request::Other => None,
+                    Request::TooManyHeaders => Some(ApiError::HeadersTooLarge { limit: limits.max_header_bytes }),
+                    Request::Malformed => Some(ApiError::BadRequest("malformed HTTP request".into())),
+                },
+                Ok(Ok(Head::TooLarge)) => Some(ApiError::HeadersTooLarge { limit: limits.max_header_bytes }),
+                // A connection that never sent a byte is simply closed; a partial head gets an answer.
+                Err(_) if !head.is_empty() => {
+                    Some(ApiError::RequestTimeout { secs: limits.header_read_timeout.as_secs() })
+                }
+                Ok(Ok(Head::Closed)) | Ok(Err(_)) | Err(_) => return,
+            };
+            if let Some(error) = refused {
+                write_error(&mut guarded, &error, "").await;
                 return;
             }
             let guarded = Prefixed { prefix: head, at: 0, inner: guarded };
             // Boxed so that the (larger) hyper state is not part of every connection task's size.
-            Box::pin(serve_hyper(app, guarded, kill, shutdown)).await;
+            Box::pin(serve_hyper(app, guarded, kill, limits, shutdown)).await;
         });
     }
 }
 
+/// Answers a request the accept loop refuses itself with the contract's JSON error and closes.
+async fn write_error(io: &mut GuardedIo, error: &ApiError, cors: &str) {
+    let status = error.status();
+    let body = error.body().to_string();
+    let retry = if matches!(status.as_u16(), 429 | 503) { "retry-after: 1\r\n" } else { "" };
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{cors}connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = io.write_all(response.as_bytes()).await;
+    let _ = io.shutdown().await;
+}
+
 /// Serves a connection that is not an event stream with hyper, ending gracefully on shutdown.
-async fn serve_hyper(app: Router, io: Prefixed, kill: Arc<KillSwitch>, shutdown: CancellationToken) {
+async fn serve_hyper(
+    app: Router,
+    io: Prefixed,
+    kill: Arc<KillSwitch>,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
         app.clone().oneshot(request)
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.writev(false).timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    // hyper's read buffer cannot be smaller than 8 KiB; heads of later requests on a kept-alive
+    // connection are bounded by it (hyper answers 431 beyond).
+    builder
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
     let connection = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     tokio::pin!(connection);
     tokio::select! {
@@ -117,12 +182,16 @@ async fn serve_hyper(app: Router, io: Prefixed, kill: Arc<KillSwitch>, shutdown:
     }
 }
 
-/// Longest request head the accept loop reads before deciding who serves the connection.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How reading a request head ended.
+enum Head {
+    Complete,
+    /// The client closed the connection first.
+    Closed,
+    TooLarge,
+}
 
-/// Reads until the end of the request head (`\r\n\r\n`); false when the client closed first or the head
-/// is too large (the connection is then dropped).
-async fn read_head(io: &mut GuardedIo, head: &mut Vec<u8>) -> std::io::Result<bool> {
+/// Reads until the end of the request head (`\r\n\r\n`), at most `max` bytes of it.
+async fn read_head(io: &mut GuardedIo, head: &mut Vec<u8>, max: usize) -> std::io::Result<Head> {
     loop {
         // Read straight into the (heap) head buffer: a stack buffer here would become part of every
         // connection task's size for the connection's whole life.
@@ -130,42 +199,63 @@ async fn read_head(io: &mut GuardedIo, head: &mut Vec<u8>) -> std::io::Result<bo
         head.reserve(1024);
         let read = io.read_buf(head).await?;
         if read == 0 {
-            return Ok(false);
+            return Ok(Head::Closed);
         }
-        if head[searched_from..].windows(4).any(|w| w == b"\r\n\r\n") {
-            return Ok(true);
+        if let Some(end) = head[searched_from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head_len = searched_from + end + 4;
+            return Ok(if head_len > max { Head::TooLarge } else { Head::Complete });
         }
-        if head.len() > MAX_HEAD_BYTES {
-            return Ok(false);
+        if head.len() > max {
+            return Ok(Head::TooLarge);
         }
     }
 }
 
-/// The headers and query of a `GET /v1/sse` request head (not an upgrade); `None` for anything else.
-fn sse_request(head: &[u8]) -> Option<(HeaderMap, Option<String>)> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
+/// Who serves a complete request head.
+enum Request {
+    /// `GET /v1/sse` (not an upgrade): its headers and query.
+    Sse(HeaderMap, Option<String>),
+    /// Anything else well-formed: hyper and the router.
+    Other,
+    /// More header lines than [`MAX_HEADERS`].
+    TooManyHeaders,
+    Malformed,
+}
+
+/// Most header lines a request may carry.
+pub const MAX_HEADERS: usize = 64;
+
+fn classify(head: &[u8]) -> Request {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut slots);
-    if !request.parse(head).ok()?.is_complete() || request.method? != "GET" {
-        return None;
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Request::Malformed,
+        Err(httparse::Error::TooManyHeaders) => return Request::TooManyHeaders,
+        Err(_) => return Request::Malformed,
     }
-    let path = request.path?;
+    let (Some(method), Some(path)) = (request.method, request.path) else { return Request::Malformed };
     let (route, query) = match path.split_once('?') {
-        Some((route, query)) => (route, Some(query.to_owned())),
+        Some((route, query)) => (route, Some(query)),
         None => (path, None),
     };
-    if route != "/v1/sse" {
-        return None;
+    if method != "GET" || route != "/v1/sse" {
+        return Request::Other;
     }
     let mut headers = HeaderMap::new();
     for header in request.headers.iter() {
         if header.name.eq_ignore_ascii_case("upgrade") {
-            return None;
+            return Request::Other;
         }
-        let name = axum::http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
-        let value = axum::http::HeaderValue::from_bytes(header.value).ok()?;
+        let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(header.name.as_bytes()),
+            axum::http::HeaderValue::from_bytes(header.value),
+        ) else {
+            return Request::Malformed;
+        };
         headers.append(name, value);
     }
-    Some((headers, query))
+    Request::Sse(headers, query.map(str::to_owned))
 }
 
 /// Serves one SSE connection on the raw socket: the response head, then every chunk of the stream,
@@ -184,17 +274,7 @@ async fn serve_sse(
     let mut stream = match sse::open(state, Some(kill), headers, query).await {
         Ok(stream) => stream,
         Err(error) => {
-            let status = error.status();
-            let body = error.body().to_string();
-            let retry = if matches!(status.as_u16(), 429 | 503) { "retry-after: 1\r\n" } else { "" };
-            let response = format!(
-                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{cors}connection: close\r\n\r\n{body}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or(""),
-                body.len()
-            );
-            let _ = io.write_all(response.as_bytes()).await;
-            let _ = io.shutdown().await;
+            write_error(&mut io, &error, &cors).await;
             return;
         }
     };

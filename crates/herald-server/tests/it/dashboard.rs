@@ -1,44 +1,155 @@
 //! The dashboard in a real headless browser (Debian's Chromium): against a running two-node cluster it
 //! polls `/v1/cluster`, and the numbers it shows appear and move while publications flow.
+//!
+//! The browser runs in real time and the test reads the page through the Chrome DevTools protocol
+//! (`Runtime.evaluate` over the page's WebSocket), waiting for each condition instead of guessing how
+//! long the page needs: per-node totals reach `/v1/cluster` through heartbeats once a second, so the
+//! page must stay open across at least one of them.
 
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::json;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
+use crate::harness::TIMEOUT;
 use crate::redis::RedisServer;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// Loads `url` in headless Chromium and returns the DOM after the page ran for `budget_ms` of its time.
-fn dump_dom(url: &str, budget_ms: u64) -> String {
-    assert!(
-        std::path::Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: the dashboard test needs Debian's chromium (scripts/test installs it)"
-    );
-    let profile =
-        std::env::temp_dir().join(format!("herald-chromium-{}-{}", std::process::id(), rand::random::<u32>()));
-    let output = Command::new(CHROMIUM)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
-        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("--virtual-time-budget={budget_ms}"))
-        .arg("--dump-dom")
-        .arg(url)
-        .output()
-        .expect("run chromium");
-    let _ = std::fs::remove_dir_all(profile);
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// A headless Chromium with a private profile, stopped (by PID) and cleaned up on drop.
+struct Browser {
+    child: Child,
+    profile: std::path::PathBuf,
 }
 
-fn attribute(dom: &str, name: &str) -> Option<u64> {
-    let start = dom.find(&format!("{name}=\""))? + name.len() + 2;
-    dom[start..].split('"').next()?.parse().ok()
+impl Browser {
+    fn start() -> Browser {
+        assert!(
+            std::path::Path::new(CHROMIUM).exists(),
+            "{CHROMIUM} is missing: the dashboard test needs Debian's chromium (scripts/test installs it)"
+        );
+        let profile =
+            std::env::temp_dir().join(format!("herald-chromium-{}-{}", std::process::id(), rand::random::<u32>()));
+        let child = Command::new(CHROMIUM)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            .arg("--remote-debugging-address=127.0.0.1")
+            .arg("--remote-debugging-port=0")
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run chromium");
+        Browser { child, profile }
+    }
+
+    /// The DevTools port, from the file Chromium writes into its profile once it listens.
+    async fn devtools_port(&self) -> u16 {
+        let file = self.profile.join("DevToolsActivePort");
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(port) = std::fs::read_to_string(&file).ok().and_then(|t| t.lines().next()?.parse().ok()) {
+                return port;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "chromium did not open its DevTools port");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Opens `url` in the browser's page and returns a DevTools session on that page.
+    async fn open(&self, url: &str) -> Page {
+        let port = self.devtools_port().await;
+        let targets: Value = crate::harness::client()
+            .get(format!("http://127.0.0.1:{port}/json/list"))
+            .send()
+            .await
+            .expect("DevTools target list")
+            .json()
+            .await
+            .expect("DevTools JSON");
+        let page = targets
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["type"] == "page"))
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            .expect("a page target")
+            .to_owned();
+        let (socket, _) = tokio_tungstenite::connect_async(page).await.expect("DevTools WebSocket");
+        let mut page = Page { socket, next_id: 0 };
+        page.call("Page.navigate", json!({"url": url})).await;
+        page
+    }
 }
 
-fn text_of(dom: &str, id: &str) -> Option<u64> {
-    let start = dom.find(&format!("id=\"{id}\">"))? + id.len() + 6;
-    dom[start..].split('<').next()?.trim().parse().ok()
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // SIGTERM lets Chromium stop its helper processes too; SIGKILL only if it does not exit.
+        let _ = Command::new("kill").args(["-s", "TERM", &self.child.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+struct Page {
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_id: u64,
+}
+
+impl Page {
+    /// Sends one DevTools command and returns its result (events in between are skipped).
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let command = json!({"id": id, "method": method, "params": params}).to_string();
+        self.socket.send(Message::text(command)).await.expect("DevTools send");
+        loop {
+            let message = tokio::time::timeout(TIMEOUT, self.socket.next())
+                .await
+                .expect("DevTools answers in time")
+                .expect("DevTools socket open")
+                .expect("DevTools message");
+            let Message::Text(text) = message else { continue };
+            let reply: Value = serde_json::from_str(&text).expect("DevTools JSON");
+            if reply["id"] == id {
+                assert!(reply.get("error").is_none(), "{method} failed: {reply}");
+                return reply["result"].clone();
+            }
+        }
+    }
+
+    /// What the page shows: polls made, last error, the total at the first poll, the total shown now
+    /// and the number of nodes listed.
+    async fn numbers(&mut self) -> Value {
+        let expression = r#"JSON.stringify({
+            polls: Number(document.body.dataset.polls || 0),
+            error: document.body.dataset.lastError || "",
+            first: document.body.dataset.firstPublished === undefined ? null : Number(document.body.dataset.firstPublished),
+            shown: Number((document.getElementById("total-published") || {}).textContent),
+            nodes: Number((document.getElementById("nodes-count") || {}).textContent)
+        })"#;
+        let result = self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true})).await;
+        result["result"]["value"].as_str().and_then(|text| serde_json::from_str(text).ok()).unwrap_or(Value::Null)
+    }
+
+    /// Reads the page until `done` holds for its numbers, or fails after [`TIMEOUT`].
+    async fn until(&mut self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let numbers = self.numbers().await;
+            if done(&numbers) {
+                return numbers;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}; the page shows {numbers}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +160,12 @@ async fn the_dashboard_shows_live_cluster_numbers_in_a_real_browser() {
     for i in 0..5 {
         nodes[1].publish("dash:1", json!(i)).await;
     }
-    // Keep publications flowing while the browser polls.
+    let browser = Browser::start();
+    let mut page = browser.open(&nodes[0].url("/dashboard")).await;
+    let first = page
+        .until("publications made before the page loaded are counted", |n| n["first"].as_u64().is_some_and(|f| f >= 5))
+        .await;
+    // Publications keep flowing while the page stays open.
     let publisher = {
         let url = nodes[1].url("/v1/publish");
         tokio::spawn(async move {
@@ -60,15 +176,12 @@ async fn the_dashboard_shows_live_cluster_numbers_in_a_real_browser() {
             }
         })
     };
-    let url = nodes[0].url("/dashboard");
-    let dom = tokio::task::spawn_blocking(move || dump_dom(&url, 4000)).await.expect("browser");
+    let first_total = first["first"].as_u64().unwrap_or_default();
+    let moved = page
+        .until("the total moves while the page is open", |n| n["shown"].as_u64().is_some_and(|s| s > first_total))
+        .await;
     publisher.abort();
-    let polls = attribute(&dom, "data-polls").unwrap_or(0);
-    assert!(polls >= 2, "the page polled the cluster (data-polls = {polls})");
-    assert!(dom.contains("data-last-error=\"\""), "no error shown");
-    let first = attribute(&dom, "data-first-published").expect("first total recorded");
-    let shown = text_of(&dom, "total-published").expect("total shown as a number");
-    assert!(first >= 5, "publications made before the page loaded are counted ({first})");
-    assert!(shown > first, "the total moved while the page was open ({first} -> {shown})");
-    assert!(text_of(&dom, "nodes-count").is_some_and(|n| n == 2), "both nodes listed");
+    assert!(moved["polls"].as_u64().is_some_and(|p| p >= 2), "the page kept polling: {moved}");
+    assert_eq!(moved["error"], "", "no error shown: {moved}");
+    assert_eq!(moved["nodes"], 2, "both nodes listed: {moved}");
 }

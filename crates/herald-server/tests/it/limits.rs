@@ -95,3 +95,93 @@ async fn browsers_on_allowed_origins_may_connect_and_publish() {
     assert!(preflight.status().is_success());
     assert_eq!(preflight.headers()["access-control-allow-origin"], "https://app.example");
 }
+
+#[tokio::test]
+async fn a_node_accepts_only_so_many_connections() {
+    let server = Server::with(|config| config.limits.max_connections = 2).await;
+    let first = client().get(server.url("/v1/sse?channel=a")).send().await.expect("first");
+    let (_ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.expect("second, over WebSocket");
+    assert_eq!(first.status(), StatusCode::OK);
+    let response = client().get(server.url("/v1/sse?channel=a")).send().await.expect("third");
+    assert!(response.headers().contains_key("retry-after"), "429 carries Retry-After");
+    let (status, body) = read_json(response).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::TOO_MANY_REQUESTS, "limit_exceeded"));
+    let refused = tokio_tungstenite::connect_async(server.ws_url()).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = refused else {
+        panic!("a WebSocket upgrade past the limit must be refused with an HTTP answer")
+    };
+    assert_eq!(response.status().as_u16(), 429);
+    let body: serde_json::Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default()).expect("JSON");
+    assert_eq!(error_code(&body), "limit_exceeded");
+    let (status, _) = server.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "the server API is not a connection that counts");
+}
+
+/// Writes `request` on a fresh connection and reads until the server closes it: the status code and
+/// the JSON body, or `None` when the server closed without answering.
+async fn raw_exchange(server: &Server, request: &[u8], then_wait: bool) -> Option<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    socket.write_all(request).await.expect("write");
+    if !then_wait {
+        socket.shutdown().await.expect("half-close");
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(crate::harness::TIMEOUT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    if answer.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    Some((status, serde_json::from_str(body).expect("a JSON body")))
+}
+
+#[tokio::test]
+async fn oversized_malformed_and_slow_request_heads_get_json_errors() {
+    let server = Server::with(|config| {
+        config.limits.max_header_bytes = 4096;
+        config.limits.header_read_timeout_secs = 1;
+    })
+    .await;
+    let big = format!("GET /v1/sse?channel=a HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "p".repeat(5000));
+    let answer = raw_exchange(&server, big.as_bytes(), true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((431, "headers_too_large")));
+    let endless = format!("POST /v1/publish HTTP/1.1\r\nHost: x\r\nX-Pad: {}", "p".repeat(8000));
+    let answer = raw_exchange(&server, endless.as_bytes(), true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((431, "headers_too_large")));
+    let many: String = (0..80).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let answer = raw_exchange(&server, format!("GET /healthz HTTP/1.1\r\n{many}\r\n").as_bytes(), true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((431, "headers_too_large")));
+    let answer = raw_exchange(&server, b"HELLO THERE\r\n\r\n", true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((400, "bad_request")));
+    // A client that starts a request and stalls is answered 408 once the header timeout passes.
+    let answer = raw_exchange(&server, b"GET /v1/sse?channel=a HTTP/1.1\r\nHost:", true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((408, "request_timeout")));
+    // A connection that never sends anything is closed without an answer.
+    assert_eq!(raw_exchange(&server, b"", true).await, None);
+}
+
+#[tokio::test]
+async fn an_idle_kept_alive_api_connection_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::with(|config| config.limits.header_read_timeout_secs = 1).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let read = tokio::time::timeout(crate::harness::TIMEOUT, socket.read(&mut buffer)).await.expect("answer");
+        let read = read.expect("read");
+        assert!(read > 0, "closed before answering");
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    // The connection stays open for another request, but not forever.
+    let rest = tokio::time::timeout(crate::harness::TIMEOUT, socket.read_to_end(&mut answer)).await;
+    assert!(rest.is_ok(), "an idle kept-alive connection must be closed by the server");
+}
