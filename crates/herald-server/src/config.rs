@@ -128,6 +128,16 @@ pub struct LimitsConfig {
     pub header_read_timeout_secs: u64,
     /// Largest request head (request line plus headers), in bytes.
     pub max_header_bytes: usize,
+    /// Open TCP connections of every kind (streams, API calls, requests still sending their head); when
+    /// unset, `max_connections` plus a tenth plus 1,000.
+    pub max_sockets: Option<usize>,
+}
+
+impl LimitsConfig {
+    /// The socket cap in force.
+    pub fn sockets(&self) -> usize {
+        self.max_sockets.unwrap_or_else(|| self.max_connections.saturating_add(self.max_connections / 10 + 1000))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +232,7 @@ impl Default for LimitsConfig {
             write_timeout_secs: 10,
             header_read_timeout_secs: 10,
             max_header_bytes: 16 * 1024,
+            max_sockets: None,
         }
     }
 }
@@ -464,6 +475,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         if value == 0 {
             problems.push(format!("{key} must be greater than 0"));
         }
+    }
+    if limits.max_sockets == Some(0) {
+        problems.push("limits.max_sockets must be greater than 0".to_owned());
     }
     if !(1024..=1024 * 1024).contains(&limits.max_header_bytes) {
         problems.push("limits.max_header_bytes must be between 1024 and 1048576".to_owned());

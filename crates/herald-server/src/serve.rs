@@ -51,6 +51,8 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Largest request head.
     pub max_header_bytes: usize,
+    /// Open sockets of every kind.
+    pub max_sockets: usize,
 }
 
 impl From<&crate::config::LimitsConfig> for ConnectionLimits {
@@ -59,6 +61,7 @@ impl From<&crate::config::LimitsConfig> for ConnectionLimits {
             write_timeout: Duration::from_secs(limits.write_timeout_secs),
             header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
             max_header_bytes: limits.max_header_bytes,
+            max_sockets: limits.sockets(),
         }
     }
 }
@@ -72,6 +75,7 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let sockets = Arc::new(tokio::sync::Semaphore::new(limits.max_sockets));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -91,10 +95,28 @@ pub async fn accept_loop(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
+        let Ok(permit) = sockets.clone().try_acquire_owned() else {
+            // Over the socket cap: answer and close at once, off the accept loop.
+            tracing::debug!(max_sockets = limits.max_sockets, "socket refused: too many open");
+            tracker.spawn(async move {
+                let mut guarded = GuardedIo::new(stream, Arc::new(KillSwitch::default()), limits.write_timeout);
+                let error = ApiError::Limit(format!("this node holds its maximum of {} sockets", limits.max_sockets));
+                write_error(&mut guarded, &error, "").await;
+                // Lingering close: read what the client sent (for at most a second) so that closing
+                // with unread bytes does not reset the connection before the client reads the answer.
+                let mut sink = [0u8; 512];
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while matches!(guarded.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            });
+            continue;
+        };
         let app = app.clone();
         let state = state.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             let kill = Arc::new(KillSwitch::default());
             let mut guarded = GuardedIo::new(stream, kill.clone(), limits.write_timeout);
             let mut head = Vec::new();

@@ -185,3 +185,24 @@ async fn an_idle_kept_alive_api_connection_is_closed_after_the_header_timeout() 
     let rest = tokio::time::timeout(crate::harness::TIMEOUT, socket.read_to_end(&mut answer)).await;
     assert!(rest.is_ok(), "an idle kept-alive connection must be closed by the server");
 }
+
+#[tokio::test]
+async fn sockets_past_the_cap_are_answered_429_and_closed() {
+    let server = Server::with(|config| config.limits.max_sockets = Some(2)).await;
+    let first = client().get(server.url("/v1/sse?channel=a")).send().await.expect("first");
+    let second = client().get(server.url("/v1/sse?channel=b")).send().await.expect("second");
+    assert_eq!((first.status(), second.status()), (StatusCode::OK, StatusCode::OK));
+    let answer = raw_exchange(&server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", false).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((429, "limit_exceeded")));
+    drop(first);
+    let deadline = tokio::time::Instant::now() + crate::harness::TIMEOUT;
+    loop {
+        let answer =
+            raw_exchange(&server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", false).await;
+        if answer.is_some_and(|(status, _)| status == 200) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a closed socket's slot was never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
