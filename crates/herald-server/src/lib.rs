@@ -43,15 +43,19 @@ struct AppInner {
     metrics: ops::Metrics,
     auth: auth::ClientAuth,
     publish_limiter: api::PublishLimiter,
+    /// One permit per open TCP connection (`limits.max_sockets`), taken by the accept loop.
+    sockets: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     /// Fails when a configured key file can no longer be read (it was checked at start-up).
     pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
         let auth = auth::ClientAuth::from_config(&settings.config).map_err(|problem| anyhow::anyhow!(problem))?;
+        let sockets = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.sockets()));
         Ok(Self {
             inner: Arc::new(AppInner {
                 auth,
+                sockets,
                 publish_limiter: api::PublishLimiter::default(),
                 hub,
                 settings,
@@ -83,6 +87,15 @@ impl AppState {
 
     pub(crate) fn metrics(&self) -> &ops::Metrics {
         &self.inner.metrics
+    }
+
+    pub(crate) fn sockets(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.sockets
+    }
+
+    /// Open TCP connections (every kind) served by the accept loop.
+    pub fn open_sockets(&self) -> usize {
+        self.config().limits.sockets().saturating_sub(self.inner.sockets.available_permits())
     }
 
     /// True once shutdown began: readiness fails and new connections are refused.

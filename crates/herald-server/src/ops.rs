@@ -25,13 +25,22 @@ pub struct Metrics {
     handle: PrometheusHandle,
     /// Publications refused, by the error code of the answer.
     refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Connections the accept loop answered with an error itself, by the error code of the answer.
+    connections_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        Self { recorder, handle, refused: std::sync::Mutex::new(std::collections::BTreeMap::new()) }
+        Self { recorder, handle, refused: Default::default(), connections_refused: Default::default() }
+    }
+
+    /// A connection refused before any route saw it (socket cap, bad or slow request head), by reason.
+    pub fn connection_refused(&self, reason: &'static str) {
+        if let Ok(mut refused) = self.connections_refused.lock() {
+            *refused.entry(reason).or_default() += 1;
+        }
     }
 
     /// A publication the API could not accept, by reason.
@@ -45,12 +54,16 @@ impl Metrics {
         let ready = state.hub().ready().await && !state.draining();
         let s = state.hub().stats();
         let refused = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
+        let connections_refused = self.connections_refused.lock().map(|r| r.clone()).unwrap_or_default();
         let engine = state.hub().engine().stats();
         metrics::with_local_recorder(&self.recorder, || {
             counter!("herald_publications_total", "result" => "accepted").absolute(s.published);
             counter!("herald_publications_total", "result" => "duplicate").absolute(s.duplicates);
             for (reason, count) in &refused {
                 counter!("herald_publications_refused_total", "reason" => *reason).absolute(*count);
+            }
+            for (reason, count) in &connections_refused {
+                counter!("herald_connections_refused_total", "reason" => *reason).absolute(*count);
             }
             counter!("herald_publications_without_subscribers_total").absolute(s.no_subscriber);
             counter!("herald_deliveries_total", "transport" => "sse").absolute(s.delivered_sse);
@@ -72,6 +85,7 @@ impl Metrics {
             gauge!("herald_ready").set(if ready { 1.0 } else { 0.0 });
             gauge!("herald_connections").set(s.connections as f64);
             gauge!("herald_channels").set(s.channels as f64);
+            gauge!("herald_sockets_open").set(state.open_sockets() as f64);
         });
         self.handle.run_upkeep();
         let mut text = self.handle.render();

@@ -75,7 +75,7 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let sockets = Arc::new(tokio::sync::Semaphore::new(limits.max_sockets));
+    let sockets = state.sockets().clone();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -98,6 +98,7 @@ pub async fn accept_loop(
         let Ok(permit) = sockets.clone().try_acquire_owned() else {
             // Over the socket cap: answer and close at once, off the accept loop.
             tracing::debug!(max_sockets = limits.max_sockets, "socket refused: too many open");
+            state.metrics().connection_refused("max_sockets");
             tracker.spawn(async move {
                 let mut guarded = GuardedIo::new(stream, Arc::new(KillSwitch::default()), limits.write_timeout);
                 let error = ApiError::Limit(format!("this node holds its maximum of {} sockets", limits.max_sockets));
@@ -144,6 +145,7 @@ pub async fn accept_loop(
                 Ok(Ok(Head::Closed)) | Ok(Err(_)) | Err(_) => return,
             };
             if let Some(error) = refused {
+                state.metrics().connection_refused(error.code());
                 write_error(&mut guarded, &error, "").await;
                 return;
             }

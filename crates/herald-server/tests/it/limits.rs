@@ -164,6 +164,14 @@ async fn oversized_malformed_and_slow_request_heads_get_json_errors() {
     assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((408, "request_timeout")));
     // A connection that never sends anything is closed without an answer.
     assert_eq!(raw_exchange(&server, b"", true).await, None);
+    let metrics = client().get(server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    for line in [
+        "herald_connections_refused_total{reason=\"headers_too_large\"} 3",
+        "herald_connections_refused_total{reason=\"bad_request\"} 1",
+        "herald_connections_refused_total{reason=\"request_timeout\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]
@@ -205,4 +213,26 @@ async fn sockets_past_the_cap_are_answered_429_and_closed() {
         assert!(tokio::time::Instant::now() < deadline, "a closed socket's slot was never freed");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // The open SSE stream and the metrics request itself (earlier sockets close as their tasks end).
+    let deadline = tokio::time::Instant::now() + crate::harness::TIMEOUT;
+    let http = client();
+    let metrics = loop {
+        // Refused (429, or an answer before the request was sent) while an earlier socket still counts.
+        let metrics = match http.get(server.url("/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(error) => error.to_string(),
+        };
+        if metrics.contains("herald_sockets_open 2\n") {
+            break metrics;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "herald_sockets_open never settled at 2: {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // At least the refusal above (retries while a slot was being freed may add more).
+    let refused = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("herald_connections_refused_total{reason=\"max_sockets\"} "))
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{metrics}");
+    drop(second);
 }
