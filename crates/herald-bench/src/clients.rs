@@ -28,6 +28,13 @@ pub fn publish_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().tcp_nodelay(true).pool_max_idle_per_host(64).build().unwrap_or_default()
 }
 
+/// Which client protocol a fleet speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Sse,
+    Ws,
+}
+
 impl SseFleet {
     /// Opens `connections` SSE streams, connection i on channel `channels[i % len]`, and returns once
     /// every one has received `herald.connected`.
@@ -36,6 +43,18 @@ impl SseFleet {
         channels: &[String],
         connections: usize,
         measure: bool,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with(server, channels, connections, measure, Transport::Sse).await
+    }
+
+    /// Like [`SseFleet::connect`], over `transport` (WebSocket clients count text frames after their
+    /// `subscribed` reply; they do not measure latency).
+    pub async fn connect_with(
+        server: SocketAddr,
+        channels: &[String],
+        connections: usize,
+        measure: bool,
+        transport: Transport,
     ) -> anyhow::Result<Self> {
         let delivered = Arc::new(AtomicU64::new(0));
         let latencies: Latencies = Arc::new(Mutex::new(Vec::new()));
@@ -50,6 +69,17 @@ impl SseFleet {
                 (delivered.clone(), latencies.clone(), connected.clone(), opening.clone());
             tasks.spawn(async move {
                 let permit = opening.acquire_owned().await;
+                if transport == Transport::Ws {
+                    match open_ws(server, source, &channel).await {
+                        Ok((socket, rest)) => {
+                            drop(permit);
+                            connected.add_permits(1);
+                            read_ws_frames(socket, rest, delivered).await;
+                        }
+                        Err(error) => eprintln!("connection {i} failed: {error:#}"),
+                    }
+                    return;
+                }
                 match open(server, source, &channel).await {
                     Ok((socket, rest)) => {
                         drop(permit);
@@ -71,7 +101,7 @@ impl SseFleet {
         let all = tokio::time::timeout(deadline, connected.acquire_many(connections as u32)).await;
         match all {
             Ok(Ok(permits)) => permits.forget(),
-            _ => bail!("not every SSE connection was established within {deadline:?}"),
+            _ => bail!("not every connection was established within {deadline:?}"),
         }
         Ok(Self { delivered, latencies, tasks, clock })
     }
@@ -165,6 +195,80 @@ async fn read_events(
             delivered.fetch_add(count, Ordering::Relaxed);
             pending.drain(..complete);
         }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => pending.extend_from_slice(&chunk[..read]),
+        }
+    }
+}
+
+/// A WebSocket client on raw TCP: the upgrade, one `subscribe` frame (masked with a zero key, which
+/// leaves the payload as is), then everything after the `subscribed` reply.
+async fn open_ws(
+    server: SocketAddr,
+    source: IpAddr,
+    channel: &str,
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0)).context("bind source address")?;
+    let mut stream = socket.connect(server).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    let request = "GET /v1/ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    stream.write_all(request.as_bytes()).await?;
+    let payload = format!(r#"{{"op":"subscribe","id":1,"channel":"{channel}"}}"#);
+    let mut frame = vec![0x81u8, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    if payload.len() >= 126 {
+        bail!("channel name too long for this client");
+    }
+    frame.extend_from_slice(payload.as_bytes());
+    stream.write_all(&frame).await?;
+    let mut buffer = Vec::with_capacity(1024);
+    let finder = memmem::Finder::new(b"\"type\":\"subscribed\"");
+    loop {
+        let mut chunk = [0u8; 1024];
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            bail!("closed before subscribed: {}", String::from_utf8_lossy(&buffer));
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+        if let Some(at) = finder.find(&buffer) {
+            // The reply is a small frame: what follows its closing brace belongs to later frames.
+            let end = buffer[at..].iter().position(|b| *b == b'}').map(|p| at + p + 1).context("reply end")?;
+            let rest = buffer.split_off(end);
+            return Ok((stream, rest));
+        }
+    }
+}
+
+/// Counts server text frames (unmasked: a 2-byte header, then 2 or 8 length bytes for longer payloads).
+async fn read_ws_frames(mut stream: tokio::net::TcpStream, mut pending: Vec<u8>, delivered: Arc<AtomicU64>) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let mut at = 0;
+        let mut count = 0;
+        while pending.len() >= at + 2 {
+            let (opcode, short) = (pending[at] & 0x0f, (pending[at + 1] & 0x7f) as usize);
+            let (header, length) = match short {
+                126 if pending.len() >= at + 4 => (4, u16::from_be_bytes([pending[at + 2], pending[at + 3]]) as usize),
+                127 if pending.len() >= at + 10 => {
+                    let mut bytes = [0u8; 8];
+                    bytes.copy_from_slice(&pending[at + 2..at + 10]);
+                    (10, u64::from_be_bytes(bytes) as usize)
+                }
+                126 | 127 => break,
+                n => (2, n),
+            };
+            if pending.len() < at + header + length {
+                break;
+            }
+            if opcode == 0x1 {
+                count += 1;
+            }
+            at += header + length;
+        }
+        delivered.fetch_add(count, Ordering::Relaxed);
+        pending.drain(..at);
         match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(read) => pending.extend_from_slice(&chunk[..read]),

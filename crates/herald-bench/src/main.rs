@@ -11,7 +11,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use herald_bench::clients::{SseFleet, publish_client};
+use herald_bench::clients::{SseFleet, Transport, publish_client};
 use herald_bench::node::Node;
 use herald_bench::{cluster, scenario};
 
@@ -42,6 +42,9 @@ enum Command {
         /// Publish requests in flight at once.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Client protocol of the subscribers.
+        #[arg(long, value_enum, default_value_t = Transport::Sse)]
+        transport: Transport,
     },
     /// Publish-to-socket latency at a fixed publication rate.
     Latency {
@@ -99,8 +102,8 @@ async fn main() -> anyhow::Result<()> {
     let herald = cli.herald.clone().unwrap_or_else(default_herald);
     let cli = Cli { herald: Some(herald.clone()), ..cli };
     match cli.command {
-        Command::Fanout { subscribers, channels, publications, payload, concurrency } => {
-            fanout(&herald, subscribers, channels, publications, payload, concurrency).await
+        Command::Fanout { subscribers, channels, publications, payload, concurrency, transport } => {
+            fanout(&herald, subscribers, channels, publications, payload, concurrency, transport).await
         }
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
         Command::Memory { connections } => memory(&herald, connections).await,
@@ -148,6 +151,7 @@ async fn fanout(
     publications: usize,
     payload: usize,
     concurrency: usize,
+    transport: Transport,
 ) -> anyhow::Result<()> {
     if channels == 0 || subscribers < channels {
         bail!("need at least one subscriber per channel");
@@ -156,7 +160,7 @@ async fn fanout(
     let queue = (publications + 64).max(1024).to_string();
     let node = Node::start(herald, &[("HERALD_LIMITS__QUEUE_CAPACITY", queue.as_str())]).await?;
     let names = channel_names(channels);
-    let fleet = SseFleet::connect(node.addr, &names, subscribers, false).await?;
+    let fleet = SseFleet::connect_with(node.addr, &names, subscribers, false, transport).await?;
     let expected = (subscribers * publications) as u64;
     let pad = "x".repeat(payload);
     // Every request publishes one round to up to 1,000 channels, so the HTTP API is not what is measured.
@@ -193,7 +197,7 @@ async fn fanout(
     println!(
         "{}",
         json!({
-            "bench": "fanout", "subscribers": subscribers, "channels": channels, "publications_per_channel": publications,
+            "bench": "fanout", "transport": format!("{transport:?}").to_lowercase(), "subscribers": subscribers, "channels": channels, "publications_per_channel": publications,
             "payload_bytes": payload, "publish_concurrency": concurrency, "deliveries": delivered, "seconds": round3(elapsed),
             "deliveries_per_sec": (delivered as f64 / elapsed).round(),
             "server_cpu_seconds": round3(cpu), "server_cpu_us_per_delivery": round3(cpu * 1e6 / delivered as f64),

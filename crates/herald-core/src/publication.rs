@@ -37,6 +37,8 @@ pub struct Publication {
     /// `{"channel":…,"epoch":…,"offset":…,"event":…,"data":…,"correlation_id":…,"published_at":…}`,
     /// compact JSON without newlines, so it fits on one SSE `data:` line.
     envelope: Bytes,
+    /// The WebSocket message (`{"type":"message",…envelope fields…}`), made once, on first use.
+    ws_message: std::sync::OnceLock<Bytes>,
 }
 
 #[derive(Serialize)]
@@ -97,7 +99,17 @@ impl Publication {
         };
         // Serialising borrowed strings and a raw value into a Vec cannot fail.
         let envelope = serde_json::to_vec(&out).map(Bytes::from).unwrap_or_default();
-        Self { channel, position, event, correlation_id, published_at_ms, receipt, trace_parent: None, envelope }
+        Self {
+            channel,
+            position,
+            event,
+            correlation_id,
+            published_at_ms,
+            receipt,
+            trace_parent: None,
+            envelope,
+            ws_message: std::sync::OnceLock::new(),
+        }
     }
 
     /// Rebuilds a publication from an envelope made by [`Publication::new`] (for example on another node).
@@ -118,6 +130,7 @@ impl Publication {
             receipt,
             trace_parent: None,
             envelope,
+            ws_message: std::sync::OnceLock::new(),
         })
     }
 
@@ -130,6 +143,17 @@ impl Publication {
     /// The envelope JSON, shared.
     pub fn envelope(&self) -> &Bytes {
         &self.envelope
+    }
+
+    /// The envelope as a WebSocket `message`: the `type` field spliced in front of the envelope's
+    /// fields. Made by the first connection that needs it; every other one shares it.
+    pub fn ws_message(&self) -> &Bytes {
+        self.ws_message.get_or_init(|| {
+            let mut text = Vec::with_capacity(self.envelope.len() + 17);
+            text.extend_from_slice(b"{\"type\":\"message\",");
+            text.extend_from_slice(self.envelope.get(1..).unwrap_or(b"}"));
+            Bytes::from(text)
+        })
     }
 }
 
@@ -204,6 +228,11 @@ mod tests {
         assert_eq!(back.position, publication.position);
         assert_eq!(back.published_at_ms, publication.published_at_ms);
         assert_eq!(back.envelope(), publication.envelope());
+        let ws: serde_json::Value = serde_json::from_slice(publication.ws_message()).expect("ws message is JSON");
+        assert_eq!(ws["type"], "message");
+        let mut without_type = ws.clone();
+        without_type.as_object_mut().map(|fields| fields.remove("type"));
+        assert_eq!(without_type, value, "the WebSocket message is the envelope plus its type");
     }
 
     #[test]

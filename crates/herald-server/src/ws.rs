@@ -2,8 +2,9 @@
 //!
 //! One task owns the socket: it `select!`s over the client's frames, the session's queue and the
 //! heartbeat. Client frames are JSON ops (`subscribe`, `unsubscribe`, `ping`); a bad frame gets an
-//! `error` reply and the socket stays open. Writes are bounded by [`WRITE_TIMEOUT`], so a client
-//! that stops reading is closed instead of pinning the task.
+//! `error` reply and the socket stays open. Writes are bounded by `limits.write_timeout_secs`, so a
+//! client that stops reading is closed instead of pinning the task. Queued publications are written as
+//! one batch of frames with a single flush (one write for many messages).
 //!
 //! Close codes sent by Herald: 1001 (node shutting down), 1009 (message too big), 4000 (too slow:
 //! resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped answering pings),
@@ -16,6 +17,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use futures_util::SinkExt;
 use herald_core::{ChannelName, CloseReason, Epoch, Outbound, Position, Session, SessionEvent, Transport};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,8 +27,6 @@ use crate::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
 
-/// Longest a single write to the client may take before the connection counts as too slow.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queued publications handled per wake-up.
 pub const MAX_BATCH: usize = 256;
 
@@ -47,7 +47,8 @@ pub async fn handler(
     let limit = state.config().limits.ws_max_message_bytes;
     Ok(upgrade.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| {
         let expiry = identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
-        Connection { socket, session, state, identity, expiry }.run()
+        let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
+        Connection { socket, session, state, identity, expiry, write_timeout }.run()
     }))
 }
 
@@ -87,6 +88,8 @@ struct Connection {
     identity: Identity,
     /// Fires when the token expires; replaced on `refresh`.
     expiry: Option<Pin<Box<Sleep>>>,
+    /// Longest a write (or a batch of them) may take before the client counts as too slow.
+    write_timeout: Duration,
 }
 
 enum Flow {
@@ -121,14 +124,7 @@ impl Connection {
                 received = self.session.recv(&mut batch, MAX_BATCH) => match received {
                     Ok(()) => {
                         self.session.resolve(&mut batch, &mut events).await;
-                        let mut flow = Flow::Continue;
-                        for event in events.drain(..) {
-                            if let Flow::Stop = self.send(event_frame(&event)).await {
-                                flow = Flow::Stop;
-                                break;
-                            }
-                        }
-                        flow
+                        self.send_all(&mut events).await
                     }
                     Err(reason) => {
                         let code = match reason {
@@ -157,7 +153,25 @@ impl Connection {
     }
 
     async fn send(&mut self, message: Message) -> Flow {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(message)).await {
+        match tokio::time::timeout(self.write_timeout, self.socket.send(message)).await {
+            Ok(Ok(())) => Flow::Continue,
+            _ => Flow::Stop,
+        }
+    }
+
+    /// Writes every event as its own frame, flushing once at the end (the frames leave in one write
+    /// unless they outgrow the socket's write buffer), all within one write timeout.
+    async fn send_all(&mut self, events: &mut Vec<SessionEvent>) -> Flow {
+        let socket = &mut self.socket;
+        let written = tokio::time::timeout(self.write_timeout, async {
+            for event in events.drain(..) {
+                socket.feed(event_frame(&event)).await?;
+            }
+            socket.flush().await
+        })
+        .await;
+        events.clear();
+        match written {
             Ok(Ok(())) => Flow::Continue,
             _ => Flow::Stop,
         }
@@ -165,7 +179,7 @@ impl Connection {
 
     async fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Close(Some(frame)))).await;
+        let _ = tokio::time::timeout(self.write_timeout, self.socket.send(Message::Close(Some(frame)))).await;
     }
 
     async fn on_read_error(&mut self, error: axum::Error) -> Flow {
@@ -244,10 +258,8 @@ impl Connection {
         let mut events = Vec::new();
         match self.session.subscribe(channel.clone(), since, &mut events).await {
             Ok(position) => {
-                for event in &events {
-                    if let Flow::Stop = self.send(event_frame(event)).await {
-                        return Flow::Stop;
-                    }
+                if let Flow::Stop = self.send_all(&mut events).await {
+                    return Flow::Stop;
                 }
                 let reply = json!({"type": "subscribed", "id": id, "channel": channel, "epoch": position.epoch, "offset": position.offset});
                 self.send(text_frame(reply)).await
@@ -303,12 +315,10 @@ fn api_error_frame(id: Option<u64>, error: &ApiError) -> Message {
 fn event_frame(event: &SessionEvent) -> Message {
     match event {
         SessionEvent::Publication { publication, .. } => {
-            // The envelope is a JSON object: splice the type field in front of its fields.
-            let envelope = publication.envelope();
-            let mut text = String::with_capacity(envelope.len() + 20);
-            text.push_str("{\"type\":\"message\",");
-            text.push_str(std::str::from_utf8(&envelope[1..]).unwrap_or("}"));
-            Message::Text(Utf8Bytes::from(text))
+            // Shared by every connection; the envelope is JSON, so the check cannot fail.
+            let text =
+                Utf8Bytes::try_from(publication.ws_message().clone()).unwrap_or_else(|_| Utf8Bytes::from_static("{}"));
+            Message::Text(text)
         }
         SessionEvent::Reset { channel, reason, position, .. } => text_frame(json!({
             "type": "reset", "channel": channel, "reason": reason.as_str(), "epoch": position.epoch, "offset": position.offset,
