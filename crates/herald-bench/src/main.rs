@@ -89,6 +89,13 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         settle_secs: u64,
     },
+    /// Time per `POST /v1/broadcast` to many channels on one node with the Redis engine (own redis-server).
+    Broadcast {
+        #[arg(long, default_value_t = 1000)]
+        channels: usize,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
     /// Resident memory per idle SSE connection.
     Memory {
         #[arg(long, default_value_t = 10_000)]
@@ -107,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
         Command::Memory { connections } => memory(&herald, connections).await,
+        Command::Broadcast { channels, rounds } => broadcast(&herald, channels, rounds).await,
         Command::Churn { cycles, slow_readers, settle_secs } => {
             churn(&herald, cycles, slow_readers, Duration::from_secs(settle_secs)).await
         }
@@ -301,6 +309,43 @@ async fn slow_readers(node: &Node, count: usize) -> anyhow::Result<()> {
         http.post(node.url("/v1/publish")).json(&body).send().await?;
     }
     drop(sockets);
+    Ok(())
+}
+
+async fn broadcast(herald: &str, channels: usize, rounds: usize) -> anyhow::Result<()> {
+    let redis = cluster::Redis::start()?;
+    let engine = redis.url();
+    let node = Node::start(herald, &[("HERALD_ENGINE", engine.as_str())]).await?;
+    let body = json!({"channels": channel_names(channels), "data": {"x": 1}}).to_string();
+    let http = publish_client();
+    let mut millis = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let started = Instant::now();
+        let response = http
+            .post(node.url("/v1/broadcast"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("broadcast failed: {}", response.status());
+        }
+        let answer: serde_json::Value = response.json().await?;
+        let published = answer["results"].as_array().map_or(0, |r| r.iter().filter(|r| r["offset"].is_u64()).count());
+        if published != channels {
+            bail!("only {published} of {channels} channels published");
+        }
+        millis.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    millis.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "bench": "broadcast", "engine": "redis", "channels": channels, "rounds": millis.len(),
+            "median_ms": round3(millis[millis.len() / 2]), "min_ms": round3(millis[0]),
+            "max_ms": round3(millis[millis.len() - 1]),
+        })
+    );
     Ok(())
 }
 

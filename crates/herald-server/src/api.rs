@@ -12,6 +12,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use herald_core::publication::{DEFAULT_EVENT, compact_json, validate_correlation_id, validate_event};
 use herald_core::{ChannelName, Epoch, History, Position, PublishOutcome, PublishRequest};
 use serde::Deserialize;
@@ -329,34 +330,39 @@ pub async fn broadcast(
     let event = parse_event(body.event)?;
     let data = compact_json(body.data);
     let correlation = correlation_id(&headers)?;
-    let mut results = Vec::with_capacity(body.channels.len());
-    for name in body.channels {
-        let channel = match ChannelName::parse(&name) {
-            Ok(channel) => channel,
-            Err(error) => {
-                results.push(json!({"channel": name, "error": ApiError::from(error).body()["error"]}));
-                continue;
-            }
-        };
-        let request = PublishRequest {
-            channel: channel.clone(),
-            event: event.clone(),
-            data: data.clone(),
-            idempotency_key: None,
-            correlation_id: correlation.clone(),
-            receipt: None,
-            trace_parent: None,
-        };
-        match state.hub().publish(request).await {
-            Ok(outcome) => results.push(outcome_json(&channel, &outcome)),
-            Err(error) => {
-                state.metrics().refused("engine_unavailable");
-                results.push(json!({"channel": channel, "error": ApiError::from(error).body()["error"]}));
+    // Channels are independent: their publishes run concurrently (a bounded number at a time), which
+    // lets a networked engine pipeline them; results keep the request's order.
+    let publishes = body.channels.into_iter().map(|name| {
+        let (state, event, data, correlation) = (&state, event.clone(), data.clone(), correlation.clone());
+        async move {
+            let channel = match ChannelName::parse(&name) {
+                Ok(channel) => channel,
+                Err(error) => return json!({"channel": name, "error": ApiError::from(error).body()["error"]}),
+            };
+            let request = PublishRequest {
+                channel: channel.clone(),
+                event,
+                data,
+                idempotency_key: None,
+                correlation_id: correlation,
+                receipt: None,
+                trace_parent: None,
+            };
+            match state.hub().publish(request).await {
+                Ok(outcome) => outcome_json(&channel, &outcome),
+                Err(error) => {
+                    state.metrics().refused("engine_unavailable");
+                    json!({"channel": channel, "error": ApiError::from(error).body()["error"]})
+                }
             }
         }
-    }
+    });
+    let results: Vec<Value> = futures_util::stream::iter(publishes).buffered(BROADCAST_CONCURRENCY).collect().await;
     Ok(Json(json!({ "results": results })).into_response())
 }
+
+/// Publishes of one broadcast in flight at once.
+const BROADCAST_CONCURRENCY: usize = 64;
 
 /// `GET /v1/history?channel=…&since_epoch=…&since_offset=…&limit=…`
 pub async fn history(
