@@ -66,6 +66,11 @@ impl From<&crate::config::LimitsConfig> for ConnectionLimits {
     }
 }
 
+/// Sockets over the cap being answered at once; more are closed without an answer.
+const MAX_REFUSALS_IN_FLIGHT: usize = 1024;
+/// Longest the answer to a socket over the cap may take.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
 /// Accepts until `shutdown` fires; connection tasks are tracked by `tracker`.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -76,6 +81,7 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let sockets = state.sockets().clone();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -96,17 +102,21 @@ pub async fn accept_loop(
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
         let Ok(permit) = sockets.clone().try_acquire_owned() else {
-            // Over the socket cap: answer and close at once, off the accept loop.
             tracing::debug!(max_sockets = limits.max_sockets, "socket refused: too many open");
             state.metrics().connection_refused("max_sockets");
+            // Over the socket cap: answered off the accept loop, by a bounded number of short tasks;
+            // past those (a flood), the socket is closed without an answer.
+            let Ok(refusing) = refusals.clone().try_acquire_owned() else { continue };
             tracker.spawn(async move {
+                let _refusing = refusing;
                 let mut guarded = GuardedIo::new(stream, Arc::new(KillSwitch::default()), limits.write_timeout);
                 let error = ApiError::Limit(format!("this node holds its maximum of {} sockets", limits.max_sockets));
-                write_error(&mut guarded, &error, "").await;
-                // Lingering close: read what the client sent (for at most a second) so that closing
-                // with unread bytes does not reset the connection before the client reads the answer.
-                let mut sink = [0u8; 512];
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                // Lingering close: after the answer, read what the client sent so that closing with
+                // unread bytes does not reset the connection before the client reads the answer. The
+                // whole refusal takes at most a second.
+                let _ = tokio::time::timeout(REFUSAL_TIME, async {
+                    write_error(&mut guarded, &error, "").await;
+                    let mut sink = [0u8; 512];
                     while matches!(guarded.read(&mut sink).await, Ok(n) if n > 0) {}
                 })
                 .await;
