@@ -549,6 +549,32 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_key_is_documented() {
+        let docs = include_str!("../../../docs/config.md");
+        fn keys(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+            if let serde_json::Value::Object(fields) = value {
+                for (name, inner) in fields {
+                    let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                    match inner {
+                        // Per-namespace keys are documented as `namespaces.<ns>.…`.
+                        _ if key == "namespaces" => {
+                            let one = serde_json::to_value(NamespaceConfig::default()).unwrap_or_default();
+                            keys("namespaces.<ns>", &one, out);
+                        }
+                        serde_json::Value::Object(_) => keys(&key, inner, out),
+                        _ => out.push(key),
+                    }
+                }
+            }
+        }
+        let mut all = Vec::new();
+        keys("", &serde_json::to_value(Config::default()).expect("config serializes"), &mut all);
+        assert!(all.len() > 20, "{all:?}");
+        let missing: Vec<&String> = all.iter().filter(|key| !docs.contains(&format!("`{key}`"))).collect();
+        assert!(missing.is_empty(), "keys missing from docs/config.md: {missing:?}");
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
