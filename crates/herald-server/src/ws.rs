@@ -29,6 +29,8 @@ use crate::error::ApiError;
 
 /// Most queued publications handled per wake-up.
 pub const MAX_BATCH: usize = 256;
+/// Frames written but not yet flushed stop accumulating past this many bytes.
+pub const MAX_UNFLUSHED_BYTES: usize = 64 * 1024;
 
 /// `GET /v1/ws`
 pub async fn handler(
@@ -159,13 +161,24 @@ impl Connection {
         }
     }
 
-    /// Writes every event as its own frame, flushing once at the end (the frames leave in one write
-    /// unless they outgrow the socket's write buffer), all within one write timeout.
+    /// Writes every event as its own frame, flushing once at the end or whenever [`MAX_UNFLUSHED_BYTES`]
+    /// are waiting (so small events leave in one write, and a connection never buffers more than about
+    /// that much, whatever the size of its publications), all within one write timeout.
     async fn send_all(&mut self, events: &mut Vec<SessionEvent>) -> Flow {
         let socket = &mut self.socket;
         let written = tokio::time::timeout(self.write_timeout, async {
+            let mut unflushed = 0;
             for event in events.drain(..) {
-                socket.feed(event_frame(&event)).await?;
+                let frame = event_frame(&event);
+                unflushed += match &frame {
+                    Message::Text(text) => text.len(),
+                    _ => 0,
+                };
+                socket.feed(frame).await?;
+                if unflushed >= MAX_UNFLUSHED_BYTES {
+                    socket.flush().await?;
+                    unflushed = 0;
+                }
             }
             socket.flush().await
         })
