@@ -68,7 +68,7 @@ impl From<&crate::config::LimitsConfig> for ConnectionLimits {
 
 /// Sockets over the cap being answered at once; more are closed without an answer.
 const MAX_REFUSALS_IN_FLIGHT: usize = 1024;
-/// Longest the answer to a socket over the cap may take.
+/// Longest an answer the accept loop gives itself (an error, then a lingering close) may take.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
 /// Accepts until `shutdown` fires; connection tasks are tracked by `tracker`.
@@ -111,15 +111,7 @@ pub async fn accept_loop(
                 let _refusing = refusing;
                 let mut guarded = GuardedIo::new(stream, Arc::new(KillSwitch::default()), limits.write_timeout);
                 let error = ApiError::Limit(format!("this node holds its maximum of {} sockets", limits.max_sockets));
-                // Lingering close: after the answer, read what the client sent so that closing with
-                // unread bytes does not reset the connection before the client reads the answer. The
-                // whole refusal takes at most a second.
-                let _ = tokio::time::timeout(REFUSAL_TIME, async {
-                    write_error(&mut guarded, &error, "").await;
-                    let mut sink = [0u8; 512];
-                    while matches!(guarded.read(&mut sink).await, Ok(n) if n > 0) {}
-                })
-                .await;
+                write_error(&mut guarded, &error, "").await;
             });
             continue;
         };
@@ -166,7 +158,10 @@ pub async fn accept_loop(
     }
 }
 
-/// Answers a request the accept loop refuses itself with the contract's JSON error and closes.
+/// Answers a request the accept loop refuses itself with the contract's JSON error and closes, all
+/// within [`REFUSAL_TIME`]. Lingering close: after the answer it reads (and drops) what the client still
+/// sends until the client closes, because closing a socket with unread bytes resets the connection,
+/// and a reset can destroy the answer before the client reads it.
 async fn write_error(io: &mut GuardedIo, error: &ApiError, cors: &str) {
     let status = error.status();
     let body = error.body().to_string();
@@ -177,8 +172,14 @@ async fn write_error(io: &mut GuardedIo, error: &ApiError, cors: &str) {
         status.canonical_reason().unwrap_or(""),
         body.len()
     );
-    let _ = io.write_all(response.as_bytes()).await;
-    let _ = io.shutdown().await;
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        io.write_all(response.as_bytes()).await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while io.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    })
+    .await;
 }
 
 /// Serves a connection that is not an event stream with hyper, ending gracefully on shutdown.
