@@ -128,6 +128,10 @@ pub struct LimitsConfig {
     pub header_read_timeout_secs: u64,
     /// Largest request head (request line plus headers), in bytes.
     pub max_header_bytes: usize,
+    /// Seconds data sent to a client may stay unacknowledged before the kernel drops the connection
+    /// (TCP_USER_TIMEOUT on Linux): a client whose network vanished is noticed within this time; 0 = the
+    /// kernel's default (many minutes).
+    pub dead_peer_timeout_secs: u64,
     /// Open TCP connections of every kind (streams, API calls, requests still sending their head); when
     /// unset, `max_connections` plus a tenth plus 1,000.
     pub max_sockets: Option<usize>,
@@ -232,6 +236,7 @@ impl Default for LimitsConfig {
             write_timeout_secs: 10,
             header_read_timeout_secs: 10,
             max_header_bytes: 16 * 1024,
+            dead_peer_timeout_secs: 45,
             max_sockets: None,
         }
     }

@@ -53,6 +53,8 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
     /// Open sockets of every kind.
     pub max_sockets: usize,
+    /// How long sent data may stay unacknowledged (TCP_USER_TIMEOUT); `None` leaves the kernel default.
+    pub dead_peer_timeout: Option<Duration>,
 }
 
 impl From<&crate::config::LimitsConfig> for ConnectionLimits {
@@ -62,6 +64,8 @@ impl From<&crate::config::LimitsConfig> for ConnectionLimits {
             header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
             max_header_bytes: limits.max_header_bytes,
             max_sockets: limits.sockets(),
+            dead_peer_timeout: (limits.dead_peer_timeout_secs > 0)
+                .then(|| Duration::from_secs(limits.dead_peer_timeout_secs)),
         }
     }
 }
@@ -98,9 +102,7 @@ pub async fn accept_loop(
                 }
             }
         };
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
+        configure(&stream, &limits);
         let Ok(permit) = sockets.clone().try_acquire_owned() else {
             tracing::debug!(max_sockets = limits.max_sockets, "socket refused: too many open");
             state.metrics().connection_refused("max_sockets");
@@ -155,6 +157,22 @@ pub async fn accept_loop(
             // Boxed so that the (larger) hyper state is not part of every connection task's size.
             Box::pin(serve_hyper(app, guarded, kill, limits, shutdown)).await;
         });
+    }
+}
+
+/// Socket options of every accepted connection: `TCP_NODELAY` (events leave at once), and on Linux
+/// `TCP_USER_TIMEOUT`, so that a client whose network vanished (no reset ever arrives) is dropped once
+/// data to it (an event or a ping) stays unacknowledged that long, instead of after the kernel's
+/// retransmissions give up many minutes later.
+fn configure(stream: &TcpStream, limits: &ConnectionLimits) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "could not set TCP_NODELAY");
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(timeout) = limits.dead_peer_timeout
+        && let Err(error) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(timeout))
+    {
+        tracing::debug!(%error, "could not set TCP_USER_TIMEOUT");
     }
 }
 
@@ -481,5 +499,24 @@ impl AsyncWrite for GuardedIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_drop_dead_peers_in_bounded_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let _client = TcpStream::connect(address).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let limits = ConnectionLimits::from(&crate::config::LimitsConfig::default());
+        configure(&accepted, &limits);
+        let socket = socket2::SockRef::from(&accepted);
+        assert_eq!(socket.tcp_user_timeout().expect("read option"), Some(Duration::from_secs(45)));
+        assert!(socket.tcp_nodelay().expect("read option"));
     }
 }
