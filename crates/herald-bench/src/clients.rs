@@ -143,27 +143,39 @@ impl SseFleet {
     }
 }
 
-async fn open(server: SocketAddr, source: IpAddr, channel: &str) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+/// Connects from `source`, sends `request` and reads until `marker` has arrived; returns the stream and
+/// the bytes from the end of the marker on.
+async fn connect_past(
+    server: SocketAddr,
+    source: IpAddr,
+    request: &[u8],
+    marker: &[u8],
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0)).context("bind source address")?;
     let mut stream = socket.connect(server).await.context("connect")?;
     stream.set_nodelay(true)?;
-    let request = format!("GET /v1/sse?channel={channel} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
+    stream.write_all(request).await?;
     let mut buffer = Vec::with_capacity(1024);
-    let finder = memmem::Finder::new(b"event: herald.connected");
+    let finder = memmem::Finder::new(marker);
     loop {
         let mut chunk = [0u8; 1024];
         let read = stream.read(&mut chunk).await?;
         if read == 0 {
-            bail!("closed before herald.connected: {}", String::from_utf8_lossy(&buffer));
+            let marker = String::from_utf8_lossy(marker);
+            bail!("closed before {marker}: {}", String::from_utf8_lossy(&buffer));
         }
         buffer.extend_from_slice(&chunk[..read]);
         if let Some(at) = finder.find(&buffer) {
-            let rest = buffer.split_off(at + 23);
+            let rest = buffer.split_off(at + marker.len());
             return Ok((stream, rest));
         }
     }
+}
+
+async fn open(server: SocketAddr, source: IpAddr, channel: &str) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    let request = format!("GET /v1/sse?channel={channel} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n");
+    connect_past(server, source, request.as_bytes(), b"event: herald.connected").await
 }
 
 async fn read_events(
@@ -202,42 +214,34 @@ async fn read_events(
     }
 }
 
-/// A WebSocket client on raw TCP: the upgrade, one `subscribe` frame (masked with a zero key, which
-/// leaves the payload as is), then everything after the `subscribed` reply.
+/// A WebSocket client on raw TCP: the upgrade and one `subscribe` frame (masked with a zero key, which
+/// leaves the payload as is) in one write, then everything after the `subscribed` reply.
 async fn open_ws(
     server: SocketAddr,
     source: IpAddr,
     channel: &str,
 ) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0)).context("bind source address")?;
-    let mut stream = socket.connect(server).await.context("connect")?;
-    stream.set_nodelay(true)?;
-    let request = "GET /v1/ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    stream.write_all(request.as_bytes()).await?;
     let payload = format!(r#"{{"op":"subscribe","id":1,"channel":"{channel}"}}"#);
-    let mut frame = vec![0x81u8, 0x80 | payload.len() as u8, 0, 0, 0, 0];
     if payload.len() >= 126 {
         bail!("channel name too long for this client");
     }
-    frame.extend_from_slice(payload.as_bytes());
-    stream.write_all(&frame).await?;
-    let mut buffer = Vec::with_capacity(1024);
-    let finder = memmem::Finder::new(b"\"type\":\"subscribed\"");
+    let mut request = b"GET /v1/ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    request.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
+    request.extend_from_slice(payload.as_bytes());
+    let (mut stream, mut rest) = connect_past(server, source, &request, b"\"type\":\"subscribed\"").await?;
+    // The reply is one small frame: what follows its closing brace belongs to later frames.
     loop {
+        if let Some(end) = rest.iter().position(|b| *b == b'}') {
+            return Ok((stream, rest.split_off(end + 1)));
+        }
         let mut chunk = [0u8; 1024];
         let read = stream.read(&mut chunk).await?;
         if read == 0 {
-            bail!("closed before subscribed: {}", String::from_utf8_lossy(&buffer));
+            bail!("closed inside the subscribed reply");
         }
-        buffer.extend_from_slice(&chunk[..read]);
-        if let Some(at) = finder.find(&buffer) {
-            // The reply is a small frame: what follows its closing brace belongs to later frames.
-            let end = buffer[at..].iter().position(|b| *b == b'}').map(|p| at + p + 1).context("reply end")?;
-            let rest = buffer.split_off(end);
-            return Ok((stream, rest));
-        }
+        rest.extend_from_slice(&chunk[..read]);
     }
 }
 

@@ -23,8 +23,9 @@ pub enum ApiError {
     InvalidBody(String),
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("request head (request line and headers) is larger than {limit} bytes")]
-    HeadersTooLarge { limit: usize },
+    /// The request head is over the size limit or has too many header lines (the message says which).
+    #[error("{0}")]
+    HeadersTooLarge(String),
     #[error("the request head did not arrive within {secs} s")]
     RequestTimeout { secs: u64 },
     #[error("missing or invalid API key")]
@@ -54,7 +55,7 @@ impl ApiError {
             | Self::MalformedJson(_)
             | Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized | Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -74,7 +75,7 @@ impl ApiError {
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidBody(_) => "invalid_body",
             Self::BodyTooLarge { .. } => "body_too_large",
-            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::HeadersTooLarge(_) => "headers_too_large",
             Self::RequestTimeout { .. } => "request_timeout",
             Self::Unauthorized => "unauthorized",
             Self::Unauthenticated(_) => "unauthenticated",

@@ -138,10 +138,15 @@ pub async fn accept_loop(
                         return;
                     }
                     Request::Other => None,
-                    Request::TooManyHeaders => Some(ApiError::HeadersTooLarge { limit: limits.max_header_bytes }),
+                    Request::TooManyHeaders => Some(ApiError::HeadersTooLarge(format!(
+                        "a request may carry at most {MAX_HEADERS} header lines"
+                    ))),
                     Request::Malformed => Some(ApiError::BadRequest("malformed HTTP request".into())),
                 },
-                Ok(Ok(Head::TooLarge)) => Some(ApiError::HeadersTooLarge { limit: limits.max_header_bytes }),
+                Ok(Ok(Head::TooLarge)) => Some(ApiError::HeadersTooLarge(format!(
+                    "the request head (request line and headers) may be at most {} bytes",
+                    limits.max_header_bytes
+                ))),
                 // A connection that never sent a byte is simply closed; a partial head gets an answer.
                 Err(_) if !head.is_empty() => {
                     Some(ApiError::RequestTimeout { secs: limits.header_read_timeout.as_secs() })

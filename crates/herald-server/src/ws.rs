@@ -183,7 +183,7 @@ impl Connection {
             socket.flush().await
         })
         .await;
-        events.clear();
+        // Whether it finished, failed or timed out, the drain has emptied `events`.
         match written {
             Ok(Ok(())) => Flow::Continue,
             _ => Flow::Stop,
