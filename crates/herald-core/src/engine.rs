@@ -68,9 +68,17 @@ pub struct PublishOutcome {
 #[derive(Debug, Clone)]
 pub enum History {
     /// Every publication after `since` (up to the limit), oldest first, and the channel's current top.
+    /// The publications continue `since` one offset at a time; they cross into a newer epoch (at its
+    /// offset 1) only where the engine proved that epoch continues the older one (a fenced rollback
+    /// that kept everything up to `since`).
     Covered { top: Position, publications: Vec<Arc<Publication>> },
     /// `since` can no longer be replayed (another epoch, trimmed or expired); `top` is where the stream is now.
-    Gone { top: Position },
+    Gone {
+        top: Position,
+        /// `since` lies beyond what survived a loss of the engine's data (a restart from an older
+        /// snapshot, a failover to a lagging replica): the client saw publications that no longer exist.
+        rolled_back: bool,
+    },
 }
 
 /// One connection's presence in one channel.
@@ -102,6 +110,9 @@ pub struct EngineStats {
     pub gaps_repaired: u64,
     /// Publications this node received from the backplane.
     pub messages_received: u64,
+    /// Times this node found that the engine's data may have rolled back (its primary restarted or
+    /// failed over, or a channel's position went backwards); the channels concerned were fenced.
+    pub rollbacks: u64,
 }
 
 /// Engine failures; all of them mean "the engine cannot do this now".
@@ -113,6 +124,10 @@ pub enum EngineError {
     Timeout,
     #[error("engine protocol error: {0}")]
     Protocol(String),
+    /// The publication was written but not to as many replicas as durability requires (it may still
+    /// be delivered, and may be lost if the primary fails now).
+    #[error("publication not durable: {0}")]
+    NotDurable(String),
 }
 
 /// The pending answer to [`Engine::subscribe`].

@@ -216,6 +216,7 @@ pub struct Stats {
     pub resets_history_gone: AtomicU64,
     pub resets_gap: AtomicU64,
     pub resets_epoch_changed: AtomicU64,
+    pub resets_engine_rollback: AtomicU64,
     pub gaps_detected: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub connections_opened: AtomicU64,
@@ -298,6 +299,7 @@ pub struct StatsSnapshot {
     pub resets_history_gone: u64,
     pub resets_gap: u64,
     pub resets_epoch_changed: u64,
+    pub resets_engine_rollback: u64,
     pub gaps_detected: u64,
     pub slow_consumer_disconnects: u64,
     pub latency_p50_ms: f64,
@@ -600,6 +602,7 @@ impl HubShared {
             resets_history_gone: get(&s.resets_history_gone),
             resets_gap: get(&s.resets_gap),
             resets_epoch_changed: get(&s.resets_epoch_changed),
+            resets_engine_rollback: get(&s.resets_engine_rollback),
             gaps_detected: get(&s.gaps_detected),
             slow_consumer_disconnects: get(&s.slow_consumer_disconnects),
             latency_p50_ms: (s.latency.quantile_us(0.5) / 10.0).round() / 100.0,
@@ -607,7 +610,10 @@ impl HubShared {
             health: {
                 let live = get(&s.delivered_sse) + get(&s.delivered_ws);
                 let recovered = get(&s.recovered);
-                let resets = get(&s.resets_history_gone) + get(&s.resets_gap) + get(&s.resets_epoch_changed);
+                let resets = get(&s.resets_history_gone)
+                    + get(&s.resets_gap)
+                    + get(&s.resets_epoch_changed)
+                    + get(&s.resets_engine_rollback);
                 let total = (live + recovered + resets) as f64;
                 (total > 0.0).then(|| DeliveryHealth {
                     delivered_live: live as f64 / total,

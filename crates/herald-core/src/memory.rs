@@ -237,14 +237,14 @@ impl Engine for MemoryEngine {
             return Ok(History::Covered { top, publications: stream.history.iter().skip(skip).cloned().collect() });
         };
         if since.epoch != stream.epoch || since.offset > stream.offset {
-            return Ok(History::Gone { top });
+            return Ok(History::Gone { top, rolled_back: false });
         }
         if since.offset == stream.offset {
             return Ok(History::Covered { top, publications: Vec::new() });
         }
         let first = stream.history.front().map_or(u64::MAX, |p| p.position.offset);
         if first > since.offset + 1 {
-            return Ok(History::Gone { top });
+            return Ok(History::Gone { top, rolled_back: false });
         }
         let skip = (since.offset + 1 - first) as usize;
         let publications = stream.history.iter().skip(skip).take(limit).cloned().collect();

@@ -44,6 +44,9 @@ pub enum ResetReason {
     Gap,
     /// The channel's stream started a new epoch while the client was connected.
     EpochChanged,
+    /// The engine lost data the client had already seen (it restarted from an older snapshot or failed
+    /// over to a replica that lagged); the channel continues in a new epoch.
+    EngineRollback,
 }
 
 impl ResetReason {
@@ -52,6 +55,7 @@ impl ResetReason {
             Self::HistoryGone => "history_gone",
             Self::Gap => "gap",
             Self::EpochChanged => "epoch_changed",
+            Self::EngineRollback => "engine_rollback",
         }
     }
 }
@@ -186,7 +190,7 @@ impl Session {
                 let mut position = since;
                 let mut replayed = 0u64;
                 for publication in publications {
-                    if publication.position.offset == position.offset + 1 {
+                    if follows(&position, &publication.position) {
                         tracing::debug!(correlation_id = %publication.correlation_id, %channel,
                             offset = publication.position.offset, connection = %self.id_text, "recovered");
                         position = publication.position.clone();
@@ -198,14 +202,15 @@ impl Session {
                 self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
                 Ok(position)
             }
-            History::Gone { top } => {
-                self.shared.stats.resets_history_gone.fetch_add(1, Ordering::Relaxed);
+            History::Gone { top, rolled_back } => {
+                let (reason, counter) = if rolled_back {
+                    (ResetReason::EngineRollback, &self.shared.stats.resets_engine_rollback)
+                } else {
+                    (ResetReason::HistoryGone, &self.shared.stats.resets_history_gone)
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 let (from, replay) = self.reset_point(channel, &top).await;
-                out.push(SessionEvent::Reset {
-                    channel: channel.clone(),
-                    reason: ResetReason::HistoryGone,
-                    position: from,
-                });
+                out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: from });
                 let replayed = replay.len() as u64;
                 out.extend(
                     replay.into_iter().map(|publication| SessionEvent::Publication { publication, recovered: true }),
@@ -305,7 +310,9 @@ impl Session {
     }
 
     /// Brings the client from its position in `channel` up to `target` from history, or emits a reset
-    /// that moves it to `target`. Returns how many publications it replayed.
+    /// that moves it to `target`. Returns how many publications it replayed. History may carry the client
+    /// across into `target`'s epoch when the engine proved that epoch continues the client's (a fenced
+    /// rollback that kept everything the client had).
     async fn repair(&mut self, channel: &ChannelName, target: &Position, out: &mut Vec<SessionEvent>) -> u64 {
         let Some(mut position) = self.positions.get(channel).cloned() else { return 0 };
         let stats = &self.shared.stats;
@@ -314,27 +321,35 @@ impl Session {
             stats.gaps_detected.fetch_add(1, Ordering::Relaxed);
         }
         let mut replayed = 0;
-        if same_epoch {
-            if let Ok(History::Covered { publications, .. }) =
-                self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await
-            {
+        let mut rolled_back = false;
+        match self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await {
+            Ok(History::Covered { publications, .. }) => {
                 for publication in publications {
                     let p = &publication.position;
-                    if p.epoch == position.epoch && p.offset == position.offset + 1 && p.offset <= target.offset {
-                        position = p.clone();
-                        out.push(SessionEvent::Publication { publication, recovered: true });
-                        replayed += 1;
+                    let past_target = p.epoch == target.epoch && p.offset > target.offset;
+                    if past_target || !follows(&position, p) {
+                        break;
                     }
+                    position = p.clone();
+                    out.push(SessionEvent::Publication { publication, recovered: true });
+                    replayed += 1;
                 }
             }
+            Ok(History::Gone { rolled_back: lost, .. }) => rolled_back = lost,
+            Err(_) => {}
         }
         if position.epoch == target.epoch && position.offset >= target.offset {
             self.positions.insert(channel.clone(), position);
             return replayed;
         }
-        let reason = if same_epoch { ResetReason::Gap } else { ResetReason::EpochChanged };
+        let (reason, counter) = if rolled_back {
+            (ResetReason::EngineRollback, &stats.resets_engine_rollback)
+        } else if same_epoch {
+            (ResetReason::Gap, &stats.resets_gap)
+        } else {
+            (ResetReason::EpochChanged, &stats.resets_epoch_changed)
+        };
         tracing::info!(%channel, reason = reason.as_str(), connection = %self.id_text, "reset");
-        let counter = if same_epoch { &stats.resets_gap } else { &stats.resets_epoch_changed };
         counter.fetch_add(1, Ordering::Relaxed);
         let (from, replay) =
             if same_epoch { (target.clone(), Vec::new()) } else { self.reset_point(channel, target).await };
@@ -373,6 +388,12 @@ impl Session {
             _ => (top.clone(), Vec::new()),
         }
     }
+}
+
+/// Whether `next` is the publication right after `position` in a history answer: the next offset of
+/// the same epoch, or the first of a newer epoch (history only crosses epochs where they continue).
+fn follows(position: &Position, next: &Position) -> bool {
+    if next.epoch == position.epoch { next.offset == position.offset + 1 } else { next.offset == 1 }
 }
 
 impl Drop for Session {

@@ -14,6 +14,7 @@
 //! - Cluster state: nodes heartbeat into a sorted set; presence entries carry their node and are
 //!   ignored (and removed) once that node stops heartbeating, so a crashed node leaves no ghosts.
 
+mod connection;
 mod keys;
 mod scripts;
 mod subscriber;
@@ -30,11 +31,12 @@ use herald_core::{
     ChannelName, Engine, EngineError, EngineSink, EngineStats, Epoch, History, NodeInfo, NodeReceipt, Policies,
     Position, PresenceEntry, Publication, PublishOutcome, PublishRequest,
 };
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use connection::{Commands, Live};
+pub use connection::{Identity, Target};
 pub use keys::Keys;
 
 /// How long a starting node waits for Redis to become reachable.
@@ -59,6 +61,18 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
     /// PEM file of the certificate authority for `rediss://` (default: the system's trust store).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Whether a publish waits for replicas before it is acknowledged.
+    pub durability: Durability,
+}
+
+/// When a publish counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the primary ran the publish script.
+    None,
+    /// Once at least `min_replicas` replicas have it too (`WAIT`), within `timeout`; otherwise the publish
+    /// fails with [`EngineError::NotDurable`] (the publication may still have been delivered).
+    Replicated { min_replicas: u32, timeout: Duration },
 }
 
 impl RedisConfig {
@@ -73,14 +87,17 @@ impl RedisConfig {
             probe_timeout: Duration::from_secs(3),
             command_timeout: Duration::from_secs(1),
             tls_ca_file: None,
+            durability: Durability::None,
         }
     }
 }
 
-/// Checks that `url` is a Redis URL this engine can use (without connecting).
+/// Checks that `url` is a Redis URL this engine can use (without connecting): `redis://`, `rediss://`,
+/// `redis+sentinel://` or `rediss+sentinel://`.
 pub fn check_url(url: &str) -> Result<(), String> {
     install_crypto_provider();
-    redis::Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+    let target = Target::parse(url)?;
+    redis::Client::open(target.sample_url().as_str()).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// rustls needs one process-wide crypto provider; Herald uses ring. Installing twice is harmless.
@@ -88,18 +105,38 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn build_client(config: &RedisConfig) -> Result<redis::Client, EngineError> {
+/// Makes clients for one server URL with the configured TLS settings.
+fn client_factory(config: &RedisConfig) -> Result<connection::ClientFactory, EngineError> {
     install_crypto_provider();
-    let protocol = |e: redis::RedisError| EngineError::Protocol(e.to_string());
-    match &config.tls_ca_file {
-        Some(path) if config.url.starts_with("rediss://") => {
-            let root_cert =
-                std::fs::read(path).map_err(|e| EngineError::Protocol(format!("reading {}: {e}", path.display())))?;
-            let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
-            redis::Client::build_with_tls(config.url.as_str(), certificates).map_err(protocol)
+    let root_cert = match &config.tls_ca_file {
+        Some(path) => {
+            Some(std::fs::read(path).map_err(|e| EngineError::Protocol(format!("reading {}: {e}", path.display())))?)
         }
-        _ => redis::Client::open(config.url.as_str()).map_err(protocol),
-    }
+        None => None,
+    };
+    Ok(Box::new(move |url: &str| {
+        let protocol = |e: redis::RedisError| EngineError::Protocol(e.to_string());
+        match &root_cert {
+            Some(root_cert) if url.starts_with("rediss://") => {
+                let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert.clone()) };
+                redis::Client::build_with_tls(url, certificates).map_err(protocol)
+            }
+            _ => redis::Client::open(url).map_err(protocol),
+        }
+    }))
+}
+
+/// Whether a failed command means the connection must be made again (it broke, timed out, or the
+/// server is no longer a primary).
+fn needs_new_connection(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::Server(ServerErrorKind::MasterDown)
+        )
 }
 
 /// The Redis engine. Create with [`RedisEngine::connect`], hand to `Hub::start`.
@@ -110,10 +147,10 @@ pub struct RedisEngine {
 pub(crate) struct Inner {
     pub(crate) config: RedisConfig,
     pub(crate) keys: Keys,
-    pub(crate) client: redis::Client,
-    pub(crate) commands: ConnectionManager,
+    pub(crate) commands: Commands,
     publish_script: Script,
     top_script: Script,
+    fence_script: Script,
     pub(crate) sink: OnceLock<Weak<dyn EngineSink>>,
     pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
     subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
@@ -130,12 +167,37 @@ pub(crate) struct Inner {
     pub(crate) reconnects: AtomicU64,
     pub(crate) gaps_repaired: AtomicU64,
     pub(crate) messages_received: AtomicU64,
+    /// Channels whose position was seen going backwards (each was fenced).
+    pub(crate) positions_backwards: AtomicU64,
     /// Replies to requests this node made to other nodes (disconnect), by request ID.
     pub(crate) replies: Mutex<HashMap<u64, mpsc::UnboundedSender<usize>>>,
     /// Delivery receipts from other nodes for publications this node awaits, by receipt ID.
     pub(crate) receipt_replies: Mutex<HashMap<u64, ReceiptChannel>>,
     next_request: AtomicU64,
     pub(crate) stopping: AtomicBool,
+    /// Publishes waiting for replicas (`durability = replicated`); one `WAIT` answers all of them.
+    durable: Mutex<DurableWaits>,
+}
+
+/// Where a publish waiting for replicas hears the outcome.
+type DurableReply = oneshot::Sender<Result<(), EngineError>>;
+
+/// Publishes waiting for the next `WAIT`, each with the connection it wrote on.
+#[derive(Default)]
+struct DurableWaits {
+    waiting: Vec<(Live, DurableReply)>,
+    running: bool,
+}
+
+/// A channel's state as the top script reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct TopState {
+    pub(crate) top: Position,
+    /// First part of the IDs of this epoch's history entries.
+    pub(crate) generation: u64,
+    /// The epoch this one continues, with the last offset of it that survived (`None` as offset: none
+    /// of it can be continued).
+    pub(crate) link: Option<(Epoch, Option<u64>)>,
 }
 
 /// Where receipts for one awaited publication arrive (since when, sender, the receiver until
@@ -156,46 +218,22 @@ fn unavailable(error: impl std::fmt::Display) -> EngineError {
 }
 
 impl RedisEngine {
-    /// Connects the command connection (failing if Redis cannot be reached now).
+    /// Connects the command connection, waiting up to [`STARTUP_WAIT`] for Redis (or, with Sentinel, for
+    /// a primary) to be reachable.
     pub async fn connect(config: RedisConfig) -> Result<Self, EngineError> {
-        let client = build_client(&config)?;
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        // Redis may be restarting while this node starts (a deployment during an outage): keep trying for
-        // a while, then give up with the last error.
-        let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
-        let mut delay = Duration::from_millis(100);
-        let commands = loop {
-            let attempt = tokio::time::timeout(
-                config.command_timeout * 3,
-                ConnectionManager::new_with_config(client.clone(), manager_config.clone()),
-            )
-            .await;
-            let error = match attempt {
-                Ok(Ok(manager)) => break manager,
-                Ok(Err(error)) => unavailable(error),
-                Err(_) => EngineError::Timeout,
-            };
-            if tokio::time::Instant::now() + delay > deadline {
-                return Err(error);
-            }
-            tracing::warn!(%error, "redis not reachable yet; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        };
+        let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
+        let commands = Commands::new(target, client_factory(&config)?, config.command_timeout);
+        commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let keys = Keys::new(&config.prefix, &config.node_id);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 keys,
-                client,
                 commands,
-                publish_script: Script::new(scripts::PUBLISH),
-                top_script: Script::new(scripts::TOP),
+                publish_script: Script::new(&scripts::publish()),
+                top_script: Script::new(&scripts::top()),
+                fence_script: Script::new(&scripts::fence()),
                 sink: OnceLock::new(),
                 subscriber: tx,
                 subscriber_rx: Mutex::new(Some(rx)),
@@ -208,12 +246,19 @@ impl RedisEngine {
                 reconnects: AtomicU64::new(0),
                 gaps_repaired: AtomicU64::new(0),
                 messages_received: AtomicU64::new(0),
+                positions_backwards: AtomicU64::new(0),
                 replies: Mutex::new(HashMap::new()),
                 receipt_replies: Mutex::new(HashMap::new()),
                 next_request: AtomicU64::new(1),
                 stopping: AtomicBool::new(false),
+                durable: Mutex::new(DurableWaits::default()),
             }),
         })
+    }
+
+    /// The identity of the primary the command connection talks to now.
+    pub async fn primary(&self) -> Result<Identity, EngineError> {
+        Ok((*self.inner.commands.get().await?.identity).clone())
     }
 }
 
@@ -222,6 +267,12 @@ impl Inner {
         self.sink.get().and_then(Weak::upgrade)
     }
 
+    /// The command connection (made first if needed).
+    pub(crate) async fn live(&self) -> Result<Live, EngineError> {
+        self.commands.get().await
+    }
+
+    /// `call`, bounded by the command timeout (for the pub/sub connection's requests).
     pub(crate) async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -233,36 +284,104 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
+    /// Runs `call` on `live`'s connection, bounded by the command timeout; a failure that means the
+    /// connection is unusable makes the next caller connect anew.
+    pub(crate) async fn on<T>(
+        &self,
+        live: &Live,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.config.command_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if needs_new_connection(&error) {
+                    self.commands.broken(live);
+                }
+                Err(unavailable(error))
+            }
+            Err(_) => {
+                self.commands.broken(live);
+                Err(EngineError::Timeout)
+            }
+        }
+    }
+
+    /// Fire and forget: publishes `message` to a control channel.
+    pub(crate) async fn send_control(&self, target: String, message: String) -> Result<usize, EngineError> {
+        let live = self.live().await?;
+        let mut conn = live.conn.clone();
+        self.on(&live, conn.publish(target, message)).await
+    }
+
+    /// The channel's top, its generation and the epoch it continues (fencing it first when its position
+    /// was assigned under another history of the primary). A connection that broke on the way is made
+    /// again once, so a re-sync right after a reconnect does not fail for a stale connection.
+    pub(crate) async fn top_state(&self, channel: &ChannelName) -> Result<TopState, EngineError> {
+        match self.top_state_once(channel).await {
+            Err(EngineError::Unavailable(_) | EngineError::Timeout) => self.top_state_once(channel).await,
+            other => other,
+        }
+    }
+
+    async fn top_state_once(&self, channel: &ChannelName) -> Result<TopState, EngineError> {
         let policy = self.config.policies.history(channel);
-        let mut conn = self.commands.clone();
+        let live = self.live().await?;
+        let mut conn = live.conn.clone();
         let mut invocation = self.top_script.prepare_invoke();
         invocation
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
             .arg(Epoch::generate().as_str())
-            .arg(policy.ttl.as_millis() as u64);
-        let (epoch, offset): (String, u64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
+            .arg(policy.ttl.as_millis() as u64)
+            .arg(&*live.identity.replid);
+        let (epoch, offset, generation, fenced, previous, previous_offset): (String, u64, u64, u8, String, i64) =
+            self.on(&live, invocation.invoke_async(&mut conn)).await?;
         let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
-        Ok(Position::new(epoch, offset))
+        if fenced == 1 {
+            tracing::info!(%channel, epoch = %epoch, continues = %previous, from_offset = previous_offset,
+                "channel fenced into a new epoch");
+        }
+        let link = Epoch::parse(&previous).ok().map(|e| (e, u64::try_from(previous_offset).ok()));
+        Ok(TopState { top: Position::new(epoch, offset), generation, link })
     }
 
-    /// Publications of the current epoch with offsets in `from..=to` (at most `limit`), oldest first,
-    /// skipping entries older than the namespace's history age.
+    /// Moves `channel` to a new epoch if it is still in `epoch`, with nothing of `epoch` continued: its
+    /// position went backwards, so some of its offsets may have been handed out twice.
+    pub(crate) async fn fence_backwards(&self, channel: &ChannelName, epoch: &Epoch, seen: u64, now: u64) {
+        self.positions_backwards.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%channel, %epoch, seen_offset = seen, engine_offset = now,
+            "channel position went backwards in redis (its data rolled back); fencing it into a new epoch");
+        let Ok(live) = self.live().await else { return };
+        let mut conn = live.conn.clone();
+        let mut invocation = self.fence_script.prepare_invoke();
+        invocation
+            .key(self.keys.meta(channel))
+            .key(self.keys.stream(channel))
+            .arg(epoch.as_str())
+            .arg(Epoch::generate().as_str())
+            .arg(&*live.identity.replid);
+        if let Err(error) = self.on(&live, invocation.invoke_async::<u8>(&mut conn)).await {
+            tracing::warn!(%channel, %error, "fencing failed; retried at the next re-sync");
+        }
+    }
+
+    /// History entries with IDs from `start` to `end` (at most `limit`), oldest first, skipping entries
+    /// older than the namespace's history age.
     pub(crate) async fn range(
         &self,
         channel: &ChannelName,
-        from: u64,
-        to: Option<u64>,
+        start: String,
+        end: String,
         limit: usize,
     ) -> Result<Vec<Arc<Publication>>, EngineError> {
-        let mut conn = self.commands.clone();
-        let end = to.map_or_else(|| "+".to_owned(), |to| format!("{to}-0"));
+        let live = self.live().await?;
+        let mut conn = live.conn.clone();
         let entries: Vec<(String, Vec<Vec<u8>>)> = self
-            .bounded(
+            .on(
+                &live,
                 redis::cmd("XRANGE")
                     .arg(self.keys.stream(channel))
-                    .arg(format!("{from}-0"))
+                    .arg(start)
                     .arg(end)
                     .arg("COUNT")
                     .arg(limit)
@@ -296,10 +415,141 @@ impl Inner {
         Ok(publications)
     }
 
+    /// Publications after `since` (see [`Engine::history`]), following the channel into a newer epoch
+    /// where a fence proved it continues `since`'s.
+    pub(crate) async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, EngineError> {
+        let state = self.top_state(channel).await?;
+        let TopState { top, generation, link } = state;
+        let Some(since) = since else {
+            if top.offset == 0 {
+                return Ok(History::Covered { top, publications: Vec::new() });
+            }
+            let from = top.offset.saturating_sub(limit as u64) + 1;
+            let publications = self
+                .range(channel, format!("{generation}-{from}"), format!("{generation}-{}", top.offset), limit)
+                .await?
+                .into_iter()
+                .filter(|p| p.position.epoch == top.epoch);
+            return Ok(History::Covered { publications: publications.collect(), top });
+        };
+        let gone = |rolled_back| Ok(History::Gone { top: top.clone(), rolled_back });
+        let start = if since.epoch == top.epoch {
+            if since.offset > top.offset {
+                return gone(false);
+            }
+            if since.offset == top.offset {
+                return Ok(History::Covered { top, publications: Vec::new() });
+            }
+            format!("{generation}-{}", since.offset + 1)
+        } else {
+            match &link {
+                Some((previous, last)) if *previous == since.epoch && generation > 0 => match last {
+                    Some(last) if since.offset <= *last => {
+                        if since.offset == *last && top.offset == 0 {
+                            return Ok(History::Covered { top, publications: Vec::new() });
+                        }
+                        format!("{}-{}", generation - 1, since.offset + 1)
+                    }
+                    _ => return gone(true),
+                },
+                _ => return gone(false),
+            }
+        };
+        let entries = self.range(channel, start, "+".to_owned(), limit).await?;
+        // Keep the unbroken run after `since`: the rest of its epoch, then (across a fence) the new one.
+        let mut position = since.clone();
+        let mut publications = Vec::with_capacity(entries.len());
+        for publication in entries {
+            let p = &publication.position;
+            let next = if p.epoch == position.epoch {
+                p.offset == position.offset + 1
+            } else {
+                p.epoch == top.epoch && p.offset == 1 && link.as_ref().is_some_and(|(e, _)| *e == position.epoch)
+            };
+            if !next {
+                break;
+            }
+            position = p.clone();
+            publications.push(publication);
+        }
+        if publications.is_empty() {
+            return gone(false);
+        }
+        Ok(History::Covered { top, publications })
+    }
+
+    /// Waits until replicas hold everything `live`'s connection wrote so far (`durability =
+    /// replicated`). Publishes that arrive while a `WAIT` runs share the next one.
+    async fn replicated(self: &Arc<Self>, live: Live, min_replicas: u32, timeout: Duration) -> Result<(), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut durable = lock(&self.durable);
+            durable.waiting.push((live, tx));
+            !std::mem::replace(&mut durable.running, true)
+        };
+        if start {
+            let inner = self.clone();
+            tokio::spawn(async move { inner.run_waits(min_replicas, timeout).await });
+        }
+        rx.await.unwrap_or_else(|_| Err(EngineError::NotDurable("the replication wait was abandoned".into())))
+    }
+
+    async fn run_waits(self: Arc<Self>, min_replicas: u32, timeout: Duration) {
+        loop {
+            let waiting = {
+                let mut durable = lock(&self.durable);
+                if durable.waiting.is_empty() {
+                    durable.running = false;
+                    return;
+                }
+                std::mem::take(&mut durable.waiting)
+            };
+            // WAIT counts the writes of the connection it is sent on, so each connection gets its own.
+            let mut by_connection: Vec<(Live, Vec<DurableReply>)> = Vec::new();
+            for (live, tx) in waiting {
+                match by_connection.iter_mut().find(|(l, _)| l.same_connection(&live)) {
+                    Some((_, senders)) => senders.push(tx),
+                    None => by_connection.push((live, vec![tx])),
+                }
+            }
+            for (live, senders) in by_connection {
+                let mut conn = live.conn.clone();
+                let mut command = redis::cmd("WAIT");
+                command.arg(min_replicas).arg(timeout.as_millis() as u64);
+                let wait = command.query_async::<u32>(&mut conn);
+                let answer = match tokio::time::timeout(timeout + self.config.command_timeout, wait).await {
+                    Ok(Ok(count)) if count >= min_replicas => Ok(()),
+                    Ok(Ok(count)) => Err(EngineError::NotDurable(format!(
+                        "{count} of the {min_replicas} replicas required acknowledged the publication in time"
+                    ))),
+                    Ok(Err(error)) => {
+                        if needs_new_connection(&error) {
+                            self.commands.broken(&live);
+                        }
+                        Err(EngineError::NotDurable(format!("waiting for replicas failed: {error}")))
+                    }
+                    Err(_) => {
+                        self.commands.broken(&live);
+                        Err(EngineError::NotDurable("waiting for replicas timed out".into()))
+                    }
+                };
+                for tx in senders {
+                    let _ = tx.send(answer.clone());
+                }
+            }
+        }
+    }
+
     pub(crate) async fn live_nodes(&self) -> Result<Vec<String>, EngineError> {
-        let mut conn = self.commands.clone();
+        let live = self.live().await?;
+        let mut conn = live.conn.clone();
         let since = now_ms().saturating_sub(self.config.node_ttl.as_millis() as u64);
-        self.bounded(conn.zrangebyscore(self.keys.nodes(), since, "+inf")).await
+        self.on(&live, conn.zrangebyscore(self.keys.nodes(), since, "+inf")).await
     }
 
     pub(crate) async fn heartbeat(&self) -> Result<(), EngineError> {
@@ -309,7 +559,8 @@ impl Inner {
             object.insert("probe_rtt_us".into(), json!(self.probe_rtt_us.load(Ordering::Relaxed)));
             object.insert("ready".into(), json!(self.is_ready()));
         }
-        let mut conn = self.commands.clone();
+        let live = self.live().await?;
+        let mut conn = live.conn.clone();
         let now = now_ms();
         let ttl = self.config.node_ttl.as_millis() as u64;
         let mut pipe = redis::pipe();
@@ -319,11 +570,11 @@ impl Inner {
             .ignore()
             .pset_ex(self.keys.node_stats(&self.config.node_id), stats.to_string(), ttl)
             .ignore();
-        self.bounded(pipe.query_async::<()>(&mut conn)).await
+        self.on(&live, pipe.query_async::<()>(&mut conn)).await
     }
 
     pub(crate) fn is_ready(&self) -> bool {
-        self.connected.load(Ordering::SeqCst) && self.probe_fresh.load(Ordering::SeqCst)
+        self.connected.load(Ordering::SeqCst) && self.probe_fresh.load(Ordering::SeqCst) && self.commands.is_connected()
     }
 }
 
@@ -350,6 +601,7 @@ impl Engine for RedisEngine {
         let (receipt_id, receipt_ms) = request.receipt.map_or((0, 0), |r| (r.id, r.timeout.as_millis() as u64));
         let trace = request.trace_parent.as_deref().unwrap_or("-");
         let header = format!("{}\t{receipt_id}\t{receipt_ms}\t{trace}\n", inner.config.node_id);
+        let live = inner.live().await?;
         if receipt_id != 0 {
             // Registered before publishing: another node may answer before the script returns.
             let (tx, rx) = mpsc::unbounded_channel();
@@ -374,9 +626,11 @@ impl Engine for RedisEngine {
             .arg(policy.ttl.as_millis() as u64)
             .arg(inner.config.policies.dedup_window().as_secs())
             .arg(Epoch::generate().as_str())
-            .arg(header);
-        let mut conn = inner.commands.clone();
-        let reply = inner.bounded(invocation.invoke_async::<redis::Value>(&mut conn)).await;
+            .arg(header)
+            .arg(&*live.identity.replid)
+            .arg(history_max_bytes(&policy));
+        let mut conn = live.conn.clone();
+        let reply = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await;
         let outcome = reply.and_then(parse_publish_reply);
         if receipt_id != 0 && !matches!(&outcome, Ok(o) if !o.duplicate) {
             lock(&inner.receipt_replies).remove(&receipt_id);
@@ -384,6 +638,10 @@ impl Engine for RedisEngine {
         let mut outcome = outcome?;
         if !outcome.duplicate {
             outcome.correlation_id = request.correlation_id.clone();
+        }
+        if let (Durability::Replicated { min_replicas, timeout }, false) = (inner.config.durability, outcome.duplicate)
+        {
+            self.inner.replicated(live, min_replicas, timeout).await?;
         }
         Ok(outcome)
     }
@@ -409,46 +667,22 @@ impl Engine for RedisEngine {
         since: Option<&Position>,
         limit: usize,
     ) -> Result<History, EngineError> {
-        let inner = &self.inner;
-        let top = inner.top(channel).await?;
-        let Some(since) = since else {
-            let from = top.offset.saturating_sub(limit as u64) + 1;
-            let publications = inner
-                .range(channel, from, Some(top.offset), limit)
-                .await?
-                .into_iter()
-                .filter(|p| p.position.epoch == top.epoch);
-            return Ok(History::Covered { publications: publications.collect(), top });
-        };
-        if since.epoch != top.epoch || since.offset > top.offset {
-            return Ok(History::Gone { top });
-        }
-        if since.offset == top.offset {
-            return Ok(History::Covered { top, publications: Vec::new() });
-        }
-        let publications = inner.range(channel, since.offset + 1, None, limit).await?;
-        let contiguous = publications
-            .first()
-            .is_some_and(|p| p.position.epoch == since.epoch && p.position.offset == since.offset + 1);
-        if !contiguous {
-            return Ok(History::Gone { top });
-        }
-        let publications = publications.into_iter().filter(|p| p.position.epoch == since.epoch).collect();
-        Ok(History::Covered { top, publications })
+        self.inner.history(channel, since, limit).await
     }
 
     async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
-        self.inner.top(channel).await
+        Ok(self.inner.top_state(channel).await?.top)
     }
 
     async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
         let inner = &self.inner;
         let value = serde_json::to_string(&entry).map_err(|e| EngineError::Protocol(e.to_string()))?;
-        let mut conn = inner.commands.clone();
+        let live = inner.live().await?;
+        let mut conn = live.conn.clone();
         let key = inner.keys.presence(channel);
         let mut pipe = redis::pipe();
         pipe.hset(&key, &entry.connection_id, value).ignore().expire(&key, 24 * 3600).ignore();
-        inner.bounded(pipe.query_async::<()>(&mut conn)).await
+        inner.on(&live, pipe.query_async::<()>(&mut conn)).await
     }
 
     fn presence_leave(&self, channel: &ChannelName, connection_id: &str) {
@@ -456,8 +690,12 @@ impl Engine for RedisEngine {
         let key = inner.keys.presence(channel);
         let field = connection_id.to_owned();
         tokio::spawn(async move {
-            let mut conn = inner.commands.clone();
-            if let Err(error) = inner.bounded(conn.hdel::<_, _, ()>(&key, &field)).await {
+            let left = async {
+                let live = inner.live().await?;
+                let mut conn = live.conn.clone();
+                inner.on(&live, conn.hdel::<_, _, ()>(&key, &field)).await
+            };
+            if let Err(error) = left.await {
                 // The entry's node liveness still hides it once this node stops; a stale entry of a live
                 // node stays until the next successful leave or the key's expiry.
                 tracing::debug!(%error, key, "presence leave failed");
@@ -468,19 +706,20 @@ impl Engine for RedisEngine {
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
         let inner = &self.inner;
         let key = inner.keys.presence(channel);
-        let mut conn = inner.commands.clone();
-        let raw: HashMap<String, String> = inner.bounded(conn.hgetall(&key)).await?;
-        let live = inner.live_nodes().await?;
+        let live = inner.live().await?;
+        let mut conn = live.conn.clone();
+        let raw: HashMap<String, String> = inner.on(&live, conn.hgetall(&key)).await?;
+        let nodes = inner.live_nodes().await?;
         let mut entries = Vec::with_capacity(raw.len());
         let mut ghosts = Vec::new();
         for (field, value) in raw {
             match serde_json::from_str::<StoredPresence>(&value) {
-                Ok(stored) if live.contains(&stored.node) => entries.push(stored.into_entry()),
+                Ok(stored) if nodes.contains(&stored.node) => entries.push(stored.into_entry()),
                 _ => ghosts.push(field),
             }
         }
         if !ghosts.is_empty() {
-            let _ = inner.bounded(conn.hdel::<_, _, ()>(&key, ghosts)).await;
+            let _ = inner.on(&live, conn.hdel::<_, _, ()>(&key, ghosts)).await;
         }
         entries.sort_by(|a, b| (&a.node, &a.connection_id).cmp(&(&b.node, &b.connection_id)));
         Ok(entries)
@@ -494,9 +733,7 @@ impl Engine for RedisEngine {
         // Removed however this ends, including when the caller stops waiting.
         let _forget = Forget { map: &inner.replies, id };
         let message = json!({"op": "disconnect", "user": user, "reply_to": inner.config.node_id, "id": id});
-        let mut conn = inner.commands.clone();
-        let receivers: Result<usize, EngineError> =
-            inner.bounded(conn.publish(inner.keys.control_all(), message.to_string())).await;
+        let receivers = inner.send_control(inner.keys.control_all(), message.to_string()).await;
         let mut total = 0;
         if let Ok(receivers) = receivers {
             let deadline = tokio::time::Instant::now() + inner.config.command_timeout;
@@ -517,8 +754,10 @@ impl Engine for RedisEngine {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = live.iter().map(|n| inner.keys.node_stats(n)).collect();
-        let mut conn = inner.commands.clone();
-        let stats: Vec<Option<String>> = inner.bounded(redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
+        let connection = inner.live().await?;
+        let mut conn = connection.conn.clone();
+        let stats: Vec<Option<String>> =
+            inner.on(&connection, redis::cmd("MGET").arg(keys).query_async(&mut conn)).await?;
         Ok(live
             .into_iter()
             .zip(stats)
@@ -557,15 +796,18 @@ impl Engine for RedisEngine {
             reconnects: i.reconnects.load(Ordering::Relaxed),
             gaps_repaired: i.gaps_repaired.load(Ordering::Relaxed),
             messages_received: i.messages_received.load(Ordering::Relaxed),
+            rollbacks: i.commands.identity_changes.load(Ordering::Relaxed)
+                + i.positions_backwards.load(Ordering::Relaxed),
         }
     }
 
     async fn stop(&self) {
         let inner = &self.inner;
         inner.stopping.store(true, Ordering::SeqCst);
-        let mut conn = inner.commands.clone();
-        let _ = inner.bounded(conn.zrem::<_, _, ()>(inner.keys.nodes(), &inner.config.node_id)).await;
-        let _ = inner.bounded(conn.del::<_, ()>(inner.keys.node_stats(&inner.config.node_id))).await;
+        let Ok(live) = inner.live().await else { return };
+        let mut conn = live.conn.clone();
+        let _ = inner.on(&live, conn.zrem::<_, _, ()>(inner.keys.nodes(), &inner.config.node_id)).await;
+        let _ = inner.on(&live, conn.del::<_, ()>(inner.keys.node_stats(&inner.config.node_id))).await;
     }
 }
 
@@ -579,6 +821,11 @@ impl<T> Drop for Forget<'_, T> {
     fn drop(&mut self) {
         lock(self.map).remove(&self.id);
     }
+}
+
+/// The bytes of history a channel keeps; 0 means no bound besides the count.
+fn history_max_bytes(_policy: &herald_core::HistoryPolicy) -> u64 {
+    0
 }
 
 #[derive(serde::Deserialize)]
@@ -629,7 +876,13 @@ fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineErro
                 receivers: None,
             })
         }
-        [redis::Value::Int(0), epoch, redis::Value::Int(offset), redis::Value::Int(receivers)] => {
+        [
+            redis::Value::Int(0),
+            epoch,
+            redis::Value::Int(offset),
+            redis::Value::Int(receivers),
+            redis::Value::Int(_fenced),
+        ] => {
             let epoch = text(epoch).ok_or_else(|| protocol("epoch"))?;
             let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
             Ok(PublishOutcome {

@@ -1,49 +1,134 @@
 //! Server-side Lua scripts. Each runs atomically in Redis.
+//!
+//! A channel's state is the hash `meta`: `e` epoch, `o` last offset, `g` generation (the first part of
+//! its history entries' IDs, `<g>-<offset>`, one more for each epoch), `r` the replication ID of the
+//! primary that assigned the last offset, `b` bytes of envelopes in history, and after a fence `pe`/`po`:
+//! the epoch it replaced and the last offset of that epoch that survived.
+//!
+//! **Fencing.** Both scripts compare `r` with the replication ID the node read on its connection (one
+//! field of the hash they read anyway). A different ID means the data was written under another history
+//! of the primary (it restarted, possibly from an older snapshot, or a replica that may have lagged took
+//! over): positions after what survived may have been seen by clients with other contents, so they are
+//! never reused. The channel moves to a new epoch; its history is kept, and the new epoch continues the
+//! old one at `po`: a client at or before `po` of the old epoch recovers across, one beyond it saw
+//! publications that were lost and gets a reset (`engine_rollback`).
+
+/// Shared by both scripts: moves a channel to a new epoch that continues the old one at its last
+/// surviving offset. Returns the new epoch, offset (0) and generation.
+const FENCE: &str = r#"
+local function fence(meta, stream, epoch, offset, gen, fresh, replid)
+  if gen == nil then
+    -- History written before generations existed cannot be continued.
+    redis.call('DEL', stream)
+    redis.call('HDEL', meta, 'pe', 'po')
+    redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', 0, 'r', replid, 'b', 0)
+    return fresh, 0, 0, 1
+  end
+  redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', gen + 1, 'r', replid, 'pe', epoch, 'po', offset)
+  return fresh, 0, gen + 1, 1
+end
+
+local function state(meta, stream, fresh, replid)
+  local m = redis.call('HMGET', meta, 'e', 'o', 'g', 'r', 'b')
+  local epoch, offset, gen, bytes = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[5]) or 0
+  if not epoch then
+    redis.call('DEL', stream)
+    redis.call('HDEL', meta, 'pe', 'po')
+    redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', 0, 'r', replid, 'b', 0)
+    return fresh, 0, 0, 0, 0
+  end
+  if m[4] ~= replid then
+    local e, o, g, fenced = fence(meta, stream, epoch, offset or 0, gen, fresh, replid)
+    if gen == nil then bytes = 0 end
+    return e, o, g, bytes, fenced
+  end
+  return epoch, offset or 0, gen or 0, bytes, 0
+end
+"#;
 
 /// Publish. KEYS: meta, stream, [dedup]. ARGV: 1 pub/sub channel, 2 channel, 3 event, 4 data (compact
 /// JSON), 5 correlation ID, 6 published_at (RFC 3339), 7 now (ms), 8 history size, 9 history age (ms),
-/// 10 dedup window (s), 11 a fresh epoch (used if the channel has none), 12 message header.
+/// 10 dedup window (s), 11 a fresh epoch (used if the channel has none or is fenced), 12 message header,
+/// 13 the primary's replication ID, 14 history bytes (0: unbounded).
 /// Channel, event and correlation ID are validated by Herald to contain no quote or backslash, so the
 /// envelope can be assembled by concatenation; `data` is already JSON.
-/// Returns {1, "epoch:offset:correlation"} for a duplicate, {0, epoch, offset, receivers} otherwise,
-/// where receivers is how many pub/sub connections (nodes) got the message.
-pub const PUBLISH: &str = r#"
+/// History keeps at most `size` entries and `bytes` bytes of envelopes, dropping the oldest (the newest
+/// entry always stays).
+/// Returns {1, "epoch:offset:correlation"} for a duplicate, {0, epoch, offset, receivers, fenced}
+/// otherwise, where receivers is how many pub/sub connections (nodes) got the message.
+const PUBLISH_BODY: &str = r#"
 local meta, stream, dedup = KEYS[1], KEYS[2], KEYS[3]
 if dedup then
   local seen = redis.call('GET', dedup)
   if seen then return {1, seen} end
 end
-local epoch = redis.call('HGET', meta, 'e')
-if not epoch then
-  epoch = ARGV[11]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 'o', 0)
-end
-local offset = redis.call('HINCRBY', meta, 'o', 1)
+local epoch, offset, gen, bytes, fenced = state(meta, stream, ARGV[11], ARGV[13])
+offset = offset + 1
 local envelope = '{"channel":"' .. ARGV[2] .. '","epoch":"' .. epoch .. '","offset":' .. offset ..
   ',"event":"' .. ARGV[3] .. '","data":' .. ARGV[4] .. ',"correlation_id":"' .. ARGV[5] ..
   '","published_at":"' .. ARGV[6] .. '"}'
-if tonumber(ARGV[8]) > 0 then
-  redis.call('XADD', stream, 'MAXLEN', ARGV[8], offset .. '-0', 't', ARGV[7], 'p', envelope)
+local size, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[14])
+if size > 0 then
+  local count = redis.call('XLEN', stream)
+  if count == 0 then bytes = 0 end
+  redis.call('XADD', stream, gen .. '-' .. offset, 't', ARGV[7], 'p', envelope)
+  count = count + 1
+  bytes = bytes + #envelope
+  if count > size or (max_bytes > 0 and bytes > max_bytes) then
+    local after, kept = '-', count
+    while kept > 1 and (kept > size or (max_bytes > 0 and bytes > max_bytes)) do
+      local oldest = redis.call('XRANGE', stream, after, '+', 'COUNT', 16)
+      if #oldest == 0 then break end
+      for _, entry in ipairs(oldest) do
+        if kept <= 1 or (kept <= size and (max_bytes <= 0 or bytes <= max_bytes)) then break end
+        bytes = bytes - #(entry[2][4] or '')
+        kept = kept - 1
+        after = '(' .. entry[1]
+      end
+    end
+    redis.call('XTRIM', stream, 'MAXLEN', kept)
+  end
   redis.call('PEXPIRE', stream, ARGV[9])
 end
+redis.call('HSET', meta, 'o', offset, 'b', bytes)
 redis.call('PEXPIRE', meta, ARGV[9])
 if dedup then
   redis.call('SET', dedup, epoch .. ':' .. offset .. ':' .. ARGV[5], 'EX', ARGV[10])
 end
 local receivers = redis.call('PUBLISH', ARGV[1], ARGV[12] .. envelope)
-return {0, epoch, offset, receivers}
+return {0, epoch, offset, receivers, fenced}
 "#;
 
-/// The channel's top position, creating a fresh epoch when it has none.
-/// KEYS: meta, stream. ARGV: 1 a fresh epoch, 2 history age (ms). Returns {epoch, offset}.
-pub const TOP: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {ARGV[1], 0}
-end
-return {epoch, tonumber(redis.call('HGET', KEYS[1], 'o'))}
+/// The channel's top position, creating a fresh epoch when it has none and fencing it when its position
+/// was assigned under another history of the primary. KEYS: meta, stream. ARGV: 1 a fresh epoch,
+/// 2 history age (ms), 3 the primary's replication ID.
+/// Returns {epoch, offset, generation, fenced, previous epoch or '', its last surviving offset or -1}.
+const TOP_BODY: &str = r#"
+local epoch, offset, gen, bytes, fenced = state(KEYS[1], KEYS[2], ARGV[1], ARGV[3])
+if offset == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local link = redis.call('HMGET', KEYS[1], 'pe', 'po')
+return {epoch, offset, gen, fenced, link[1] or '', tonumber(link[2]) or -1}
 "#;
+
+/// Moves a channel to a new epoch when it is still in `epoch` (its position was seen going backwards:
+/// the data rolled back without the primary's history changing, as when a backup is restored into a
+/// running server). KEYS: meta, stream. ARGV: 1 the epoch seen going backwards, 2 a fresh epoch,
+/// 3 the primary's replication ID. Returns 1 when it fenced.
+const FENCE_BODY: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'g')
+if m[1] ~= ARGV[1] then return 0 end
+fence(KEYS[1], KEYS[2], m[1], tonumber(m[2]) or 0, tonumber(m[3]), ARGV[2], ARGV[3])
+return 1
+"#;
+
+pub fn publish() -> String {
+    format!("{FENCE}{PUBLISH_BODY}")
+}
+
+pub fn top() -> String {
+    format!("{FENCE}{TOP_BODY}")
+}
+
+pub fn fence() -> String {
+    format!("{FENCE}{FENCE_BODY}")
+}

@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use herald_core::{ChannelName, EngineError, NodeReceipt, Publication};
-use redis::AsyncCommands;
+use herald_core::{ChannelName, EngineError, History, NodeReceipt, Publication};
 use redis::aio::{PubSubSink, PubSubStream};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -139,7 +138,8 @@ async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
 
 async fn connect(inner: &Inner, desired: &BTreeSet<ChannelName>) -> Result<(PubSubSink, PubSubStream), EngineError> {
     let timeout = inner.config.command_timeout * 3;
-    let pubsub = tokio::time::timeout(timeout, inner.client.get_async_pubsub())
+    let (client, _address) = inner.commands.primary_client().await?;
+    let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
         .await
         .map_err(|_| EngineError::Timeout)?
         .map_err(|e| EngineError::Unavailable(e.to_string()))?;
@@ -258,9 +258,8 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
                             "op": "receipt", "id": header.receipt, "node": inner.config.node_id,
                             "written": summary.written, "timed_out": summary.timed_out,
                         });
-                        let mut conn = inner.commands.clone();
                         let target = inner.keys.control(&header.origin);
-                        let _ = inner.bounded(conn.publish::<_, _, ()>(target, report.to_string())).await;
+                        let _ = inner.send_control(target, report.to_string()).await;
                     });
                 }
             }
@@ -312,9 +311,11 @@ async fn deliver_in_order(inner: &Inner, publication: Arc<Publication>) {
                 // Missed pub/sub messages: fill the hole from history, in order.
                 inner.gaps_repaired.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%channel, from = last.offset + 1, to = incoming.offset - 1, "gap in pub/sub; replaying from history");
-                if let Ok(missing) = inner.range(&channel, last.offset + 1, Some(incoming.offset - 1), 100_000).await {
-                    for earlier in missing {
-                        if earlier.position.epoch == incoming.epoch {
+                if let Ok(History::Covered { publications, .. }) =
+                    inner.history(&channel, Some(&last), (incoming.offset - last.offset) as usize).await
+                {
+                    for earlier in publications {
+                        if earlier.position.epoch == incoming.epoch && earlier.position.offset < incoming.offset {
                             sink.deliver(earlier);
                         }
                     }
@@ -328,19 +329,31 @@ async fn deliver_in_order(inner: &Inner, publication: Arc<Publication>) {
 }
 
 /// After a reconnect: deliver what the channel got while we were away, then let connections check.
+/// Reading the top fences the channel first when the primary's history changed (restart, failover); a
+/// position that went backwards under an unchanged history fences it here.
 async fn resync_channel(inner: &Inner, channel: &ChannelName) {
     let Some(sink) = inner.sink() else { return };
-    let top = match inner.top(channel).await {
-        Ok(top) => top,
+    let mut top = match inner.top_state(channel).await {
+        Ok(state) => state.top,
         Err(error) => {
             tracing::warn!(%channel, %error, "re-sync failed; connections will repair on the next publication");
             return;
         }
     };
     let last = lock(&inner.delivered).get(channel).cloned();
+    if let Some(last) = last.as_ref().filter(|l| l.epoch == top.epoch && l.offset > top.offset) {
+        inner.fence_backwards(channel, &last.epoch, last.offset, top.offset).await;
+        match inner.top_state(channel).await {
+            Ok(state) => top = state.top,
+            Err(error) => {
+                tracing::warn!(%channel, %error, "re-sync failed; connections will repair on the next publication");
+                return;
+            }
+        }
+    }
     if let Some(last) = last.filter(|l| l.epoch == top.epoch && l.offset < top.offset) {
-        if let Ok(missing) = inner.range(channel, last.offset + 1, Some(top.offset), 100_000).await {
-            for publication in missing {
+        if let Ok(History::Covered { publications, .. }) = inner.history(channel, Some(&last), 100_000).await {
+            for publication in publications {
                 let next = lock(&inner.delivered).get(channel).map_or(0, |p| p.offset) + 1;
                 if publication.position.epoch == top.epoch && publication.position.offset == next {
                     lock(&inner.delivered).insert(channel.clone(), publication.position.clone());
@@ -369,8 +382,7 @@ async fn on_control(inner: &Inner, payload: &[u8]) {
             };
             let count = inner.sink().map_or(0, |sink| sink.disconnect_user(user));
             let reply = json!({"op": "disconnected", "id": id, "count": count, "node": inner.config.node_id});
-            let mut conn = inner.commands.clone();
-            let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.control(reply_to), reply.to_string())).await;
+            let _ = inner.send_control(inner.keys.control(reply_to), reply.to_string()).await;
         }
         Some("receipt") => {
             let (Some(id), Some(node), Some(written)) =
@@ -423,9 +435,10 @@ async fn prober(inner: Arc<Inner>) {
             inner.last_probe_us.store(now, Ordering::Relaxed);
             let _ = inner.subscriber.send(Command::Stale);
         }
+        // A primary turned into a replica and back keeps its connections: check who answers.
+        inner.commands.verify().await;
         let probe = json!({"op": "probe", "node": inner.config.node_id, "sent_us": now_us()});
-        let mut conn = inner.commands.clone();
-        let _ = inner.bounded(conn.publish::<_, _, ()>(inner.keys.own_control(), probe.to_string())).await;
+        let _ = inner.send_control(inner.keys.own_control(), probe.to_string()).await;
         if last_heartbeat.elapsed() >= heartbeat_every {
             last_heartbeat = tokio::time::Instant::now();
             if let Err(error) = inner.heartbeat().await {
@@ -444,8 +457,12 @@ async fn refresh_subscribed(inner: &Inner) {
             let ttl = inner.config.policies.history(channel).ttl.as_millis() as u64;
             pipe.pexpire(inner.keys.meta(channel), ttl as i64).ignore();
         }
-        let mut conn = inner.commands.clone();
-        if let Err(error) = inner.bounded(pipe.query_async::<()>(&mut conn)).await {
+        let refreshed = async {
+            let live = inner.live().await?;
+            let mut conn = live.conn.clone();
+            inner.on(&live, pipe.query_async::<()>(&mut conn)).await
+        };
+        if let Err(error) = refreshed.await {
             tracing::debug!(%error, "refreshing subscribed channels failed");
             return;
         }

@@ -25,7 +25,7 @@ pub struct Cli {
     /// Address to listen on (HERALD_LISTEN; default 127.0.0.1:8080). Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Engine URL: `memory` (default) or, in later versions, `redis://…`, `nats://…` (HERALD_ENGINE).
+    /// Engine URL: `memory` (default), `redis://…`, `rediss://…`, `redis+sentinel://…` (HERALD_ENGINE).
     #[arg(long, value_name = "URL")]
     pub engine: Option<String>,
     /// TOML configuration file (HERALD_CONFIG).
@@ -170,6 +170,13 @@ pub struct RedisSection {
     /// PEM file of the certificate authority that signed the Redis server's certificate (`rediss://`);
     /// without it the system's trust store is used.
     pub tls_ca_file: Option<PathBuf>,
+    /// `none`: a publish is acknowledged once the primary has it. `replicated`: only once at least
+    /// `min_replicas` replicas have it too (else 503 `not_durable`).
+    pub durability: String,
+    /// Replicas that must acknowledge a publication with `durability = "replicated"`.
+    pub min_replicas: u32,
+    /// Milliseconds a publish waits for replicas with `durability = "replicated"`.
+    pub replication_timeout_ms: u64,
 }
 
 impl Default for RedisSection {
@@ -181,6 +188,9 @@ impl Default for RedisSection {
             node_ttl_secs: 30,
             command_timeout_ms: 1000,
             tls_ca_file: None,
+            durability: "none".into(),
+            min_replicas: 1,
+            replication_timeout_ms: 500,
         }
     }
 }
@@ -402,6 +412,11 @@ fn parse_env_value(value: figment::value::Value) -> figment::value::Value {
     }
 }
 
+/// Whether `url` names the Redis engine (a single server or one found through Sentinel).
+pub fn is_redis_url(url: &str) -> bool {
+    ["redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://"].iter().any(|scheme| url.starts_with(scheme))
+}
+
 fn redis_url_ok(url: &str) -> Result<(), String> {
     herald_redis::check_url(url)
 }
@@ -411,7 +426,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let listen =
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
     let engine = config.engine.as_str();
-    if engine.starts_with("redis://") || engine.starts_with("rediss://") {
+    if is_redis_url(engine) {
         if let Err(error) = redis_url_ok(engine) {
             problems.push(format!("engine: {engine:?} is not a usable Redis URL: {error}"));
         }
@@ -419,6 +434,17 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         problems.push(format!("engine: {engine:?} is not supported by this build yet; use \"memory\" or redis://"));
     } else if engine != "memory" {
         problems.push(format!("engine: {engine:?} is not an engine URL; expected \"memory\" or redis://host:port/db"));
+    }
+    match config.redis.durability.as_str() {
+        "none" => {}
+        "replicated" if config.redis.min_replicas == 0 => {
+            problems.push("redis.min_replicas must be at least 1 with durability = \"replicated\"".to_owned())
+        }
+        "replicated" if config.redis.replication_timeout_ms == 0 => {
+            problems.push("redis.replication_timeout_ms must be greater than 0".to_owned())
+        }
+        "replicated" => {}
+        other => problems.push(format!("redis.durability: {other:?} must be \"none\" or \"replicated\"")),
     }
     let redis = &config.redis;
     if let Some(path) = &redis.tls_ca_file {

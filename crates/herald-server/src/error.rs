@@ -42,6 +42,9 @@ pub enum ApiError {
     NotFound,
     #[error("engine unavailable")]
     Unavailable(String),
+    /// Written, but not to as many replicas as `redis.durability` requires.
+    #[error("not durable")]
+    NotDurable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -62,7 +65,7 @@ impl ApiError {
             Self::HistoryGone => StatusCode::GONE,
             Self::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::NotDurable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,6 +87,7 @@ impl ApiError {
             Self::Limit(_) => "limit_exceeded",
             Self::NotFound => "not_found",
             Self::Unavailable(_) => "engine_unavailable",
+            Self::NotDurable(_) => "not_durable",
             Self::Internal(_) => "internal",
         }
     }
@@ -92,6 +96,9 @@ impl ApiError {
     pub fn public_message(&self) -> String {
         match self {
             Self::Unavailable(_) => "the engine is unavailable; retry later".to_owned(),
+            Self::NotDurable(_) => "the publication was accepted but not replicated as required; it may or may not be \
+                                    delivered and kept; retry with the same idempotency_key"
+                .to_owned(),
             Self::Internal(_) => "internal error".to_owned(),
             other => other.to_string(),
         }
@@ -105,7 +112,10 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
-        Self::Unavailable(error.to_string())
+        match error {
+            EngineError::NotDurable(detail) => Self::NotDurable(detail),
+            other => Self::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -126,7 +136,9 @@ impl IntoResponse for ApiError {
         let status = self.status();
         if status.is_server_error() {
             match &self {
-                Self::Unavailable(detail) | Self::Internal(detail) => tracing::warn!(%status, detail, "request failed"),
+                Self::Unavailable(detail) | Self::NotDurable(detail) | Self::Internal(detail) => {
+                    tracing::warn!(%status, detail, "request failed")
+                }
                 _ => tracing::warn!(%status, "request failed"),
             }
         }

@@ -186,7 +186,7 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         spawn_sweeper(Arc::downgrade(&memory));
         return Ok(memory);
     }
-    if config.engine.starts_with("redis://") || config.engine.starts_with("rediss://") {
+    if config::is_redis_url(&config.engine) {
         let r = &config.redis;
         let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
         redis.prefix = r.prefix.clone();
@@ -195,6 +195,12 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
         redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
         redis.tls_ca_file = r.tls_ca_file.clone();
+        if r.durability == "replicated" {
+            redis.durability = herald_redis::Durability::Replicated {
+                min_replicas: r.min_replicas,
+                timeout: Duration::from_millis(r.replication_timeout_ms),
+            };
+        }
         let engine = RedisEngine::connect(redis).await.map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
         return Ok(Arc::new(engine));
     }

@@ -73,12 +73,14 @@ impl Metrics {
             counter!("herald_resets_total", "reason" => "history_gone").absolute(s.resets_history_gone);
             counter!("herald_resets_total", "reason" => "gap").absolute(s.resets_gap);
             counter!("herald_resets_total", "reason" => "epoch_changed").absolute(s.resets_epoch_changed);
+            counter!("herald_resets_total", "reason" => "engine_rollback").absolute(s.resets_engine_rollback);
             counter!("herald_gaps_detected_total").absolute(s.gaps_detected);
             counter!("herald_slow_client_disconnects_total").absolute(s.slow_consumer_disconnects);
             counter!("herald_connections_opened_total").absolute(s.connections_opened);
             counter!("herald_engine_reconnects_total").absolute(engine.reconnects);
             counter!("herald_engine_gaps_repaired_total").absolute(engine.gaps_repaired);
             counter!("herald_engine_messages_received_total").absolute(engine.messages_received);
+            counter!("herald_engine_rollbacks_total").absolute(engine.rollbacks);
             if let Some(rtt) = engine.probe_rtt_us {
                 gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);
             }
