@@ -186,8 +186,9 @@ impl Session {
             return Ok(engine.top(channel).await?);
         };
         match engine.history(channel, Some(&since), self.shared.config.max_replay).await? {
-            History::Covered { publications, .. } => {
-                let mut position = since;
+            History::Covered { publications, top } => {
+                // Nothing after `since`: it is the top, or the end of an epoch the top's continues.
+                let mut position = if publications.is_empty() { top } else { since };
                 let mut replayed = 0u64;
                 for publication in publications {
                     if follows(&position, &publication.position) {
@@ -323,11 +324,19 @@ impl Session {
         let mut replayed = 0;
         let mut rolled_back = false;
         match self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await {
-            Ok(History::Covered { publications, .. }) => {
+            Ok(History::Covered { publications, top }) => {
+                if publications.is_empty() && top == *target {
+                    position = top; // the end of an epoch that `target`'s continues
+                }
                 for publication in publications {
                     let p = &publication.position;
-                    let past_target = p.epoch == target.epoch && p.offset > target.offset;
-                    if past_target || !follows(&position, p) {
+                    if !follows(&position, p) {
+                        break;
+                    }
+                    if p.epoch != position.epoch {
+                        position = Position::new(p.epoch.clone(), 0); // crossed into the epoch that continues
+                    }
+                    if p.epoch == target.epoch && p.offset > target.offset {
                         break;
                     }
                     position = p.clone();

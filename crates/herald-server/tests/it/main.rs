@@ -10,6 +10,7 @@ mod lifecycle;
 mod limits;
 mod process;
 mod redis;
+mod rollback;
 mod scenario;
 mod sse;
 mod telemetry;

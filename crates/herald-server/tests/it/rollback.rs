@@ -1,0 +1,318 @@
+//! Redis losing acknowledged data: restarts from older snapshots, failovers to lagging replicas, and
+//! durable publishing. In every case each publication answered 200 reaches the client in order or is
+//! covered by a reset, and no (epoch, offset) is delivered twice with different contents.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Server, Sse, TIMEOUT, client};
+use crate::redis::{RedisServer, Sentinels};
+
+async fn node_on(engine: String, tweak: impl FnOnce(&mut herald_server::Config) + Send) -> Server {
+    Server::with(move |config| {
+        config.engine = engine;
+        config.redis.prefix = format!("t{:08x}", rand::random::<u32>());
+        config.redis.probe_interval_ms = 100;
+        config.redis.probe_timeout_ms = 1000;
+        config.redis.node_ttl_secs = 3;
+        tweak(config);
+    })
+    .await
+}
+
+async fn wait_ready(server: &Server) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
+    while server.get("/readyz").await.0 != StatusCode::OK {
+        assert!(tokio::time::Instant::now() < deadline, "node never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a client received, checked against what publishers were told.
+#[derive(Default)]
+struct Ledger {
+    /// (epoch, offset) -> data, for every message delivered.
+    delivered: HashMap<(String, u64), Value>,
+    /// In arrival order: ("message" | "reset", epoch, offset, reason).
+    events: Vec<(String, String, u64, String)>,
+}
+
+impl Ledger {
+    fn record(&mut self, event: &str, data: &Value) {
+        let epoch = data["epoch"].as_str().unwrap_or_default().to_owned();
+        let offset = data["offset"].as_u64().unwrap_or_default();
+        match event {
+            "message" => {
+                let previous = self.delivered.insert((epoch.clone(), offset), data["data"].clone());
+                assert!(
+                    previous.as_ref().is_none_or(|p| *p == data["data"]),
+                    "({epoch}, {offset}) delivered twice with different contents: {previous:?} then {data}"
+                );
+                self.events.push(("message".into(), epoch, offset, String::new()));
+            }
+            "herald.reset" => {
+                let reason = data["reason"].as_str().unwrap_or_default().to_owned();
+                self.events.push(("reset".into(), epoch, offset, reason));
+            }
+            other => panic!("unexpected event {other}: {data}"),
+        }
+    }
+
+    /// Reads `sse` until the publication acknowledged as `last` arrives.
+    async fn read_until(&mut self, sse: &mut Sse, last: &Value) {
+        let want = (last["epoch"].as_str().unwrap_or_default().to_owned(), last["offset"].as_u64().unwrap_or(0));
+        while !self.delivered.contains_key(&want) {
+            let (event, data) = sse.next().await;
+            self.record(&event, &data);
+        }
+    }
+
+    fn resets(&self, reason: &str) -> usize {
+        self.events.iter().filter(|(kind, _, _, r)| kind == "reset" && r == reason).count()
+    }
+
+    /// Every acknowledged publication was delivered with its data, or a reset came after the client's
+    /// last delivery of that epoch and before anything newer.
+    fn check(&self, acked: &[(Value, Value)]) {
+        for (ack, data) in acked {
+            let key = (ack["epoch"].as_str().unwrap_or_default().to_owned(), ack["offset"].as_u64().unwrap_or(0));
+            match self.delivered.get(&key) {
+                Some(got) => assert_eq!(got, data, "{ack} was delivered with other contents"),
+                None => assert!(
+                    self.events
+                        .iter()
+                        .any(|(kind, epoch, offset, _)| kind == "reset" && (*epoch != key.0 || *offset >= key.1)),
+                    "acknowledged {ack} was lost silently: {:?}",
+                    self.events
+                ),
+            }
+        }
+    }
+}
+
+async fn publish(node: &Server, channel: &str, data: Value, acked: &mut Vec<(Value, Value)>) -> Value {
+    let answer = node.publish(channel, data.clone()).await;
+    acked.push((answer.clone(), data));
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_an_older_snapshot_fences_the_channel_and_resets_the_client_that_saw_lost_data() {
+    let mut redis = RedisServer::start_persistent(&[]);
+    let node = node_on(redis.url(), |_| {}).await;
+    let (mut sse, _) = Sse::open(&node, "channel=user:1", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=10 {
+        publish(&node, "user:1", json!(i), &mut acked).await;
+    }
+    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
+    for i in 11..=15 {
+        publish(&node, "user:1", json!(i), &mut acked).await;
+    }
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[14].0).await;
+    let old_epoch = acked[0].0["epoch"].clone();
+
+    redis.stop();
+    redis.restart(); // from the snapshot: offsets 11..15 are gone
+    wait_ready(&node).await;
+    // The re-sync after the reconnect fences the channel and tells the client at once.
+    let (event, reset) = sse.next().await;
+    assert_eq!(event, "herald.reset", "{reset}");
+    assert_eq!(reset["reason"], "engine_rollback");
+    assert_ne!(reset["epoch"], old_epoch, "a new epoch, so no offset is handed out twice");
+    ledger.record(&event, &reset);
+    for i in 16..=20 {
+        let answer = publish(&node, "user:1", json!(i), &mut acked).await;
+        assert_ne!(answer["epoch"], old_epoch, "publications after a rollback never reuse the old positions");
+    }
+    ledger.read_until(&mut sse, &acked[19].0).await;
+    ledger.check(&acked);
+    assert_eq!(ledger.resets("engine_rollback"), 1);
+    assert!(node.state.hub().engine().stats().rollbacks >= 1);
+    let metrics = client().get(node.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("herald_resets_total{reason=\"engine_rollback\"} 1"), "{metrics}");
+    assert!(!metrics.contains("herald_engine_rollbacks_total 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_returning_after_a_rollback_recover_what_survived_and_reset_past_it() {
+    let mut redis = RedisServer::start_persistent(&[]);
+    let node = node_on(redis.url(), |_| {}).await;
+    let (mut ahead, _) = Sse::open(&node, "channel=feed:7", None).await;
+    let (mut behind, _) = Sse::open(&node, "channel=feed:7", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=10 {
+        publish(&node, "feed:7", json!(i), &mut acked).await;
+    }
+    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
+    for i in 11..=15 {
+        publish(&node, "feed:7", json!(i), &mut acked).await;
+    }
+    ahead.expect_offsets("feed:7", 0, 15).await;
+    behind.expect_offsets("feed:7", 0, 8).await;
+    let (ahead_cursor, behind_cursor) = (ahead.last_id.clone(), behind.last_id.clone());
+    drop((ahead, behind));
+
+    redis.stop();
+    redis.restart();
+    wait_ready(&node).await;
+    // The channel passes the old offsets before the clients come back.
+    for i in 16..=35 {
+        publish(&node, "feed:7", json!(i), &mut acked).await;
+    }
+    let new_epoch = acked[34].0["epoch"].clone();
+    assert_ne!(new_epoch, acked[0].0["epoch"]);
+    assert_eq!(acked[34].0["offset"], 20);
+
+    // At offset 15 the client saw publications the snapshot lost: reset, then the new epoch.
+    let (mut sse, _) = Sse::open(&node, "channel=feed:7", Some(&ahead_cursor)).await;
+    let (event, reset) = sse.next().await;
+    assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("engine_rollback")), "{reset}");
+    let mut ledger = Ledger::default();
+    ledger.record(&event, &reset);
+    ledger.read_until(&mut sse, &acked[34].0).await;
+    ledger.check(&acked[15..]);
+
+    // At offset 8 everything the client had survived: it recovers 9 and 10, then the new epoch, no reset.
+    let (mut sse, _) = Sse::open(&node, "channel=feed:7", Some(&behind_cursor)).await;
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[34].0).await;
+    assert_eq!(ledger.events.iter().filter(|e| e.0 == "reset").count(), 0, "{:?}", ledger.events);
+    let order: Vec<(String, u64)> = ledger.events.iter().map(|(_, e, o, _)| (e.clone(), *o)).collect();
+    let old = acked[0].0["epoch"].as_str().unwrap_or_default().to_owned();
+    let mut expected = vec![(old.clone(), 9), (old, 10)];
+    expected.extend((1..=20).map(|o| (new_epoch.as_str().unwrap_or_default().to_owned(), o)));
+    assert_eq!(order, expected);
+    assert_eq!(ledger.delivered[&(acked[0].0["epoch"].as_str().unwrap_or_default().to_owned(), 9)], json!(9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_kept_every_write_continues_without_a_reset() {
+    let mut redis = RedisServer::start_persistent(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let node = node_on(redis.url(), |_| {}).await;
+    let (mut sse, _) = Sse::open(&node, "channel=jobs:3", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=5 {
+        publish(&node, "jobs:3", json!(i), &mut acked).await;
+    }
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[4].0).await;
+    redis.stop();
+    redis.restart();
+    wait_ready(&node).await;
+    for i in 6..=8 {
+        publish(&node, "jobs:3", json!(i), &mut acked).await;
+    }
+    ledger.read_until(&mut sse, &acked[7].0).await;
+    ledger.check(&acked);
+    assert_eq!(ledger.events.iter().filter(|e| e.0 == "reset").count(), 0, "{:?}", ledger.events);
+    assert_ne!(acked[7].0["epoch"], acked[0].0["epoch"], "a restart always starts a new epoch (fenced)");
+    assert_eq!(acked[7].0["offset"], 3);
+}
+
+/// A primary, a replica and three sentinels; the replica is made to lag for real (stopped), the primary
+/// killed, the replica promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_answers_200_for_a_lost_write() {
+    let primary = RedisServer::start_persistent(&[]);
+    let replica_of = format!("127.0.0.1 {}", primary.port);
+    let replica = RedisServer::start_persistent(&["--replicaof", &replica_of]);
+    eventually_synced(&primary, &replica).await;
+    let sentinels = Sentinels::start("herald", primary.port);
+    let node = node_on(sentinels.url("herald"), |_| {}).await;
+    let (mut sse, _) = Sse::open(&node, "channel=order:9", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=5 {
+        publish(&node, "order:9", json!(i), &mut acked).await;
+    }
+    eventually_synced(&primary, &replica).await;
+    // Stopped and cut off (without the cut, what the primary sends next would wait in the stopped
+    // replica's socket buffer and arrive after all).
+    replica.signal("STOP");
+    assert!(primary.command(&["CLIENT", "KILL", "TYPE", "replica"]).is_some_and(|a| a == ":1"), "replica cut off");
+    for i in 6..=8 {
+        publish(&node, "order:9", json!(i), &mut acked).await; // acknowledged by the primary alone
+    }
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[7].0).await;
+    let mut primary = primary;
+    primary.stop();
+    replica.signal("CONT");
+
+    // Until the sentinels promote the replica, publishes fail; none answers 200 for a write then lost.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    let mut i = 9;
+    loop {
+        let (status, body) = node.post("/v1/publish", json!({"channel": "order:9", "data": i})).await;
+        if status == StatusCode::OK {
+            acked.push((body, json!(i)));
+            i += 1;
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(node.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE, "not ready without a primary");
+        refused += 1;
+        assert!(tokio::time::Instant::now() < deadline, "no failover within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused > 0, "publishes fail while there is no primary");
+    assert_eq!(replica.replication("role").as_deref(), Some("master"), "the replica was promoted");
+    for data in i..i + 3 {
+        publish(&node, "order:9", json!(data), &mut acked).await;
+    }
+    let last = acked.last().map(|(a, _)| a.clone()).unwrap_or_default();
+    ledger.read_until(&mut sse, &last).await;
+    ledger.check(&acked);
+    assert_eq!(ledger.resets("engine_rollback"), 1, "offsets 6..8 were lost with the primary: {:?}", ledger.events);
+    assert_ne!(last["epoch"], acked[0].0["epoch"]);
+}
+
+async fn eventually_synced(primary: &RedisServer, replica: &RedisServer) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let link = replica.replication("master_link_status");
+        let (ours, theirs) = (replica.replication("slave_repl_offset"), primary.replication("master_repl_offset"));
+        if link.as_deref() == Some("up") && ours.is_some() && ours == theirs {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "replica never caught up: {link:?} {ours:?} {theirs:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_publishes_answer_503_not_durable_while_the_replica_cannot_acknowledge() {
+    let primary = RedisServer::start_persistent(&[]);
+    let replica_of = format!("127.0.0.1 {}", primary.port);
+    let replica = RedisServer::start_persistent(&["--replicaof", &replica_of]);
+    eventually_synced(&primary, &replica).await;
+    let node = node_on(primary.url(), |config| {
+        config.redis.durability = "replicated".into();
+        config.redis.min_replicas = 1;
+        config.redis.replication_timeout_ms = 300;
+    })
+    .await;
+    let (mut sse, _) = Sse::open(&node, "channel=pay:1", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=3 {
+        publish(&node, "pay:1", json!(i), &mut acked).await;
+    }
+    replica.signal("STOP");
+    let started = std::time::Instant::now();
+    let (status, body) = node.post("/v1/publish", json!({"channel": "pay:1", "data": 4})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "not_durable");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered within the replication timeout");
+    replica.signal("CONT");
+    eventually_synced(&primary, &replica).await;
+    let answer = node.publish("pay:1", json!(5)).await;
+    acked.push((answer, json!(5)));
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[3].0).await;
+    ledger.check(&acked);
+}
