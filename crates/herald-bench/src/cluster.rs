@@ -12,28 +12,66 @@ use serde_json::json;
 use crate::clients::{SseFleet, publish_client};
 use crate::node::{Node, cpu_seconds_of};
 
-/// A `redis-server` of the benchmark's own, on a free loopback port, with nothing on disk.
+/// A `redis-server` of the benchmark's own, on a free loopback port: with nothing on disk, or keeping
+/// snapshots in a folder of its own (removed on drop) so that a restart loads an older state.
 pub struct Redis {
     child: Child,
     pub port: u16,
+    args: Vec<String>,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
     pub fn start() -> anyhow::Result<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = spawn_redis(port)?;
-        let redis = Redis { child, port };
+        Self::start_with(&[], false)
+    }
+
+    /// Starts with `extra` arguments (`--replicaof …`); with `persistent`, in a data folder of its own
+    /// where `SAVE` writes a snapshot that the next start loads.
+    pub fn start_with(extra: &[&str], persistent: bool) -> anyhow::Result<Redis> {
+        let port = free_port()?;
+        let mut args: Vec<String> = vec!["--save".into(), String::new()];
+        let dir = if persistent {
+            let dir = std::env::temp_dir().join(format!("herald-bench-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            args.extend(["--dir".to_owned(), dir.display().to_string()]);
+            Some(dir)
+        } else {
+            args.extend(["--appendonly".to_owned(), "no".to_owned()]);
+            None
+        };
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let child = spawn_redis(port, &args)?;
+        let redis = Redis { child, port, args, dir };
         redis.wait_ready()?;
         Ok(redis)
     }
 
-    /// Kills Redis (like a crash; nothing is on disk, so everything is lost) and starts it again.
+    /// Kills Redis (like a crash) and starts it again: empty, or from its last snapshot when persistent.
     pub fn crash_and_restart(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        self.crash();
+        std::thread::sleep(down_for);
+        self.child = spawn_redis(self.port, &self.args)?;
+        self.wait_ready()
+    }
+
+    /// Kills Redis (SIGKILL) for good.
+    pub fn crash(&mut self) {
+        // A stopped process is woken first, so it exits at once (and never twice: a dead one is left be).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.signal("CONT");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        std::thread::sleep(down_for);
-        self.child = spawn_redis(self.port)?;
-        self.wait_ready()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -s {signal} {} failed", self.child.id());
+        }
+        Ok(())
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {
@@ -87,9 +125,14 @@ impl Redis {
     }
 }
 
-fn spawn_redis(port: u16) -> anyhow::Result<Child> {
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn_redis(port: u16, args: &[String]) -> anyhow::Result<Child> {
     Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(args)
         .stdout(Stdio::null())
         .spawn()
         .context("starting redis-server (install it: apt-get install redis-server)")
@@ -110,8 +153,107 @@ fn complete(answer: &[u8]) -> bool {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.crash();
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A Redis primary with one replica and three sentinels watching it (quorum 2, a primary silent for one
+/// second is failed over); every process of its own, stopped on drop.
+pub struct Sentineled {
+    pub primary: Redis,
+    pub replica: Redis,
+    sentinels: Vec<Child>,
+    ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+/// The name the sentinels know the primary by.
+pub const SENTINEL_MASTER: &str = "herald";
+
+impl Sentineled {
+    pub fn start() -> anyhow::Result<Sentineled> {
+        let primary = Redis::start_with(&[], true)?;
+        let replica_of = format!("127.0.0.1 {}", primary.port);
+        let replica = Redis::start_with(&["--replicaof", &replica_of], true)?;
+        let dir = std::env::temp_dir().join(format!("herald-bench-sentinel-{}-{}", std::process::id(), primary.port));
+        std::fs::create_dir_all(&dir)?;
+        let (mut sentinels, mut ports) = (Vec::new(), Vec::new());
+        for i in 0..3 {
+            let port = free_port()?;
+            // Sentinels rewrite their configuration file: each gets a writable one.
+            let file = dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &file,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {SENTINEL_MASTER} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 10000\n",
+                    dir.display(),
+                    primary.port
+                ),
+            )?;
+            let child = Command::new("redis-server")
+                .arg(&file)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting redis-server --sentinel")?;
+            sentinels.push(child);
+            ports.push(port);
+        }
+        let set = Sentineled { primary, replica, sentinels, ports, dir };
+        for port in &set.ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !ping(*port) {
+                if Instant::now() > deadline {
+                    bail!("sentinel on port {port} did not start");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(set)
+    }
+
+    /// `redis+sentinel://…` for Herald.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}/0", hosts.join(","))
+    }
+
+    /// Makes the replica lag for real (stopped and cut off from the primary), lets `lag_for` of writes
+    /// reach the primary alone, kills the primary and wakes the replica, which the sentinels promote.
+    pub fn fail_over_to_a_lagging_replica(&mut self, lag_for: Duration) -> anyhow::Result<()> {
+        self.replica.signal("STOP")?;
+        // Without the cut, the primary's next writes would wait in the stopped replica's socket buffer.
+        self.primary.command(&["CLIENT", "KILL", "TYPE", "replica"])?;
+        std::thread::sleep(lag_for);
+        self.primary.crash();
+        self.replica.signal("CONT")
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let probe = || -> anyhow::Result<bool> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        stream.write_all(b"PING\r\n")?;
+        let mut buffer = [0u8; 16];
+        let read = stream.read(&mut buffer)?;
+        Ok(buffer[..read].starts_with(b"+PONG"))
+    };
+    probe().unwrap_or(false)
+}
+
+impl Drop for Sentineled {
+    fn drop(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
