@@ -128,6 +128,11 @@ pub struct LimitsConfig {
     pub header_read_timeout_secs: u64,
     /// Largest request head (request line plus headers), in bytes.
     pub max_header_bytes: usize,
+    /// Seconds a client gets to send a whole request body, counted from the end of its head.
+    pub body_read_timeout_secs: u64,
+    /// Slowest average rate a request body may arrive at once its first second has passed, in bytes per
+    /// second (a body that trickles in is refused long before `body_read_timeout_secs`); 0 = no rate.
+    pub min_body_rate_bytes_per_sec: u64,
     /// Seconds data sent to a client may stay unacknowledged before the kernel drops the connection
     /// (TCP_USER_TIMEOUT on Linux): a client whose network vanished is noticed within this time; 0 = the
     /// kernel's default (many minutes).
@@ -236,6 +241,8 @@ impl Default for LimitsConfig {
             write_timeout_secs: 10,
             header_read_timeout_secs: 10,
             max_header_bytes: 16 * 1024,
+            body_read_timeout_secs: 10,
+            min_body_rate_bytes_per_sec: 1024,
             dead_peer_timeout_secs: 45,
             max_sockets: None,
         }
@@ -472,6 +479,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.max_broadcast_channels", limits.max_broadcast_channels as u64),
         ("limits.write_timeout_secs", limits.write_timeout_secs),
         ("limits.header_read_timeout_secs", limits.header_read_timeout_secs),
+        ("limits.body_read_timeout_secs", limits.body_read_timeout_secs),
         ("sse.ping_interval_secs", config.sse.ping_interval_secs),
         ("history.ttl_secs", config.history.ttl_secs),
         ("dedup_window_secs", config.dedup_window_secs),
