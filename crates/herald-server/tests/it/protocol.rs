@@ -111,3 +111,28 @@ async fn json_endpoints_require_a_json_content_type() {
     let (status, _) = server.post("/v1/disconnect", json!({"user": "u"})).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn the_websocket_route_answers_non_upgrades_with_json() {
+    let server = Server::start().await;
+    let (status, body) =
+        read_json(client().get(server.ws_url().replace("ws://", "http://")).send().await.expect("GET")).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::UPGRADE_REQUIRED, "upgrade_required"));
+    let upgrade = "GET /v1/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n";
+    let cases = [
+        (format!("{upgrade}Sec-WebSocket-Version: 13\r\n\r\n"), 400, "bad_request"),
+        (
+            format!("{upgrade}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"),
+            426,
+            "upgrade_required",
+        ),
+        ("GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n".to_owned(), 426, "upgrade_required"),
+        ("POST /v1/ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_owned(), 405, "method_not_allowed"),
+        ("GET /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), 404, "not_found"),
+    ];
+    for (request, status, code) in cases {
+        // Half-closed after the request: the server ends a kept-alive connection once it answered.
+        let (got, body) = raw_exchange(&server, request.as_bytes(), false).await.expect("an answer");
+        assert_eq!((got, error_code(&body)), (status, code), "{request:?}");
+    }
+}
