@@ -93,11 +93,7 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiErr
     if keys.is_empty() {
         return Ok("anonymous".to_owned());
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
+    let Some(Ok(presented)) = crate::auth::bearer(headers) else { return Err(ApiError::Unauthorized) };
     // Compare against every key without stopping early, so timing says nothing about which matched.
     let mut matched = None;
     for (index, entry) in keys.iter().enumerate() {

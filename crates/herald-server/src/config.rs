@@ -61,6 +61,14 @@ pub struct Config {
     pub jwt_eddsa_public_key_file: Option<PathBuf>,
     /// A JWK set file (public keys with `alg` and `kid`) for client tokens.
     pub jwt_jwks_file: Option<PathBuf>,
+    /// When set, a client token must name this audience in its `aud` claim; when unset, a token with
+    /// any `aud` is refused (RFC 7519 section 4.1.3: Herald cannot identify itself with it).
+    pub jwt_audience: Option<String>,
+    /// When set, a client token's `iss` claim must be exactly this.
+    pub jwt_issuer: Option<String>,
+    /// Seconds of clock difference allowed between the token issuer and Herald for `nbf` and `iat`
+    /// (`exp` is exact: a connection closes when its token expires).
+    pub jwt_leeway_secs: u64,
     /// Allow serving a non-loopback address with no authentication at all.
     pub insecure: bool,
     /// Browser origins allowed to call Herald from other sites (`https://app.example.com`, or `*`).
@@ -203,6 +211,9 @@ impl Default for Config {
             jwt_es256_public_key_file: None,
             jwt_eddsa_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway_secs: 60,
             insecure: false,
             otlp_endpoint: None,
             cors_allowed_origins: Vec::new(),
@@ -522,6 +533,11 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     if let Some(endpoint) = &config.otlp_endpoint {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             problems.push(format!("otlp_endpoint: {endpoint:?} must be an http:// or https:// URL"));
+        }
+    }
+    for (key, value) in [("jwt_audience", &config.jwt_audience), ("jwt_issuer", &config.jwt_issuer)] {
+        if value.as_deref().is_some_and(str::is_empty) {
+            problems.push(format!("{key} must not be empty when set"));
         }
     }
     if let Some(secret) = &config.jwt_hs256_secret {
