@@ -222,6 +222,11 @@ impl Session {
         }
     }
 
+    /// The channels this connection is subscribed to, in name order.
+    pub fn channels(&self) -> impl Iterator<Item = &ChannelName> {
+        self.positions.keys()
+    }
+
     /// Leaves `channel`. Publications of it still queued are dropped by [`Session::resolve`].
     pub fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), HubError> {
         if self.positions.remove(channel).is_none() {

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use herald_core::publication::{DEFAULT_EVENT, compact_json, validate_correlation_id, validate_event};
@@ -94,11 +93,7 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<String, ApiErr
     if keys.is_empty() {
         return Ok("anonymous".to_owned());
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
+    let Some(Ok(presented)) = crate::auth::bearer(headers) else { return Err(ApiError::Unauthorized) };
     // Compare against every key without stopping early, so timing says nothing about which matched.
     let mut matched = None;
     for (index, entry) in keys.iter().enumerate() {
@@ -156,16 +151,94 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// Parses a JSON body, mapping each failure to its contract error.
-pub fn parse_body<T: DeserializeOwned>(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BodyTooLarge { limit: state.config().limits.max_body_bytes }
-        } else {
-            ApiError::BadRequest(rejection.body_text())
-        }
-    })?;
+/// Time a request body may take before its rate counts (the bytes of a body normally follow its head
+/// at once; this covers a round trip, `Expect: 100-continue` and a lost packet).
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(1);
+
+/// Reads and parses a JSON request body, mapping each failure to its contract error: 415 unless
+/// `Content-Type` is `application/json` (so a cross-site HTML form, which cannot send that type without
+/// a CORS preflight, cannot call the API), 413 past `limits.max_body_bytes` (at once when
+/// `Content-Length` says so, else as soon as the body grows past it), 408 when the body does not arrive
+/// within `limits.body_read_timeout_secs` or trickles in slower than `limits.min_body_rate_bytes_per_sec`.
+pub async fn parse_body<T: DeserializeOwned>(state: &AppState, headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    let bytes = read_body(state, headers, body).await?;
     decode_json(&bytes)
+}
+
+/// Checks that a request says its body is JSON: `application/json`, with optional parameters, any
+/// case; a `charset` other than UTF-8 is refused (JSON is UTF-8, RFC 8259 section 8.1).
+pub fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let refused = || ApiError::UnsupportedMediaType("the request body must be Content-Type: application/json".into());
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else { return Err(refused()) };
+    let value = value.to_str().map_err(|_| refused())?;
+    let mut parts = value.split(';');
+    let media_type = parts.next().unwrap_or_default().trim();
+    if !media_type.eq_ignore_ascii_case("application/json") {
+        return Err(refused());
+    }
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        let value = value.trim().trim_matches('"');
+        if name.trim().eq_ignore_ascii_case("charset") && !value.eq_ignore_ascii_case("utf-8") {
+            return Err(ApiError::UnsupportedMediaType(format!("charset {value:?} is not supported; JSON is UTF-8")));
+        }
+    }
+    Ok(())
+}
+
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    use tokio::time::{Instant, timeout_at};
+    check_json_content_type(headers)?;
+    let limits = &state.config().limits;
+    let max = limits.max_body_bytes;
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return Err(ApiError::BodyTooLarge { limit: max });
+    }
+    let timeout = Duration::from_secs(limits.body_read_timeout_secs);
+    let rate = limits.min_body_rate_bytes_per_sec;
+    let started = Instant::now();
+    let mut stream = body.into_data_stream();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0usize;
+    loop {
+        // The body must keep up with `rate` from the end of the grace period on: at time t it must hold
+        // at least rate * (t - grace) bytes, so the next byte is due by start + grace + received / rate.
+        let rate_deadline =
+            (rate > 0).then(|| started + BODY_RATE_GRACE + Duration::from_secs_f64(received as f64 / rate as f64));
+        let total_deadline = started + timeout;
+        let deadline = rate_deadline.map_or(total_deadline, |due| due.min(total_deadline));
+        let chunk = match timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(None) => break,
+            Ok(Some(Err(error))) => {
+                return Err(ApiError::BadRequest(format!("the request body could not be read: {error}")));
+            }
+            Err(_) if deadline == total_deadline => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body arrived slower than {rate} bytes per second"
+                )));
+            }
+        };
+        received += chunk.len();
+        if received > max {
+            return Err(ApiError::BodyTooLarge { limit: max });
+        }
+        chunks.push(chunk);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 /// JSON into `T`: syntax errors are `malformed_json`, shape errors `invalid_body`.
@@ -181,7 +254,7 @@ pub fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
     query.as_deref().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
-fn single<'a>(pairs: &'a [(String, String)], key: &str) -> Result<Option<&'a str>, ApiError> {
+pub(crate) fn single<'a>(pairs: &'a [(String, String)], key: &str) -> Result<Option<&'a str>, ApiError> {
     let mut values = pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str());
     let first = values.next();
     if values.next().is_some() {
@@ -255,7 +328,7 @@ pub async fn publish(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     // Every refusal is counted by the code it is answered with.
     publish_inner(&state, headers, query, body).await.inspect_err(|error| state.metrics().refused(error.code()))
@@ -265,7 +338,7 @@ async fn publish_inner(
     state: &AppState,
     headers: HeaderMap,
     query: Option<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let key = authorize(state, &headers)?;
     state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, 1)?;
@@ -282,7 +355,7 @@ async fn publish_inner(
     if timeout_ms > max_await {
         return Err(ApiError::BadRequest(format!("timeout_ms must be at most {max_await}")));
     }
-    let body: PublishBody = parse_body(state, body)?;
+    let body: PublishBody = parse_body(state, &headers, body).await?;
     let valid = validate_publish(body)?;
     let channel = valid.channel;
     let request = PublishRequest {
@@ -315,13 +388,9 @@ async fn publish_inner(
 }
 
 /// `POST /v1/broadcast`
-pub async fn broadcast(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+pub async fn broadcast(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let key = authorize(&state, &headers)?;
-    let body: BroadcastBody = parse_body(&state, body)?;
+    let body: BroadcastBody = parse_body(&state, &headers, body).await?;
     let max = state.config().limits.max_broadcast_channels;
     if body.channels.is_empty() || body.channels.len() > max {
         return Err(ApiError::InvalidBody(format!("channels must list 1 to {max} channels")));
@@ -412,13 +481,9 @@ pub async fn presence(
 }
 
 /// `POST /v1/disconnect` with `{"user":"…"}`
-pub async fn disconnect(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+pub async fn disconnect(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let body: DisconnectBody = parse_body(&state, body)?;
+    let body: DisconnectBody = parse_body(&state, &headers, body).await?;
     if body.user.is_empty() || body.user.len() > MAX_USER_BYTES {
         return Err(ApiError::InvalidBody(format!("user must be 1 to {MAX_USER_BYTES} bytes")));
     }

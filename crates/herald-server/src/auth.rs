@@ -3,10 +3,12 @@
 //! With no client authentication configured every client is anonymous and may subscribe to any channel
 //! (the server then refuses to bind a non-loopback address unless `insecure` is set; see `main.rs`).
 //! With a key configured:
-//! - a token comes from `Authorization: Bearer <token>` or `?token=`; a request with no token at all is
-//!   anonymous and may only use `public` namespaces; a token that is present but invalid, expired, signed
-//!   with another key or with another algorithm (including `alg: none`) is refused with 401, never
-//!   downgraded to anonymous;
+//! - a token comes from `Authorization: Bearer <token>` (the scheme in any case) or `?token=` (once); a
+//!   request with no token at all is
+//!   anonymous and may only use `public` namespaces; a token that is present but invalid, expired, not
+//!   yet valid (`nbf`, or an `iat` in the future, beyond `jwt_leeway_secs`), for another audience or
+//!   issuer, signed with another key or with another algorithm (including `alg: none`) is refused with
+//!   401, never downgraded to anonymous;
 //! - `sub` is the user; the optional `channels` claim grants channels (exact names, or a prefix ending
 //!   in `*`);
 //! - each namespace has a subscribe rule (`namespaces.<ns>.subscribe`): `owner` (the part after the
@@ -51,10 +53,11 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Time left until the token expires.
+    /// Time left until the token expires (to the millisecond: a token is expired from the first instant
+    /// of its `exp` second on).
     pub fn expires_in(&self) -> Option<Duration> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        self.expires_at.map(|at| Duration::from_secs(at.saturating_sub(now)))
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.expires_at.map(|at| Duration::from_secs(at).saturating_sub(now))
     }
 }
 
@@ -62,8 +65,27 @@ impl Identity {
 struct Claims {
     sub: String,
     exp: Option<u64>,
+    nbf: Option<u64>,
+    iat: Option<u64>,
     #[serde(default)]
     channels: Vec<String>,
+}
+
+/// The credentials of the request's `Authorization` header: `None` without one, `Some(Err(()))` when
+/// it is not a single `Bearer <credentials>` header. The scheme is matched in any case (RFC 9110
+/// section 11.1); used for client tokens and API keys alike.
+pub fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return Some(Err(()));
+    }
+    let parsed = first.to_str().ok().and_then(|value| {
+        let (scheme, credentials) = value.trim().split_once(' ')?;
+        let credentials = credentials.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
+    });
+    Some(parsed.ok_or(()))
 }
 
 /// One key a token may be signed with.
@@ -77,15 +99,46 @@ struct VerifyKey {
 /// Client authentication as configured.
 pub struct ClientAuth {
     keys: Vec<VerifyKey>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    /// Allowed clock difference for `nbf` and `iat`, in seconds.
+    leeway: u64,
 }
 
-fn validation(algorithm: Algorithm) -> Validation {
-    let mut validation = Validation::new(algorithm);
-    validation.set_required_spec_claims(&["sub"]);
-    validation.validate_exp = true;
-    // Expiry is exact: a connection is closed when its token expires, not a minute later.
-    validation.leeway = 0;
-    validation
+impl ClientAuth {
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        let mut required = vec!["sub"];
+        validation.validate_exp = true;
+        // Expiry is exact: a connection is closed when its token expires, not a minute later. `nbf` and
+        // `iat` are checked by hand with their own leeway (`check_times`).
+        validation.leeway = 0;
+        validation.validate_nbf = false;
+        // Without a configured audience, jsonwebtoken refuses any token that has an `aud` claim.
+        if let Some(audience) = &self.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        validation
+    }
+
+    /// `nbf` (not before) and `iat` (issued at) must not lie in the future beyond the leeway.
+    fn check_times(&self, claims: &Claims) -> Result<(), ApiError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let latest = now.saturating_add(self.leeway);
+        if claims.nbf.is_some_and(|nbf| nbf > latest) {
+            return Err(ApiError::Unauthenticated("token is not valid yet (nbf)".into()));
+        }
+        if claims.iat.is_some_and(|iat| iat > latest) {
+            return Err(ApiError::Unauthenticated("token is issued in the future (iat)".into()));
+        }
+        Ok(())
+    }
 }
 
 impl ClientAuth {
@@ -129,7 +182,12 @@ impl ClientAuth {
                 keys.push(VerifyKey { algorithm, key, kid: jwk.common.key_id.clone() });
             }
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+            leeway: config.jwt_leeway_secs,
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -141,13 +199,8 @@ impl ClientAuth {
         if !self.enabled() {
             return Ok(Identity::default());
         }
-        let from_header = headers.get(header::AUTHORIZATION).map(|value| {
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim)
-                .ok_or(ApiError::Unauthenticated("Authorization must be \"Bearer <token>\"".into()))
+        let from_header = bearer(headers).map(|token| {
+            token.map_err(|()| ApiError::Unauthenticated("Authorization must be \"Bearer <token>\"".into()))
         });
         let token = match (from_header.transpose()?, query_token) {
             (Some(token), _) => token,
@@ -182,19 +235,26 @@ impl ClientAuth {
         });
         let mut outcome = Err(ApiError::Unauthenticated("token algorithm is not accepted".into()));
         for candidate in candidates {
-            outcome = jsonwebtoken::decode::<Claims>(token, &candidate.key, &validation(candidate.algorithm))
+            outcome = jsonwebtoken::decode::<Claims>(token, &candidate.key, &self.validation(candidate.algorithm))
                 .map_err(|error| {
                     use jsonwebtoken::errors::ErrorKind;
                     let why = match error.kind() {
                         ErrorKind::ExpiredSignature => "token expired",
                         ErrorKind::InvalidSignature => "token signature is not valid",
                         ErrorKind::InvalidAlgorithm => "token algorithm is not accepted",
+                        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => "token lacks an aud claim",
+                        ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => "token lacks an iss claim",
                         ErrorKind::MissingRequiredClaim(_) => "token lacks a sub claim",
+                        ErrorKind::InvalidAudience if self.audience.is_none() => {
+                            "token has an aud claim but this server has no jwt_audience"
+                        }
+                        ErrorKind::InvalidAudience => "token audience is not accepted",
+                        ErrorKind::InvalidIssuer => "token issuer is not accepted",
                         _ => "token is not valid",
                     };
                     ApiError::Unauthenticated(why.into())
                 })
-                .map(|data| data.claims)
+                .and_then(|data| self.check_times(&data.claims).map(|()| data.claims))
                 .and_then(identity_of);
             if outcome.is_ok() {
                 break;

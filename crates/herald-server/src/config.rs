@@ -61,6 +61,14 @@ pub struct Config {
     pub jwt_eddsa_public_key_file: Option<PathBuf>,
     /// A JWK set file (public keys with `alg` and `kid`) for client tokens.
     pub jwt_jwks_file: Option<PathBuf>,
+    /// When set, a client token must name this audience in its `aud` claim; when unset, a token with
+    /// any `aud` is refused (RFC 7519 section 4.1.3: Herald cannot identify itself with it).
+    pub jwt_audience: Option<String>,
+    /// When set, a client token's `iss` claim must be exactly this.
+    pub jwt_issuer: Option<String>,
+    /// Seconds of clock difference allowed between the token issuer and Herald for `nbf` and `iat`
+    /// (`exp` is exact: a connection closes when its token expires).
+    pub jwt_leeway_secs: u64,
     /// Allow serving a non-loopback address with no authentication at all.
     pub insecure: bool,
     /// Browser origins allowed to call Herald from other sites (`https://app.example.com`, or `*`).
@@ -128,6 +136,11 @@ pub struct LimitsConfig {
     pub header_read_timeout_secs: u64,
     /// Largest request head (request line plus headers), in bytes.
     pub max_header_bytes: usize,
+    /// Seconds a client gets to send a whole request body, counted from the end of its head.
+    pub body_read_timeout_secs: u64,
+    /// Slowest average rate a request body may arrive at once its first second has passed, in bytes per
+    /// second (a body that trickles in is refused long before `body_read_timeout_secs`); 0 = no rate.
+    pub min_body_rate_bytes_per_sec: u64,
     /// Seconds data sent to a client may stay unacknowledged before the kernel drops the connection
     /// (TCP_USER_TIMEOUT on Linux): a client whose network vanished is noticed within this time; 0 = the
     /// kernel's default (many minutes).
@@ -208,6 +221,9 @@ impl Default for Config {
             jwt_es256_public_key_file: None,
             jwt_eddsa_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway_secs: 60,
             insecure: false,
             otlp_endpoint: None,
             cors_allowed_origins: Vec::new(),
@@ -246,6 +262,8 @@ impl Default for LimitsConfig {
             write_timeout_secs: 10,
             header_read_timeout_secs: 10,
             max_header_bytes: 16 * 1024,
+            body_read_timeout_secs: 10,
+            min_body_rate_bytes_per_sec: 1024,
             dead_peer_timeout_secs: 45,
             max_sockets: None,
         }
@@ -498,6 +516,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.max_broadcast_channels", limits.max_broadcast_channels as u64),
         ("limits.write_timeout_secs", limits.write_timeout_secs),
         ("limits.header_read_timeout_secs", limits.header_read_timeout_secs),
+        ("limits.body_read_timeout_secs", limits.body_read_timeout_secs),
         ("sse.ping_interval_secs", config.sse.ping_interval_secs),
         ("history.ttl_secs", config.history.ttl_secs),
         ("dedup_window_secs", config.dedup_window_secs),
@@ -540,6 +559,11 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     if let Some(endpoint) = &config.otlp_endpoint {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             problems.push(format!("otlp_endpoint: {endpoint:?} must be an http:// or https:// URL"));
+        }
+    }
+    for (key, value) in [("jwt_audience", &config.jwt_audience), ("jwt_issuer", &config.jwt_issuer)] {
+        if value.as_deref().is_some_and(str::is_empty) {
+            problems.push(format!("{key} must not be empty when set"));
         }
     }
     if let Some(secret) = &config.jwt_hs256_secret {

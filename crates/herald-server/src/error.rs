@@ -26,8 +26,21 @@ pub enum ApiError {
     /// The request head is over the size limit or has too many header lines (the message says which).
     #[error("{0}")]
     HeadersTooLarge(String),
-    #[error("the request head did not arrive within {secs} s")]
-    RequestTimeout { secs: u64 },
+    /// The request head or body did not arrive in time (the message says which).
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// A body that is not `application/json` where JSON is expected.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A request the server cannot serve with its current protocol (a WebSocket route without a valid
+    /// upgrade).
+    #[error("{0}")]
+    UpgradeRequired(String),
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// A transfer coding the server does not implement.
+    #[error("{0}")]
+    NotImplemented(String),
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("{0}")]
@@ -59,7 +72,11 @@ impl ApiError {
             | Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UpgradeRequired(_) => StatusCode::UPGRADE_REQUIRED,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Unauthorized | Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::HistoryGone => StatusCode::GONE,
@@ -79,7 +96,11 @@ impl ApiError {
             Self::InvalidBody(_) => "invalid_body",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::HeadersTooLarge(_) => "headers_too_large",
-            Self::RequestTimeout { .. } => "request_timeout",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::UpgradeRequired(_) => "upgrade_required",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::NotImplemented(_) => "not_implemented",
             Self::Unauthorized => "unauthorized",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::Forbidden(_) => "forbidden",
@@ -145,6 +166,11 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(self.body())).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UPGRADE_REQUIRED {
+            // RFC 9110 §15.5.22 (a 426 names the protocol to upgrade to) and RFC 6455 §4.4 (the version).
+            response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         }
         response
     }

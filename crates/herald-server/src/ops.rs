@@ -162,7 +162,6 @@ pub async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
-pub async fn method_not_allowed() -> Response {
-    let body = json!({"error": {"code": "method_not_allowed", "message": "method not allowed on this path"}});
-    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }

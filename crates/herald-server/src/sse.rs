@@ -68,7 +68,13 @@ pub async fn open(
     for (key, value) in &pairs {
         match key.as_str() {
             "channel" => channels.push(ChannelName::parse(value)?),
+            "token" if token.is_some() => {
+                return Err(ApiError::BadRequest("query parameter token given more than once".into()));
+            }
             "token" => token = Some(value.as_str()),
+            "last_event_id" if pairs.iter().filter(|(k, _)| k == "last_event_id").count() > 1 => {
+                return Err(ApiError::BadRequest("query parameter last_event_id given more than once".into()));
+            }
             "last_event_id" => {}
             other => return Err(ApiError::BadRequest(format!("unknown query parameter {other:?}"))),
         }

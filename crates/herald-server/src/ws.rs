@@ -6,13 +6,21 @@
 //! client that stops reading is closed instead of pinning the task. Queued publications are written as
 //! one batch of frames with a single flush (one write for many messages).
 //!
-//! Close codes sent by Herald: 1001 (node shutting down), 1009 (message too big), 4000 (too slow:
-//! resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped answering pings),
-//! 4003 (the client's token expired; send `refresh` with a fresh token before that).
+//! Closes follow RFC 6455 section 7: a client's Close is echoed before the socket is closed; Herald's own
+//! Close is followed by a short wait for the client's (the server closes TCP after the handshake); no
+//! socket that can still be written to is dropped without a close code. Codes sent by Herald: 1001 (node
+//! shutting down), 1002 (protocol error: unmasked, reserved bits or opcodes, an oversized or fragmented
+//! control frame, a bad continuation), 1007 (a text message that is not UTF-8), 1009 (message too big),
+//! 4000 (too slow: resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped
+//! answering pings), 4003 (the client's token expired; send `refresh` with a fresh token before that).
+//!
+//! A `refresh` re-checks every subscription against the fresh token's grants; those no longer allowed
+//! end with `{"type":"unsubscribed","channel":…,"reason":"permission_revoked"}`.
 
 use std::pin::Pin;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
@@ -31,19 +39,24 @@ use crate::error::ApiError;
 pub const MAX_BATCH: usize = 256;
 /// Frames written but not yet flushed stop accumulating past this many bytes.
 pub const MAX_UNFLUSHED_BYTES: usize = 64 * 1024;
+/// How long Herald waits, after sending its Close frame, for the client's Close (RFC 6455 section
+/// 7.1.1: the server closes TCP once the closing handshake is done); bounded so that a client that never
+/// answers cannot keep the connection.
+pub const CLOSE_HANDSHAKE_TIME: Duration = Duration::from_secs(1);
 
 /// `GET /v1/ws`
 pub async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     if state.draining() {
         return Err(ApiError::Unavailable("node is draining".into()));
     }
+    let upgrade = upgrade.map_err(upgrade_error)?;
     let pairs = crate::api::query_pairs(&query);
-    let token = pairs.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str());
+    let token = crate::api::single(&pairs, "token")?;
     let identity = state.auth().authenticate(&headers, token)?;
     let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
@@ -52,6 +65,34 @@ pub async fn handler(
         let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
         Connection { socket, session, state, identity, expiry, write_timeout }.run()
     }))
+}
+
+/// The contract's JSON error for a request to `/v1/ws` that is not a valid WebSocket upgrade.
+fn upgrade_error(rejection: WebSocketUpgradeRejection) -> ApiError {
+    let message = format!("a WebSocket upgrade is required: {}", rejection.body_text());
+    match rejection {
+        WebSocketUpgradeRejection::MethodNotGet(_) | WebSocketUpgradeRejection::MethodNotConnect(_) => {
+            ApiError::MethodNotAllowed
+        }
+        WebSocketUpgradeRejection::WebSocketKeyHeaderMissing(_) => ApiError::BadRequest(message),
+        _ => ApiError::UpgradeRequired(message),
+    }
+}
+
+/// The close code and reason for a read error, or `None` when the socket is gone and nothing can be
+/// sent (the peer reset or closed TCP).
+fn read_error_close(error: axum::Error) -> Option<(u16, &'static str)> {
+    use tokio_tungstenite::tungstenite::Error;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let Ok(error) = error.into_inner().downcast::<Error>() else { return Some((1011, "internal_error")) };
+    match *error {
+        Error::Capacity(_) => Some((1009, "frame_too_large")),
+        Error::Utf8(_) => Some((1007, "invalid_utf8")),
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        Error::Protocol(_) => Some((1002, "protocol_error")),
+        Error::ConnectionClosed | Error::AlreadyClosed | Error::Io(_) => None,
+        _ => Some((1011, "internal_error")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,19 +231,32 @@ impl Connection {
         }
     }
 
+    /// Sends a Close frame, then waits (briefly) for the client's Close before the socket is dropped.
     async fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-        let _ = tokio::time::timeout(self.write_timeout, self.socket.send(Message::Close(Some(frame)))).await;
+        let sent = tokio::time::timeout(self.write_timeout, self.socket.send(Message::Close(Some(frame)))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        let socket = &mut self.socket;
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIME, async {
+            while let Some(Ok(message)) = socket.recv().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     async fn on_read_error(&mut self, error: axum::Error) -> Flow {
-        let text = error.to_string();
-        if text.contains("too long") || text.contains("too big") || text.contains("Space limit exceeded") {
+        let Some((code, reason)) = read_error_close(error) else { return Flow::Stop };
+        if code == 1009 {
             let limit = self.state.config().limits.ws_max_message_bytes;
             let reply = error_frame(Value::Null, "frame_too_large", &format!("messages may be at most {limit} bytes"));
             let _ = self.send(reply).await;
-            self.close(1009, "frame_too_large").await;
         }
+        self.close(code, reason).await;
         Flow::Stop
     }
 
@@ -218,7 +272,11 @@ impl Connection {
                     ))
                     .await;
             }
-            Message::Close(_) => return Flow::Stop,
+            Message::Close(_) => {
+                // tungstenite queued the echo of the client's Close; flushing sends it.
+                let _ = tokio::time::timeout(self.write_timeout, self.socket.flush()).await;
+                return Flow::Stop;
+            }
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
         };
         let op = match parse_frame(text.as_str()) {
@@ -231,6 +289,9 @@ impl Connection {
                 Ok(fresh) if fresh.user == self.identity.user => {
                     self.expiry = fresh.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
                     self.identity = fresh;
+                    if let Flow::Stop = self.revoke_lost_grants().await {
+                        return Flow::Stop;
+                    }
                     let expires_at = self.identity.expires_at;
                     self.send(text_frame(json!({"type": "refreshed", "id": id, "expires_at": expires_at}))).await
                 }
@@ -253,6 +314,29 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Ends every subscription the current identity no longer may hold: the session leaves the channel
+    /// at once (publications of it still queued are dropped) and the client is told why.
+    async fn revoke_lost_grants(&mut self) -> Flow {
+        let (auth, config) = (self.state.auth(), self.state.config());
+        let revoked: Vec<ChannelName> = self
+            .session
+            .channels()
+            .filter(|channel| auth.authorize(config, &self.identity, channel).is_err())
+            .cloned()
+            .collect();
+        for channel in &revoked {
+            // Listed from the session's own channels just above, so it is subscribed.
+            let _ = self.session.unsubscribe(channel);
+        }
+        for channel in revoked {
+            let notice = json!({"type": "unsubscribed", "channel": channel, "reason": "permission_revoked"});
+            if let Flow::Stop = self.send(text_frame(notice)).await {
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
     }
 
     async fn subscribe(&mut self, id: Option<u64>, channel: String, since: Option<Since>) -> Flow {

@@ -287,3 +287,136 @@ async fn asymmetric_keys_and_jwk_sets_verify_tokens() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The status and error code of an SSE request with `token` as a bearer (`None` for 200).
+async fn sse_refusal(server: &Server, token: &str) -> Option<(StatusCode, String)> {
+    let (status, body) = sse_status(server, "channel=user:ann", Some(token)).await;
+    (status != StatusCode::OK).then(|| (status, error_code(&body).to_owned()))
+}
+
+#[tokio::test]
+async fn not_before_issued_at_audience_and_issuer_are_checked() {
+    let server = Server::with(|config| {
+        config.jwt_hs256_secret = Some(SECRET.into());
+        config.jwt_audience = Some("herald".into());
+        config.jwt_issuer = Some("https://auth.example".into());
+        config.jwt_leeway_secs = 30;
+    })
+    .await;
+    let claims = |extra: Value| {
+        let mut claims = json!({"sub": "ann", "exp": now() + 600, "aud": "herald", "iss": "https://auth.example"});
+        for (key, value) in extra.as_object().into_iter().flatten() {
+            if value.is_null() {
+                claims.as_object_mut().map(|c| c.remove(key));
+            } else {
+                claims[key] = value.clone();
+            }
+        }
+        token_with(SECRET, claims)
+    };
+    let unauthenticated = Some((StatusCode::UNAUTHORIZED, "unauthenticated".to_owned()));
+    let cases = [
+        ("plain", json!({}), None),
+        ("nbf tomorrow", json!({"nbf": now() + 86_400}), unauthenticated.clone()),
+        ("nbf within the leeway", json!({"nbf": now() + 10}), None),
+        ("nbf passed", json!({"nbf": now() - 10}), None),
+        ("iat in the future", json!({"iat": now() + 3600}), unauthenticated.clone()),
+        ("iat within the leeway", json!({"iat": now() + 10}), None),
+        ("nbf not a number", json!({"nbf": "tomorrow"}), unauthenticated.clone()),
+        ("audience in a list", json!({"aud": ["other", "herald"]}), None),
+        ("another audience", json!({"aud": "billing"}), unauthenticated.clone()),
+        ("no audience", json!({"aud": null}), unauthenticated.clone()),
+        ("another issuer", json!({"iss": "https://evil.example"}), unauthenticated.clone()),
+        ("no issuer", json!({"iss": null}), unauthenticated.clone()),
+    ];
+    for (name, extra, expected) in cases {
+        let token = claims(extra);
+        assert_eq!(sse_refusal(&server, &token).await, expected, "SSE: {name}");
+        let upgrade = tokio_tungstenite::connect_async(format!("{}?token={token}", server.ws_url())).await;
+        assert_eq!(upgrade.is_ok(), expected.is_none(), "WS: {name}");
+    }
+
+    // Without a configured audience, a token naming any audience is refused; one naming none is fine.
+    let server = secured().await;
+    let with_aud = token_with(SECRET, json!({"sub": "ann", "exp": now() + 600, "aud": "herald"}));
+    let (status, body) = sse_status(&server, "channel=user:ann", Some(&with_aud)).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthenticated"));
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("jwt_audience")), "{body}");
+    assert_eq!(sse_status(&server, "channel=user:ann", Some(&token("ann"))).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_a_token_is_given_once() {
+    let server = Server::with(|config| {
+        config.jwt_hs256_secret = Some(SECRET.into());
+        config.api_keys = vec!["k".repeat(32)];
+    })
+    .await;
+    let ann = token("ann");
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let response = client()
+            .get(server.url("/v1/sse?channel=user:ann"))
+            .header("authorization", format!("{scheme} {ann}"))
+            .send()
+            .await
+            .expect("SSE");
+        assert_eq!(response.status(), StatusCode::OK, "SSE with {scheme}");
+        let response = client()
+            .post(server.url("/v1/publish"))
+            .header("authorization", format!("{scheme} {}", "k".repeat(32)))
+            .json(&json!({"channel": "a", "data": 1}))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(response.status(), StatusCode::OK, "API key with {scheme}");
+    }
+    for bad in [format!("Basic {ann}"), format!("Bearer{ann}"), "Bearer ".to_owned()] {
+        let (status, body) = sse_status_with_header(&server, &bad).await;
+        assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthenticated"), "{bad}");
+    }
+    let twice = format!("channel=user:ann&token={ann}&token={ann}");
+    let (status, body) = sse_status(&server, &twice, None).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"));
+    let refused = tokio_tungstenite::connect_async(format!("{}?token={ann}&token={ann}", server.ws_url())).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = refused else {
+        panic!("a WebSocket upgrade with two tokens must be refused with an HTTP answer")
+    };
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default()).expect("JSON");
+    assert_eq!(error_code(&body), "bad_request");
+}
+
+async fn sse_status_with_header(server: &Server, authorization: &str) -> (StatusCode, Value) {
+    let response = client()
+        .get(server.url("/v1/sse?channel=user:ann"))
+        .header("authorization", authorization)
+        .send()
+        .await
+        .expect("SSE");
+    let status = response.status();
+    (status, serde_json::from_str(&response.text().await.unwrap_or_default()).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_event_stream_really_ends_when_its_token_expires() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = secured().await;
+    let expires = now() + 2;
+    let short = token_with(SECRET, json!({"sub": "gil", "exp": expires}));
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    let request = format!("GET /v1/sse?channel=user:gil&token={short} HTTP/1.1\r\nHost: x\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("request");
+    // The server closes the socket itself (read_to_end ends), not before the token's expiry.
+    let mut stream = Vec::new();
+    tokio::time::timeout(crate::harness::TIMEOUT, socket.read_to_end(&mut stream))
+        .await
+        .expect("the server ends the stream")
+        .expect("read");
+    assert!(now() >= expires, "closed before the token expired");
+    let text = String::from_utf8_lossy(&stream);
+    assert!(text.ends_with(": closed token_expired\n\n"), "{text}");
+    let hub = server.state.hub();
+    crate::harness::eventually("the expired connection left", || hub.connection_count() == 0).await;
+    let (_, presence) = server.get("/v1/presence?channel=user:gil").await;
+    assert_eq!(presence["connections"], json!([]));
+}

@@ -267,3 +267,59 @@ impl Ws {
         }
     }
 }
+
+/// Writes `request` on a fresh connection and reads until the server closes it: the status code and
+/// the JSON body, or `None` when the server closed without answering. `then_wait` keeps the client's
+/// side open (the server must end the exchange by itself).
+pub async fn raw_exchange(server: &Server, request: &[u8], then_wait: bool) -> Option<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    socket.write_all(request).await.expect("write");
+    if !then_wait {
+        socket.shutdown().await.expect("half-close");
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    parse_answer(&answer)
+}
+
+/// The status and JSON body of one raw HTTP answer (`None` if empty); asserts it is JSON.
+pub fn parse_answer(answer: &[u8]) -> Option<(u16, Value)> {
+    if answer.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    let body = serde_json::from_str(body).unwrap_or_else(|_| panic!("a JSON body: {text:?}"));
+    Some((status, body))
+}
+
+/// Reads one HTTP answer with a `content-length` from a kept-alive connection: status, head, JSON body.
+pub async fn read_answer(socket: &mut tokio::net::TcpStream) -> (u16, String, Value) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if buffer.len() >= end + 4 + length {
+                let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+                let body = serde_json::from_slice(&buffer[end + 4..end + 4 + length]).expect("a JSON body");
+                return (status, head, body);
+            }
+        }
+        let read = tokio::time::timeout(TIMEOUT, socket.read(&mut chunk)).await.expect("an answer").expect("read");
+        assert!(read > 0, "closed before a whole answer: {:?}", String::from_utf8_lossy(&buffer));
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}

@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{Server, client, error_code, read_json};
+use crate::harness::{Server, client, error_code, raw_exchange, read_json};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-limits";
 
@@ -117,30 +117,6 @@ async fn a_node_accepts_only_so_many_connections() {
     assert_eq!(status, StatusCode::OK, "the server API is not a connection that counts");
 }
 
-/// Writes `request` on a fresh connection and reads until the server closes it: the status code and
-/// the JSON body, or `None` when the server closed without answering.
-async fn raw_exchange(server: &Server, request: &[u8], then_wait: bool) -> Option<(u16, serde_json::Value)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
-    socket.write_all(request).await.expect("write");
-    if !then_wait {
-        socket.shutdown().await.expect("half-close");
-    }
-    let mut answer = Vec::new();
-    tokio::time::timeout(crate::harness::TIMEOUT, socket.read_to_end(&mut answer))
-        .await
-        .expect("the server closes the connection")
-        .expect("read");
-    if answer.is_empty() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
-    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
-    Some((status, serde_json::from_str(body).expect("a JSON body")))
-}
-
 #[tokio::test]
 async fn oversized_malformed_and_slow_request_heads_get_json_errors() {
     let server = Server::with(|config| {
@@ -235,4 +211,87 @@ async fn sockets_past_the_cap_are_answered_429_and_closed() {
         .and_then(|value| value.parse::<u64>().ok());
     assert!(refused.is_some_and(|n| n >= 1), "{metrics}");
     drop(second);
+}
+
+/// A publish head announcing `length` bytes of JSON body.
+fn publish_head(length: u64) -> String {
+    format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_or_trickles_gets_408_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start().await;
+    // One byte of a hundred, then nothing: refused after the grace second, not after the whole timeout.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(&server, format!("{}{{", publish_head(100)).as_bytes(), true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((408, "request_timeout")), "{answer:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+
+    // One byte every 100 ms (10 B/s, far under the 1 KiB/s floor): refused while it is still sending.
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    socket.write_all(publish_head(100).as_bytes()).await.expect("head");
+    let (mut reader, mut writer) = socket.into_split();
+    let drip = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_millis(100));
+        for _ in 0..100 {
+            interval.tick().await;
+            if writer.write_all(b" ").await.is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(crate::harness::TIMEOUT, reader.read_to_end(&mut answer))
+        .await
+        .expect("the server ends the exchange")
+        .expect("read");
+    let answer = crate::harness::parse_answer(&answer);
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((408, "request_timeout")), "{answer:?}");
+    drip.abort();
+}
+
+#[tokio::test]
+async fn a_body_must_arrive_within_the_body_timeout() {
+    let server = Server::with(|config| {
+        config.limits.body_read_timeout_secs = 1;
+        config.limits.min_body_rate_bytes_per_sec = 0;
+    })
+    .await;
+    let answer = raw_exchange(&server, format!("{}{{", publish_head(100)).as_bytes(), true).await;
+    let (status, body) = answer.expect("an answer");
+    assert_eq!((status, error_code(&body)), (408, "request_timeout"));
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("within 1 s")), "{body}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413_before_it_is_read() {
+    let server = Server::with(|config| config.limits.max_body_bytes = 1024).await;
+    // Announced: answered at once, without a byte of the body sent.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(&server, publish_head(99_999_999_999).as_bytes(), true).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((413, "body_too_large")), "{answer:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "took {:?}", started.elapsed());
+    // Chunked: refused once it grows past the limit.
+    let mut chunked =
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_owned();
+    for _ in 0..4 {
+        chunked.push_str(&format!("200\r\n{}\r\n", "x".repeat(512)));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let answer = raw_exchange(&server, chunked.as_bytes(), false).await;
+    assert_eq!(answer.as_ref().map(|(s, b)| (*s, error_code(b))), Some((413, "body_too_large")), "{answer:?}");
+    // A later request on a kept-alive connection gets the same answer (from the handler).
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+    let body = r#"{"channel":"a","data":1}"#;
+    socket.write_all(format!("{}{body}", publish_head(body.len() as u64)).as_bytes()).await.expect("first");
+    assert_eq!(crate::harness::read_answer(&mut socket).await.0, 200);
+    socket.write_all(publish_head(99_999_999_999).as_bytes()).await.expect("second");
+    let (status, _, answer) = crate::harness::read_answer(&mut socket).await;
+    assert_eq!((status, error_code(&answer)), (413, "body_too_large"));
 }

@@ -9,6 +9,7 @@ mod harness;
 mod lifecycle;
 mod limits;
 mod process;
+mod protocol;
 mod redis;
 mod rollback;
 mod scenario;

@@ -153,3 +153,170 @@ async fn a_websocket_client_that_cannot_keep_up_is_closed_and_resumes_without_lo
     assert_eq!(replayed.len() as u64, 2000 - held, "replay covers exactly what was missed");
     assert!(replayed.iter().zip(held..).all(|(f, i)| f["data"]["i"] == i), "resumed in order without loss");
 }
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-ws-test";
+
+fn token(claims: serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("token")
+}
+
+fn in_ten_minutes() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 600
+}
+
+#[tokio::test]
+async fn a_refresh_that_narrows_the_grants_ends_the_subscriptions_it_no_longer_covers() {
+    let server = Server::with(|config| config.jwt_hs256_secret = Some(SECRET.into())).await;
+    let wide = token(json!({"sub": "ann", "exp": in_ten_minutes(), "channels": ["chat:*", "team:red"]}));
+    let (socket, _) = tokio_tungstenite::connect_async(format!("{}?token={wide}", server.ws_url())).await.expect("WS");
+    let mut ws = Ws { socket };
+    for (id, channel) in [(1, "chat:9"), (2, "team:red"), (3, "user:ann")] {
+        assert_eq!(ws.subscribe(id, channel, None).await.last().expect("reply")["type"], "subscribed", "{channel}");
+    }
+    server.publish("chat:9", json!("before")).await;
+    assert_eq!(ws.next().await["data"], "before");
+    let narrow = token(json!({"sub": "ann", "exp": in_ten_minutes(), "channels": ["team:red"]}));
+    ws.send(json!({"op": "refresh", "id": 4, "token": narrow})).await;
+    assert_eq!(ws.next().await, json!({"type": "unsubscribed", "channel": "chat:9", "reason": "permission_revoked"}));
+    assert_eq!(ws.next().await["type"], "refreshed");
+    server.publish("chat:9", json!("after")).await;
+    server.publish("team:red", json!("still granted")).await;
+    server.publish("user:ann", json!("own channel")).await;
+    let (first, second) = (ws.next().await, ws.next().await);
+    assert_eq!((&first["channel"], &first["data"]), (&json!("team:red"), &json!("still granted")), "{first}");
+    assert_eq!((&second["channel"], &second["data"]), (&json!("user:ann"), &json!("own channel")), "{second}");
+    let (_, presence) = server.get("/v1/presence?channel=chat:9").await;
+    assert_eq!(presence["connections"], json!([]), "the connection left the channel's presence");
+    assert_eq!(server.state.hub().channel_count(), 2, "and the channel itself");
+    let again = ws.subscribe(5, "chat:9", None).await;
+    assert_eq!((again[0]["type"].as_str(), again[0]["code"].as_str()), (Some("error"), Some("forbidden")));
+}
+
+#[tokio::test]
+async fn a_client_close_is_echoed_before_the_socket_closes() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let server = Server::start().await;
+    let mut ws = Ws::connect(&server).await;
+    assert_eq!(ws.subscribe(1, "bye", None).await.last().expect("reply")["type"], "subscribed");
+    ws.send_raw(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() }))).await;
+    let echoed = tokio::time::timeout(crate::harness::TIMEOUT, ws.socket.next()).await.expect("an answer");
+    let Some(Ok(Message::Close(Some(frame)))) = echoed else { panic!("expected the Close echoed, got {echoed:?}") };
+    assert_eq!(frame.code, CloseCode::Normal);
+    let end = tokio::time::timeout(crate::harness::TIMEOUT, ws.socket.next()).await.expect("the end");
+    assert!(end.is_none(), "a clean end after the closing handshake, got {end:?}");
+    crate::harness::eventually("the connection left", || server.state.hub().connection_count() == 0).await;
+}
+
+/// A WebSocket after a hand-made upgrade, for frames tungstenite's client will not send.
+struct RawWs {
+    socket: tokio::net::TcpStream,
+}
+
+impl RawWs {
+    async fn connect(server: &Server) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+        let request = "GET /v1/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                       Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        socket.write_all(request.as_bytes()).await.expect("upgrade");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(crate::harness::TIMEOUT, socket.read(&mut byte)).await.expect("head");
+            assert_eq!(read.expect("read"), 1, "closed during the upgrade");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        RawWs { socket }
+    }
+
+    /// Writes one frame: `first` is FIN, RSV and opcode; masked unless `mask` is `None`.
+    async fn frame(&mut self, first: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = vec![first];
+        let masked = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => frame.push(masked | n as u8),
+            n if n <= 0xffff => {
+                frame.push(masked | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(masked | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(key) => {
+                frame.extend_from_slice(&key);
+                frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            }
+            None => frame.extend_from_slice(payload),
+        }
+        self.socket.write_all(&frame).await.expect("write frame");
+    }
+
+    /// Reads server frames until a Close; its code. Panics if the socket ends without one.
+    async fn close_code(&mut self) -> u16 {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut header = [0u8; 2];
+            let read = tokio::time::timeout(crate::harness::TIMEOUT, self.socket.read_exact(&mut header)).await;
+            read.expect("a frame in time").expect("the socket ended without a Close frame");
+            assert_eq!(header[1] & 0x80, 0, "server frames are unmasked");
+            let length = match header[1] & 0x7f {
+                126 => {
+                    let mut extended = [0u8; 2];
+                    self.socket.read_exact(&mut extended).await.expect("length");
+                    u64::from(u16::from_be_bytes(extended))
+                }
+                127 => {
+                    let mut extended = [0u8; 8];
+                    self.socket.read_exact(&mut extended).await.expect("length");
+                    u64::from_be_bytes(extended)
+                }
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; length as usize];
+            self.socket.read_exact(&mut payload).await.expect("payload");
+            if header[0] & 0x0f == 0x8 {
+                assert!(payload.len() >= 2, "a Close frame with a code");
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn protocol_violations_are_closed_with_the_rfc_6455_code() {
+    let server = Server::with(|config| config.limits.ws_max_message_bytes = 1024).await;
+    let key = Some([1, 2, 3, 4]);
+    /// A name, the frame's first byte (FIN, RSV, opcode), its payload and mask, and the close code due.
+    type Case = (&'static str, u8, Vec<u8>, Option<[u8; 4]>, u16);
+    let cases: Vec<Case> = vec![
+        ("ping over 125 bytes", 0x89, vec![b'p'; 126], key, 1002),
+        ("text that is not UTF-8", 0x81, vec![0xff, 0xfe, b'{'], key, 1007),
+        ("unmasked text", 0x81, br#"{"op":"ping"}"#.to_vec(), None, 1002),
+        ("RSV1 set", 0xc1, br#"{"op":"ping"}"#.to_vec(), key, 1002),
+        ("RSV3 set", 0x91, br#"{"op":"ping"}"#.to_vec(), key, 1002),
+        ("reserved data opcode", 0x83, b"x".to_vec(), key, 1002),
+        ("reserved control opcode", 0x8b, b"x".to_vec(), key, 1002),
+        ("continuation without a start", 0x80, b"x".to_vec(), key, 1002),
+        ("fragmented ping", 0x09, b"x".to_vec(), key, 1002),
+        ("message over the limit", 0x81, vec![b' '; 2000], key, 1009),
+        ("close with a reserved code", 0x88, 1005u16.to_be_bytes().to_vec(), key, 1002),
+    ];
+    for (name, first, payload, mask, expected) in cases {
+        let mut ws = RawWs::connect(&server).await;
+        ws.frame(first, &payload, mask).await;
+        assert_eq!(ws.close_code().await, expected, "{name}");
+    }
+    // A fragmented text message whose pieces together are not UTF-8.
+    let mut ws = RawWs::connect(&server).await;
+    ws.frame(0x01, &[b'"', 0xe2], key).await;
+    ws.frame(0x80, &[0x28, 0xa1, b'"'], key).await;
+    assert_eq!(ws.close_code().await, 1007, "fragmented invalid UTF-8");
+}
