@@ -130,6 +130,8 @@ impl SentinelTarget {
 pub struct Identity {
     /// `master_replid`: one unbroken history of writes.
     pub replid: Arc<str>,
+    /// `master_replid2`: the history this primary took over when it was promoted (zeros if none).
+    pub replid2: Arc<str>,
     pub run_id: String,
     pub address: String,
 }
@@ -358,6 +360,7 @@ async fn describe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(Strin
     let role = field("role").unwrap_or_default();
     let identity = Identity {
         replid: Arc::from(field("master_replid").unwrap_or_default()),
+        replid2: Arc::from(field("master_replid2").unwrap_or_default()),
         run_id: field("run_id").unwrap_or_default(),
         address: String::new(),
     };

@@ -333,7 +333,8 @@ impl Inner {
             .key(self.keys.stream(channel))
             .arg(Epoch::generate().as_str())
             .arg(policy.ttl.as_millis() as u64)
-            .arg(&*live.identity.replid);
+            .arg(&*live.identity.replid)
+            .arg(self.continues(&live));
         let (epoch, offset, generation, fenced, previous, previous_offset): (String, u64, u64, u8, String, i64) =
             self.on(&live, invocation.invoke_async(&mut conn)).await?;
         let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
@@ -343,6 +344,14 @@ impl Inner {
         }
         let link = Epoch::parse(&previous).ok().map(|e| (e, u64::try_from(previous_offset).ok()));
         Ok(TopState { top: Position::new(epoch, offset), generation, link })
+    }
+
+    /// The history whose acknowledged publications this primary is known to hold (see `scripts.rs`):
+    /// the one it took over at a promotion, when publishes wait for replicas; else none.
+    fn continues<'a>(&self, live: &'a Live) -> &'a str {
+        let replicated = matches!(self.config.durability, Durability::Replicated { .. });
+        let took_over = !live.identity.replid2.bytes().all(|b| b == b'0');
+        if replicated && took_over { &live.identity.replid2 } else { "" }
     }
 
     /// Moves `channel` to a new epoch if it is still in `epoch`, with nothing of `epoch` continued: its
@@ -628,7 +637,8 @@ impl Engine for RedisEngine {
             .arg(Epoch::generate().as_str())
             .arg(header)
             .arg(&*live.identity.replid)
-            .arg(history_max_bytes(&policy));
+            .arg(history_max_bytes(&policy))
+            .arg(self.inner.continues(&live));
         let mut conn = live.conn.clone();
         let reply = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await;
         let outcome = reply.and_then(parse_publish_reply);

@@ -139,7 +139,7 @@ async fn a_restart_from_an_older_snapshot_fences_the_channel_and_resets_the_clie
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_returning_after_a_rollback_recover_what_survived_and_reset_past_it() {
+async fn clients_returning_after_a_rollback_get_a_reset_even_when_the_channel_passed_their_offset() {
     let mut redis = RedisServer::start_persistent(&[]);
     let node = node_on(redis.url(), |_| {}).await;
     let (mut ahead, _) = Sse::open(&node, "channel=feed:7", None).await;
@@ -168,30 +168,25 @@ async fn clients_returning_after_a_rollback_recover_what_survived_and_reset_past
     assert_ne!(new_epoch, acked[0].0["epoch"]);
     assert_eq!(acked[34].0["offset"], 20);
 
-    // At offset 15 the client saw publications the snapshot lost: reset, then the new epoch.
-    let (mut sse, _) = Sse::open(&node, "channel=feed:7", Some(&ahead_cursor)).await;
-    let (event, reset) = sse.next().await;
-    assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("engine_rollback")), "{reset}");
-    let mut ledger = Ledger::default();
-    ledger.record(&event, &reset);
-    ledger.read_until(&mut sse, &acked[34].0).await;
-    ledger.check(&acked[15..]);
-
-    // At offset 8 everything the client had survived: it recovers 9 and 10, then the new epoch, no reset.
-    let (mut sse, _) = Sse::open(&node, "channel=feed:7", Some(&behind_cursor)).await;
-    let mut ledger = Ledger::default();
-    ledger.read_until(&mut sse, &acked[34].0).await;
-    assert_eq!(ledger.events.iter().filter(|e| e.0 == "reset").count(), 0, "{:?}", ledger.events);
-    let order: Vec<(String, u64)> = ledger.events.iter().map(|(_, e, o, _)| (e.clone(), *o)).collect();
-    let old = acked[0].0["epoch"].as_str().unwrap_or_default().to_owned();
-    let mut expected = vec![(old.clone(), 9), (old, 10)];
-    expected.extend((1..=20).map(|o| (new_epoch.as_str().unwrap_or_default().to_owned(), o)));
-    assert_eq!(order, expected);
-    assert_eq!(ledger.delivered[&(acked[0].0["epoch"].as_str().unwrap_or_default().to_owned(), 9)], json!(9));
+    // At offset 15 the client saw publications the snapshot lost. At offset 8 it saw nothing lost, but
+    // it never got 11..15, acknowledged and then lost: both are told, then get the whole new epoch.
+    for cursor in [ahead_cursor, behind_cursor] {
+        let (mut sse, _) = Sse::open(&node, "channel=feed:7", Some(&cursor)).await;
+        let (event, reset) = sse.next().await;
+        assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("engine_rollback")), "{reset}");
+        assert_eq!((&reset["epoch"], &reset["offset"]), (&new_epoch, &json!(0)), "the new epoch from its start");
+        let mut ledger = Ledger::default();
+        ledger.record(&event, &reset);
+        ledger.read_until(&mut sse, &acked[34].0).await;
+        ledger.check(&acked[15..]);
+        assert_eq!(ledger.delivered.len(), 20, "{:?}", ledger.events);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_that_kept_every_write_continues_without_a_reset() {
+async fn any_restart_fences_even_one_that_kept_every_write() {
+    // Herald cannot tell an append-only file that kept everything from an older one restored: a
+    // restart always resets, and loses nothing.
     let mut redis = RedisServer::start_persistent(&["--appendonly", "yes", "--appendfsync", "always"]);
     let node = node_on(redis.url(), |_| {}).await;
     let (mut sse, _) = Sse::open(&node, "channel=jobs:3", None).await;
@@ -209,13 +204,66 @@ async fn a_restart_that_kept_every_write_continues_without_a_reset() {
     }
     ledger.read_until(&mut sse, &acked[7].0).await;
     ledger.check(&acked);
-    assert_eq!(ledger.events.iter().filter(|e| e.0 == "reset").count(), 0, "{:?}", ledger.events);
-    assert_ne!(acked[7].0["epoch"], acked[0].0["epoch"], "a restart always starts a new epoch (fenced)");
+    assert_eq!(ledger.resets("engine_rollback"), 1, "{:?}", ledger.events);
+    assert_ne!(acked[7].0["epoch"], acked[0].0["epoch"]);
     assert_eq!(acked[7].0["offset"], 3);
 }
 
-/// A primary, a replica and three sentinels; the replica is made to lag for real (stopped), the primary
-/// killed, the replica promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_durable_publishes_a_failover_continues_without_a_reset() {
+    // Two replicas: after the failover the new primary still has one to acknowledge durable publishes.
+    let primary = RedisServer::start_persistent(&[]);
+    let replica_of = format!("127.0.0.1 {}", primary.port);
+    let replica = RedisServer::start_persistent(&["--replicaof", &replica_of]);
+    let second = RedisServer::start_persistent(&["--replicaof", &replica_of]);
+    eventually_synced(&primary, &replica).await;
+    eventually_synced(&primary, &second).await;
+    let sentinels = Sentinels::start("herald", primary.port);
+    let node = node_on(sentinels.url("herald"), |config| {
+        config.redis.durability = "replicated".into();
+        config.redis.replication_timeout_ms = 300;
+    })
+    .await;
+    let (mut live, _) = Sse::open(&node, "channel=doc:5", None).await;
+    let (mut offline, _) = Sse::open(&node, "channel=doc:5", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=6 {
+        publish(&node, "doc:5", json!(i), &mut acked).await;
+    }
+    offline.expect_offsets("doc:5", 0, 3).await;
+    let offline_cursor = offline.last_id.clone();
+    drop(offline);
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut live, &acked[5].0).await;
+    let mut primary = primary;
+    primary.stop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 7;
+    let promoted = |r: &RedisServer| r.replication("role").as_deref() == Some("master");
+    while acked.len() < 9 {
+        let (status, body) = node.post("/v1/publish", json!({"channel": "doc:5", "data": i})).await;
+        if status == StatusCode::OK {
+            acked.push((body, json!(i)));
+            i += 1;
+            continue;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "no failover within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(promoted(&replica) || promoted(&second), "a replica was promoted");
+    assert_ne!(acked[8].0["epoch"], acked[0].0["epoch"], "a new epoch all the same: positions are never reused");
+    ledger.read_until(&mut live, &acked[8].0).await;
+    ledger.check(&acked);
+    assert_eq!(ledger.events.iter().filter(|e| e.0 == "reset").count(), 0, "{:?}", ledger.events);
+    // A client that was away recovers across the failover too.
+    let (mut sse, _) = Sse::open(&node, "channel=doc:5", Some(&offline_cursor)).await;
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[8].0).await;
+    assert_eq!(ledger.events.iter().filter(|e| e.0 == "reset").count(), 0, "{:?}", ledger.events);
+    assert_eq!(ledger.delivered.len(), 6, "4, 5, 6 of the old epoch and 3 of the new one");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_answers_200_for_a_lost_write() {
     let primary = RedisServer::start_persistent(&[]);

@@ -14,6 +14,8 @@ fn args(engine: &str) -> ScenarioArgs {
         kill_node: false,
         rolling_restart: false,
         restart_engine: false,
+        rollback_engine: false,
+        failover_engine: false,
         drop_connections: 0.0,
         offline_ms: None,
         slow_clients: 0.0,
@@ -39,6 +41,7 @@ async fn check(args: ScenarioArgs) -> Report {
 async fn no_silent_loss(args: ScenarioArgs) {
     let report = check(args).await;
     assert_eq!(report.lost_silently, 0, "{}", report.table());
+    assert_eq!(report.positions_reused, 0, "{}", report.table());
     assert_eq!(report.publish_failed, 0, "{}", report.table());
 }
 
@@ -70,6 +73,19 @@ async fn no_silent_loss_when_redis_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_when_redis_comes_back_from_an_older_snapshot() {
+    let report = check(ScenarioArgs { rollback_engine: true, ..args("redis") }).await;
+    assert_eq!((report.lost_silently, report.positions_reused), (0, 0), "{}", report.table());
+    assert!(report.resets > 0, "clients that saw lost publications are told: {}", report.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_when_redis_fails_over_to_a_lagging_replica() {
+    no_silent_loss(ScenarioArgs { failover_engine: true, kill_node: true, drop_connections: 0.3, ..args("redis") })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_silent_loss_with_flaky_connections_and_slow_clients() {
     no_silent_loss(ScenarioArgs { drop_connections: 0.3, slow_clients: 0.3, ..args("redis") }).await;
 }
@@ -80,6 +96,7 @@ async fn no_silent_loss_with_every_fault_at_once() {
         kill_node: true,
         rolling_restart: true,
         restart_engine: true,
+        rollback_engine: true,
         drop_connections: 0.3,
         slow_clients: 0.3,
         ..args("redis")
