@@ -89,6 +89,21 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Waits until this replica follows `primary` (its link is up).
+    pub fn wait_synced(&self, primary: &Redis) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = self.command(&["INFO", "replication"])?;
+            if info.contains("master_link_status:up") && info.contains(&format!("master_port:{}", primary.port)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("replica of port {} never caught up", primary.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -259,20 +274,40 @@ impl Drop for Sentineled {
 
 pub struct Cluster {
     pub redis: Redis,
+    /// With durable publishing: the replica every publish waits for (its CPU is not counted).
+    pub replica: Option<Redis>,
     pub nodes: Vec<Node>,
 }
 
 impl Cluster {
     pub async fn start(herald: &str, size: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(herald, size, false).await
+    }
+
+    /// With `replicated`, Redis gets a replica and the nodes publish with `durability = "replicated"`.
+    pub async fn start_with(herald: &str, size: usize, replicated: bool) -> anyhow::Result<Cluster> {
         let redis = Redis::start()?;
+        let replica = if replicated {
+            let replica_of = format!("127.0.0.1 {}", redis.port);
+            Some(Redis::start_with(&["--replicaof", &replica_of], false)?)
+        } else {
+            None
+        };
         let url = redis.url();
+        let durability = if replicated { "replicated" } else { "none" };
         let mut nodes = Vec::new();
         for _ in 0..size.max(2) {
-            nodes.push(
-                Node::start(herald, &[("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")]).await?,
-            );
+            let env = [
+                ("HERALD_ENGINE", url.as_str()),
+                ("HERALD_REDIS__PREFIX", "bench"),
+                ("HERALD_REDIS__DURABILITY", durability),
+            ];
+            nodes.push(Node::start(herald, &env).await?);
         }
-        Ok(Cluster { redis, nodes })
+        if let Some(replica) = &replica {
+            replica.wait_synced(&redis)?;
+        }
+        Ok(Cluster { redis, replica, nodes })
     }
 
     /// CPU seconds used so far: Redis, then every node in order.

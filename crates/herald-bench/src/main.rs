@@ -72,6 +72,9 @@ enum Command {
         /// Also raise the rate step by step to find the highest one held without loss.
         #[arg(long)]
         find_max: bool,
+        /// `none`, or `replicated`: Redis gets a replica and every publish waits for it (`WAIT`).
+        #[arg(long, default_value = "none")]
+        durability: String,
     },
     /// The scaling story end to end: several nodes, browsers behind a balancer, callbacks to random
     /// nodes, optional faults; reports every update as delivered, recovered, reset-covered or lost.
@@ -133,8 +136,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max } => {
-            cluster_bench(&herald, nodes, rate, seconds, channels, subscribers, find_max).await
+        Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max, durability } => {
+            let settings = ClusterSettings { nodes, channels, subscribers, find_max, durability };
+            cluster_bench(&herald, rate, seconds, settings).await
         }
     }
 }
@@ -397,22 +401,29 @@ async fn churn(herald: &str, cycles: usize, readers: usize, settle: Duration) ->
     Ok(())
 }
 
-async fn cluster_bench(
-    herald: &str,
+/// The shape of a cluster benchmark.
+struct ClusterSettings {
     nodes: usize,
-    rate: u64,
-    seconds: u64,
     channels: usize,
     subscribers: usize,
     find_max: bool,
-) -> anyhow::Result<()> {
-    let cluster = cluster::Cluster::start(herald, nodes).await?;
+    durability: String,
+}
+
+async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterSettings) -> anyhow::Result<()> {
+    let ClusterSettings { nodes, channels, subscribers, find_max, durability } = settings;
+    let replicated = match durability.as_str() {
+        "none" => false,
+        "replicated" => true,
+        other => anyhow::bail!("--durability {other:?}: use none or replicated"),
+    };
+    let cluster = cluster::Cluster::start_with(herald, nodes, replicated).await?;
     let report = |run: &cluster::Run, rate: u64, seconds: u64| {
         let per_delivery = |seconds: f64| round3(seconds * 1e6 / run.delivered.max(1) as f64);
         let total: f64 = run.cpu_seconds.iter().sum();
         json!({
             "bench": "cluster", "nodes": nodes, "rate": rate, "seconds": seconds, "channels": channels,
-            "subscribers_per_channel": subscribers,
+            "subscribers_per_channel": subscribers, "durability": durability,
             "published": run.published, "delivered": run.delivered, "achieved_rate": run.achieved_rate.round(),
             "p50_us": run.p50_us, "p99_us": run.p99_us, "max_us": run.max_us,
             "cpu_us_per_delivery_all_processes": per_delivery(total),
