@@ -386,6 +386,7 @@ impl figment::Provider for EnvPairs {
         for (key, value) in &self.pairs {
             let Some(stripped) = key.strip_prefix("HERALD_") else { continue };
             let key = stripped.to_ascii_lowercase();
+            let key = CONTRACT_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, k)| (*k).to_owned());
             let path: Vec<&str> = key.split("__").collect();
             let raw = figment::value::Value::from(value.clone());
             // API keys stay strings even when they look like numbers.
@@ -395,6 +396,10 @@ impl figment::Provider for EnvPairs {
         Ok(figment::Profile::Default.collect(dict))
     }
 }
+
+/// Environment names the public contract gives with one underscore, for nested keys.
+const CONTRACT_ALIASES: [(&str, &str); 2] =
+    [("redis_durability", "redis__durability"), ("redis_min_replicas", "redis__min_replicas")];
 
 fn insert_path(dict: &mut figment::value::Dict, path: &[&str], value: figment::value::Value) {
     match path {
@@ -652,6 +657,9 @@ mod tests {
 
         let cli = Cli { listen: Some("127.0.0.1:0".into()), ..Cli::default() };
         assert_eq!(load(&cli, &e).expect("valid").listen.to_string(), "127.0.0.1:0");
+        let contract = env(&[("HERALD_REDIS_DURABILITY", "replicated"), ("HERALD_REDIS_MIN_REPLICAS", "2")]);
+        let settings = load(&Cli::default(), &contract).expect("the contract's names are accepted");
+        assert_eq!((settings.config.redis.durability.as_str(), settings.config.redis.min_replicas), ("replicated", 2));
     }
 
     #[test]
