@@ -76,9 +76,14 @@ fn validate_publish(body: PublishBody) -> Result<ValidPublish, ApiError> {
     Ok(ValidPublish {
         channel,
         event: parse_event(body.event)?,
-        data: compact_json(body.data),
+        data: compact_data(body.data)?,
         idempotency_key: body.idempotency_key,
     })
+}
+
+/// The publication's data as sent, without whitespace between tokens (see [`compact_json`]).
+fn compact_data(data: Box<RawValue>) -> Result<Box<RawValue>, ApiError> {
+    compact_json(data).map_err(|e| ApiError::InvalidBody(e.to_string()))
 }
 
 /// Parses and checks a publish request body exactly as `POST /v1/publish` does (for tests and fuzzing).
@@ -328,7 +333,7 @@ pub async fn broadcast(
     }
     state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, body.channels.len() as u64)?;
     let event = parse_event(body.event)?;
-    let data = compact_json(body.data);
+    let data = compact_data(body.data)?;
     let correlation = correlation_id(&headers)?;
     // Channels are independent: their publishes run concurrently (a bounded number at a time), which
     // lets a networked engine pipeline them; results keep the request's order.
