@@ -3,18 +3,22 @@
 //! Bodies and queries are parsed here by hand (not with axum's extractors) so that every bad input
 //! gets the contract's JSON error with a precise code instead of a framework's plain-text rejection.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use herald_core::publication::{DEFAULT_EVENT, compact_json, validate_correlation_id, validate_event};
-use herald_core::{ChannelName, Epoch, History, Position, PublishOutcome, PublishRequest};
+use herald_core::{ChannelName, Epoch, History, Position, Publication, PublishOutcome, PublishRequest};
+use hyper::body::{Frame, SizeHint};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -388,18 +392,68 @@ pub async fn history(
         _ => return Err(ApiError::BadRequest("since_epoch and since_offset go together".into())),
     };
     match state.hub().history(&channel, since.as_ref(), limit).await? {
-        History::Covered { top, publications } => {
-            let publications: Vec<&RawValue> = publications
-                .iter()
-                .filter_map(|p| std::str::from_utf8(p.envelope()).ok())
-                .filter_map(|text| serde_json::from_str::<&RawValue>(text).ok())
-                .collect();
-            Ok(Json(
-                json!({"channel": channel, "epoch": top.epoch, "offset": top.offset, "publications": publications}),
-            )
-            .into_response())
-        }
+        History::Covered { top, publications } => Ok(HistoryBody::answer(&channel, &top, &publications)),
         History::Gone { .. } => Err(ApiError::HistoryGone),
+    }
+}
+
+/// A `/v1/history` answer written from the stored envelopes themselves, never re-parsed: each
+/// publication is exactly the bytes subscribers got (whatever its depth, numbers, escapes or duplicate
+/// keys), and the envelopes are shared `Bytes` (the engine's, for the memory engine), so concurrent
+/// answers copy nothing but hyper's write buffer. The length is known up front (`Content-Length`).
+struct HistoryBody {
+    /// `{"channel":…,"epoch":…,"offset":…,"publications":[`, then envelopes and commas, then `]}`.
+    chunks: VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl HistoryBody {
+    fn answer(channel: &ChannelName, top: &Position, publications: &[Arc<Publication>]) -> Response {
+        // Channel names and epochs are JSON strings as they are (no quotes, backslashes or control
+        // characters); encoding them anyway keeps that true if their rules change.
+        let head = format!(
+            "{{\"channel\":{},\"epoch\":{},\"offset\":{},\"publications\":[",
+            Value::from(channel.as_str()),
+            Value::from(top.epoch.as_str()),
+            top.offset
+        );
+        let mut chunks = VecDeque::with_capacity(publications.len() * 2 + 2);
+        chunks.push_back(Bytes::from(head));
+        for (index, publication) in publications.iter().enumerate() {
+            if index > 0 {
+                chunks.push_back(Bytes::from_static(b","));
+            }
+            chunks.push_back(publication.envelope().clone());
+        }
+        chunks.push_back(Bytes::from_static(b"]}"));
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        let body = Body::new(HistoryBody { chunks, remaining });
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+impl hyper::body::Body for HistoryBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let chunk = this.chunks.pop_front();
+        if let Some(chunk) = &chunk {
+            this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+        }
+        Poll::Ready(chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
     }
 }
 
