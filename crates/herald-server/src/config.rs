@@ -89,6 +89,9 @@ pub struct HistoryConfig {
     pub size: usize,
     /// Seconds a publication stays in history.
     pub ttl_secs: u64,
+    /// Envelope bytes kept per channel (oldest dropped first; the newest is always kept, see
+    /// `HistoryPolicy::max_bytes`).
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -96,6 +99,7 @@ pub struct HistoryConfig {
 pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     pub history_ttl_secs: Option<u64>,
+    pub history_max_bytes: Option<usize>,
     /// Who may subscribe when client authentication is on (`owner`, `claim`, `authenticated`, `public`).
     pub subscribe: Option<crate::auth::SubscribeRule>,
 }
@@ -216,7 +220,7 @@ impl Default for Config {
 impl Default for HistoryConfig {
     fn default() -> Self {
         let policy = HistoryPolicy::default();
-        Self { size: policy.size, ttl_secs: policy.ttl.as_secs() }
+        Self { size: policy.size, ttl_secs: policy.ttl.as_secs(), max_bytes: policy.max_bytes }
     }
 }
 
@@ -287,7 +291,11 @@ impl Settings {
 
     pub fn policies(&self) -> Policies {
         let c = &self.config;
-        let default_history = HistoryPolicy { size: c.history.size, ttl: Duration::from_secs(c.history.ttl_secs) };
+        let default_history = HistoryPolicy {
+            size: c.history.size,
+            ttl: Duration::from_secs(c.history.ttl_secs),
+            max_bytes: c.history.max_bytes,
+        };
         let namespaces = c
             .namespaces
             .iter()
@@ -295,6 +303,7 @@ impl Settings {
                 let policy = HistoryPolicy {
                     size: ns.history_size.unwrap_or(default_history.size),
                     ttl: ns.history_ttl_secs.map_or(default_history.ttl, Duration::from_secs),
+                    max_bytes: ns.history_max_bytes.unwrap_or(default_history.max_bytes),
                 };
                 (name.clone(), policy)
             })
@@ -474,6 +483,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.header_read_timeout_secs", limits.header_read_timeout_secs),
         ("sse.ping_interval_secs", config.sse.ping_interval_secs),
         ("history.ttl_secs", config.history.ttl_secs),
+        ("history.max_bytes", config.history.max_bytes as u64),
         ("dedup_window_secs", config.dedup_window_secs),
     ];
     for (key, value) in positive {
@@ -498,6 +508,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         }
         if ns.history_ttl_secs == Some(0) {
             problems.push(format!("namespaces.{name}.history_ttl_secs must be greater than 0"));
+        }
+        if ns.history_max_bytes == Some(0) {
+            problems.push(format!("namespaces.{name}.history_max_bytes must be greater than 0"));
         }
     }
     for origin in &config.cors_allowed_origins {
@@ -602,6 +615,21 @@ mod tests {
 
         let cli = Cli { listen: Some("127.0.0.1:0".into()), ..Cli::default() };
         assert_eq!(load(&cli, &e).expect("valid").listen.to_string(), "127.0.0.1:0");
+    }
+
+    #[test]
+    fn history_bytes_default_and_per_namespace() {
+        let e = env(&[("HERALD_HISTORY__MAX_BYTES", "65536"), ("HERALD_NAMESPACES__CHAT__HISTORY_MAX_BYTES", "1024")]);
+        let policies = load(&Cli::default(), &e).expect("valid").policies();
+        let channel = |name: &str| herald_core::ChannelName::parse(name).expect("channel");
+        assert_eq!(policies.history(&channel("user:1")).max_bytes, 65536);
+        assert_eq!(policies.history(&channel("chat:1")).max_bytes, 1024);
+        assert_eq!(policies.history(&channel("chat:1")).size, 256, "other settings keep their defaults");
+        let defaults = load(&Cli::default(), &[]).expect("valid").policies();
+        assert_eq!(defaults.history(&channel("x")).max_bytes, herald_core::policy::DEFAULT_HISTORY_MAX_BYTES);
+        let problems =
+            load(&Cli::default(), &env(&[("HERALD_NAMESPACES__CHAT__HISTORY_MAX_BYTES", "0")])).expect_err("zero");
+        assert!(problems[0].contains("history_max_bytes"), "{problems:?}");
     }
 
     #[test]

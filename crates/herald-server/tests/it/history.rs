@@ -163,3 +163,56 @@ async fn hostile_data_is_delivered_recovered_and_kept_byte_for_byte_on_redis() {
     // and history read the Redis stream, each through `Publication::from_envelope`.
     every_path_delivers_the_same_bytes(&nodes[1], &nodes[0]).await;
 }
+
+/// Envelopes of a history answer (plain data, so serde_json can read it).
+async fn history_offsets(server: &Server, query: &str) -> (Value, Vec<u64>, usize) {
+    let (status, text) = history_text(server, query).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let answer: Value = serde_json::from_str(&text).expect("history is JSON");
+    let publications = answer["publications"].as_array().cloned().unwrap_or_default();
+    let offsets = publications.iter().map(|p| p["offset"].as_u64().unwrap_or(0)).collect();
+    let bytes = publications.iter().map(|p| p.to_string().len()).sum();
+    (answer, offsets, bytes)
+}
+
+#[tokio::test]
+async fn history_is_bounded_in_bytes_per_channel_and_per_namespace() {
+    let server = Server::with(|config| {
+        config.history.max_bytes = 64 * 1024;
+        config.namespaces.insert(
+            "tiny".into(),
+            herald_server::config::NamespaceConfig { history_max_bytes: Some(4 * 1024), ..Default::default() },
+        );
+    })
+    .await;
+    let payload = "x".repeat(1000);
+    let (mut sse, _) = Sse::open(&server, "channel=tiny:1", None).await;
+    let start = sse.last_id.clone();
+    for _ in 0..200 {
+        server.publish("big:1", json!(payload)).await;
+        server.publish("tiny:1", json!(payload)).await;
+    }
+    sse.expect_offsets("tiny:1", 0, 200).await;
+    let (_, offsets, bytes) = history_offsets(&server, "channel=big:1&limit=1000").await;
+    assert!(bytes <= 64 * 1024 && bytes > 60 * 1024, "{bytes} bytes of history");
+    assert_eq!(offsets.last(), Some(&200));
+    let (_, offsets, bytes) = history_offsets(&server, "channel=tiny:1&limit=1000").await;
+    assert!(bytes <= 4 * 1024, "{bytes} bytes of history");
+    assert_eq!((offsets.len(), offsets.last()), (3, Some(&200)));
+    // A client that fell behind what the bytes bound keeps is reset, not silently skipped.
+    let (mut resumed, _) = Sse::open(&server, "channel=tiny:1", Some(&start)).await;
+    let (event, reset) = resumed.next().await;
+    assert_eq!(
+        (event.as_str(), reset["reason"].as_str(), reset["offset"].as_u64()),
+        ("herald.reset", Some("history_gone"), Some(200))
+    );
+    // One publication larger than the whole bound is kept (alone) and recoverable.
+    let cursor = sse.last_id.clone();
+    drop(sse);
+    let large = "y".repeat(8 * 1024);
+    server.publish("tiny:1", json!(large)).await;
+    let (_, offsets, _) = history_offsets(&server, "channel=tiny:1").await;
+    assert_eq!(offsets, vec![201]);
+    let (mut resumed, _) = Sse::open(&server, "channel=tiny:1", Some(&cursor)).await;
+    assert_eq!(resumed.expect_offsets("tiny:1", 200, 1).await, vec![json!(large)]);
+}
