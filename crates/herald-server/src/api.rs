@@ -374,6 +374,12 @@ pub async fn broadcast(
 const BROADCAST_CONCURRENCY: usize = 64;
 
 /// `GET /v1/history?channel=…&since_epoch=…&since_offset=…&limit=…`
+///
+/// The answer is bounded in bytes as well as by `limit`: publications go in oldest first and stop
+/// before the one that would take it over `limits.max_history_response_bytes` (the first always goes
+/// in, so a client always moves on). `epoch` and `offset` are the channel's current top, not the last
+/// publication's: when the last offset received is below `offset`, the client pages on with
+/// `since_epoch=<epoch>&since_offset=<last offset received>`.
 pub async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -392,7 +398,10 @@ pub async fn history(
         _ => return Err(ApiError::BadRequest("since_epoch and since_offset go together".into())),
     };
     match state.hub().history(&channel, since.as_ref(), limit).await? {
-        History::Covered { top, publications } => Ok(HistoryBody::answer(&channel, &top, &publications)),
+        History::Covered { top, publications } => {
+            let max_bytes = state.config().limits.max_history_response_bytes;
+            Ok(HistoryBody::answer(&channel, &top, &publications, max_bytes))
+        }
         History::Gone { .. } => Err(ApiError::HistoryGone),
     }
 }
@@ -400,7 +409,8 @@ pub async fn history(
 /// A `/v1/history` answer written from the stored envelopes themselves, never re-parsed: each
 /// publication is exactly the bytes subscribers got (whatever its depth, numbers, escapes or duplicate
 /// keys), and the envelopes are shared `Bytes` (the engine's, for the memory engine), so concurrent
-/// answers copy nothing but hyper's write buffer. The length is known up front (`Content-Length`).
+/// answers copy nothing but hyper's write buffer. The length is known up front (`Content-Length`), and
+/// bounded (see [`history`]).
 struct HistoryBody {
     /// `{"channel":…,"epoch":…,"offset":…,"publications":[`, then envelopes and commas, then `]}`.
     chunks: VecDeque<Bytes>,
@@ -408,7 +418,8 @@ struct HistoryBody {
 }
 
 impl HistoryBody {
-    fn answer(channel: &ChannelName, top: &Position, publications: &[Arc<Publication>]) -> Response {
+    /// The answer for `publications`, oldest first, as many as fit `max_bytes` (at least one).
+    fn answer(channel: &ChannelName, top: &Position, publications: &[Arc<Publication>], max_bytes: usize) -> Response {
         // Channel names and epochs are JSON strings as they are (no quotes, backslashes or control
         // characters); encoding them anyway keeps that true if their rules change.
         let head = format!(
@@ -417,16 +428,24 @@ impl HistoryBody {
             Value::from(top.epoch.as_str()),
             top.offset
         );
+        const TAIL: &[u8] = b"]}";
+        let mut size = head.len() + TAIL.len();
         let mut chunks = VecDeque::with_capacity(publications.len() * 2 + 2);
         chunks.push_back(Bytes::from(head));
         for (index, publication) in publications.iter().enumerate() {
+            let envelope = publication.envelope();
+            let added = envelope.len() + usize::from(index > 0);
+            if index > 0 && size + added > max_bytes {
+                break;
+            }
             if index > 0 {
                 chunks.push_back(Bytes::from_static(b","));
             }
-            chunks.push_back(publication.envelope().clone());
+            chunks.push_back(envelope.clone());
+            size += added;
         }
-        chunks.push_back(Bytes::from_static(b"]}"));
-        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        chunks.push_back(Bytes::from_static(TAIL));
+        let remaining = size as u64;
         let body = Body::new(HistoryBody { chunks, remaining });
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }

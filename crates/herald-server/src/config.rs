@@ -109,6 +109,9 @@ pub struct NamespaceConfig {
 pub struct LimitsConfig {
     /// Largest request body of the server API, in bytes.
     pub max_body_bytes: usize,
+    /// Largest `/v1/history` answer, in bytes: publications stop before the one that would go over
+    /// (at least one is always included); the client pages on with `since` = the last offset it got.
+    pub max_history_response_bytes: usize,
     /// Connections (SSE plus WebSocket) this node accepts.
     pub max_connections: usize,
     /// Connections one authenticated user may hold on this node.
@@ -229,6 +232,7 @@ impl Default for LimitsConfig {
         let hub = HubConfig::default();
         Self {
             max_body_bytes: 1024 * 1024,
+            max_history_response_bytes: 4 * 1024 * 1024,
             max_connections: hub.max_connections,
             max_connections_per_user: hub.max_connections_per_user,
             publish_rate_per_key: 50_000,
@@ -473,6 +477,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let limits = &config.limits;
     let positive = [
         ("limits.max_body_bytes", limits.max_body_bytes as u64),
+        ("limits.max_history_response_bytes", limits.max_history_response_bytes as u64),
         ("limits.max_connections", limits.max_connections as u64),
         ("limits.max_connections_per_user", limits.max_connections_per_user as u64),
         ("limits.max_channels_per_connection", limits.max_channels_per_connection as u64),

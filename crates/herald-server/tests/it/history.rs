@@ -216,3 +216,57 @@ async fn history_is_bounded_in_bytes_per_channel_and_per_namespace() {
     let (mut resumed, _) = Sse::open(&server, "channel=tiny:1", Some(&cursor)).await;
     assert_eq!(resumed.expect_offsets("tiny:1", 200, 1).await, vec![json!(large)]);
 }
+
+#[tokio::test]
+async fn history_answers_are_bounded_in_bytes_and_paging_returns_everything() {
+    let max = 64 * 1024;
+    let server = Server::with(|config| config.limits.max_history_response_bytes = 64 * 1024).await;
+    let mut expected = Vec::new();
+    let mut epoch = String::new();
+    for i in 0..200u64 {
+        // Sizes vary so that pages end at different places.
+        let data = json!({"i": i, "pad": "z".repeat(500 + (i as usize * 37) % 3000)});
+        epoch = server.publish("paged:1", data.clone()).await["epoch"].as_str().expect("epoch").to_owned();
+        expected.push(data);
+    }
+    let mut received = Vec::new();
+    let mut since = 0u64;
+    let mut pages = 0;
+    loop {
+        let query = format!("channel=paged:1&since_epoch={epoch}&since_offset={since}&limit=10000");
+        let (status, text) = history_text(&server, &query).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.len() <= max, "answer of {} bytes", text.len());
+        let answer: Value = serde_json::from_str(&text).expect("history is JSON");
+        assert_eq!((answer["epoch"].as_str(), answer["offset"].as_u64()), (Some(epoch.as_str()), Some(200)));
+        let publications = answer["publications"].as_array().cloned().unwrap_or_default();
+        assert!(!publications.is_empty(), "a page always moves on");
+        for publication in publications {
+            since += 1;
+            assert_eq!(publication["offset"], since, "pages continue exactly");
+            received.push(publication["data"].clone());
+        }
+        pages += 1;
+        if since == 200 {
+            break;
+        }
+        // The page was full: one more publication would not have fitted.
+        let next = expected[since as usize].to_string().len();
+        assert!(text.len() + next > max - 300, "page of {} bytes stopped early", text.len());
+    }
+    assert_eq!(received, expected);
+    assert!(pages > 5, "{pages} pages");
+    // Without `since` the answer is bounded too, starting at the latest `limit`.
+    let (_, offsets, _) = history_offsets(&server, "channel=paged:1&limit=10").await;
+    assert_eq!(offsets, (191..=200).collect::<Vec<_>>());
+    // A publication larger than the bound comes alone, whole.
+    let large = "L".repeat(100 * 1024);
+    server.publish("paged:1", json!(large)).await;
+    server.publish("paged:1", json!("small")).await;
+    let query = format!("channel=paged:1&since_epoch={epoch}&since_offset=200");
+    let (answer, offsets, _) = history_offsets(&server, &query).await;
+    assert_eq!(offsets, vec![201]);
+    assert_eq!(answer["publications"][0]["data"], json!(large));
+    let query = format!("channel=paged:1&since_epoch={epoch}&since_offset=201");
+    assert_eq!(history_offsets(&server, &query).await.1, vec![202]);
+}
