@@ -418,37 +418,50 @@ struct HistoryBody {
 }
 
 impl HistoryBody {
-    /// The answer for `publications`, oldest first, as many as fit `max_bytes` (at least one).
     fn answer(channel: &ChannelName, top: &Position, publications: &[Arc<Publication>], max_bytes: usize) -> Response {
-        // Channel names and epochs are JSON strings as they are (no quotes, backslashes or control
-        // characters); encoding them anyway keeps that true if their rules change.
-        let head = format!(
-            "{{\"channel\":{},\"epoch\":{},\"offset\":{},\"publications\":[",
-            Value::from(channel.as_str()),
-            Value::from(top.epoch.as_str()),
-            top.offset
-        );
-        const TAIL: &[u8] = b"]}";
-        let mut size = head.len() + TAIL.len();
-        let mut chunks = VecDeque::with_capacity(publications.len() * 2 + 2);
-        chunks.push_back(Bytes::from(head));
-        for (index, publication) in publications.iter().enumerate() {
-            let envelope = publication.envelope();
-            let added = envelope.len() + usize::from(index > 0);
-            if index > 0 && size + added > max_bytes {
-                break;
-            }
-            if index > 0 {
-                chunks.push_back(Bytes::from_static(b","));
-            }
-            chunks.push_back(envelope.clone());
-            size += added;
-        }
-        chunks.push_back(Bytes::from_static(TAIL));
-        let remaining = size as u64;
+        let chunks = history_chunks(channel, top, publications, max_bytes);
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
         let body = Body::new(HistoryBody { chunks, remaining });
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }
+}
+
+/// The pieces of a `/v1/history` answer, in order (for the handler, tests and fuzzing): the head
+/// `{"channel":…,"epoch":…,"offset":…,"publications":[`, the envelopes of `publications` (oldest first,
+/// as many as fit `max_bytes` in all, at least one) separated by commas, and `]}`. The envelopes are the
+/// stored `Bytes` themselves.
+pub fn history_chunks(
+    channel: &ChannelName,
+    top: &Position,
+    publications: &[Arc<Publication>],
+    max_bytes: usize,
+) -> VecDeque<Bytes> {
+    // Channel names and epochs are JSON strings as they are (no quotes, backslashes or control
+    // characters); encoding them anyway keeps that true if their rules change.
+    let head = format!(
+        "{{\"channel\":{},\"epoch\":{},\"offset\":{},\"publications\":[",
+        Value::from(channel.as_str()),
+        Value::from(top.epoch.as_str()),
+        top.offset
+    );
+    const TAIL: &[u8] = b"]}";
+    let mut size = head.len() + TAIL.len();
+    let mut chunks = VecDeque::with_capacity(publications.len() * 2 + 2);
+    chunks.push_back(Bytes::from(head));
+    for (index, publication) in publications.iter().enumerate() {
+        let envelope = publication.envelope();
+        let added = envelope.len() + usize::from(index > 0);
+        if index > 0 && size + added > max_bytes {
+            break;
+        }
+        if index > 0 {
+            chunks.push_back(Bytes::from_static(b","));
+        }
+        chunks.push_back(envelope.clone());
+        size += added;
+    }
+    chunks.push_back(Bytes::from_static(TAIL));
+    chunks
 }
 
 impl hyper::body::Body for HistoryBody {
