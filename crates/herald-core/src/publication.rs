@@ -117,7 +117,13 @@ impl Publication {
     }
 
     /// Rebuilds a publication from an envelope made by [`Publication::new`] (for example on another node).
+    ///
+    /// Only the envelope's own fields are decoded; `data` is skipped (serde's `IgnoredAny`, which
+    /// serde_json skips without recursion, so no depth limit applies) and kept as the bytes it is, so
+    /// data of any depth, number size, escapes or duplicate keys reads back unchanged. The whole envelope
+    /// must be UTF-8 (serde_json does not check skipped strings), since it is sent as SSE and WebSocket text.
     pub fn from_envelope(envelope: Bytes, receipt: Option<u64>) -> Result<Self, PublicationError> {
+        std::str::from_utf8(&envelope).map_err(|e| PublicationError::InvalidEnvelope(e.to_string()))?;
         let parsed: EnvelopeIn<'_> =
             serde_json::from_slice(&envelope).map_err(|e| PublicationError::InvalidEnvelope(e.to_string()))?;
         let published_at = humantime::parse_rfc3339(parsed.published_at)
@@ -336,6 +342,18 @@ mod tests {
             assert_eq!(back.envelope(), &envelope);
             assert_eq!(data_of(publication.ws_message()), data.as_bytes());
         }
+    }
+
+    #[test]
+    fn envelopes_that_are_not_utf8_are_refused() {
+        let envelope = br#"{"channel":"c","epoch":"e","offset":1,"event":"message","data":"#;
+        let mut bytes = envelope.to_vec();
+        bytes.extend_from_slice(b"\"\xff\"");
+        bytes.extend_from_slice(br#","correlation_id":"c","published_at":"2026-11-28T05:19:46.123Z"}"#);
+        let error = Publication::from_envelope(Bytes::from(bytes.clone()), None).err();
+        assert!(matches!(error, Some(PublicationError::InvalidEnvelope(_))), "{error:?}");
+        let valid = String::from_utf8_lossy(&bytes).replace('\u{fffd}', "x");
+        assert!(Publication::from_envelope(Bytes::from(valid), None).is_ok());
     }
 
     /// The `data` member of an envelope, as bytes: everything between `"data":` and `,"correlation_id"`.
