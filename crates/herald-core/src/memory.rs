@@ -5,7 +5,8 @@
 //! shared store. Publishing hands the publication to the hub while the channel's shard lock is held,
 //! which is what keeps per-channel delivery order equal to offset order.
 //!
-//! Memory is bounded: history per channel by the namespace's size and age, stream state is dropped
+//! Memory is bounded: history per channel by the namespace's size, bytes and age (see
+//! [`HistoryPolicy::max_bytes`] for how bytes are counted and why the newest is always kept), stream state is dropped
 //! once a channel with no local subscribers has been idle for its history age, and idempotency keys
 //! are capped at [`MAX_DEDUP_KEYS`] (oldest forgotten first) besides expiring with the dedup window.
 
@@ -21,7 +22,7 @@ use crate::channel::ChannelName;
 use crate::engine::{
     Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest, SubscribeFuture,
 };
-use crate::policy::Policies;
+use crate::policy::{HistoryPolicy, Policies};
 use crate::position::{Epoch, Position};
 use crate::publication::{Publication, now_ms};
 
@@ -48,6 +49,8 @@ struct Stream {
     epoch: Epoch,
     offset: u64,
     history: VecDeque<Arc<Publication>>,
+    /// Sum of the envelope lengths in `history`.
+    history_bytes: usize,
     last_publish_ms: u64,
 }
 
@@ -72,17 +75,29 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Stream {
     fn new(now: u64) -> Self {
-        Self { epoch: Epoch::generate(), offset: 0, history: VecDeque::new(), last_publish_ms: now }
+        Self { epoch: Epoch::generate(), offset: 0, history: VecDeque::new(), history_bytes: 0, last_publish_ms: now }
     }
 
     fn top(&self) -> Position {
         Position::new(self.epoch.clone(), self.offset)
     }
 
-    fn trim(&mut self, size: usize, ttl: Duration, now: u64) {
-        let oldest_kept = now.saturating_sub(ttl.as_millis() as u64);
-        while self.history.len() > size || self.history.front().is_some_and(|p| p.published_at_ms < oldest_kept) {
-            self.history.pop_front();
+    fn push(&mut self, publication: Arc<Publication>) {
+        self.history_bytes += publication.envelope().len();
+        self.history.push_back(publication);
+    }
+
+    /// Drops the oldest publications while history is over its count or its bytes (keeping the newest
+    /// one whatever its size) and those older than its age.
+    fn trim(&mut self, policy: &HistoryPolicy, now: u64) {
+        let oldest_kept = now.saturating_sub(policy.ttl.as_millis() as u64);
+        while self.history.len() > policy.size
+            || (self.history.len() > 1 && self.history_bytes > policy.max_bytes)
+            || self.history.front().is_some_and(|p| p.published_at_ms < oldest_kept)
+        {
+            if let Some(dropped) = self.history.pop_front() {
+                self.history_bytes -= dropped.envelope().len();
+            }
         }
     }
 }
@@ -120,7 +135,7 @@ impl MemoryEngine {
             let mut streams = lock(shard);
             streams.retain(|channel, stream| {
                 let policy = self.policies.history(channel);
-                stream.trim(policy.size, policy.ttl, now);
+                stream.trim(&policy, now);
                 let idle = now.saturating_sub(stream.last_publish_ms) > policy.ttl.as_millis() as u64;
                 let keep = !idle || subscribed.contains(channel);
                 dropped += usize::from(!keep);
@@ -193,8 +208,8 @@ impl Engine for MemoryEngine {
             )
             .with_trace_parent(request.trace_parent.clone()),
         );
-        stream.history.push_back(publication.clone());
-        stream.trim(policy.size, policy.ttl, now);
+        stream.push(publication.clone());
+        stream.trim(&policy, now);
         if let (Some(dedup), Some(key)) = (dedup.as_mut(), request.idempotency_key) {
             let expires_ms = now + window_ms;
             dedup.order.push_back((expires_ms, request.channel.clone(), key.clone()));
@@ -230,7 +245,7 @@ impl Engine for MemoryEngine {
         let policy = self.policies.history(channel);
         let mut streams = lock(self.shard(channel));
         let stream = streams.entry(channel.clone()).or_insert_with(|| Stream::new(now));
-        stream.trim(policy.size, policy.ttl, now);
+        stream.trim(&policy, now);
         let top = stream.top();
         let Some(since) = since else {
             let skip = stream.history.len().saturating_sub(limit);
@@ -295,7 +310,6 @@ impl Engine for MemoryEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::HistoryPolicy;
     use serde_json::value::RawValue;
 
     fn request(channel: &ChannelName, key: Option<&str>) -> PublishRequest {
@@ -313,7 +327,7 @@ mod tests {
     #[tokio::test]
     async fn offsets_history_and_gaps() {
         let policies = Policies {
-            default_history: HistoryPolicy { size: 3, ttl: Duration::from_secs(60) },
+            default_history: HistoryPolicy { size: 3, ttl: Duration::from_secs(60), ..HistoryPolicy::default() },
             ..Policies::default()
         };
         let engine = MemoryEngine::new("n", policies);
@@ -343,6 +357,51 @@ mod tests {
         assert_eq!(covered(6).await, None, "a position from the future is not covered");
         let other = Position::new(Epoch::generate(), 5);
         assert!(matches!(engine.history(&ch, Some(&other), 10).await, Ok(History::Gone { .. })));
+    }
+
+    #[tokio::test]
+    async fn history_is_bounded_in_bytes_and_keeps_the_newest_whatever_its_size() {
+        async fn publish(engine: &MemoryEngine, bytes: usize) {
+            let mut request = request(&ChannelName::parse("a").expect("channel"), None);
+            request.data = RawValue::from_string(format!("\"{}\"", "x".repeat(bytes))).expect("json");
+            engine.publish(request).await.expect("publish");
+        }
+        async fn kept(engine: &MemoryEngine) -> (Vec<u64>, usize) {
+            match engine.history(&ChannelName::parse("a").expect("channel"), None, 1000).await.expect("history") {
+                History::Covered { publications, .. } => {
+                    let bytes: usize = publications.iter().map(|p| p.envelope().len()).sum();
+                    (publications.iter().map(|p| p.position.offset).collect(), bytes)
+                }
+                History::Gone { .. } => panic!("no since, no gap"),
+            }
+        }
+        let max_bytes = 10_000;
+        let policies = Policies {
+            default_history: HistoryPolicy { size: 100, max_bytes, ..HistoryPolicy::default() },
+            ..Policies::default()
+        };
+        let engine = MemoryEngine::new("n", policies);
+        for _ in 0..30 {
+            publish(&engine, 1_000).await;
+        }
+        let (offsets, bytes) = kept(&engine).await;
+        assert!(bytes <= max_bytes, "{bytes} bytes kept");
+        assert!(bytes + 1_200 > max_bytes, "only as many dropped as needed: {bytes}");
+        assert_eq!(offsets.last(), Some(&30));
+        assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "the oldest go first: {offsets:?}");
+        // A publication larger than the whole budget is kept, alone, until the next one.
+        publish(&engine, 50_000).await;
+        assert_eq!(kept(&engine).await.0, vec![31]);
+        publish(&engine, 10).await;
+        assert_eq!(kept(&engine).await.0, vec![32]);
+        publish(&engine, 10).await;
+        assert_eq!(kept(&engine).await.0, vec![32, 33]);
+        // The count bound still applies, and 0 keeps nothing.
+        let none =
+            Policies { default_history: HistoryPolicy { size: 0, ..HistoryPolicy::default() }, ..Policies::default() };
+        let engine = MemoryEngine::new("n", none);
+        publish(&engine, 10).await;
+        assert_eq!(kept(&engine).await, (vec![], 0));
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
-//! Per-namespace settings the core and the engines apply: how much history a channel keeps and for
-//! how long, and how long idempotency keys are remembered.
+//! Per-namespace settings the core and the engines apply: how much history a channel keeps (count and
+//! bytes) and for how long, and how long idempotency keys are remembered.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,6 +10,10 @@ use crate::channel::ChannelName;
 pub const DEFAULT_HISTORY_SIZE: usize = 256;
 /// How long a publication stays in history unless a namespace says otherwise.
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(15 * 60);
+/// Envelope bytes kept per channel unless a namespace says otherwise: 8 MiB, so that the default 256
+/// publications cannot pin 256 MiB (256 of the largest body, 1 MiB) in one channel, while ordinary
+/// publications (a few KiB) are bounded by count long before bytes.
+pub const DEFAULT_HISTORY_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// How long an idempotency key is remembered.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -20,11 +24,21 @@ pub struct HistoryPolicy {
     pub size: usize,
     /// Age after which a publication leaves history.
     pub ttl: Duration,
+    /// Most bytes of history kept: the sum of the kept publications' envelope lengths
+    /// (`Publication::envelope().len()`). Every engine applies it the same way: after storing a
+    /// publication, drop the oldest while the sum is over `max_bytes` **and more than one publication
+    /// is left**. The newest publication is always kept (when `size` allows any), even if alone it is
+    /// larger: a publication is never refused for its size here (`limits.max_body_bytes` bounds it at
+    /// publish), and a client that missed only the latest publication can still recover it. One
+    /// channel's history therefore holds at most `max(max_bytes, one envelope)` bytes of envelopes.
+    /// (The in-memory engine also keeps each publication's WebSocket message, made on first WebSocket
+    /// delivery, beside its envelope: up to as much again.)
+    pub max_bytes: usize,
 }
 
 impl Default for HistoryPolicy {
     fn default() -> Self {
-        Self { size: DEFAULT_HISTORY_SIZE, ttl: DEFAULT_HISTORY_TTL }
+        Self { size: DEFAULT_HISTORY_SIZE, ttl: DEFAULT_HISTORY_TTL, max_bytes: DEFAULT_HISTORY_MAX_BYTES }
     }
 }
 

@@ -4,6 +4,7 @@
 //! delivers it. Its JSON envelope is encoded exactly once, when the publication is made (or received
 //! from another node), so fan-out copies pointers, never JSON.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,6 +76,9 @@ pub enum PublicationError {
     InvalidCorrelationId,
     #[error("envelope is not valid: {0}")]
     InvalidEnvelope(String),
+    /// Publication data that is not JSON once compacted (cannot happen for data serde_json accepted).
+    #[error("data is not valid JSON: {0}")]
+    InvalidData(String),
 }
 
 impl Publication {
@@ -113,7 +117,13 @@ impl Publication {
     }
 
     /// Rebuilds a publication from an envelope made by [`Publication::new`] (for example on another node).
+    ///
+    /// Only the envelope's own fields are decoded; `data` is skipped (serde's `IgnoredAny`, which
+    /// serde_json skips without recursion, so no depth limit applies) and kept as the bytes it is, so
+    /// data of any depth, number size, escapes or duplicate keys reads back unchanged. The whole envelope
+    /// must be UTF-8 (serde_json does not check skipped strings), since it is sent as SSE and WebSocket text.
     pub fn from_envelope(envelope: Bytes, receipt: Option<u64>) -> Result<Self, PublicationError> {
+        std::str::from_utf8(&envelope).map_err(|e| PublicationError::InvalidEnvelope(e.to_string()))?;
         let parsed: EnvelopeIn<'_> =
             serde_json::from_slice(&envelope).map_err(|e| PublicationError::InvalidEnvelope(e.to_string()))?;
         let published_at = humantime::parse_rfc3339(parsed.published_at)
@@ -174,16 +184,53 @@ pub fn validate_correlation_id(id: &str) -> Result<Arc<str>, PublicationError> {
     if ok { Ok(Arc::from(id)) } else { Err(PublicationError::InvalidCorrelationId) }
 }
 
-/// Returns `raw` if it holds no line break, else the same value re-encoded compactly.
-/// JSON strings cannot contain raw line breaks, so a line break can only be whitespace between tokens.
-pub fn compact_json(raw: Box<RawValue>) -> Box<RawValue> {
-    if !raw.get().contains(['\n', '\r']) {
-        return raw;
+/// `raw` without the whitespace between its tokens, so it fits one SSE `data:` line.
+///
+/// Only spaces, tabs and line breaks outside strings are removed; every other byte stays as the publisher
+/// sent it (numbers of any size or precision, escapes such as lone surrogates, key order, duplicate keys,
+/// any depth), so what subscribers, recovery and history hand out is exactly what was accepted. JSON
+/// strings cannot hold a raw line break, so the result has none. Nothing is parsed into values, so
+/// nothing here can fail on valid JSON; the error exists only because the result is checked once more
+/// when it becomes a `RawValue`.
+pub fn compact_json(raw: Box<RawValue>) -> Result<Box<RawValue>, PublicationError> {
+    let compact = match minify_json(raw.get().as_bytes()) {
+        Cow::Borrowed(_) => return Ok(raw),
+        Cow::Owned(bytes) => bytes,
+    };
+    let text = String::from_utf8(compact).map_err(|e| PublicationError::InvalidData(e.to_string()))?;
+    RawValue::from_string(text).map_err(|e| PublicationError::InvalidData(e.to_string()))
+}
+
+/// JSON text without whitespace outside strings (space, tab, line feed, carriage return: JSON's only
+/// whitespace), byte for byte otherwise. Borrows the input when there is nothing to remove. Works on any
+/// bytes: inside a string a backslash escapes the next byte, a quote ends it; nothing else is looked at.
+pub fn minify_json(text: &[u8]) -> Cow<'_, [u8]> {
+    let mut out: Option<Vec<u8>> = None;
+    let (mut in_string, mut escaped) = (false, false);
+    for (index, &byte) in text.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if byte == b'"' {
+            in_string = true;
+        } else if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            out.get_or_insert_with(|| {
+                let mut kept = Vec::with_capacity(text.len());
+                kept.extend_from_slice(text.get(..index).unwrap_or_default());
+                kept
+            });
+            continue;
+        }
+        if let Some(out) = out.as_mut() {
+            out.push(byte);
+        }
     }
-    serde_json::from_str::<serde_json::Value>(raw.get())
-        .ok()
-        .and_then(|value| serde_json::value::to_raw_value(&value).ok())
-        .unwrap_or(raw)
+    out.map_or(Cow::Borrowed(text), Cow::Owned)
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -208,7 +255,7 @@ mod tests {
     #[test]
     fn envelope_round_trips_and_is_one_line() {
         let raw = RawValue::from_string("{\n \"a\": [1,\n 2], \"s\": \"x\\ny\"\n}".to_owned()).expect("json");
-        let data = compact_json(raw);
+        let data = compact_json(raw).expect("compact");
         let publication = Publication::new(
             ChannelName::parse("user:1").expect("channel"),
             Position::new(Epoch::parse("abc").expect("epoch"), 7),
@@ -244,6 +291,197 @@ mod tests {
         assert!(validate_correlation_id("00-abc-01").is_ok());
         for bad in ["", "a b", "a\"b", &"c".repeat(129)] {
             assert!(validate_correlation_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn compact_json_keeps_every_byte_but_whitespace() {
+        let cases = [
+            ("{\"id\":123456789012345678901234567890,\"b\":1,\"a\":2,\"a\":3,\"f\":1.0000000000000000000001}", None),
+            (
+                "{ \"id\" : 123456789012345678901234567890 ,\n \"a\":2,\r\n\t\"a\":3 }",
+                Some("{\"id\":123456789012345678901234567890,\"a\":2,\"a\":3}"),
+            ),
+            ("[1e400,\n-0.0e-999]", Some("[1e400,-0.0e-999]")),
+            ("[\"\\ud800 x\",\n \"a \\\" b\",\"\\\\\", 1]", Some("[\"\\ud800 x\",\"a \\\" b\",\"\\\\\",1]")),
+        ];
+        for (input, expected) in cases {
+            let raw = RawValue::from_string(input.to_owned()).expect("valid JSON");
+            let compact = compact_json(raw).expect("compact");
+            assert_eq!(compact.get(), expected.unwrap_or(input), "{input:?}");
+        }
+        let deep = format!("{}\n{}", "[".repeat(10_000), "]".repeat(10_000));
+        let compact =
+            compact_json(RawValue::from_string(deep).expect("raw values have no depth limit")).expect("compact");
+        assert_eq!(compact.get(), format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)));
+    }
+
+    #[test]
+    fn envelopes_of_hostile_data_read_back_byte_for_byte() {
+        let deep = format!("{}1{}", "{\"a\":[".repeat(5_000), "]}".repeat(5_000));
+        for data in [
+            deep.as_str(),
+            "1e400",
+            "\"\\ud800\"",
+            "{\"id\":123456789012345678901234567890,\"b\":1,\"a\":2,\"a\":3,\"f\":1.0000000000000000000001}",
+        ] {
+            let raw = compact_json(RawValue::from_string(data.to_owned()).expect("json")).expect("compact");
+            let publication = Publication::new(
+                ChannelName::parse("c").expect("channel"),
+                Position::new(Epoch::parse("e").expect("epoch"), 1),
+                Arc::from("message"),
+                &raw,
+                Arc::from("corr"),
+                0,
+                None,
+            );
+            let envelope = publication.envelope().clone();
+            assert_eq!(data_of(&envelope), data.as_bytes());
+            let back =
+                Publication::from_envelope(envelope.clone(), None).expect("from_envelope skips data at any depth");
+            assert_eq!(back.envelope(), &envelope);
+            assert_eq!(data_of(publication.ws_message()), data.as_bytes());
+        }
+    }
+
+    #[test]
+    fn envelopes_that_are_not_utf8_are_refused() {
+        let envelope = br#"{"channel":"c","epoch":"e","offset":1,"event":"message","data":"#;
+        let mut bytes = envelope.to_vec();
+        bytes.extend_from_slice(b"\"\xff\"");
+        bytes.extend_from_slice(br#","correlation_id":"c","published_at":"2026-11-28T05:19:46.123Z"}"#);
+        let error = Publication::from_envelope(Bytes::from(bytes.clone()), None).err();
+        assert!(matches!(error, Some(PublicationError::InvalidEnvelope(_))), "{error:?}");
+        let valid = String::from_utf8_lossy(&bytes).replace('\u{fffd}', "x");
+        assert!(Publication::from_envelope(Bytes::from(valid), None).is_ok());
+    }
+
+    /// The `data` member of an envelope, as bytes: everything between `"data":` and `,"correlation_id"`.
+    fn data_of(envelope: &[u8]) -> &[u8] {
+        let text = std::str::from_utf8(envelope).expect("utf8");
+        let start = text.find("\"data\":").expect("data") + 7;
+        let end = text.rfind(",\"correlation_id\"").expect("correlation_id");
+        &envelope[start..end]
+    }
+
+    mod minify {
+        use super::super::minify_json;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        fn whitespace() -> impl Strategy<Value = String> {
+            "[ \t\n\r]{0,3}"
+        }
+
+        /// JSON text as a publisher may write it: whitespace anywhere between tokens, numbers of any size,
+        /// escapes (lone surrogates too), duplicate keys.
+        fn json_text() -> impl Strategy<Value = String> {
+            let string = r#""([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*""#;
+            let leaf = prop_oneof![
+                Just("null".to_owned()),
+                Just("true".to_owned()),
+                Just("false".to_owned()),
+                "-?(0|[1-9][0-9]{0,40})(\\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?",
+                string,
+            ];
+            leaf.prop_recursive(6, 64, 6, move |inner| {
+                let member = (whitespace(), string, whitespace(), whitespace(), inner.clone(), whitespace())
+                    .prop_map(|(a, key, b, c, value, d)| format!("{a}{key}{b}:{c}{value}{d}"));
+                let element = (whitespace(), inner, whitespace()).prop_map(|(a, value, b)| format!("{a}{value}{b}"));
+                prop_oneof![
+                    (prop::collection::vec(element, 0..6), whitespace()).prop_map(|(items, ws)| if items.is_empty() {
+                        format!("[{ws}]")
+                    } else {
+                        format!("[{}]", items.join(","))
+                    }),
+                    (prop::collection::vec(member, 0..6), whitespace()).prop_map(|(items, ws)| if items.is_empty() {
+                        format!("{{{ws}}}")
+                    } else {
+                        format!("{{{}}}", items.join(","))
+                    }),
+                ]
+            })
+        }
+
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(5, 64, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::btree_map(any::<String>(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn has_whitespace_outside_strings(text: &[u8]) -> bool {
+            let (mut in_string, mut escaped) = (false, false);
+            text.iter().any(|&b| {
+                let outside = !in_string;
+                if in_string {
+                    if escaped {
+                        escaped = false;
+                    } else if b == b'\\' {
+                        escaped = true;
+                    } else if b == b'"' {
+                        in_string = false;
+                    }
+                } else if b == b'"' {
+                    in_string = true;
+                }
+                outside && b" \t\n\r".contains(&b)
+            })
+        }
+
+        /// What every input must satisfy: parseable input keeps its value, and input without whitespace
+        /// outside strings comes back identical (borrowed, not copied).
+        fn check(input: &[u8]) {
+            let output = minify_json(input);
+            if let Ok(before) = serde_json::from_slice::<Value>(input) {
+                let after: Value = serde_json::from_slice(&output).expect("minified JSON parses");
+                assert_eq!(before, after);
+            }
+            if serde_json::from_slice::<serde::de::IgnoredAny>(input).is_ok() {
+                assert!(!output.contains(&b'\n') && !output.contains(&b'\r'), "{:?}", String::from_utf8_lossy(&output));
+                assert!(!has_whitespace_outside_strings(&output));
+            }
+            if !has_whitespace_outside_strings(input) {
+                assert!(matches!(output, std::borrow::Cow::Borrowed(_)));
+                assert_eq!(&*output, input);
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn json_with_whitespace_keeps_its_value_and_loses_its_line_breaks(text in json_text()) {
+                prop_assert!(serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok(), "generator makes JSON: {text:?}");
+                check(text.as_bytes());
+            }
+
+            #[test]
+            fn pretty_json_minifies_to_serde_json_compact_output(value in value()) {
+                let pretty = serde_json::to_string_pretty(&value).expect("serialize");
+                let compact = serde_json::to_string(&value).expect("serialize");
+                prop_assert_eq!(&*minify_json(pretty.as_bytes()), compact.as_bytes());
+                check(pretty.as_bytes());
+                check(compact.as_bytes());
+            }
+
+            #[test]
+            fn any_bytes_are_handled(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                check(&bytes);
+            }
+
+            #[test]
+            fn any_text_is_handled(text in any::<String>()) {
+                check(text.as_bytes());
+            }
         }
     }
 }

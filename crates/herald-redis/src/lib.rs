@@ -833,9 +833,9 @@ impl<T> Drop for Forget<'_, T> {
     }
 }
 
-/// The bytes of history a channel keeps; 0 means no bound besides the count.
-fn history_max_bytes(_policy: &herald_core::HistoryPolicy) -> u64 {
-    0
+/// The bytes of envelopes a channel's history keeps (the script keeps the newest entry in any case).
+fn history_max_bytes(policy: &herald_core::HistoryPolicy) -> u64 {
+    policy.max_bytes as u64
 }
 
 #[derive(serde::Deserialize)]

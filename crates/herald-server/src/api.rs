@@ -3,7 +3,10 @@
 //! Bodies and queries are parsed here by hand (not with axum's extractors) so that every bad input
 //! gets the contract's JSON error with a precise code instead of a framework's plain-text rejection.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::Json;
@@ -13,7 +16,8 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use herald_core::publication::{DEFAULT_EVENT, compact_json, validate_correlation_id, validate_event};
-use herald_core::{ChannelName, Epoch, History, Position, PublishOutcome, PublishRequest};
+use herald_core::{ChannelName, Epoch, History, Position, Publication, PublishOutcome, PublishRequest};
+use hyper::body::{Frame, SizeHint};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -75,9 +79,14 @@ fn validate_publish(body: PublishBody) -> Result<ValidPublish, ApiError> {
     Ok(ValidPublish {
         channel,
         event: parse_event(body.event)?,
-        data: compact_json(body.data),
+        data: compact_data(body.data)?,
         idempotency_key: body.idempotency_key,
     })
+}
+
+/// The publication's data as sent, without whitespace between tokens (see [`compact_json`]).
+fn compact_data(data: Box<RawValue>) -> Result<Box<RawValue>, ApiError> {
+    compact_json(data).map_err(|e| ApiError::InvalidBody(e.to_string()))
 }
 
 /// Parses and checks a publish request body exactly as `POST /v1/publish` does (for tests and fuzzing).
@@ -397,7 +406,7 @@ pub async fn broadcast(State(state): State<AppState>, headers: HeaderMap, body: 
     }
     state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, body.channels.len() as u64)?;
     let event = parse_event(body.event)?;
-    let data = compact_json(body.data);
+    let data = compact_data(body.data)?;
     let correlation = correlation_id(&headers)?;
     // Channels are independent: their publishes run concurrently (a bounded number at a time), which
     // lets a networked engine pipeline them; results keep the request's order.
@@ -434,6 +443,12 @@ pub async fn broadcast(State(state): State<AppState>, headers: HeaderMap, body: 
 const BROADCAST_CONCURRENCY: usize = 64;
 
 /// `GET /v1/history?channel=…&since_epoch=…&since_offset=…&limit=…`
+///
+/// The answer is bounded in bytes as well as by `limit`: publications go in oldest first and stop
+/// before the one that would take it over `limits.max_history_response_bytes` (the first always goes
+/// in, so a client always moves on). `epoch` and `offset` are the channel's current top, not the last
+/// publication's: when the last offset received is below `offset`, the client pages on with
+/// `since_epoch=<epoch>&since_offset=<last offset received>`.
 pub async fn history(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -453,17 +468,93 @@ pub async fn history(
     };
     match state.hub().history(&channel, since.as_ref(), limit).await? {
         History::Covered { top, publications } => {
-            let publications: Vec<&RawValue> = publications
-                .iter()
-                .filter_map(|p| std::str::from_utf8(p.envelope()).ok())
-                .filter_map(|text| serde_json::from_str::<&RawValue>(text).ok())
-                .collect();
-            Ok(Json(
-                json!({"channel": channel, "epoch": top.epoch, "offset": top.offset, "publications": publications}),
-            )
-            .into_response())
+            let max_bytes = state.config().limits.max_history_response_bytes;
+            Ok(HistoryBody::answer(&channel, &top, &publications, max_bytes))
         }
         History::Gone { .. } => Err(ApiError::HistoryGone),
+    }
+}
+
+/// A `/v1/history` answer written from the stored envelopes themselves, never re-parsed: each
+/// publication is exactly the bytes subscribers got (whatever its depth, numbers, escapes or duplicate
+/// keys), and the envelopes are shared `Bytes` (the engine's, for the memory engine), so concurrent
+/// answers copy nothing but hyper's write buffer. The length is known up front (`Content-Length`), and
+/// bounded (see [`history`]).
+struct HistoryBody {
+    /// `{"channel":…,"epoch":…,"offset":…,"publications":[`, then envelopes and commas, then `]}`.
+    chunks: VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl HistoryBody {
+    fn answer(channel: &ChannelName, top: &Position, publications: &[Arc<Publication>], max_bytes: usize) -> Response {
+        let chunks = history_chunks(channel, top, publications, max_bytes);
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        let body = Body::new(HistoryBody { chunks, remaining });
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+/// The pieces of a `/v1/history` answer, in order (for the handler, tests and fuzzing): the head
+/// `{"channel":…,"epoch":…,"offset":…,"publications":[`, the envelopes of `publications` (oldest first,
+/// as many as fit `max_bytes` in all, at least one) separated by commas, and `]}`. The envelopes are the
+/// stored `Bytes` themselves.
+pub fn history_chunks(
+    channel: &ChannelName,
+    top: &Position,
+    publications: &[Arc<Publication>],
+    max_bytes: usize,
+) -> VecDeque<Bytes> {
+    // Channel names and epochs are JSON strings as they are (no quotes, backslashes or control
+    // characters); encoding them anyway keeps that true if their rules change.
+    let head = format!(
+        "{{\"channel\":{},\"epoch\":{},\"offset\":{},\"publications\":[",
+        Value::from(channel.as_str()),
+        Value::from(top.epoch.as_str()),
+        top.offset
+    );
+    const TAIL: &[u8] = b"]}";
+    let mut size = head.len() + TAIL.len();
+    let mut chunks = VecDeque::with_capacity(publications.len() * 2 + 2);
+    chunks.push_back(Bytes::from(head));
+    for (index, publication) in publications.iter().enumerate() {
+        let envelope = publication.envelope();
+        let added = envelope.len() + usize::from(index > 0);
+        if index > 0 && size + added > max_bytes {
+            break;
+        }
+        if index > 0 {
+            chunks.push_back(Bytes::from_static(b","));
+        }
+        chunks.push_back(envelope.clone());
+        size += added;
+    }
+    chunks.push_back(Bytes::from_static(TAIL));
+    chunks
+}
+
+impl hyper::body::Body for HistoryBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let chunk = this.chunks.pop_front();
+        if let Some(chunk) = &chunk {
+            this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+        }
+        Poll::Ready(chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
     }
 }
 

@@ -97,6 +97,9 @@ pub struct HistoryConfig {
     pub size: usize,
     /// Seconds a publication stays in history.
     pub ttl_secs: u64,
+    /// Envelope bytes kept per channel (oldest dropped first; the newest is always kept, see
+    /// `HistoryPolicy::max_bytes`).
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +107,7 @@ pub struct HistoryConfig {
 pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     pub history_ttl_secs: Option<u64>,
+    pub history_max_bytes: Option<usize>,
     /// Who may subscribe when client authentication is on (`owner`, `claim`, `authenticated`, `public`).
     pub subscribe: Option<crate::auth::SubscribeRule>,
 }
@@ -113,6 +117,9 @@ pub struct NamespaceConfig {
 pub struct LimitsConfig {
     /// Largest request body of the server API, in bytes.
     pub max_body_bytes: usize,
+    /// Largest `/v1/history` answer, in bytes: publications stop before the one that would go over
+    /// (at least one is always included); the client pages on with `since` = the last offset it got.
+    pub max_history_response_bytes: usize,
     /// Connections (SSE plus WebSocket) this node accepts.
     pub max_connections: usize,
     /// Connections one authenticated user may hold on this node.
@@ -242,7 +249,7 @@ impl Default for Config {
 impl Default for HistoryConfig {
     fn default() -> Self {
         let policy = HistoryPolicy::default();
-        Self { size: policy.size, ttl_secs: policy.ttl.as_secs() }
+        Self { size: policy.size, ttl_secs: policy.ttl.as_secs(), max_bytes: policy.max_bytes }
     }
 }
 
@@ -251,6 +258,7 @@ impl Default for LimitsConfig {
         let hub = HubConfig::default();
         Self {
             max_body_bytes: 1024 * 1024,
+            max_history_response_bytes: 4 * 1024 * 1024,
             max_connections: hub.max_connections,
             max_connections_per_user: hub.max_connections_per_user,
             publish_rate_per_key: 50_000,
@@ -315,7 +323,11 @@ impl Settings {
 
     pub fn policies(&self) -> Policies {
         let c = &self.config;
-        let default_history = HistoryPolicy { size: c.history.size, ttl: Duration::from_secs(c.history.ttl_secs) };
+        let default_history = HistoryPolicy {
+            size: c.history.size,
+            ttl: Duration::from_secs(c.history.ttl_secs),
+            max_bytes: c.history.max_bytes,
+        };
         let namespaces = c
             .namespaces
             .iter()
@@ -323,6 +335,7 @@ impl Settings {
                 let policy = HistoryPolicy {
                     size: ns.history_size.unwrap_or(default_history.size),
                     ttl: ns.history_ttl_secs.map_or(default_history.ttl, Duration::from_secs),
+                    max_bytes: ns.history_max_bytes.unwrap_or(default_history.max_bytes),
                 };
                 (name.clone(), policy)
             })
@@ -513,6 +526,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let limits = &config.limits;
     let positive = [
         ("limits.max_body_bytes", limits.max_body_bytes as u64),
+        ("limits.max_history_response_bytes", limits.max_history_response_bytes as u64),
         ("limits.max_connections", limits.max_connections as u64),
         ("limits.max_connections_per_user", limits.max_connections_per_user as u64),
         ("limits.max_channels_per_connection", limits.max_channels_per_connection as u64),
@@ -524,6 +538,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.body_read_timeout_secs", limits.body_read_timeout_secs),
         ("sse.ping_interval_secs", config.sse.ping_interval_secs),
         ("history.ttl_secs", config.history.ttl_secs),
+        ("history.max_bytes", config.history.max_bytes as u64),
         ("dedup_window_secs", config.dedup_window_secs),
     ];
     for (key, value) in positive {
@@ -548,6 +563,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         }
         if ns.history_ttl_secs == Some(0) {
             problems.push(format!("namespaces.{name}.history_ttl_secs must be greater than 0"));
+        }
+        if ns.history_max_bytes == Some(0) {
+            problems.push(format!("namespaces.{name}.history_max_bytes must be greater than 0"));
         }
     }
     for origin in &config.cors_allowed_origins {
@@ -660,6 +678,21 @@ mod tests {
         let contract = env(&[("HERALD_REDIS_DURABILITY", "replicated"), ("HERALD_REDIS_MIN_REPLICAS", "2")]);
         let settings = load(&Cli::default(), &contract).expect("the contract's names are accepted");
         assert_eq!((settings.config.redis.durability.as_str(), settings.config.redis.min_replicas), ("replicated", 2));
+    }
+
+    #[test]
+    fn history_bytes_default_and_per_namespace() {
+        let e = env(&[("HERALD_HISTORY__MAX_BYTES", "65536"), ("HERALD_NAMESPACES__CHAT__HISTORY_MAX_BYTES", "1024")]);
+        let policies = load(&Cli::default(), &e).expect("valid").policies();
+        let channel = |name: &str| herald_core::ChannelName::parse(name).expect("channel");
+        assert_eq!(policies.history(&channel("user:1")).max_bytes, 65536);
+        assert_eq!(policies.history(&channel("chat:1")).max_bytes, 1024);
+        assert_eq!(policies.history(&channel("chat:1")).size, 256, "other settings keep their defaults");
+        let defaults = load(&Cli::default(), &[]).expect("valid").policies();
+        assert_eq!(defaults.history(&channel("x")).max_bytes, herald_core::policy::DEFAULT_HISTORY_MAX_BYTES);
+        let problems =
+            load(&Cli::default(), &env(&[("HERALD_NAMESPACES__CHAT__HISTORY_MAX_BYTES", "0")])).expect_err("zero");
+        assert!(problems[0].contains("history_max_bytes"), "{problems:?}");
     }
 
     #[test]

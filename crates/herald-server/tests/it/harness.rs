@@ -160,6 +160,13 @@ impl Sse {
 
     /// The next event's name and data (JSON).
     pub async fn next(&mut self) -> (String, Value) {
+        let (event, data) = self.next_raw().await;
+        let data = serde_json::from_str(&data).unwrap_or_else(|_| panic!("data is not JSON: {data:?}"));
+        (event, data)
+    }
+
+    /// The next event's name and data as sent (for data serde_json cannot hold as a `Value`).
+    pub async fn next_raw(&mut self) -> (String, String) {
         let event = tokio::time::timeout(TIMEOUT, self.stream.next())
             .await
             .expect("timed out waiting for an SSE event")
@@ -168,8 +175,7 @@ impl Sse {
         if !event.id.is_empty() {
             self.last_id = event.id.clone();
         }
-        let data = serde_json::from_str(&event.data).unwrap_or_else(|_| panic!("data is not JSON: {:?}", event.data));
-        (event.event, data)
+        (event.event, event.data)
     }
 
     /// Reads events until the stream ends; returns them.
@@ -224,6 +230,11 @@ impl Ws {
 
     /// The next JSON text frame (pings are answered by tungstenite and skipped).
     pub async fn next(&mut self) -> Value {
+        serde_json::from_str(&self.next_text().await).expect("WS frame is JSON")
+    }
+
+    /// The next text frame as sent (pings are answered by tungstenite and skipped).
+    pub async fn next_text(&mut self) -> String {
         loop {
             let message = tokio::time::timeout(TIMEOUT, self.socket.next())
                 .await
@@ -231,7 +242,7 @@ impl Ws {
                 .expect("WS stream ended")
                 .expect("WS read failed");
             match message {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).expect("WS frame is JSON"),
+                Message::Text(text) => return text.as_str().to_owned(),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("unexpected WS message {other:?}"),
             }

@@ -54,6 +54,8 @@ async fn a_client_that_cannot_keep_up_is_closed_and_resumes_without_loss() {
     let server = Server::with(|config| {
         config.limits.queue_capacity = 16;
         config.history.size = 3000;
+        // 2,000 publications of 10 KB stay in history (more than the default 8 MiB bound).
+        config.history.max_bytes = 64 * 1024 * 1024;
     })
     .await;
     // A raw client that reads the response head and the connected event, then stops reading.

@@ -6,6 +6,7 @@ mod auth;
 mod cluster;
 mod dashboard;
 mod harness;
+mod history;
 mod lifecycle;
 mod limits;
 mod process;

@@ -122,6 +122,8 @@ async fn a_websocket_client_that_cannot_keep_up_is_closed_and_resumes_without_lo
         config.limits.queue_capacity = 16;
         config.limits.write_timeout_secs = 1;
         config.history.size = 3000;
+        // 2,000 publications of 10 KB stay in history (more than the default 8 MiB bound).
+        config.history.max_bytes = 64 * 1024 * 1024;
     })
     .await;
     let mut slow = Ws::connect(&server).await;
