@@ -294,14 +294,13 @@ impl Cluster {
             None
         };
         let url = redis.url();
-        let durability = if replicated { "replicated" } else { "none" };
+        let mut env = vec![("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")];
+        // Only when asked, so that binaries without the setting can be compared (`--herald`).
+        if replicated {
+            env.push(("HERALD_REDIS__DURABILITY", "replicated"));
+        }
         let mut nodes = Vec::new();
         for _ in 0..size.max(2) {
-            let env = [
-                ("HERALD_ENGINE", url.as_str()),
-                ("HERALD_REDIS__PREFIX", "bench"),
-                ("HERALD_REDIS__DURABILITY", durability),
-            ];
             nodes.push(Node::start(herald, &env).await?);
         }
         if let Some(replica) = &replica {

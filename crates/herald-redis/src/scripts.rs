@@ -89,7 +89,9 @@ if size > 0 then
   if count > size or (max_bytes > 0 and bytes > max_bytes) then
     local after, kept = '-', count
     while kept > 1 and (kept > size or (max_bytes > 0 and bytes > max_bytes)) do
-      local oldest = redis.call('XRANGE', stream, after, '+', 'COUNT', 16)
+      -- Read only as many of the oldest as the count bound drops (usually one), one more at a time
+      -- for the bytes bound: reading entries is most of what trimming costs.
+      local oldest = redis.call('XRANGE', stream, after, '+', 'COUNT', math.max(1, kept - size))
       if #oldest == 0 then break end
       for _, entry in ipairs(oldest) do
         if kept <= 1 or (kept <= size and (max_bytes <= 0 or bytes <= max_bytes)) then break end
