@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use herald_core::{ChannelName, EngineError, History, NodeReceipt, Publication};
+use herald_core::{ChannelName, EngineError, History, NodeReceipt, Position, Publication};
 use redis::aio::{PubSubSink, PubSubStream};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -220,6 +220,11 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
     for channel in resync {
         resync_channel(&inner, &channel).await;
     }
+    // The last offset this connection received per channel. Redis runs publish scripts one at a time and
+    // pub/sub keeps their order, so on one connection a channel's offsets only grow: one that does not
+    // means the data rolled back under an unchanged primary history (a backup loaded into a running
+    // server), and the offset was just handed out a second time.
+    let mut seen: HashMap<ChannelName, Position> = HashMap::new();
     let own_control = inner.keys.own_control();
     let control_all = inner.keys.control_all();
     while let Some(message) = stream.next().await {
@@ -248,6 +253,20 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
                 tracing::debug!(correlation_id = %publication.correlation_id, %channel,
                     offset = publication.position.offset, origin = header.as_ref().map_or("", |h| h.origin.as_str()),
                     "received from the backplane");
+                if seen.len() > 2 * lock(&inner.subscribed).len() + 1024 {
+                    let subscribed = lock(&inner.subscribed).clone();
+                    seen.retain(|channel, _| subscribed.contains(channel));
+                }
+                let position = publication.position.clone();
+                let backwards = seen
+                    .insert(channel.clone(), position.clone())
+                    .filter(|before| before.epoch == position.epoch && position.offset <= before.offset);
+                if let Some(before) = backwards {
+                    inner.fence_backwards(&channel, &position.epoch, before.offset, position.offset).await;
+                    seen.remove(&channel);
+                    resync_channel(&inner, &channel).await;
+                    continue;
+                }
                 deliver_in_order(&inner, Arc::new(publication)).await;
                 if let Some((header, local, receipt, sink)) = tracked {
                     let inner = inner.clone();

@@ -264,6 +264,8 @@ async fn with_durable_publishes_a_failover_continues_without_a_reset() {
     assert_eq!(ledger.delivered.len(), 6, "4, 5, 6 of the old epoch and 3 of the new one");
 }
 
+/// A primary, a replica and three sentinels; the replica is made to lag for real (stopped and cut off),
+/// the primary killed, the replica promoted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_answers_200_for_a_lost_write() {
     let primary = RedisServer::start_persistent(&[]);
@@ -363,4 +365,40 @@ async fn durable_publishes_answer_503_not_durable_while_the_replica_cannot_ackno
     let mut ledger = Ledger::default();
     ledger.read_until(&mut sse, &acked[3].0).await;
     ledger.check(&acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_loaded_into_a_running_redis_is_caught_by_positions_going_backwards() {
+    // `DEBUG RELOAD NOSAVE` loads the last snapshot into the running server: same process, same
+    // connections, same replication ID. Only the positions tell.
+    let redis = RedisServer::start_persistent(&["--enable-debug-command", "yes"]);
+    let node = node_on(redis.url(), |_| {}).await;
+    let (mut sse, _) = Sse::open(&node, "channel=user:5", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=10 {
+        publish(&node, "user:5", json!(i), &mut acked).await;
+    }
+    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
+    for i in 11..=15 {
+        publish(&node, "user:5", json!(i), &mut acked).await;
+    }
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[14].0).await;
+    assert_eq!(redis.command(&["DEBUG", "RELOAD", "NOSAVE"]).as_deref(), Some("+OK"));
+    // The first publication after it is given offset 11 again (nothing in Redis can tell): the
+    // subscribed node sees the offset go back, fences the channel and resets its clients, which covers
+    // that publication; later publications are in the new epoch.
+    let reused = node.publish("user:5", json!(16)).await;
+    assert_eq!((&reused["epoch"], &reused["offset"]), (&acked[0].0["epoch"], &json!(11)));
+    let (event, reset) = sse.next().await;
+    assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("engine_rollback")), "{reset}");
+    ledger.record(&event, &reset);
+    for i in 17..=20 {
+        let answer = publish(&node, "user:5", json!(i), &mut acked).await;
+        assert_eq!(answer["epoch"], reset["epoch"]);
+    }
+    ledger.read_until(&mut sse, &acked[18].0).await;
+    ledger.check(&acked);
+    assert_eq!(ledger.delivered.get(&(reused["epoch"].as_str().unwrap_or_default().to_owned(), 11)), Some(&json!(11)));
+    assert!(node.state.hub().engine().stats().rollbacks >= 1);
 }
