@@ -185,7 +185,7 @@ impl Session {
         let Some(since) = since else {
             return Ok(engine.top(channel).await?);
         };
-        match engine.history(channel, Some(&since), self.shared.config.max_replay).await? {
+        match self.history(channel, &since, self.shared.config.max_replay).await? {
             History::Covered { publications, top } => {
                 // Nothing after `since`: it is the top, or the end of an epoch the top's continues.
                 let mut position = if publications.is_empty() { top } else { since };
@@ -328,7 +328,7 @@ impl Session {
         }
         let mut replayed = 0;
         let mut rolled_back = false;
-        match self.shared.engine.history(channel, Some(&position), self.shared.config.max_replay).await {
+        match self.history(channel, &position, self.shared.config.max_replay).await {
             Ok(History::Covered { publications, top }) => {
                 if publications.is_empty() && top == *target {
                     position = top; // the end of an epoch that `target`'s continues
@@ -376,6 +376,33 @@ impl Session {
         replayed
     }
 
+    /// Publications after `since`, up to `limit`, reading history as many times as it takes: an engine
+    /// may answer with a part (the Redis engine bounds each read in bytes). Stops at the top, at `limit`,
+    /// or when a later read no longer covers the position reached (what follows is then a gap).
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: &Position,
+        limit: usize,
+    ) -> Result<History, crate::engine::EngineError> {
+        let engine = &self.shared.engine;
+        let first = engine.history(channel, Some(since), limit).await?;
+        let History::Covered { mut top, mut publications } = first else { return Ok(first) };
+        while let Some(last) = publications.last().map(|p| p.position.clone()) {
+            if last == top || publications.len() >= limit {
+                break;
+            }
+            match engine.history(channel, Some(&last), limit - publications.len()).await {
+                Ok(History::Covered { top: now, publications: more }) if !more.is_empty() => {
+                    top = now;
+                    publications.extend(more);
+                }
+                _ => break,
+            }
+        }
+        Ok(History::Covered { top, publications })
+    }
+
     /// Where a reset into `top`'s epoch should continue from: the start of that epoch when history still
     /// holds all of it (the client then gets every publication of the new epoch), else `top` itself.
     /// Returns the reset position and the publications to replay after the reset, up to `top`.
@@ -385,7 +412,7 @@ impl Session {
         }
         let start = Position::new(top.epoch.clone(), 0);
         let limit = self.shared.config.max_replay;
-        match self.shared.engine.history(channel, Some(&start), limit).await {
+        match self.history(channel, &start, limit).await {
             Ok(History::Covered { publications, .. }) => {
                 let mut expected = 1;
                 let mut replay = Vec::new();

@@ -41,6 +41,9 @@ pub use keys::Keys;
 
 /// How long a starting node waits for Redis to become reachable.
 pub const STARTUP_WAIT: Duration = Duration::from_secs(30);
+/// History entries asked for by a first `XRANGE`, and at most by any.
+const FIRST_PAGE: usize = 16;
+const MAX_PAGE: usize = 512;
 
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
@@ -63,6 +66,8 @@ pub struct RedisConfig {
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// Whether a publish waits for replicas before it is acknowledged.
     pub durability: Durability,
+    /// Bytes of history one read holds at most (one more entry beyond it); a read of more pages on.
+    pub max_read_bytes: usize,
 }
 
 /// When a publish counts as done.
@@ -88,6 +93,7 @@ impl RedisConfig {
             command_timeout: Duration::from_secs(1),
             tls_ca_file: None,
             durability: Durability::None,
+            max_read_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -375,7 +381,9 @@ impl Inner {
     }
 
     /// History entries with IDs from `start` to `end` (at most `limit`), oldest first, skipping entries
-    /// older than the namespace's history age.
+    /// older than the namespace's history age. Read a few entries at a time and stopped once they hold
+    /// `max_read_bytes` (the entry that crosses it included), so concurrent reads of a large history
+    /// hold a bounded amount each; callers page on from the last entry.
     pub(crate) async fn range(
         &self,
         channel: &ChannelName,
@@ -383,43 +391,56 @@ impl Inner {
         end: String,
         limit: usize,
     ) -> Result<Vec<Arc<Publication>>, EngineError> {
-        let live = self.live().await?;
-        let mut conn = live.conn.clone();
-        let entries: Vec<(String, Vec<Vec<u8>>)> = self
-            .on(
-                &live,
-                redis::cmd("XRANGE")
-                    .arg(self.keys.stream(channel))
-                    .arg(start)
-                    .arg(end)
-                    .arg("COUNT")
-                    .arg(limit)
-                    .query_async(&mut conn),
-            )
-            .await?;
         let oldest_kept = now_ms().saturating_sub(self.config.policies.history(channel).ttl.as_millis() as u64);
-        let mut publications = Vec::with_capacity(entries.len());
-        for (_id, fields) in entries {
-            let mut stamp = 0u64;
-            let mut envelope = None;
-            for pair in fields.chunks(2) {
-                match (pair.first().map(Vec::as_slice), pair.get(1)) {
-                    (Some(b"t"), Some(value)) => {
-                        stamp = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+        let budget = self.config.max_read_bytes.max(1);
+        let (mut publications, mut bytes, mut start, mut page) = (Vec::new(), 0usize, start, FIRST_PAGE);
+        while publications.len() < limit && bytes < budget {
+            let count = page.min(limit - publications.len());
+            let live = self.live().await?;
+            let mut conn = live.conn.clone();
+            let entries: Vec<(String, Vec<Vec<u8>>)> = self
+                .on(
+                    &live,
+                    redis::cmd("XRANGE")
+                        .arg(self.keys.stream(channel))
+                        .arg(&start)
+                        .arg(&end)
+                        .arg("COUNT")
+                        .arg(count)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let read = entries.len();
+            let mut page_bytes = 0;
+            for (id, fields) in entries {
+                start = format!("({id}");
+                let mut stamp = 0u64;
+                let mut envelope = None;
+                let mut fields = fields.into_iter();
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    match name.as_slice() {
+                        b"t" => stamp = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+                        b"p" => envelope = Some(value),
+                        _ => {}
                     }
-                    (Some(b"p"), Some(value)) => envelope = Some(value.clone()),
-                    _ => {}
                 }
-            }
-            if stamp < oldest_kept {
-                continue;
-            }
-            if let Some(envelope) = envelope {
+                let Some(envelope) = envelope.filter(|_| stamp >= oldest_kept) else { continue };
+                page_bytes += envelope.len();
                 match Publication::from_envelope(envelope.into(), None) {
                     Ok(publication) => publications.push(Arc::new(publication)),
                     Err(error) => tracing::warn!(%channel, %error, "unreadable history entry"),
                 }
+                if bytes + page_bytes >= budget {
+                    break;
+                }
             }
+            bytes += page_bytes;
+            if read < count {
+                break;
+            }
+            // Size the next read by what entries of this channel weigh, within the budget left.
+            let average = (page_bytes / read.max(1)).max(1);
+            page = ((budget.saturating_sub(bytes)) / average + 1).clamp(1, MAX_PAGE);
         }
         Ok(publications)
     }

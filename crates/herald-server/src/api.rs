@@ -27,6 +27,8 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::error::ApiError;
 
+/// How long a history read waits for a free slot (`limits.max_concurrent_history_reads`) before 429.
+const HISTORY_READ_WAIT: Duration = Duration::from_secs(5);
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// Publications returned by `/v1/history` unless `limit` says otherwise, and the most it may ask for.
@@ -466,10 +468,21 @@ pub async fn history(
         (Some(epoch), Some(offset)) => Some(Position::new(Epoch::parse(epoch)?, offset)),
         _ => return Err(ApiError::BadRequest("since_epoch and since_offset go together".into())),
     };
+    // Held until the answer is sent: a bounded number of answers hold memory at once.
+    let permit = tokio::time::timeout(HISTORY_READ_WAIT, state.history_reads().clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            ApiError::Limit(format!(
+                "more than {} history reads at once on this node; retry shortly",
+                state.config().limits.max_concurrent_history_reads
+            ))
+        })?;
     match state.hub().history(&channel, since.as_ref(), limit).await? {
         History::Covered { top, publications } => {
             let max_bytes = state.config().limits.max_history_response_bytes;
-            Ok(HistoryBody::answer(&channel, &top, &publications, max_bytes))
+            Ok(HistoryBody::answer(&channel, &top, &publications, max_bytes, permit))
         }
         History::Gone { .. } => Err(ApiError::HistoryGone),
     }
@@ -484,13 +497,21 @@ struct HistoryBody {
     /// `{"channel":…,"epoch":…,"offset":…,"publications":[`, then envelopes and commas, then `]}`.
     chunks: VecDeque<Bytes>,
     remaining: u64,
+    /// This answer's share of `limits.max_concurrent_history_reads`, returned when the body is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl HistoryBody {
-    fn answer(channel: &ChannelName, top: &Position, publications: &[Arc<Publication>], max_bytes: usize) -> Response {
+    fn answer(
+        channel: &ChannelName,
+        top: &Position,
+        publications: &[Arc<Publication>],
+        max_bytes: usize,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Response {
         let chunks = history_chunks(channel, top, publications, max_bytes);
         let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        let body = Body::new(HistoryBody { chunks, remaining });
+        let body = Body::new(HistoryBody { chunks, remaining, _permit: permit });
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }
 }

@@ -120,6 +120,9 @@ pub struct LimitsConfig {
     /// Largest `/v1/history` answer, in bytes: publications stop before the one that would go over
     /// (at least one is always included); the client pages on with `since` = the last offset it got.
     pub max_history_response_bytes: usize,
+    /// `/v1/history` answers being read or sent at once on this node; more wait up to 5 s, then get 429.
+    /// With the Redis engine each one holds up to about `max_history_response_bytes` of memory.
+    pub max_concurrent_history_reads: usize,
     /// Connections (SSE plus WebSocket) this node accepts.
     pub max_connections: usize,
     /// Connections one authenticated user may hold on this node.
@@ -259,6 +262,7 @@ impl Default for LimitsConfig {
         Self {
             max_body_bytes: 1024 * 1024,
             max_history_response_bytes: 4 * 1024 * 1024,
+            max_concurrent_history_reads: 16,
             max_connections: hub.max_connections,
             max_connections_per_user: hub.max_connections_per_user,
             publish_rate_per_key: 50_000,
@@ -527,6 +531,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let positive = [
         ("limits.max_body_bytes", limits.max_body_bytes as u64),
         ("limits.max_history_response_bytes", limits.max_history_response_bytes as u64),
+        ("limits.max_concurrent_history_reads", limits.max_concurrent_history_reads as u64),
         ("limits.max_connections", limits.max_connections as u64),
         ("limits.max_connections_per_user", limits.max_connections_per_user as u64),
         ("limits.max_channels_per_connection", limits.max_channels_per_connection as u64),

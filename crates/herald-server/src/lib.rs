@@ -45,6 +45,8 @@ struct AppInner {
     publish_limiter: api::PublishLimiter,
     /// One permit per open TCP connection (`limits.max_sockets`), taken by the accept loop.
     sockets: Arc<tokio::sync::Semaphore>,
+    /// One permit per `/v1/history` answer being read or sent (`limits.max_concurrent_history_reads`).
+    history_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -52,10 +54,12 @@ impl AppState {
     pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
         let auth = auth::ClientAuth::from_config(&settings.config).map_err(|problem| anyhow::anyhow!(problem))?;
         let sockets = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.sockets()));
+        let history_reads = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.max_concurrent_history_reads));
         Ok(Self {
             inner: Arc::new(AppInner {
                 auth,
                 sockets,
+                history_reads,
                 publish_limiter: api::PublishLimiter::default(),
                 hub,
                 settings,
@@ -75,6 +79,10 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.inner.settings.config
+    }
+
+    pub(crate) fn history_reads(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.history_reads
     }
 
     pub(crate) fn publish_limiter(&self) -> &api::PublishLimiter {
@@ -195,6 +203,7 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
         redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
         redis.tls_ca_file = r.tls_ca_file.clone();
+        redis.max_read_bytes = config.limits.max_history_response_bytes;
         if r.durability == "replicated" {
             redis.durability = herald_redis::Durability::Replicated {
                 min_replicas: r.min_replicas,

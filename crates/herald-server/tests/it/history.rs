@@ -232,8 +232,24 @@ async fn history_is_bounded_in_bytes(engine: Option<String>) {
 
 #[tokio::test]
 async fn history_answers_are_bounded_in_bytes_and_paging_returns_everything() {
+    paging_returns_everything(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_from_redis_are_paged_and_a_resume_still_recovers_everything() {
+    let redis = RedisServer::start();
+    paging_returns_everything(Some(redis.url())).await;
+}
+
+async fn paging_returns_everything(engine: Option<String>) {
     let max = 64 * 1024;
-    let server = Server::with(|config| config.limits.max_history_response_bytes = 64 * 1024).await;
+    let server = Server::with(|config| {
+        if let Some(url) = engine {
+            config.engine = url;
+        }
+        config.limits.max_history_response_bytes = 64 * 1024;
+    })
+    .await;
     let mut expected = Vec::new();
     let mut epoch = String::new();
     for i in 0..200u64 {
@@ -282,4 +298,12 @@ async fn history_answers_are_bounded_in_bytes_and_paging_returns_everything() {
     assert_eq!(answer["publications"][0]["data"], json!(large));
     let query = format!("channel=paged:1&since_epoch={epoch}&since_offset=201");
     assert_eq!(history_offsets(&server, &query).await.1, vec![202]);
+    // A client resuming from the start recovers all of it, across as many reads as it takes.
+    let cursor = herald_core::encode_cursor(
+        &[herald_core::ChannelName::parse("paged:1").expect("channel")],
+        &[herald_core::Position::new(herald_core::Epoch::parse(&epoch).expect("epoch"), 0)],
+    );
+    let (mut sse, _) = Sse::open(&server, "channel=paged:1", Some(&cursor)).await;
+    let data = sse.expect_offsets("paged:1", 0, 202).await;
+    assert_eq!(&data[..200], &expected[..]);
 }
