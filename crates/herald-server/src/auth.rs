@@ -3,12 +3,14 @@
 //! With no client authentication configured every client is anonymous and may subscribe to any channel
 //! (the server then refuses to bind a non-loopback address unless `insecure` is set; see `main.rs`).
 //! With a key configured:
-//! - a token comes from `Authorization: Bearer <token>` (the scheme in any case) or `?token=` (once); a
-//!   request with no token at all is
-//!   anonymous and may only use `public` namespaces; a token that is present but invalid, expired, not
-//!   yet valid (`nbf`, or an `iat` in the future, beyond `jwt_leeway_secs`), for another audience or
-//!   issuer, signed with another key or with another algorithm (including `alg: none`) is refused with
-//!   401, never downgraded to anonymous;
+//! - a token comes from `Authorization: Bearer <token>` (the scheme in any case) or `?token=` (once),
+//!   never both (400: which one counts would be a guess); a request with no token at all is
+//!   anonymous and may only use `public` namespaces; a token that is present but invalid, expired (from
+//!   the first instant of its `exp` second on, RFC 7519 section 4.1.4, without leeway), not yet valid
+//!   (`nbf`, or an `iat` in the future, beyond `jwt_leeway_secs`), for another audience or issuer (with
+//!   `jwt_issuer`, `iss` must be that one string, not a list), signed with another key or with another
+//!   algorithm (including `alg: none`), or carrying a `crit` header (Herald understands no extension,
+//!   RFC 7515 section 4.1.11) is refused with 401, never downgraded to anonymous;
 //! - `sub` is the user; the optional `channels` claim grants channels (exact names, or a prefix ending
 //!   in `*`);
 //! - each namespace has a subscribe rule (`namespaces.<ns>.subscribe`): `owner` (the part after the
@@ -67,6 +69,8 @@ struct Claims {
     exp: Option<u64>,
     nbf: Option<u64>,
     iat: Option<u64>,
+    /// Kept as sent: jsonwebtoken also accepts a list containing the issuer, Herald only the string.
+    iss: Option<serde_json::Value>,
     #[serde(default)]
     channels: Vec<String>,
 }
@@ -110,8 +114,9 @@ impl ClientAuth {
         let mut validation = Validation::new(algorithm);
         let mut required = vec!["sub"];
         validation.validate_exp = true;
-        // Expiry is exact: a connection is closed when its token expires, not a minute later. `nbf` and
-        // `iat` are checked by hand with their own leeway (`check_times`).
+        // Expiry is exact: a connection is closed when its token expires, not a minute later. jsonwebtoken
+        // still accepts `exp == now`, so `check_times` checks `exp` again; `nbf` and `iat` are checked
+        // there too, with their own leeway.
         validation.leeway = 0;
         validation.validate_nbf = false;
         // Without a configured audience, jsonwebtoken refuses any token that has an `aud` claim.
@@ -127,9 +132,14 @@ impl ClientAuth {
         validation
     }
 
-    /// `nbf` (not before) and `iat` (issued at) must not lie in the future beyond the leeway.
+    /// `exp` must lie after the current second (a token is expired from the first instant of its `exp`
+    /// second on, RFC 7519 section 4.1.4: no leeway); `nbf` (not before) and `iat` (issued at) must not
+    /// lie in the future beyond the leeway.
     fn check_times(&self, claims: &Claims) -> Result<(), ApiError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        if claims.exp.is_some_and(|exp| exp <= now) {
+            return Err(ApiError::Unauthenticated("token expired".into()));
+        }
         let latest = now.saturating_add(self.leeway);
         if claims.nbf.is_some_and(|nbf| nbf > latest) {
             return Err(ApiError::Unauthenticated("token is not valid yet (nbf)".into()));
@@ -138,6 +148,17 @@ impl ClientAuth {
             return Err(ApiError::Unauthenticated("token is issued in the future (iat)".into()));
         }
         Ok(())
+    }
+
+    /// With `jwt_issuer`, `iss` must be exactly that string (RFC 7519 section 4.1.1: one StringOrURI);
+    /// jsonwebtoken has already refused a token without it or with another one.
+    fn check_issuer(&self, claims: &Claims) -> Result<(), ApiError> {
+        match &self.issuer {
+            Some(issuer) if claims.iss.as_ref().and_then(serde_json::Value::as_str) != Some(issuer.as_str()) => {
+                Err(ApiError::Unauthenticated("token issuer is not accepted".into()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -194,10 +215,16 @@ impl ClientAuth {
         !self.keys.is_empty()
     }
 
-    /// The identity of a request: anonymous without a token, 401 with a bad one.
+    /// The identity of a request: anonymous without a token, 401 with a bad one, 400 with a token both in
+    /// `Authorization` and in `?token=`.
     pub fn authenticate(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<Identity, ApiError> {
         if !self.enabled() {
             return Ok(Identity::default());
+        }
+        if query_token.is_some() && headers.contains_key(header::AUTHORIZATION) {
+            return Err(ApiError::BadRequest(
+                "a token may be given in Authorization or in the token query parameter, not both".into(),
+            ));
         }
         let from_header = bearer(headers).map(|token| {
             token.map_err(|()| ApiError::Unauthenticated("Authorization must be \"Bearer <token>\"".into()))
@@ -224,6 +251,9 @@ impl ClientAuth {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| ApiError::Unauthenticated("token is not valid".into()))?;
+        if header.crit.is_some() {
+            return Err(ApiError::Unauthenticated("token has a crit header; no extension is understood".into()));
+        }
         // Only keys of the token's algorithm (and its `kid`, when both name one) are tried, so a token can
         // never choose how it is checked: `alg: none`, or HS256 signed with a public key, match no key.
         let candidates = self.keys.iter().filter(|k| {
@@ -254,7 +284,11 @@ impl ClientAuth {
                     };
                     ApiError::Unauthenticated(why.into())
                 })
-                .and_then(|data| self.check_times(&data.claims).map(|()| data.claims))
+                .and_then(|data| {
+                    self.check_times(&data.claims)?;
+                    self.check_issuer(&data.claims)?;
+                    Ok(data.claims)
+                })
                 .and_then(identity_of);
             if outcome.is_ok() {
                 break;

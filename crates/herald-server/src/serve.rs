@@ -370,8 +370,9 @@ fn classify(head: &[u8], max_body_bytes: usize) -> Result<Request, ApiError> {
 }
 
 /// Checks `Content-Length` and `Transfer-Encoding` (RFC 9112 sections 6.1 to 6.3): one well-formed
-/// length, or `chunked` as the only coding, never both (the classic request smuggling vector), no
-/// transfer coding in HTTP/1.0, and a length within `max_body_bytes`. Returns whether a body follows.
+/// length, or `chunked` as the only coding (a list without empty elements), never both (the classic
+/// request smuggling vector), no transfer coding in HTTP/1.0, and a length within `max_body_bytes`.
+/// Returns whether a body follows.
 fn check_framing(headers: &[httparse::Header<'_>], version: u8, max_body_bytes: usize) -> Result<bool, ApiError> {
     let mut length: Option<u64> = None;
     let mut codings: Vec<String> = Vec::new();
@@ -391,7 +392,14 @@ fn check_framing(headers: &[httparse::Header<'_>], version: u8, max_body_bytes: 
             has_transfer_encoding = true;
             let value = std::str::from_utf8(header.value)
                 .map_err(|_| ApiError::BadRequest("Transfer-Encoding must be ASCII".into()))?;
-            codings.extend(value.split(',').map(|c| c.trim().to_ascii_lowercase()).filter(|c| !c.is_empty()));
+            for coding in value.split(',').map(str::trim) {
+                // hyper refuses an empty element at the end (`chunked,`); refusing every empty one here
+                // keeps the two parses from ever disagreeing on where the body ends.
+                if coding.is_empty() {
+                    return Err(ApiError::BadRequest("Transfer-Encoding has an empty list element".into()));
+                }
+                codings.push(coding.to_ascii_lowercase());
+            }
         }
     }
     if has_transfer_encoding {

@@ -1,8 +1,9 @@
 //! `GET /v1/ws`: the WebSocket transport over one session.
 //!
 //! One task owns the socket: it `select!`s over the client's frames, the session's queue and the
-//! heartbeat. Client frames are JSON ops (`subscribe`, `unsubscribe`, `ping`); a bad frame gets an
-//! `error` reply and the socket stays open. Writes are bounded by `limits.write_timeout_secs`, so a
+//! heartbeat. Client frames are JSON ops (`subscribe`, `unsubscribe`, `ping`, `refresh`); a bad frame
+//! gets an `error` reply (with the frame's `id` if it is a u64, else `"id": null`) and the socket stays
+//! open. Writes are bounded by `limits.write_timeout_secs`, so a
 //! client that stops reading is closed instead of pinning the task. Queued publications are written as
 //! one batch of frames with a single flush (one write for many messages).
 //!
@@ -10,7 +11,9 @@
 //! Close is followed by a short wait for the client's (the server closes TCP after the handshake); no
 //! socket that can still be written to is dropped without a close code. Codes sent by Herald: 1001 (node
 //! shutting down), 1002 (protocol error: unmasked, reserved bits or opcodes, an oversized or fragmented
-//! control frame, a bad continuation), 1007 (a text message that is not UTF-8), 1009 (message too big),
+//! control frame, a bad continuation; a Close with an invalid code is answered by tungstenite itself,
+//! with the reason `Protocol violation`), 1007 (a text message that is not UTF-8), 1009 (message too big, or any frame
+//! over `limits.ws_max_message_bytes`, a control frame too: its size is checked before its type),
 //! 4000 (too slow: resume with `since`), 4001 (disconnected by the server API), 4002 (client stopped
 //! answering pings), 4003 (the client's token expired; send `refresh` with a fresh token before that).
 //!
@@ -366,11 +369,13 @@ impl Connection {
     }
 }
 
-/// A client frame's op, or the error reply it gets: the id as the client sent it, a code, a message.
+/// A client frame's op, or the error reply it gets: the client's id, a code, a message.
 fn parse_frame(text: &str) -> Result<Op, (Value, &'static str, String)> {
     let value: Value = serde_json::from_str(text).map_err(|e| (Value::Null, "malformed_json", e.to_string()))?;
-    // Error replies echo the client's id as sent, even when it is not a valid one.
-    let raw_id = value.get("id").cloned().unwrap_or(Value::Null);
+    // Error replies echo the client's id when it is a valid one (a u64), even if the rest of the frame is
+    // not; any other id is answered with `null` (re-serialised, a number beyond u64 would come back as a
+    // float, not as sent).
+    let raw_id = value.get("id").filter(|id| id.is_u64()).cloned().unwrap_or(Value::Null);
     let name = value.get("op").and_then(Value::as_str).map(str::to_owned);
     match name.as_deref() {
         Some("subscribe" | "unsubscribe" | "ping" | "refresh") => {

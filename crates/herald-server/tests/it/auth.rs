@@ -111,8 +111,21 @@ async fn bad_tokens_are_refused_never_treated_as_anonymous() {
     parts[1] = base64url(format!(r#"{{"sub":"bob","exp":{}}}"#, now() + 600).as_bytes());
     let tampered = parts.join(".");
     let no_sub = token_with(SECRET, json!({"exp": now() + 600}));
+    // RFC 7515 section 4.1.11: an extension the receiver does not understand makes the token invalid.
+    let critical = |crit: &[&str], extra: Value| {
+        let header = Header { crit: Some(crit.iter().map(|c| (*c).to_owned()).collect()), ..Header::default() };
+        let mut claims = json!({"sub": "alice", "exp": now() + 600});
+        for (key, value) in extra.as_object().into_iter().flatten() {
+            claims[key] = value.clone();
+        }
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET.as_bytes())).expect("token")
+    };
+    let crit_exp = critical(&["exp"], json!({}));
+    let crit_custom = critical(&["x-policy"], json!({"x-policy": "strict"}));
     for (name, bad) in [
         ("expired", &expired),
+        ("crit naming a registered claim", &crit_exp),
+        ("crit naming an extension", &crit_custom),
         ("other key", &other_key),
         ("alg none", &none_alg),
         ("tampered", &tampered),
@@ -163,6 +176,8 @@ async fn a_connection_closes_when_its_token_expires_unless_refreshed() {
         tokio::time::timeout(Duration::from_secs(10), response.text()).await.expect("stream ends").expect("body");
     assert!(text.contains(": closed token_expired"), "{text}");
 
+    // That token is expired now (SSE ended at its `exp`): the WebSocket gets a short one of its own.
+    let short = token_with(SECRET, json!({"sub": "erin", "exp": now() + 2}));
     let (socket, _) =
         tokio_tungstenite::connect_async(format!("{}?token={}", server.ws_url(), short)).await.expect("WS");
     let mut ws = Ws { socket };
@@ -181,6 +196,56 @@ async fn a_connection_closes_when_its_token_expires_unless_refreshed() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     ws.send(json!({"op": "ping", "id": 3})).await;
     assert_eq!(ws.next().await, json!({"type": "pong", "id": 3}), "still open after the first token's expiry");
+}
+
+#[tokio::test]
+async fn a_token_is_expired_from_the_first_instant_of_its_exp_second() {
+    let server = secured().await;
+    // `now()` only grows, so a token made with `exp = now()` is at or past its expiry when checked.
+    let expiring = || token_with(SECRET, json!({"sub": "hal", "exp": now()}));
+    let (status, body) = sse_status(&server, "channel=user:hal", Some(&expiring())).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthenticated"), "SSE: {body}");
+    assert_eq!(body["error"]["message"], "token expired");
+    let refused = tokio_tungstenite::connect_async(format!("{}?token={}", server.ws_url(), expiring())).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = refused else {
+        panic!("a WebSocket upgrade with a token at its exp second must be refused with an HTTP answer")
+    };
+    assert_eq!(response.status().as_u16(), 401);
+
+    // A refresh to such a token is refused and keeps the connection on its current one.
+    let (socket, _) =
+        tokio_tungstenite::connect_async(format!("{}?token={}", server.ws_url(), token("hal"))).await.expect("WS");
+    let mut ws = Ws { socket };
+    ws.send(json!({"op": "refresh", "id": 1, "token": expiring()})).await;
+    let reply = ws.next().await;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("unauthenticated")), "{reply}");
+    assert_eq!(reply["id"], 1);
+    ws.send(json!({"op": "ping", "id": 2})).await;
+    assert_eq!(ws.next().await, json!({"type": "pong", "id": 2}));
+}
+
+#[tokio::test]
+async fn a_token_in_both_the_header_and_the_query_is_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = secured().await;
+    let (alice, bob) = (token("alice"), token("bob"));
+    for query_token in [&alice, &bob, &"garbage".to_owned()] {
+        let (status, body) =
+            sse_status(&server, &format!("channel=user:alice&token={query_token}"), Some(&alice)).await;
+        assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"), "SSE: {body}");
+        let mut request = format!("{}?token={query_token}", server.ws_url()).into_client_request().expect("WS request");
+        request.headers_mut().insert("authorization", format!("Bearer {alice}").parse().expect("header value"));
+        let refused = tokio_tungstenite::connect_async(request).await;
+        let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = refused else {
+            panic!("a WebSocket upgrade with two tokens must be refused with an HTTP answer")
+        };
+        assert_eq!(response.status().as_u16(), 400);
+        let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default()).expect("JSON");
+        assert_eq!(error_code(&body), "bad_request");
+    }
+    // Either place alone still works.
+    assert_eq!(sse_status(&server, "channel=user:alice", Some(&alice)).await.0, StatusCode::OK);
+    assert_eq!(sse_status(&server, &format!("channel=user:alice&token={alice}"), None).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -328,6 +393,10 @@ async fn not_before_issued_at_audience_and_issuer_are_checked() {
         ("no audience", json!({"aud": null}), unauthenticated.clone()),
         ("another issuer", json!({"iss": "https://evil.example"}), unauthenticated.clone()),
         ("no issuer", json!({"iss": null}), unauthenticated.clone()),
+        // RFC 7519 section 4.1.1: `iss` is one StringOrURI; a list is refused even if it names the issuer.
+        ("issuer in a list", json!({"iss": ["https://evil.example", "https://auth.example"]}), unauthenticated.clone()),
+        ("issuer alone in a list", json!({"iss": ["https://auth.example"]}), unauthenticated.clone()),
+        ("issuer not a string", json!({"iss": 7}), unauthenticated.clone()),
     ];
     for (name, extra, expected) in cases {
         let token = claims(extra);

@@ -31,6 +31,12 @@ async fn malformed_message_framing_gets_json_errors() {
         (format!("{publish}Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"), 501, "not_implemented"),
         (format!("{publish}Transfer-Encoding: identity\r\n\r\n"), 400, "bad_request"),
         (format!("{publish}Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"), 400, "bad_request"),
+        // Empty list elements: hyper refuses a trailing one with a bare 400, Herald refuses them all.
+        (format!("{publish}Transfer-Encoding: chunked,\r\n\r\n0\r\n\r\n"), 400, "bad_request"),
+        (format!("{publish}Transfer-Encoding: chunked, \r\n\r\n0\r\n\r\n"), 400, "bad_request"),
+        (format!("{publish}Transfer-Encoding: chunked,,\r\n\r\n0\r\n\r\n"), 400, "bad_request"),
+        (format!("{publish}Transfer-Encoding: , chunked\r\n\r\n0\r\n\r\n"), 400, "bad_request"),
+        (format!("{publish}Transfer-Encoding: \r\n\r\n"), 400, "bad_request"),
         ("POST /v1/publish HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned(), 400, "bad_request"),
         ("GET /v1/sse?channel=a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".to_owned(), 400, "bad_request"),
     ];
