@@ -283,9 +283,10 @@ impl Commands {
 
     async fn connect(&self) -> Result<Live, EngineError> {
         let (client, address) = self.primary_client().await?;
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
+        // Every call is bounded by the engine itself (the command timeout, or a `WAIT`'s own, longer one),
+        // so the connection sets no response timeout of its own.
+        let config =
+            redis::AsyncConnectionConfig::new().set_connection_timeout(Some(self.timeout)).set_response_timeout(None);
         let connect = client.get_multiplexed_async_connection_with_config(&config);
         let mut conn = tokio::time::timeout(self.timeout * 2, connect)
             .await
