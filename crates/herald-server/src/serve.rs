@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -162,7 +162,7 @@ pub async fn accept_loop(
                 write_error(&mut guarded, &error, "").await;
                 return;
             }
-            let guarded = Prefixed { prefix: head, at: 0, inner: guarded };
+            let guarded = Prefixed { prefix: head, at: 0, inner: guarded, replacement: None };
             // Boxed so that the (larger) hyper state is not part of every connection task's size.
             Box::pin(serve_hyper(app, guarded, kill, limits, shutdown)).await;
         });
@@ -481,6 +481,58 @@ struct Prefixed {
     prefix: Vec<u8>,
     at: usize,
     inner: GuardedIo,
+    /// The contract's JSON answer standing in for one of hyper's own, and how much of it is written.
+    replacement: Option<(Vec<u8>, usize)>,
+}
+
+impl Prefixed {
+    /// Writes what is left of a replacement answer; ready once it is all written.
+    fn drain_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, written)) = self.replacement.as_mut() {
+            if *written == bytes.len() {
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The contract's JSON answer for one of hyper's own answers, if `buf` is one. Herald checks the first
+/// request on a connection itself; hyper parses later ones on a kept-alive connection and answers what it
+/// cannot parse with an empty 400 (431 for a head over its buffer, 414 for a long target) before closing.
+/// Herald's own answers always carry a `content-type`, so an empty one without is hyper's.
+fn json_for_hypers_answer(buf: &[u8]) -> Option<Vec<u8>> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    if head_end != buf.len() {
+        return None;
+    }
+    let head = std::str::from_utf8(buf).ok()?.to_ascii_lowercase();
+    let error = match head.get(..12)? {
+        "http/1.1 400" => ApiError::BadRequest("malformed HTTP request".into()),
+        "http/1.1 431" | "http/1.1 414" => {
+            ApiError::HeadersTooLarge("the request head (request line and headers) is too large".into())
+        }
+        _ => return None,
+    };
+    if !head.contains("\r\ncontent-length: 0\r\n") || head.contains("\r\ncontent-type:") {
+        return None;
+    }
+    let status = error.status();
+    let body = error.body().to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes(),
+    )
 }
 
 impl AsyncRead for Prefixed {
@@ -502,26 +554,25 @@ impl AsyncRead for Prefixed {
 
 impl AsyncWrite for Prefixed {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.drain_replacement(cx))?;
+        if self.replacement.is_none()
+            && let Some(json) = json_for_hypers_answer(buf)
+        {
+            // hyper closes the connection after such an answer; it never writes after it.
+            self.replacement = Some((json, 0));
+            let _ = self.drain_replacement(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.drain_replacement(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.drain_replacement(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

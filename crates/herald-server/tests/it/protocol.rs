@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{Server, client, error_code, raw_exchange, read_json};
+use crate::harness::{Server, TIMEOUT, client, error_code, parse_answer, raw_exchange, read_answer, read_json};
 
 /// Sends `request` on a fresh connection; the status and error code of the JSON answer.
 async fn refused(server: &Server, request: &str) -> (u16, String) {
@@ -140,5 +140,29 @@ async fn the_websocket_route_answers_non_upgrades_with_json() {
         // Half-closed after the request: the server ends a kept-alive connection once it answered.
         let (got, body) = raw_exchange(&server, request.as_bytes(), false).await.expect("an answer");
         assert_eq!((got, error_code(&body)), (status, code), "{request:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_later_request_on_a_kept_alive_connection_that_cannot_be_parsed_gets_json_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start().await;
+    let big = format!("X-Big: {}\r\n", "b".repeat(40 * 1024));
+    let later = [
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n".to_owned(), 400, "bad_request"),
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".to_owned(), 400, "bad_request"),
+        ("GARBAGE\r\n\r\n".to_owned(), 400, "bad_request"),
+        (format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{big}\r\n"), 431, "headers_too_large"),
+    ];
+    for (request, status, code) in later {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.expect("connect");
+        socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let (first, _, _) = read_answer(&mut socket).await;
+        assert_eq!(first, 200, "the first request is fine");
+        socket.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(TIMEOUT, socket.read_to_end(&mut answer)).await.expect("the server closes");
+        let (got, body) = parse_answer(&answer).unwrap_or_else(|| panic!("an answer to {request:.60?}"));
+        assert_eq!((got, error_code(&body)), (status, code), "{request:.60?}: {body}");
     }
 }

@@ -99,19 +99,24 @@ async fn publish(node: &Server, channel: &str, data: Value, acked: &mut Vec<(Val
     answer
 }
 
+/// Publishes 1 to 10, has Redis write a snapshot, publishes 11 to 15: a restart from it loses 11 to 15.
+async fn publish_around_a_snapshot(node: &Server, redis: &RedisServer, channel: &str, acked: &mut Vec<(Value, Value)>) {
+    for i in 1..=10 {
+        publish(node, channel, json!(i), acked).await;
+    }
+    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
+    for i in 11..=15 {
+        publish(node, channel, json!(i), acked).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_from_an_older_snapshot_fences_the_channel_and_resets_the_client_that_saw_lost_data() {
     let mut redis = RedisServer::start_persistent(&[]);
     let node = node_on(redis.url(), |_| {}).await;
     let (mut sse, _) = Sse::open(&node, "channel=user:1", None).await;
     let mut acked = Vec::new();
-    for i in 1..=10 {
-        publish(&node, "user:1", json!(i), &mut acked).await;
-    }
-    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
-    for i in 11..=15 {
-        publish(&node, "user:1", json!(i), &mut acked).await;
-    }
+    publish_around_a_snapshot(&node, &redis, "user:1", &mut acked).await;
     let mut ledger = Ledger::default();
     ledger.read_until(&mut sse, &acked[14].0).await;
     let old_epoch = acked[0].0["epoch"].clone();
@@ -145,13 +150,7 @@ async fn clients_returning_after_a_rollback_get_a_reset_even_when_the_channel_pa
     let (mut ahead, _) = Sse::open(&node, "channel=feed:7", None).await;
     let (mut behind, _) = Sse::open(&node, "channel=feed:7", None).await;
     let mut acked = Vec::new();
-    for i in 1..=10 {
-        publish(&node, "feed:7", json!(i), &mut acked).await;
-    }
-    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
-    for i in 11..=15 {
-        publish(&node, "feed:7", json!(i), &mut acked).await;
-    }
+    publish_around_a_snapshot(&node, &redis, "feed:7", &mut acked).await;
     ahead.expect_offsets("feed:7", 0, 15).await;
     behind.expect_offsets("feed:7", 0, 8).await;
     let (ahead_cursor, behind_cursor) = (ahead.last_id.clone(), behind.last_id.clone());
@@ -379,13 +378,7 @@ async fn a_backup_loaded_into_a_running_redis_is_caught_by_positions_going_backw
     let node = node_on(redis.url(), |_| {}).await;
     let (mut sse, _) = Sse::open(&node, "channel=user:5", None).await;
     let mut acked = Vec::new();
-    for i in 1..=10 {
-        publish(&node, "user:5", json!(i), &mut acked).await;
-    }
-    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
-    for i in 11..=15 {
-        publish(&node, "user:5", json!(i), &mut acked).await;
-    }
+    publish_around_a_snapshot(&node, &redis, "user:5", &mut acked).await;
     let mut ledger = Ledger::default();
     ledger.read_until(&mut sse, &acked[14].0).await;
     assert_eq!(redis.command(&["DEBUG", "RELOAD", "NOSAVE"]).as_deref(), Some("+OK"));
