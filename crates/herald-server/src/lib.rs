@@ -129,7 +129,7 @@ impl AppState {
 /// Every route of the contract, for serving or for nesting into another axum application.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config().limits.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/", get(ops::index))
         .route("/favicon.ico", get(ops::favicon))
         .route("/dashboard", get(ops::dashboard))
@@ -146,9 +146,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(cors(state.config()))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(body_limit));
+    // Without allowed origins there is no CORS layer at all: an OPTIONS request is then an ordinary
+    // request (405 or 404 JSON), not an empty preflight answer.
+    let router =
+        if state.config().cors_allowed_origins.is_empty() { router } else { router.layer(cors(state.config())) };
+    router.with_state(state)
 }
 
 /// CORS for browser clients on other origins (`cors_allowed_origins`); none allowed by default.

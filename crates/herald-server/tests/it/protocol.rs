@@ -166,3 +166,15 @@ async fn a_later_request_on_a_kept_alive_connection_that_cannot_be_parsed_gets_j
         assert_eq!((got, error_code(&body)), (status, code), "{request:.60?}: {body}");
     }
 }
+
+#[tokio::test]
+async fn options_requests_without_cors_are_ordinary_requests() {
+    let server = Server::start().await;
+    for (request, status, code) in [
+        ("OPTIONS /v1/publish HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+        ("OPTIONS /nowhere HTTP/1.1\r\nHost: x\r\nAccess-Control-Request-Method: POST\r\n\r\n", 404, "not_found"),
+    ] {
+        let (got, body) = raw_exchange(&server, request.as_bytes(), false).await.expect("an answer");
+        assert_eq!((got, error_code(&body)), (status, code), "{request:?}");
+    }
+}
