@@ -99,10 +99,12 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
-    /// Resident memory per idle SSE connection.
+    /// Resident memory per idle connection (SSE, or WebSocket with `--transport ws`).
     Memory {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+        #[arg(long, value_enum, default_value = "sse")]
+        transport: Transport,
     },
 }
 
@@ -116,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
             fanout(&herald, subscribers, channels, publications, payload, concurrency, transport).await
         }
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
-        Command::Memory { connections } => memory(&herald, connections).await,
+        Command::Memory { connections, transport } => memory(&herald, connections, transport).await,
         Command::Broadcast { channels, rounds } => broadcast(&herald, channels, rounds).await,
         Command::Churn { cycles, slow_readers, settle_secs } => {
             churn(&herald, cycles, slow_readers, Duration::from_secs(settle_secs)).await
@@ -264,20 +266,22 @@ async fn latency(herald: &str, rate: u64, seconds: u64, channels: usize) -> anyh
     Ok(())
 }
 
-async fn memory(herald: &str, connections: usize) -> anyhow::Result<()> {
+async fn memory(herald: &str, connections: usize, transport: Transport) -> anyhow::Result<()> {
     let node = Node::start(herald, &[]).await?;
     // Warm up allocator and runtime with a few connections, then measure the growth for the rest.
     let names = channel_names(connections);
-    let warm = SseFleet::connect(node.addr, &names[..100.min(connections)], 100.min(connections), false).await?;
+    let warm_count = 100.min(connections);
+    let warm = SseFleet::connect_with(node.addr, &names[..warm_count], warm_count, false, transport).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = node.rss_bytes()?;
-    let fleet = SseFleet::connect(node.addr, &names, connections, false).await?;
+    let fleet = SseFleet::connect_with(node.addr, &names, connections, false, transport).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = node.rss_bytes()?;
     println!(
         "{}",
         json!({
-            "bench": "memory", "connections": connections, "rss_before_bytes": before, "rss_after_bytes": after,
+            "bench": "memory", "transport": format!("{transport:?}").to_lowercase(), "connections": connections,
+            "rss_before_bytes": before, "rss_after_bytes": after,
             "bytes_per_connection": (after.saturating_sub(before)) as f64 / connections as f64,
         })
     );

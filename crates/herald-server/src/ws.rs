@@ -40,6 +40,8 @@ use crate::error::ApiError;
 
 /// Most queued publications handled per wake-up.
 pub const MAX_BATCH: usize = 256;
+/// Read buffer of each WebSocket connection (grown while a larger message arrives).
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Frames written but not yet flushed stop accumulating past this many bytes.
 pub const MAX_UNFLUSHED_BYTES: usize = 64 * 1024;
 /// How long Herald waits, after sending its Close frame, for the client's Close (RFC 6455 section
@@ -63,6 +65,9 @@ pub async fn handler(
     let identity = state.auth().authenticate(&headers, token)?;
     let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
+    // tungstenite reserves its whole read buffer per connection up front (128 KiB by default): most of
+    // an idle connection's memory. Client frames are small ops, so a small buffer costs nothing.
+    let upgrade = upgrade.read_buffer_size(WS_READ_BUFFER_BYTES);
     Ok(upgrade.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| {
         let expiry = identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
         let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
