@@ -136,9 +136,11 @@ pub async fn open(
         // channel from the start positions.
         events: initial,
         sent: 0,
+        // Checked every half interval: a stream silent since the last check gets a ping, so no stream is
+        // ever silent for a whole interval (the promise), at the cost of a check twice as often.
         ping: tokio::time::interval_at(
-            tokio::time::Instant::now() + state.settings().ping_interval(),
-            state.settings().ping_interval(),
+            tokio::time::Instant::now() + state.settings().ping_interval() / 2,
+            state.settings().ping_interval() / 2,
         ),
         wrote_since_ping: true,
         expiry: identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left))),
@@ -163,7 +165,7 @@ pub struct SseStream {
     /// How many of `events` were already written.
     sent: usize,
     ping: Interval,
-    /// Pings go out only on streams that were silent for a whole interval.
+    /// Pings go out only on streams that were silent since the last check (half a ping interval).
     wrote_since_ping: bool,
     /// Fires when the client's token expires: the stream ends (the client must bring a fresh token).
     expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,

@@ -41,7 +41,7 @@ use crate::error::ApiError;
 /// Most queued publications handled per wake-up.
 pub const MAX_BATCH: usize = 256;
 /// Read buffer of each WebSocket connection (grown while a larger message arrives).
-pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+pub const WS_READ_BUFFER_BYTES: usize = 1024;
 /// Frames written but not yet flushed stop accumulating past this many bytes.
 pub const MAX_UNFLUSHED_BYTES: usize = 64 * 1024;
 /// How long Herald waits, after sending its Close frame, for the client's Close (RFC 6455 section
