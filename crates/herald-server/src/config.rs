@@ -414,7 +414,7 @@ impl figment::Provider for EnvPairs {
     }
 }
 
-/// Environment names the public contract gives with one underscore, for nested keys.
+/// Environment names the public contract (`docs/protocol.md`) gives with one underscore, for nested keys.
 const CONTRACT_ALIASES: [(&str, &str); 2] =
     [("redis_durability", "redis__durability"), ("redis_min_replicas", "redis__min_replicas")];
 

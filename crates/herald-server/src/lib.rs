@@ -1,4 +1,4 @@
-//! Herald's server: the HTTP, SSE and WebSocket surface of `../shared/CONTRACT.md` over a
+//! Herald's server: the HTTP, SSE and WebSocket surface of `docs/protocol.md` over a
 //! [`herald_core::Hub`], as a library ([`router`], [`run`]) and the `herald` binary (`main.rs`).
 //!
 //! The server is a thin layer: it parses and checks input, turns core events into wire frames and core
