@@ -334,20 +334,24 @@ pub struct Run {
 }
 
 /// Publishes at `rate` for `seconds` to nodes 1.. (round robin), `channels` channels with `per_channel`
-/// subscribers each on node 0, and waits for every delivery.
+/// subscribers each on node 0, and waits for every delivery. With `batch` above 1, each request carries
+/// that many publications (`{"publications":[…]}`, consecutive channels).
 pub async fn run(
     cluster: &Cluster,
     rate: u64,
     seconds: u64,
     channels: usize,
     per_channel: usize,
+    batch: usize,
 ) -> anyhow::Result<Run> {
+    let batch = batch.max(1) as u64;
     let names: Vec<String> = (0..channels).map(|i| format!("bench:{i}")).collect();
     let fleet = SseFleet::connect(cluster.nodes[0].addr, &names, channels * per_channel, true).await?;
     let before_received = received(cluster).await?;
     cluster.redis.command(&["CONFIG", "RESETSTAT"])?;
     let cpu_before = cluster.cpu_seconds()?;
-    let total = rate * seconds;
+    let total = (rate * seconds).div_ceil(batch) * batch;
+    let requests = total / batch;
     let publishers = 32u64;
     let clock = fleet.clock();
     let started = Instant::now();
@@ -358,13 +362,17 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             let mut k = p;
             let mut failures = 0u64;
-            while k < total {
-                let due = clock + Duration::from_nanos(k * 1_000_000_000 / rate);
+            while k < requests {
+                let due = clock + Duration::from_nanos(k * batch * 1_000_000_000 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let sent = clock.elapsed().as_nanos() as u64;
-                let channel = &names[(k as usize) % names.len()];
                 let url = &targets[(k as usize) % targets.len()];
-                let body = json!({"channel": channel, "data": {"t": sent}});
+                let item = |m: u64| json!({"channel": names[(m as usize) % names.len()], "data": {"t": sent}});
+                let body = if batch == 1 {
+                    item(k)
+                } else {
+                    json!({"publications": (k * batch..(k + 1) * batch).map(item).collect::<Vec<_>>()})
+                };
                 match http.post(url).json(&body).send().await {
                     Ok(response) if response.status().is_success() => {}
                     _ => failures += 1,

@@ -75,6 +75,9 @@ enum Command {
         /// `none`, or `replicated`: Redis gets a replica and every publish waits for it (`WAIT`).
         #[arg(long, default_value = "none")]
         durability: String,
+        /// Publications per request (`{"publications":[…]}` above 1).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// The scaling story end to end: several nodes, browsers behind a balancer, callbacks to random
     /// nodes, optional faults; reports every update as delivered, recovered, reset-covered or lost.
@@ -138,8 +141,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max, durability } => {
-            let settings = ClusterSettings { nodes, channels, subscribers, find_max, durability };
+        Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max, durability, batch } => {
+            let settings = ClusterSettings { nodes, channels, subscribers, find_max, durability, batch };
             cluster_bench(&herald, rate, seconds, settings).await
         }
     }
@@ -412,10 +415,11 @@ struct ClusterSettings {
     subscribers: usize,
     find_max: bool,
     durability: String,
+    batch: usize,
 }
 
 async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterSettings) -> anyhow::Result<()> {
-    let ClusterSettings { nodes, channels, subscribers, find_max, durability } = settings;
+    let ClusterSettings { nodes, channels, subscribers, find_max, durability, batch } = settings;
     let replicated = match durability.as_str() {
         "none" => false,
         "replicated" => true,
@@ -427,7 +431,7 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
         let total: f64 = run.cpu_seconds.iter().sum();
         json!({
             "bench": "cluster", "nodes": nodes, "rate": rate, "seconds": seconds, "channels": channels,
-            "subscribers_per_channel": subscribers, "durability": durability,
+            "subscribers_per_channel": subscribers, "durability": durability, "batch": batch,
             "published": run.published, "delivered": run.delivered, "achieved_rate": run.achieved_rate.round(),
             "p50_us": run.p50_us, "p99_us": run.p99_us, "max_us": run.max_us,
             "cpu_us_per_delivery_all_processes": per_delivery(total),
@@ -440,12 +444,12 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
             "backplane_messages_received_by_node": run.received_by_node,
         })
     };
-    let run = cluster::run(&cluster, rate, seconds, channels, subscribers).await?;
+    let run = cluster::run(&cluster, rate, seconds, channels, subscribers, batch).await?;
     println!("{}", report(&run, rate, seconds));
     if find_max {
         let mut best = None;
         for step in [10_000u64, 15_000, 20_000, 25_000, 30_000, 40_000] {
-            let run = match cluster::run(&cluster, step, 3, channels, subscribers).await {
+            let run = match cluster::run(&cluster, step, 3, channels, subscribers, batch).await {
                 Ok(run) => run,
                 Err(error) => {
                     eprintln!("rate {step}: {error:#}");

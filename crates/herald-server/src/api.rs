@@ -46,6 +46,36 @@ struct PublishBody {
     idempotency_key: Option<String>,
 }
 
+/// `POST /v1/publish`: one publication, or `{"publications":[…]}`, each item as a single publish.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishOrBatch {
+    channel: Option<String>,
+    /// Present (even as JSON `null`) or absent.
+    #[serde(default, deserialize_with = "present")]
+    data: Option<Box<RawValue>>,
+    event: Option<String>,
+    idempotency_key: Option<String>,
+    /// Items parsed one by one, so that each bad item gets its own error.
+    publications: Option<Vec<Box<RawValue>>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
+}
+
+impl PublishOrBatch {
+    fn into_single(self) -> Result<PublishBody, ApiError> {
+        let missing = |field: &str| ApiError::InvalidBody(format!("missing field `{field}`"));
+        Ok(PublishBody {
+            channel: self.channel.ok_or_else(|| missing("channel"))?,
+            data: self.data.ok_or_else(|| missing("data"))?,
+            event: self.event,
+            idempotency_key: self.idempotency_key,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BroadcastBody {
@@ -352,7 +382,6 @@ async fn publish_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let key = authorize(state, &headers)?;
-    state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, 1)?;
     let pairs = query_pairs(&query);
     let await_delivery = match single(&pairs, "await")? {
         None => false,
@@ -366,8 +395,19 @@ async fn publish_inner(
     if timeout_ms > max_await {
         return Err(ApiError::BadRequest(format!("timeout_ms must be at most {max_await}")));
     }
-    let body: PublishBody = parse_body(state, &headers, body).await?;
-    let valid = validate_publish(body)?;
+    let body: PublishOrBatch = parse_body(state, &headers, body).await?;
+    if let Some(items) = body.publications {
+        let single_fields = body.channel.is_some() || body.data.is_some() || body.event.is_some();
+        if single_fields || body.idempotency_key.is_some() {
+            return Err(ApiError::InvalidBody("a batch carries only `publications`".into()));
+        }
+        if await_delivery {
+            return Err(ApiError::BadRequest("await=delivery is for a single publication, not a batch".into()));
+        }
+        return publish_batch(state, &key, &headers, items).await;
+    }
+    state.publish_limiter().take(&key, state.config().limits.publish_rate_per_key, 1)?;
+    let valid = validate_publish(body.into_single()?)?;
     let channel = valid.channel;
     let request = PublishRequest {
         channel: channel.clone(),
@@ -396,6 +436,79 @@ async fn publish_inner(
     answer["delivery"] =
         json!({"connections": report.connections, "nodes": report.nodes, "timed_out": report.timed_out});
     Ok(Json(answer).into_response())
+}
+
+/// `POST /v1/publish` with `{"publications":[…]}`: each item is published as a single publish would be
+/// (the request's correlation ID on each), items of one channel one after another in the order given,
+/// channels concurrently (a networked engine pipelines them); one answer item per publication, in order,
+/// an error item for each that could not be published.
+async fn publish_batch(
+    state: &AppState,
+    key: &str,
+    headers: &HeaderMap,
+    items: Vec<Box<RawValue>>,
+) -> Result<Response, ApiError> {
+    let max = state.config().limits.max_batch_publications;
+    if items.is_empty() || items.len() > max {
+        return Err(ApiError::InvalidBody(format!("publications must list 1 to {max} publications")));
+    }
+    state.publish_limiter().take(key, state.config().limits.publish_rate_per_key, items.len() as u64)?;
+    let correlation = correlation_id(headers)?;
+    let mut results: Vec<Option<Value>> = vec![None; items.len()];
+    // Per channel, the valid items in the order given.
+    let mut by_channel: Vec<(ChannelName, Vec<(usize, PublishRequest)>)> = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let body = match decode_json::<PublishBody>(item.get().as_bytes()) {
+            Ok(body) => body,
+            Err(error) => {
+                results[index] = Some(json!({"channel": Value::Null, "error": error.body()["error"]}));
+                continue;
+            }
+        };
+        let name = body.channel.clone();
+        let valid = match validate_publish(body) {
+            Ok(valid) => valid,
+            Err(error) => {
+                results[index] = Some(json!({"channel": name, "error": error.body()["error"]}));
+                continue;
+            }
+        };
+        let request = PublishRequest {
+            channel: valid.channel.clone(),
+            event: valid.event,
+            data: valid.data,
+            idempotency_key: valid.idempotency_key,
+            correlation_id: correlation.clone(),
+            receipt: None,
+            trace_parent: None,
+        };
+        match by_channel.iter_mut().find(|(channel, _)| *channel == valid.channel) {
+            Some((_, requests)) => requests.push((index, request)),
+            None => by_channel.push((valid.channel, vec![(index, request)])),
+        }
+    }
+    let channels = by_channel.into_iter().map(|(channel, requests)| async move {
+        let mut answers = Vec::with_capacity(requests.len());
+        for (index, request) in requests {
+            let answer = match state.hub().publish(request).await {
+                Ok(outcome) => outcome_json(&channel, &outcome),
+                Err(error) => {
+                    let error = ApiError::from(error);
+                    state.metrics().refused(error.code());
+                    json!({"channel": channel, "error": error.body()["error"]})
+                }
+            };
+            answers.push((index, answer));
+        }
+        answers
+    });
+    let answered: Vec<Vec<(usize, Value)>> =
+        futures_util::stream::iter(channels).buffer_unordered(BROADCAST_CONCURRENCY).collect().await;
+    for (index, answer) in answered.into_iter().flatten() {
+        results[index] = Some(answer);
+    }
+    let results: Vec<Value> = results.into_iter().map(Option::unwrap_or_default).collect();
+    Ok(Json(json!({ "results": results })).into_response())
 }
 
 /// `POST /v1/broadcast`

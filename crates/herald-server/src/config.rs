@@ -137,6 +137,8 @@ pub struct LimitsConfig {
     pub ws_max_message_bytes: usize,
     /// Channels one broadcast may name.
     pub max_broadcast_channels: usize,
+    /// Publications one batch publish (`{"publications":[…]}`) may carry.
+    pub max_batch_publications: usize,
     /// Longest `timeout_ms` a publisher may wait for delivery receipts.
     pub max_await_ms: u64,
     /// Seconds a write to a client may stay blocked before the connection is closed.
@@ -270,6 +272,7 @@ impl Default for LimitsConfig {
             queue_capacity: hub.queue_capacity,
             ws_max_message_bytes: 64 * 1024,
             max_broadcast_channels: 1000,
+            max_batch_publications: 1000,
             max_await_ms: 30_000,
             write_timeout_secs: 10,
             header_read_timeout_secs: 10,
@@ -538,6 +541,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         ("limits.queue_capacity", limits.queue_capacity as u64),
         ("limits.ws_max_message_bytes", limits.ws_max_message_bytes as u64),
         ("limits.max_broadcast_channels", limits.max_broadcast_channels as u64),
+        ("limits.max_batch_publications", limits.max_batch_publications as u64),
         ("limits.write_timeout_secs", limits.write_timeout_secs),
         ("limits.header_read_timeout_secs", limits.header_read_timeout_secs),
         ("limits.body_read_timeout_secs", limits.body_read_timeout_secs),

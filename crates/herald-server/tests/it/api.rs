@@ -306,3 +306,66 @@ async fn the_router_serves_sse_when_embedded_in_another_axum_application() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(sse.expect_offsets("embedded", 0, 1).await, vec![json!("hi")]);
 }
+
+#[tokio::test]
+async fn a_batch_publishes_each_item_in_order_and_answers_each() {
+    let server = Server::start().await;
+    let (mut sse, _) = Sse::open(&server, "channel=a:1&channel=b:1", None).await;
+    let (status, body) = server
+        .post(
+            "/v1/publish",
+            json!({"publications": [
+                {"channel": "a:1", "data": 1},
+                {"channel": "b:1", "data": {"x": null}, "event": "changed"},
+                {"channel": "not a channel", "data": 2},
+                {"channel": "a:1", "data": null, "idempotency_key": "k1"},
+                {"channel": "a:1"},
+                {"channel": "a:1", "data": 3, "event": "herald.nope"},
+                {"channel": "a:1", "data": 4, "idempotency_key": "k1"},
+                {"channel": "b:1", "data": [5]},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = body["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 8, "{body}");
+    let offsets: Vec<Value> = results.iter().map(|r| r["offset"].clone()).collect();
+    assert_eq!(offsets, [json!(1), json!(1), Value::Null, json!(2), Value::Null, Value::Null, json!(2), json!(2)]);
+    assert_eq!(results[6]["duplicate"], true, "the idempotency key holds within a batch");
+    assert_eq!(error_code(&results[2]), "invalid_channel");
+    assert_eq!(error_code(&results[4]), "invalid_body");
+    assert_eq!(error_code(&results[5]), "invalid_body");
+    // Delivered as single publishes would be, in the order given per channel.
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let (event, envelope) = sse.next().await;
+        got.push((event, envelope["channel"].clone(), envelope["offset"].clone(), envelope["data"].clone()));
+    }
+    got.sort_by_key(|(_, channel, offset, _)| (channel.to_string(), offset.as_u64()));
+    assert_eq!(
+        got,
+        [
+            ("message".to_owned(), json!("a:1"), json!(1), json!(1)),
+            ("message".to_owned(), json!("a:1"), json!(2), Value::Null),
+            ("changed".to_owned(), json!("b:1"), json!(1), json!({"x": null})),
+            ("message".to_owned(), json!("b:1"), json!(2), json!([5])),
+        ]
+    );
+    // The whole request is refused when it is not a batch at all.
+    for bad in [
+        json!({"publications": []}),
+        json!({"publications": [{"channel": "a:1", "data": 1}], "channel": "a:1"}),
+        json!({"publications": {"channel": "a:1"}}),
+    ] {
+        let (status, body) = server.post("/v1/publish", bad.clone()).await;
+        assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "invalid_body"), "{bad}");
+    }
+    let (status, body) =
+        server.post("/v1/publish?await=delivery", json!({"publications": [{"channel": "a:1", "data": 1}]})).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_request"), "{body}");
+    let too_many: Vec<Value> = (0..1001).map(|i| json!({"channel": "a:1", "data": i})).collect();
+    let (status, body) = server.post("/v1/publish", json!({ "publications": too_many })).await;
+    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "invalid_body"), "{body}");
+    // A single publish of `null` data is still a publish.
+    assert_eq!(server.publish("a:1", Value::Null).await["offset"], 3);
+}
