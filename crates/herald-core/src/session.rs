@@ -267,9 +267,11 @@ impl Session {
                 Outbound::Publication { publication, receipt } => (publication, receipt),
                 Outbound::Resync(resync) => {
                     let (channel, top) = *resync;
-                    if let Some(position) = self.positions.get(&channel) {
-                        let behind = position.epoch != top.epoch || position.offset < top.offset;
-                        if behind {
+                    if let Some(position) = self.positions.get(&channel).cloned() {
+                        if position.epoch == top.epoch && position.offset > top.offset {
+                            // The engine is behind what this client already has: its data rolled back.
+                            self.rolled_back(&channel, top, out);
+                        } else if position.epoch != top.epoch || position.offset < top.offset {
                             recovered += self.repair(&channel, &top, out).await;
                         }
                     }
@@ -401,6 +403,19 @@ impl Session {
             }
         }
         Ok(History::Covered { top, publications })
+    }
+
+    /// The engine's top is behind the client's position in the same epoch: the offsets in between may
+    /// be handed out again for other publications, so the client reconciles and continues from `top`.
+    fn rolled_back(&mut self, channel: &ChannelName, top: Position, out: &mut Vec<SessionEvent>) {
+        tracing::info!(%channel, reason = ResetReason::EngineRollback.as_str(), connection = %self.id_text, "reset");
+        self.shared.stats.resets_engine_rollback.fetch_add(1, Ordering::Relaxed);
+        out.push(SessionEvent::Reset {
+            channel: channel.clone(),
+            reason: ResetReason::EngineRollback,
+            position: top.clone(),
+        });
+        self.positions.insert(channel.clone(), top);
     }
 
     /// Where a reset into `top`'s epoch should continue from: the start of that epoch when history still

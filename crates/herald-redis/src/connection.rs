@@ -130,8 +130,6 @@ impl SentinelTarget {
 pub struct Identity {
     /// `master_replid`: one unbroken history of writes.
     pub replid: Arc<str>,
-    /// `master_replid2`: the history this primary took over when it was promoted (zeros if none).
-    pub replid2: Arc<str>,
     pub run_id: String,
     pub address: String,
 }
@@ -299,6 +297,12 @@ impl Commands {
         if role != "master" {
             return Err(EngineError::Unavailable(format!("redis at {address} is a {role}, not the primary")));
         }
+        // Without it no restart or failover could be told apart: refuse rather than never fence.
+        if identity.replid.is_empty() {
+            return Err(EngineError::Protocol(format!(
+                "redis at {address} reports no master_replid (INFO replication)"
+            )));
+        }
         identity.address = address;
         let identity = Arc::new(identity);
         let previous = lock(&self.last_identity).replace(identity.clone());
@@ -361,7 +365,6 @@ async fn describe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(Strin
     let role = field("role").unwrap_or_default();
     let identity = Identity {
         replid: Arc::from(field("master_replid").unwrap_or_default()),
-        replid2: Arc::from(field("master_replid2").unwrap_or_default()),
         run_id: field("run_id").unwrap_or_default(),
         address: String::new(),
     };

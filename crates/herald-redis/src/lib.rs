@@ -339,8 +339,7 @@ impl Inner {
             .key(self.keys.stream(channel))
             .arg(Epoch::generate().as_str())
             .arg(policy.ttl.as_millis() as u64)
-            .arg(&*live.identity.replid)
-            .arg(self.continues(&live));
+            .arg(&*live.identity.replid);
         let (epoch, offset, generation, fenced, previous, previous_offset): (String, u64, u64, u8, String, i64) =
             self.on(&live, invocation.invoke_async(&mut conn)).await?;
         let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
@@ -350,14 +349,6 @@ impl Inner {
         }
         let link = Epoch::parse(&previous).ok().map(|e| (e, u64::try_from(previous_offset).ok()));
         Ok(TopState { top: Position::new(epoch, offset), generation, link })
-    }
-
-    /// The history whose acknowledged publications this primary is known to hold (see `scripts.rs`):
-    /// the one it took over at a promotion, when publishes wait for replicas; else none.
-    fn continues<'a>(&self, live: &'a Live) -> &'a str {
-        let replicated = matches!(self.config.durability, Durability::Replicated { .. });
-        let took_over = !live.identity.replid2.bytes().all(|b| b == b'0');
-        if replicated && took_over { &live.identity.replid2 } else { "" }
     }
 
     /// Moves `channel` to a new epoch if it is still in `epoch`, with nothing of `epoch` continued: its
@@ -499,7 +490,10 @@ impl Inner {
             let next = if p.epoch == position.epoch {
                 p.offset == position.offset + 1
             } else {
-                p.epoch == top.epoch && p.offset == 1 && link.as_ref().is_some_and(|(e, _)| *e == position.epoch)
+                // Only from the very last offset of the epoch the top's continues.
+                p.epoch == top.epoch
+                    && p.offset == 1
+                    && link.as_ref().is_some_and(|(e, last)| *e == position.epoch && *last == Some(position.offset))
             };
             if !next {
                 break;
@@ -658,8 +652,7 @@ impl Engine for RedisEngine {
             .arg(Epoch::generate().as_str())
             .arg(header)
             .arg(&*live.identity.replid)
-            .arg(history_max_bytes(&policy))
-            .arg(self.inner.continues(&live));
+            .arg(history_max_bytes(&policy));
         let mut conn = live.conn.clone();
         let reply = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await;
         let outcome = reply.and_then(parse_publish_reply);

@@ -9,16 +9,14 @@
 //! field of the hash they read anyway). A different ID means the data was written under another history
 //! of the primary (it restarted, possibly from an older snapshot, or a replica that may have lagged took
 //! over): positions after what survived may have been seen by clients with other contents, so they are
-//! never reused. The channel moves to a new epoch. Clients of the old epoch get a reset
+//! never reused. The channel moves to a new epoch, and clients of the old epoch get a reset
 //! (`engine_rollback`): publications acknowledged after what survived are gone, and nothing tells which.
-//! One case is provable: with `durability = replicated` every acknowledged publication waited for a
-//! replica, so when a replica that continues the old history (`master_replid2`) takes over, nothing
-//! acknowledged was lost; then the new epoch continues the old one at its last offset (`po`): a client
-//! at or before it recovers across (both epochs' entries stay in the stream), one beyond it saw an
-//! unacknowledged publication that was lost and gets the reset.
+//! The new epoch records the old one (`pe`) with `po` = -1: no position of it continues. (A link with a
+//! surviving offset would let clients at or before it recover across; history reads honour one, but no
+//! rollback is proven harmless yet, so none is made.)
 
-/// Shared by both scripts: moves a channel to a new epoch that continues the old one at its last
-/// surviving offset. Returns the new epoch, offset (0) and generation.
+/// Shared by the scripts: moves a channel to a new epoch recording the old one and `last`, the last
+/// offset of it that continues (-1: none). Returns the new epoch, offset (0), generation and 1.
 const FENCE: &str = r#"
 local function fence(meta, stream, epoch, offset, gen, fresh, replid, last)
   if gen == nil then
@@ -32,9 +30,7 @@ local function fence(meta, stream, epoch, offset, gen, fresh, replid, last)
   return fresh, 0, gen + 1, 1
 end
 
--- `continues`: the history the primary took over from a primary that failed (its master_replid2) when
--- every acknowledged publication is known to be on it (durability = replicated); else empty.
-local function state(meta, stream, fresh, replid, continues)
+local function state(meta, stream, fresh, replid)
   local m = redis.call('HMGET', meta, 'e', 'o', 'g', 'r', 'b')
   local epoch, offset, gen, bytes = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[5]) or 0
   if not epoch then
@@ -43,13 +39,10 @@ local function state(meta, stream, fresh, replid, continues)
     redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', 0, 'r', replid, 'b', 0)
     return fresh, 0, 0, 0, 0
   end
-  if m[4] ~= replid then
-    -- Nothing acknowledged was lost only when this primary continues the history the offset was
-    -- assigned under and acknowledgements waited for replicas; then the old epoch continues at its
-    -- last offset. Otherwise no position of the old epoch continues (-1).
-    local last = -1
-    if continues ~= '' and m[4] == continues then last = offset or 0 end
-    local e, o, g, fenced = fence(meta, stream, epoch, offset or 0, gen, fresh, replid, last)
+  if m[4] ~= replid or replid == '' then
+    -- What was acknowledged after the surviving data may be gone, and nothing here says what: no
+    -- position of the old epoch continues (-1), so its clients get a reset.
+    local e, o, g, fenced = fence(meta, stream, epoch, offset or 0, gen, fresh, replid, -1)
     if gen == nil then bytes = 0 end
     return e, o, g, bytes, fenced
   end
@@ -60,8 +53,7 @@ end
 /// Publish. KEYS: meta, stream, [dedup]. ARGV: 1 pub/sub channel, 2 channel, 3 event, 4 data (compact
 /// JSON), 5 correlation ID, 6 published_at (RFC 3339), 7 now (ms), 8 history size, 9 history age (ms),
 /// 10 dedup window (s), 11 a fresh epoch (used if the channel has none or is fenced), 12 message header,
-/// 13 the primary's replication ID, 14 history bytes (0: unbounded), 15 the history it continues with
-/// nothing acknowledged lost, or empty (see `state`).
+/// 13 the primary's replication ID, 14 history bytes (0: unbounded).
 /// Channel, event and correlation ID are validated by Herald to contain no quote or backslash, so the
 /// envelope can be assembled by concatenation; `data` is already JSON.
 /// History keeps at most `size` entries and `bytes` bytes of envelopes, dropping the oldest (the newest
@@ -72,9 +64,14 @@ const PUBLISH_BODY: &str = r#"
 local meta, stream, dedup = KEYS[1], KEYS[2], KEYS[3]
 if dedup then
   local seen = redis.call('GET', dedup)
-  if seen then return {1, seen} end
+  if seen then
+    -- Written again (same value and expiry) so that a WAIT after this call also covers the first
+    -- publication: replication is one ordered stream, wherever that publication was written from.
+    redis.call('SET', dedup, seen, 'KEEPTTL')
+    return {1, seen}
+  end
 end
-local epoch, offset, gen, bytes, fenced = state(meta, stream, ARGV[11], ARGV[13], ARGV[15])
+local epoch, offset, gen, bytes, fenced = state(meta, stream, ARGV[11], ARGV[13])
 offset = offset + 1
 local envelope = '{"channel":"' .. ARGV[2] .. '","epoch":"' .. epoch .. '","offset":' .. offset ..
   ',"event":"' .. ARGV[3] .. '","data":' .. ARGV[4] .. ',"correlation_id":"' .. ARGV[5] ..
@@ -83,7 +80,14 @@ local size, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[14])
 if size > 0 then
   local count = redis.call('XLEN', stream)
   if count == 0 then bytes = 0 end
-  redis.call('XADD', stream, gen .. '-' .. offset, 't', ARGV[7], 'p', envelope)
+  local added = redis.pcall('XADD', stream, gen .. '-' .. offset, 't', ARGV[7], 'p', envelope)
+  if type(added) == 'table' and added.err then
+    -- The stream is ahead of the hash (one restored without the other, or written by another layout):
+    -- its history cannot be continued; positions are still never reused (they come from the hash).
+    redis.call('DEL', stream)
+    count, bytes = 0, 0
+    redis.call('XADD', stream, gen .. '-' .. offset, 't', ARGV[7], 'p', envelope)
+  end
   count = count + 1
   bytes = bytes + #envelope
   if count > size or (max_bytes > 0 and bytes > max_bytes) then
@@ -115,10 +119,10 @@ return {0, epoch, offset, receivers, fenced}
 
 /// The channel's top position, creating a fresh epoch when it has none and fencing it when its position
 /// was assigned under another history of the primary. KEYS: meta, stream. ARGV: 1 a fresh epoch,
-/// 2 history age (ms), 3 the primary's replication ID, 4 the history it continues or empty.
+/// 2 history age (ms), 3 the primary's replication ID.
 /// Returns {epoch, offset, generation, fenced, previous epoch or '', its last surviving offset or -1}.
 const TOP_BODY: &str = r#"
-local epoch, offset, gen, bytes, fenced = state(KEYS[1], KEYS[2], ARGV[1], ARGV[3], ARGV[4])
+local epoch, offset, gen, bytes, fenced = state(KEYS[1], KEYS[2], ARGV[1], ARGV[3])
 if offset == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 local link = redis.call('HMGET', KEYS[1], 'pe', 'po')
 return {epoch, offset, gen, fenced, link[1] or '', tonumber(link[2]) or -1}

@@ -362,12 +362,9 @@ async fn resync_channel(inner: &Inner, channel: &ChannelName) {
     let last = lock(&inner.delivered).get(channel).cloned();
     if let Some(last) = last.as_ref().filter(|l| l.epoch == top.epoch && l.offset > top.offset) {
         inner.fence_backwards(channel, &last.epoch, last.offset, top.offset).await;
-        match inner.top_state(channel).await {
-            Ok(state) => top = state.top,
-            Err(error) => {
-                tracing::warn!(%channel, %error, "re-sync failed; connections will repair on the next publication");
-                return;
-            }
+        // Even if fencing failed, connections hear of the top below their position: they reset.
+        if let Ok(state) = inner.top_state(channel).await {
+            top = state.top;
         }
     }
     if let Some(last) = last.filter(|l| l.epoch == top.epoch && l.offset < top.offset) {

@@ -486,6 +486,11 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         "replicated" if config.redis.replication_timeout_ms == 0 => {
             problems.push("redis.replication_timeout_ms must be greater than 0".to_owned())
         }
+        // A WAIT holds the command connection: commands behind it must not time out first.
+        "replicated" if config.redis.replication_timeout_ms >= config.redis.command_timeout_ms => problems.push(
+            "redis.replication_timeout_ms must be less than redis.command_timeout_ms (a WAIT holds the connection)"
+                .to_owned(),
+        ),
         "replicated" => {}
         other => problems.push(format!("redis.durability: {other:?} must be \"none\" or \"replicated\"")),
     }
