@@ -39,6 +39,8 @@ pub(crate) enum Command {
     Stale,
 }
 
+/// Times a channel's re-sync waits for the command connection before it gives up.
+const RESYNC_ATTEMPTS: usize = 3;
 /// Most requests applied in one batch.
 const MAX_BATCH: usize = 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -217,8 +219,9 @@ async fn apply(
 }
 
 async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, resync: Vec<ChannelName>) {
+    let mut patient = true;
     for channel in resync {
-        resync_channel(&inner, &channel).await;
+        resync_channel(&inner, &channel, &mut patient).await;
     }
     // The last offset this connection received per channel. Redis runs publish scripts one at a time and
     // pub/sub keeps their order, so on one connection a channel's offsets only grow: one that does not
@@ -258,13 +261,18 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
                     seen.retain(|channel, _| subscribed.contains(channel));
                 }
                 let position = publication.position.clone();
-                let backwards = seen
-                    .insert(channel.clone(), position.clone())
-                    .filter(|before| before.epoch == position.epoch && position.offset <= before.offset);
+                let backwards = match seen.insert(channel.clone(), position.clone()) {
+                    Some(before) => {
+                        (before.epoch == position.epoch && position.offset <= before.offset).then_some(before.offset)
+                    }
+                    // The first on this connection repeats what an earlier one delivered: normal right
+                    // after a re-sync, a rollback if the engine's top is now below what was delivered.
+                    None => repeats_below_top(&inner, &channel, &position).await,
+                };
                 if let Some(before) = backwards {
-                    inner.fence_backwards(&channel, &position.epoch, before.offset, position.offset).await;
+                    inner.fence_backwards(&channel, &position.epoch, before, position.offset).await;
                     seen.remove(&channel);
-                    resync_channel(&inner, &channel).await;
+                    resync_channel(&inner, &channel, &mut true).await;
                     continue;
                 }
                 deliver_in_order(&inner, Arc::new(publication)).await;
@@ -347,16 +355,40 @@ async fn deliver_in_order(inner: &Inner, publication: Arc<Publication>) {
     sink.deliver(publication);
 }
 
+/// When `position` repeats an offset delivered before on another connection: the offset delivered, if
+/// the engine's top is now below it (the data rolled back).
+async fn repeats_below_top(inner: &Inner, channel: &ChannelName, position: &Position) -> Option<u64> {
+    let delivered = lock(&inner.delivered).get(channel).cloned()?;
+    if delivered.epoch != position.epoch || position.offset > delivered.offset {
+        return None;
+    }
+    let top = inner.top_state(channel).await.ok()?.top;
+    (top.epoch == delivered.epoch && top.offset < delivered.offset).then_some(delivered.offset)
+}
+
 /// After a reconnect: deliver what the channel got while we were away, then let connections check.
 /// Reading the top fences the channel first when the primary's history changed (restart, failover); a
 /// position that went backwards under an unchanged history fences it here.
-async fn resync_channel(inner: &Inner, channel: &ChannelName) {
+/// `patient`: wait for the command connection between attempts; cleared once a channel gives up, so a
+/// long list of channels does not wait for each in turn while Redis is down.
+async fn resync_channel(inner: &Inner, channel: &ChannelName, patient: &mut bool) {
     let Some(sink) = inner.sink() else { return };
-    let mut top = match inner.top_state(channel).await {
-        Ok(state) => state.top,
-        Err(error) => {
-            tracing::warn!(%channel, %error, "re-sync failed; connections will repair on the next publication");
-            return;
+    // Right after a reconnect the command connection may still be coming back: wait for it a little
+    // rather than leave the channel's connections unchecked until its next publication.
+    let mut attempt = 0;
+    let mut top = loop {
+        match inner.top_state(channel).await {
+            Ok(state) => break state.top,
+            Err(error) if attempt >= RESYNC_ATTEMPTS || !*patient => {
+                *patient = false;
+                tracing::warn!(%channel, %error, "re-sync failed; connections will repair on the next publication");
+                return;
+            }
+            Err(_) => {
+                attempt += 1;
+                let deadline = tokio::time::Instant::now() + inner.config.command_timeout * 2;
+                let _ = inner.commands.wait_connected(deadline).await;
+            }
         }
     };
     let last = lock(&inner.delivered).get(channel).cloned();

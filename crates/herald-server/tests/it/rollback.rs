@@ -378,6 +378,15 @@ async fn durable_publishes_answer_503_not_durable_while_the_replica_cannot_ackno
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_loaded_into_a_running_redis_is_caught_by_positions_going_backwards() {
+    backup_loaded_into_a_running_redis(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_loaded_right_after_a_pubsub_reconnect_is_caught_too() {
+    backup_loaded_into_a_running_redis(true).await;
+}
+
+async fn backup_loaded_into_a_running_redis(reconnect_first: bool) {
     // `DEBUG RELOAD NOSAVE` loads the last snapshot into the running server: same process, same
     // connections, same replication ID. Only the positions tell.
     let redis = RedisServer::start_persistent(&["--enable-debug-command", "yes"]);
@@ -387,6 +396,14 @@ async fn a_backup_loaded_into_a_running_redis_is_caught_by_positions_going_backw
     publish_around_a_snapshot(&node, &redis, "user:5", &mut acked).await;
     let mut ledger = Ledger::default();
     ledger.read_until(&mut sse, &acked[14].0).await;
+    if reconnect_first {
+        // A new pub/sub connection has seen nothing of the channel yet.
+        let reconnects = node.state.hub().engine().stats().reconnects;
+        assert!(redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).is_some());
+        crate::harness::eventually("pub/sub reconnected", || node.state.hub().engine().stats().reconnects > reconnects)
+            .await;
+        wait_ready(&node).await;
+    }
     assert_eq!(redis.command(&["DEBUG", "RELOAD", "NOSAVE"]).as_deref(), Some("+OK"));
     // The first publication after it is given offset 11 again (nothing in Redis can tell): the
     // subscribed node sees the offset go back, fences the channel and resets its clients, which covers
