@@ -269,8 +269,17 @@ impl Session {
                     let (channel, top) = *resync;
                     if let Some(position) = self.positions.get(&channel).cloned() {
                         if position.epoch == top.epoch && position.offset > top.offset {
-                            // The engine is behind what this client already has: its data rolled back.
-                            self.rolled_back(&channel, top, out);
+                            // The engine is behind what this client already has: its data rolled back,
+                            // unless the top was read before this client caught up (asked again).
+                            match self.shared.engine.top(&channel).await {
+                                Ok(now) if now.epoch == position.epoch && now.offset < position.offset => {
+                                    self.rolled_back(&channel, now, out)
+                                }
+                                Ok(now) if now.epoch != position.epoch => {
+                                    recovered += self.repair(&channel, &now, out).await;
+                                }
+                                _ => {}
+                            }
                         } else if position.epoch != top.epoch || position.offset < top.offset {
                             recovered += self.repair(&channel, &top, out).await;
                         }

@@ -410,7 +410,15 @@ async fn resync_channel(inner: &Inner, channel: &ChannelName, patient: &mut bool
             }
         }
     }
-    lock(&inner.delivered).insert(channel.clone(), top.clone());
+    // History may have gone past the top read above (publishing went on meanwhile): what was delivered
+    // is where the channel is now, never behind it (a top behind a connection means a rollback to it).
+    {
+        let mut delivered = lock(&inner.delivered);
+        if let Some(now) = delivered.get(channel).filter(|d| d.epoch == top.epoch && d.offset > top.offset) {
+            top = now.clone();
+        }
+        delivered.insert(channel.clone(), top.clone());
+    }
     sink.resync(channel, &top);
 }
 
