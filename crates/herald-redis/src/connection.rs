@@ -294,6 +294,9 @@ impl Commands {
             .await
             .map_err(|_| EngineError::Timeout)?
             .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        if role == "loading" {
+            return Err(EngineError::Unavailable(format!("redis at {address} is still loading its data")));
+        }
         if role != "master" {
             return Err(EngineError::Unavailable(format!("redis at {address} is a {role}, not the primary")));
         }
@@ -358,11 +361,13 @@ impl Commands {
 
 /// The server's role and identity, from `INFO`.
 async fn describe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(String, Identity)> {
-    let info: String = redis::cmd("INFO").arg("server").arg("replication").query_async(conn).await?;
+    let info: String = redis::cmd("INFO").arg("server").arg("replication").arg("persistence").query_async(conn).await?;
     let field = |name: &str| {
         info.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_owned())
     };
-    let role = field("role").unwrap_or_default();
+    // A server still loading its data answers INFO and PUBLISH but refuses scripts: not usable yet.
+    let loading = field("loading").is_some_and(|l| l != "0");
+    let role = if loading { "loading".to_owned() } else { field("role").unwrap_or_default() };
     let identity = Identity {
         replid: Arc::from(field("master_replid").unwrap_or_default()),
         run_id: field("run_id").unwrap_or_default(),

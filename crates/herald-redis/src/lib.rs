@@ -141,7 +141,9 @@ fn needs_new_connection(error: &redis::RedisError) -> bool {
         || error.is_unrecoverable_error()
         || matches!(
             error.kind(),
-            ErrorKind::Server(ServerErrorKind::ReadOnly) | ErrorKind::Server(ServerErrorKind::MasterDown)
+            ErrorKind::Server(ServerErrorKind::ReadOnly)
+                | ErrorKind::Server(ServerErrorKind::MasterDown)
+                | ErrorKind::Server(ServerErrorKind::BusyLoading)
         )
 }
 
