@@ -67,10 +67,8 @@ pub struct PublishOutcome {
 /// The answer to a history query.
 #[derive(Debug, Clone)]
 pub enum History {
-    /// Every publication after `since` (up to the limit), oldest first, and the channel's current top.
-    /// The publications continue `since` one offset at a time; they cross into a newer epoch (at its
-    /// offset 1) only where the engine proved that epoch continues the older one (a fenced rollback
-    /// that kept everything up to `since`).
+    /// Every publication after `since` (up to the limit), oldest first, one offset at a time in
+    /// `since`'s epoch, and the channel's current top.
     Covered { top: Position, publications: Vec<Arc<Publication>> },
     /// `since` can no longer be replayed (another epoch, trimmed or expired); `top` is where the stream is now.
     Gone {

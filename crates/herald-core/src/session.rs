@@ -186,9 +186,8 @@ impl Session {
             return Ok(engine.top(channel).await?);
         };
         match self.history(channel, &since, self.shared.config.max_replay).await? {
-            History::Covered { publications, top } => {
-                // Nothing after `since`: it is the top, or the end of an epoch the top's continues.
-                let mut position = if publications.is_empty() { top } else { since };
+            History::Covered { publications, .. } => {
+                let mut position = since;
                 let mut replayed = 0u64;
                 for publication in publications {
                     if follows(&position, &publication.position) {
@@ -327,9 +326,7 @@ impl Session {
     }
 
     /// Brings the client from its position in `channel` up to `target` from history, or emits a reset
-    /// that moves it to `target`. Returns how many publications it replayed. History may carry the client
-    /// across into `target`'s epoch when the engine proved that epoch continues the client's (a fenced
-    /// rollback that kept everything the client had).
+    /// that moves it to `target`. Returns how many publications it replayed.
     async fn repair(&mut self, channel: &ChannelName, target: &Position, out: &mut Vec<SessionEvent>) -> u64 {
         let Some(mut position) = self.positions.get(channel).cloned() else { return 0 };
         let stats = &self.shared.stats;
@@ -340,19 +337,10 @@ impl Session {
         let mut replayed = 0;
         let mut rolled_back = false;
         match self.history(channel, &position, self.shared.config.max_replay).await {
-            Ok(History::Covered { publications, top }) => {
-                if publications.is_empty() && top == *target {
-                    position = top; // the end of an epoch that `target`'s continues
-                }
+            Ok(History::Covered { publications, .. }) => {
                 for publication in publications {
                     let p = &publication.position;
-                    if !follows(&position, p) {
-                        break;
-                    }
-                    if p.epoch != position.epoch {
-                        position = Position::new(p.epoch.clone(), 0); // crossed into the epoch that continues
-                    }
-                    if p.epoch == target.epoch && p.offset > target.offset {
+                    if !follows(&position, p) || (p.epoch == target.epoch && p.offset > target.offset) {
                         break;
                     }
                     position = p.clone();
@@ -455,10 +443,9 @@ impl Session {
     }
 }
 
-/// Whether `next` is the publication right after `position` in a history answer: the next offset of
-/// the same epoch, or the first of a newer epoch (history only crosses epochs where they continue).
+/// Whether `next` is the publication right after `position`.
 fn follows(position: &Position, next: &Position) -> bool {
-    if next.epoch == position.epoch { next.offset == position.offset + 1 } else { next.offset == 1 }
+    next.epoch == position.epoch && next.offset == position.offset + 1
 }
 
 impl Drop for Session {

@@ -203,9 +203,8 @@ pub(crate) struct TopState {
     pub(crate) top: Position,
     /// First part of the IDs of this epoch's history entries.
     pub(crate) generation: u64,
-    /// The epoch this one continues, with the last offset of it that survived (`None` as offset: none
-    /// of it can be continued).
-    pub(crate) link: Option<(Epoch, Option<u64>)>,
+    /// The epoch a fence replaced with this one: its positions were possibly seen with other contents.
+    pub(crate) fenced_from: Option<Epoch>,
 }
 
 /// Where receipts for one awaited publication arrive (since when, sender, the receiver until
@@ -342,15 +341,14 @@ impl Inner {
             .arg(Epoch::generate().as_str())
             .arg(policy.ttl.as_millis() as u64)
             .arg(&*live.identity.replid);
-        let (epoch, offset, generation, fenced, previous, previous_offset): (String, u64, u64, u8, String, i64) =
+        let (epoch, offset, generation, fenced, previous): (String, u64, u64, u8, String) =
             self.on(&live, invocation.invoke_async(&mut conn)).await?;
         let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
         if fenced == 1 {
-            tracing::info!(%channel, epoch = %epoch, continues = %previous, from_offset = previous_offset,
+            tracing::info!(%channel, epoch = %epoch, replaces = %previous,
                 "channel fenced into a new epoch");
         }
-        let link = Epoch::parse(&previous).ok().map(|e| (e, u64::try_from(previous_offset).ok()));
-        Ok(TopState { top: Position::new(epoch, offset), generation, link })
+        Ok(TopState { top: Position::new(epoch, offset), generation, fenced_from: Epoch::parse(&previous).ok() })
     }
 
     /// Moves `channel` to a new epoch if it is still in `epoch`, with nothing of `epoch` continued: its
@@ -438,16 +436,15 @@ impl Inner {
         Ok(publications)
     }
 
-    /// Publications after `since` (see [`Engine::history`]), following the channel into a newer epoch
-    /// where a fence proved it continues `since`'s.
+    /// Publications after `since` (see [`Engine::history`]). A `since` in the epoch a fence replaced is
+    /// gone as rolled back.
     pub(crate) async fn history(
         &self,
         channel: &ChannelName,
         since: Option<&Position>,
         limit: usize,
     ) -> Result<History, EngineError> {
-        let state = self.top_state(channel).await?;
-        let TopState { top, generation, link } = state;
+        let TopState { top, generation, fenced_from } = self.top_state(channel).await?;
         let Some(since) = since else {
             if top.offset == 0 {
                 return Ok(History::Covered { top, publications: Vec::new() });
@@ -460,51 +457,23 @@ impl Inner {
                 .filter(|p| p.position.epoch == top.epoch);
             return Ok(History::Covered { publications: publications.collect(), top });
         };
-        let gone = |rolled_back| Ok(History::Gone { top: top.clone(), rolled_back });
-        let start = if since.epoch == top.epoch {
-            if since.offset > top.offset {
-                return gone(false);
-            }
-            if since.offset == top.offset {
-                return Ok(History::Covered { top, publications: Vec::new() });
-            }
-            format!("{generation}-{}", since.offset + 1)
-        } else {
-            match &link {
-                Some((previous, last)) if *previous == since.epoch && generation > 0 => match last {
-                    Some(last) if since.offset <= *last => {
-                        if since.offset == *last && top.offset == 0 {
-                            return Ok(History::Covered { top, publications: Vec::new() });
-                        }
-                        format!("{}-{}", generation - 1, since.offset + 1)
-                    }
-                    _ => return gone(true),
-                },
-                _ => return gone(false),
-            }
-        };
-        let entries = self.range(channel, start, "+".to_owned(), limit).await?;
-        // Keep the unbroken run after `since`: the rest of its epoch, then (across a fence) the new one.
-        let mut position = since.clone();
-        let mut publications = Vec::with_capacity(entries.len());
-        for publication in entries {
-            let p = &publication.position;
-            let next = if p.epoch == position.epoch {
-                p.offset == position.offset + 1
-            } else {
-                // Only from the very last offset of the epoch the top's continues.
-                p.epoch == top.epoch
-                    && p.offset == 1
-                    && link.as_ref().is_some_and(|(e, last)| *e == position.epoch && *last == Some(position.offset))
-            };
-            if !next {
-                break;
-            }
-            position = p.clone();
-            publications.push(publication);
+        if since.epoch != top.epoch || since.offset > top.offset {
+            let rolled_back = fenced_from.as_ref() == Some(&since.epoch);
+            return Ok(History::Gone { top, rolled_back });
         }
+        if since.offset == top.offset {
+            return Ok(History::Covered { top, publications: Vec::new() });
+        }
+        let start = format!("{generation}-{}", since.offset + 1);
+        let entries = self.range(channel, start, "+".to_owned(), limit).await?;
+        // Keep the unbroken run after `since`; a hole (trimmed, expired, unreadable) ends it.
+        let publications: Vec<Arc<Publication>> = (since.offset + 1..)
+            .zip(entries)
+            .take_while(|(next, p)| p.position.epoch == since.epoch && p.position.offset == *next)
+            .map(|(_, publication)| publication)
+            .collect();
         if publications.is_empty() {
-            return gone(false);
+            return Ok(History::Gone { top, rolled_back: false });
         }
         Ok(History::Covered { top, publications })
     }

@@ -2,8 +2,8 @@
 //!
 //! A channel's state is the hash `meta`: `e` epoch, `o` last offset, `g` generation (the first part of
 //! its history entries' IDs, `<g>-<offset>`, one more for each epoch), `r` the replication ID of the
-//! primary that assigned the last offset, `b` bytes of envelopes in history, and after a fence `pe`/`po`:
-//! the epoch it replaced and the last offset of that epoch that survived.
+//! primary that assigned the last offset, `b` bytes of envelopes in history, and after a fence `pe`: the
+//! epoch it replaced.
 //!
 //! **Fencing.** Both scripts compare `r` with the replication ID the node read on its connection (one
 //! field of the hash they read anyway). A different ID means the data was written under another history
@@ -11,22 +11,21 @@
 //! over): positions after what survived may have been seen by clients with other contents, so they are
 //! never reused. The channel moves to a new epoch, and clients of the old epoch get a reset
 //! (`engine_rollback`): publications acknowledged after what survived are gone, and nothing tells which.
-//! The new epoch records the old one (`pe`) with `po` = -1: no position of it continues. (A link with a
-//! surviving offset would let clients at or before it recover across; history reads honour one, but no
-//! rollback is proven harmless yet, so none is made.)
+//! The new epoch records the old one (`pe`), so that a client returning with a position in it is told
+//! why. The old epoch's entries stay in the stream (other generation) until trimmed or expired.
 
-/// Shared by the scripts: moves a channel to a new epoch recording the old one and `last`, the last
-/// offset of it that continues (-1: none). Returns the new epoch, offset (0), generation and 1.
+/// Shared by the scripts: moves a channel to a new epoch recording the old one. Returns the new epoch,
+/// offset (0), generation and 1.
 const FENCE: &str = r#"
-local function fence(meta, stream, epoch, offset, gen, fresh, replid, last)
+local function fence(meta, stream, epoch, gen, fresh, replid)
   if gen == nil then
     -- History written before generations existed cannot be continued.
     redis.call('DEL', stream)
-    redis.call('HDEL', meta, 'pe', 'po')
+    redis.call('HDEL', meta, 'pe')
     redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', 0, 'r', replid, 'b', 0)
     return fresh, 0, 0, 1
   end
-  redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', gen + 1, 'r', replid, 'pe', epoch, 'po', last)
+  redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', gen + 1, 'r', replid, 'pe', epoch)
   return fresh, 0, gen + 1, 1
 end
 
@@ -35,14 +34,14 @@ local function state(meta, stream, fresh, replid)
   local epoch, offset, gen, bytes = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[5]) or 0
   if not epoch then
     redis.call('DEL', stream)
-    redis.call('HDEL', meta, 'pe', 'po')
+    redis.call('HDEL', meta, 'pe')
     redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', 0, 'r', replid, 'b', 0)
     return fresh, 0, 0, 0, 0
   end
   if m[4] ~= replid or replid == '' then
     -- What was acknowledged after the surviving data may be gone, and nothing here says what: no
-    -- position of the old epoch continues (-1), so its clients get a reset.
-    local e, o, g, fenced = fence(meta, stream, epoch, offset or 0, gen, fresh, replid, -1)
+    -- position of the old epoch continues, so its clients get a reset.
+    local e, o, g, fenced = fence(meta, stream, epoch, gen, fresh, replid)
     if gen == nil then bytes = 0 end
     return e, o, g, bytes, fenced
   end
@@ -120,12 +119,11 @@ return {0, epoch, offset, receivers, fenced}
 /// The channel's top position, creating a fresh epoch when it has none and fencing it when its position
 /// was assigned under another history of the primary. KEYS: meta, stream. ARGV: 1 a fresh epoch,
 /// 2 history age (ms), 3 the primary's replication ID.
-/// Returns {epoch, offset, generation, fenced, previous epoch or '', its last surviving offset or -1}.
+/// Returns {epoch, offset, generation, fenced, the epoch a fence replaced or ''}.
 const TOP_BODY: &str = r#"
 local epoch, offset, gen, bytes, fenced = state(KEYS[1], KEYS[2], ARGV[1], ARGV[3])
 if offset == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local link = redis.call('HMGET', KEYS[1], 'pe', 'po')
-return {epoch, offset, gen, fenced, link[1] or '', tonumber(link[2]) or -1}
+return {epoch, offset, gen, fenced, redis.call('HGET', KEYS[1], 'pe') or ''}
 "#;
 
 /// Moves a channel to a new epoch when it is still in `epoch` (its position was seen going backwards:
@@ -133,9 +131,9 @@ return {epoch, offset, gen, fenced, link[1] or '', tonumber(link[2]) or -1}
 /// running server). KEYS: meta, stream. ARGV: 1 the epoch seen going backwards, 2 a fresh epoch,
 /// 3 the primary's replication ID. Returns 1 when it fenced.
 const FENCE_BODY: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'e', 'o', 'g')
+local m = redis.call('HMGET', KEYS[1], 'e', 'g')
 if m[1] ~= ARGV[1] then return 0 end
-fence(KEYS[1], KEYS[2], m[1], tonumber(m[2]) or 0, tonumber(m[3]), ARGV[2], ARGV[3], -1)
+fence(KEYS[1], KEYS[2], m[1], tonumber(m[2]), ARGV[2], ARGV[3])
 return 1
 "#;
 

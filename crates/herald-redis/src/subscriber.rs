@@ -256,12 +256,14 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
                 tracing::debug!(correlation_id = %publication.correlation_id, %channel,
                     offset = publication.position.offset, origin = header.as_ref().map_or("", |h| h.origin.as_str()),
                     "received from the backplane");
-                if seen.len() > 2 * lock(&inner.subscribed).len() + 1024 {
+                let position = publication.position.clone();
+                let previous = seen.insert(channel.clone(), position.clone());
+                // Channels this node left are forgotten now and then, when the map grows (not per message).
+                if previous.is_none() && seen.len() > 1024 && seen.len() > 2 * lock(&inner.subscribed).len() {
                     let subscribed = lock(&inner.subscribed).clone();
                     seen.retain(|channel, _| subscribed.contains(channel));
                 }
-                let position = publication.position.clone();
-                let backwards = match seen.insert(channel.clone(), position.clone()) {
+                let backwards = match previous {
                     Some(before) => {
                         (before.epoch == position.epoch && position.offset <= before.offset).then_some(before.offset)
                     }

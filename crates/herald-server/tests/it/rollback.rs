@@ -241,18 +241,8 @@ async fn with_durable_publishes_a_failover_loses_nothing_acknowledged_and_resets
     let old_stream = format!("{}:{{doc:5}}:s", node.state.config().redis.prefix);
     let mut primary = primary;
     primary.stop();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut i = 7;
-    while acked.len() < 9 {
-        let (status, body) = node.post("/v1/publish", json!({"channel": "doc:5", "data": i})).await;
-        if status == StatusCode::OK {
-            acked.push((body, json!(i)));
-            i += 1;
-            continue;
-        }
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert!(tokio::time::Instant::now() < deadline, "no failover within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 7..=9 {
+        publish_through_failover(&node, "doc:5", json!(i), &mut acked, false).await;
     }
     let promoted = [&replica, &second].into_iter().find(|r| r.replication("role").as_deref() == Some("master"));
     let promoted = promoted.expect("a replica was promoted");
@@ -297,25 +287,10 @@ async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_ans
     replica.signal("CONT");
 
     // Until the sentinels promote the replica, publishes fail; none answers 200 for a write then lost.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut refused = 0;
-    let mut i = 9;
-    loop {
-        let (status, body) = node.post("/v1/publish", json!({"channel": "order:9", "data": i})).await;
-        if status == StatusCode::OK {
-            acked.push((body, json!(i)));
-            i += 1;
-            break;
-        }
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert_eq!(node.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE, "not ready without a primary");
-        refused += 1;
-        assert!(tokio::time::Instant::now() < deadline, "no failover within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let refused = publish_through_failover(&node, "order:9", json!(9), &mut acked, true).await;
     assert!(refused > 0, "publishes fail while there is no primary");
     assert_eq!(replica.replication("role").as_deref(), Some("master"), "the replica was promoted");
-    for data in i..i + 3 {
+    for data in 10..13 {
         publish(&node, "order:9", json!(data), &mut acked).await;
     }
     let last = acked.last().map(|(a, _)| a.clone()).unwrap_or_default();
@@ -323,6 +298,33 @@ async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_ans
     ledger.check(&acked);
     assert_eq!(ledger.resets("engine_rollback"), 1, "offsets 6..8 were lost with the primary: {:?}", ledger.events);
     assert_ne!(last["epoch"], acked[0].0["epoch"]);
+}
+
+/// Publishes `data` until it is answered 200, for up to 30 s while a failover goes on; every other answer
+/// must be a 503 (with `unready`, also with the node not ready). Returns how many were refused.
+async fn publish_through_failover(
+    node: &Server,
+    channel: &str,
+    data: Value,
+    acked: &mut Vec<(Value, Value)>,
+    unready: bool,
+) -> u32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    loop {
+        let (status, body) = node.post("/v1/publish", json!({"channel": channel, "data": data})).await;
+        if status == StatusCode::OK {
+            acked.push((body, data));
+            return refused;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        if unready {
+            assert_eq!(node.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE, "not ready without a primary");
+        }
+        refused += 1;
+        assert!(tokio::time::Instant::now() < deadline, "no failover within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn eventually_synced(primary: &RedisServer, replica: &RedisServer) {
