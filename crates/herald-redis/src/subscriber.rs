@@ -111,6 +111,11 @@ async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
             tracing::info!(channels = desired.len(), "redis pub/sub reconnected; re-syncing");
         }
         let resync: Vec<ChannelName> = if first { Vec::new() } else { desired.iter().cloned().collect() };
+        if !first {
+            // Redis went away and came back: the command connection may be a dead one nothing has used
+            // since; check it before this node says it is ready again.
+            inner.commands.verify().await;
+        }
         first = false;
         inner.connected.store(true, Ordering::SeqCst);
         tokio::spawn(receiver(inner.clone(), stream, generation, resync));
