@@ -94,7 +94,7 @@ pub struct PresenceEntry {
 pub struct NodeInfo {
     pub node: String,
     #[serde(flatten)]
-    pub stats: serde_json::Value,
+    pub stats: crate::stats::NodeStats,
 }
 
 /// Counters of an engine's own machinery.
@@ -146,7 +146,7 @@ pub trait EngineSink: Send + Sync {
     /// Close this user's local connections; returns how many were closed.
     fn disconnect_user(&self, user: &str) -> usize;
     /// This node's counters, for `/v1/cluster`.
-    fn stats(&self) -> serde_json::Value;
+    fn stats(&self) -> crate::stats::StatsSnapshot;
 }
 
 /// The coordination layer of a cluster (or of a single node).

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
@@ -27,6 +26,7 @@ use crate::position::Position;
 use crate::publication::Publication;
 use crate::receipt::{Receipt, ReceiptToken};
 use crate::session::{Session, Transport};
+use crate::stats::{DeliveryHealth, StatsSnapshot};
 
 /// Outbound queue slots per connection unless configured.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
@@ -281,40 +281,6 @@ impl LatencyHistogram {
         }
         0.0
     }
-}
-
-/// A snapshot of [`Stats`] plus gauges.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StatsSnapshot {
-    pub connections: u64,
-    pub channels: u64,
-    pub connections_opened: u64,
-    pub published: u64,
-    pub duplicates: u64,
-    pub no_subscriber: u64,
-    pub delivered_sse: u64,
-    pub delivered_ws: u64,
-    pub recovered: u64,
-    pub duplicates_dropped: u64,
-    pub resets_history_gone: u64,
-    pub resets_gap: u64,
-    pub resets_epoch_changed: u64,
-    pub resets_engine_rollback: u64,
-    pub gaps_detected: u64,
-    pub slow_consumer_disconnects: u64,
-    pub latency_p50_ms: f64,
-    pub latency_p99_ms: f64,
-    /// Shares of what reached clients: live deliveries, recovered publications, resets (`None` before
-    /// anything happened).
-    pub health: Option<DeliveryHealth>,
-}
-
-/// Shares of live deliveries, recoveries and resets among everything this node handed to clients.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct DeliveryHealth {
-    pub delivered_live: f64,
-    pub recovered: f64,
-    pub reset: f64,
 }
 
 /// This node's hub. Cheap to clone.
@@ -699,8 +665,7 @@ impl EngineSink for HubShared {
             .count()
     }
 
-    fn stats(&self) -> serde_json::Value {
-        let snapshot = self.snapshot();
-        json!(snapshot)
+    fn stats(&self) -> StatsSnapshot {
+        self.snapshot()
     }
 }

@@ -6,6 +6,7 @@
 //! service. The server crate, an embedding axum application and the benchmarks all build on this.
 
 pub mod channel;
+pub mod cluster;
 pub mod engine;
 pub mod hub;
 pub mod memory;
@@ -14,18 +15,18 @@ pub mod position;
 pub mod publication;
 pub mod receipt;
 pub mod session;
+pub mod stats;
 
 pub use channel::{ChannelError, ChannelName};
+pub use cluster::{Backplane, BackplaneStats, ClusterEngine, Link, Recipient, Relay, RelayConfig};
 pub use engine::{
     Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, NodeReceipt, PresenceEntry, PublishOutcome,
     PublishRequest, ReceiptRequest,
 };
-pub use hub::{
-    CloseHook, CloseReason, DeliveryHealth, DeliveryReport, Hub, HubConfig, HubError, LatencyHistogram, Outbound,
-    StatsSnapshot,
-};
+pub use hub::{CloseHook, CloseReason, DeliveryReport, Hub, HubConfig, HubError, LatencyHistogram, Outbound};
 pub use memory::MemoryEngine;
 pub use policy::{HistoryPolicy, Policies};
 pub use position::{CursorError, Epoch, Position, decode_cursor, encode_cursor};
 pub use publication::Publication;
 pub use session::{ResetReason, Session, SessionEvent, Transport};
+pub use stats::{DeliveryHealth, NodeStats, StatsSnapshot};

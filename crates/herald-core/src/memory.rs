@@ -298,8 +298,11 @@ impl Engine for MemoryEngine {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
-        let stats = self.sink().map(|sink| sink.stats()).unwrap_or_default();
-        Ok(vec![NodeInfo { node: self.node_id.clone(), stats }])
+        let hub = self.sink().map(|sink| sink.stats()).unwrap_or_default();
+        Ok(vec![NodeInfo {
+            node: self.node_id.clone(),
+            stats: crate::stats::NodeStats { hub, probe_rtt_us: None, ready: true },
+        }])
     }
 
     async fn ready(&self) -> bool {

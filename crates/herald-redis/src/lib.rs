@@ -6,13 +6,13 @@
 //!   unreachable callers get an error quickly (the API answers 503).
 //! - Fan-out: one pub/sub connection per node (`subscriber.rs`), subscribed per channel while the
 //!   node has local subscribers, so a publication reaches only nodes that need it.
-//! - No silent loss: the subscriber tracks the last offset delivered per channel; a jump is filled from
-//!   history before anything newer; after a reconnect every channel is re-synced, and where history is
-//!   gone the hub is told to reset its connections.
-//! - Self-check: the node publishes a probe to itself every probe interval; a probe that does not come
-//!   back in time marks the subscription stale, which fails readiness and forces a reconnect.
 //! - Cluster state: nodes heartbeat into a sorted set; presence entries carry their node and are
 //!   ignored (and removed) once that node stops heartbeating, so a crashed node leaves no ghosts.
+//! - Rollback fencing: every channel's hash records the primary's replication ID (`connection.rs`,
+//!   `scripts.rs`); a channel assigned under another history moves to a new epoch first.
+//!
+//! This crate is a [`Backplane`]: ordering, gap repair, re-sync, the probe and the node-to-node
+//! protocols are herald-core's (`cluster.rs`), which this crate feeds and knows nothing else of.
 
 mod connection;
 mod keys;
@@ -21,18 +21,17 @@ mod subscriber;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_core::engine::SubscribeFuture;
 use herald_core::publication::{format_timestamp, now_ms};
 use herald_core::{
-    ChannelName, Engine, EngineError, EngineSink, EngineStats, Epoch, History, NodeInfo, NodeReceipt, Policies,
-    Position, PresenceEntry, Publication, PublishOutcome, PublishRequest,
+    Backplane, BackplaneStats, ChannelName, ClusterEngine, EngineError, Epoch, History, NodeInfo, NodeStats, Policies,
+    Position, PresenceEntry, Publication, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
 };
 use redis::{AsyncCommands, Script};
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use connection::{Commands, Live};
@@ -147,8 +146,11 @@ fn needs_new_connection(error: &redis::RedisError) -> bool {
         )
 }
 
-/// The Redis engine. Create with [`RedisEngine::connect`], hand to `Hub::start`.
-pub struct RedisEngine {
+/// The Redis engine as the hub uses it: [`Redis`] with herald-core's protocols on top.
+pub type RedisEngine = ClusterEngine<Redis>;
+
+/// The Redis backplane. Create with [`connect`], hand to `Hub::start`.
+pub struct Redis {
     inner: Arc<Inner>,
 }
 
@@ -159,29 +161,15 @@ pub(crate) struct Inner {
     publish_script: Script,
     top_script: Script,
     fence_script: Script,
-    pub(crate) sink: OnceLock<Weak<dyn EngineSink>>,
+    /// What the subscriber hands received messages to (set once, at start).
+    pub(crate) relay: OnceLock<Arc<Relay>>,
     pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
     subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
     /// Channels this node subscribes to (a copy of the actor's set, for periodic upkeep).
     pub(crate) subscribed: Mutex<std::collections::HashSet<ChannelName>>,
-    /// Last position handed to the hub per subscribed channel (gap detection).
-    pub(crate) delivered: Mutex<HashMap<ChannelName, Position>>,
-    /// The pub/sub connection is up and its last probe came back in time.
+    /// The pub/sub connection is up.
     pub(crate) connected: AtomicBool,
-    pub(crate) probe_fresh: AtomicBool,
-    pub(crate) probe_rtt_us: AtomicU64,
-    /// When the last probe came back (µs since the Unix epoch).
-    pub(crate) last_probe_us: AtomicU64,
     pub(crate) reconnects: AtomicU64,
-    pub(crate) gaps_repaired: AtomicU64,
-    pub(crate) messages_received: AtomicU64,
-    /// Channels whose position was seen going backwards (each was fenced).
-    pub(crate) positions_backwards: AtomicU64,
-    /// Replies to requests this node made to other nodes (disconnect), by request ID.
-    pub(crate) replies: Mutex<HashMap<u64, mpsc::UnboundedSender<usize>>>,
-    /// Delivery receipts from other nodes for publications this node awaits, by receipt ID.
-    pub(crate) receipt_replies: Mutex<HashMap<u64, ReceiptChannel>>,
-    next_request: AtomicU64,
     pub(crate) stopping: AtomicBool,
     /// Publishes waiting for replicas (`durability = replicated`); one `WAIT` answers all of them.
     durable: Mutex<DurableWaits>,
@@ -207,15 +195,6 @@ pub(crate) struct TopState {
     pub(crate) fenced_from: Option<Epoch>,
 }
 
-/// Where receipts for one awaited publication arrive (since when, sender, the receiver until
-/// `collect_receipts` takes it).
-pub(crate) type ReceiptChannel =
-    (std::time::Instant, mpsc::UnboundedSender<NodeReceipt>, Option<mpsc::UnboundedReceiver<NodeReceipt>>);
-
-/// Receipt channels older than this are dropped: their publisher stopped waiting long ago (a caller that
-/// gave up mid-request never reaches `collect_receipts`, which would otherwise remove its entry).
-const RECEIPT_CHANNEL_MAX_AGE: Duration = Duration::from_secs(120);
-
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -224,45 +203,42 @@ fn unavailable(error: impl std::fmt::Display) -> EngineError {
     EngineError::Unavailable(error.to_string())
 }
 
-impl RedisEngine {
-    /// Connects the command connection, waiting up to [`STARTUP_WAIT`] for Redis (or, with Sentinel, for
-    /// a primary) to be reachable.
-    pub async fn connect(config: RedisConfig) -> Result<Self, EngineError> {
-        let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
-        let commands = Commands::new(target, client_factory(&config)?, config.command_timeout);
-        commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let keys = Keys::new(&config.prefix, &config.node_id);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                keys,
-                commands,
-                publish_script: Script::new(&scripts::publish()),
-                top_script: Script::new(&scripts::top()),
-                fence_script: Script::new(&scripts::fence()),
-                sink: OnceLock::new(),
-                subscriber: tx,
-                subscriber_rx: Mutex::new(Some(rx)),
-                subscribed: Mutex::new(std::collections::HashSet::new()),
-                delivered: Mutex::new(HashMap::new()),
-                connected: AtomicBool::new(false),
-                probe_fresh: AtomicBool::new(false),
-                probe_rtt_us: AtomicU64::new(0),
-                last_probe_us: AtomicU64::new(0),
-                reconnects: AtomicU64::new(0),
-                gaps_repaired: AtomicU64::new(0),
-                messages_received: AtomicU64::new(0),
-                positions_backwards: AtomicU64::new(0),
-                replies: Mutex::new(HashMap::new()),
-                receipt_replies: Mutex::new(HashMap::new()),
-                next_request: AtomicU64::new(1),
-                stopping: AtomicBool::new(false),
-                durable: Mutex::new(DurableWaits::default()),
-            }),
-        })
-    }
+/// Connects the command connection, waiting up to [`STARTUP_WAIT`] for Redis (or, with Sentinel, for a
+/// primary) to be reachable.
+pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
+    let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
+    let commands = Commands::new(target, client_factory(&config)?, config.command_timeout);
+    commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let keys = Keys::new(&config.prefix, &config.node_id);
+    let relay = RelayConfig {
+        probe_interval: config.probe_interval,
+        probe_timeout: config.probe_timeout,
+        node_ttl: config.node_ttl,
+        request_timeout: config.command_timeout,
+    };
+    let redis = Redis {
+        inner: Arc::new(Inner {
+            config,
+            keys,
+            commands,
+            publish_script: Script::new(&scripts::publish()),
+            top_script: Script::new(&scripts::top()),
+            fence_script: Script::new(&scripts::fence()),
+            relay: OnceLock::new(),
+            subscriber: tx,
+            subscriber_rx: Mutex::new(Some(rx)),
+            subscribed: Mutex::new(std::collections::HashSet::new()),
+            connected: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            durable: Mutex::new(DurableWaits::default()),
+        }),
+    };
+    Ok(ClusterEngine::new(redis, relay))
+}
 
+impl Redis {
     /// The identity of the primary the command connection talks to now.
     pub async fn primary(&self) -> Result<Identity, EngineError> {
         Ok((*self.inner.commands.get().await?.identity).clone())
@@ -270,10 +246,6 @@ impl RedisEngine {
 }
 
 impl Inner {
-    pub(crate) fn sink(&self) -> Option<Arc<dyn EngineSink>> {
-        self.sink.get().and_then(Weak::upgrade)
-    }
-
     /// The command connection (made first if needed).
     pub(crate) async fn live(&self) -> Result<Live, EngineError> {
         self.commands.get().await
@@ -313,7 +285,7 @@ impl Inner {
         }
     }
 
-    /// Fire and forget: publishes `message` to a control channel.
+    /// Publishes `message` to a control channel; returns how many nodes it reached.
     pub(crate) async fn send_control(&self, target: String, message: String) -> Result<usize, EngineError> {
         let live = self.live().await?;
         let mut conn = live.conn.clone();
@@ -354,7 +326,6 @@ impl Inner {
     /// Moves `channel` to a new epoch if it is still in `epoch`, with nothing of `epoch` continued: its
     /// position went backwards, so some of its offsets may have been handed out twice.
     pub(crate) async fn fence_backwards(&self, channel: &ChannelName, epoch: &Epoch, seen: u64, now: u64) {
-        self.positions_backwards.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%channel, %epoch, seen_offset = seen, engine_offset = now,
             "channel position went backwards in redis (its data rolled back); fencing it into a new epoch");
         let Ok(live) = self.live().await else { return };
@@ -547,13 +518,8 @@ impl Inner {
         self.on(&live, conn.zrangebyscore(self.keys.nodes(), since, "+inf")).await
     }
 
-    pub(crate) async fn heartbeat(&self) -> Result<(), EngineError> {
-        let stats = self.sink().map(|s| s.stats()).unwrap_or_default();
-        let mut stats = stats;
-        if let Some(object) = stats.as_object_mut() {
-            object.insert("probe_rtt_us".into(), json!(self.probe_rtt_us.load(Ordering::Relaxed)));
-            object.insert("ready".into(), json!(self.is_ready()));
-        }
+    pub(crate) async fn heartbeat(&self, stats: &NodeStats) -> Result<(), EngineError> {
+        let stats = serde_json::to_string(stats).map_err(|e| EngineError::Protocol(e.to_string()))?;
         let live = self.live().await?;
         let mut conn = live.conn.clone();
         let now = now_ms();
@@ -563,47 +529,31 @@ impl Inner {
             .ignore()
             .zrembyscore(self.keys.nodes(), 0, now.saturating_sub(ttl))
             .ignore()
-            .pset_ex(self.keys.node_stats(&self.config.node_id), stats.to_string(), ttl)
+            .pset_ex(self.keys.node_stats(&self.config.node_id), stats, ttl)
             .ignore();
         self.on(&live, pipe.query_async::<()>(&mut conn)).await
-    }
-
-    pub(crate) fn is_ready(&self) -> bool {
-        self.connected.load(Ordering::SeqCst) && self.probe_fresh.load(Ordering::SeqCst) && self.commands.is_connected()
     }
 }
 
 #[async_trait]
-impl Engine for RedisEngine {
+impl Backplane for Redis {
     fn node_id(&self) -> &str {
         &self.inner.config.node_id
     }
 
-    async fn start(&self, sink: Weak<dyn EngineSink>) -> Result<(), EngineError> {
-        self.inner.sink.set(sink).map_err(|_| EngineError::Protocol("engine started twice".into()))?;
+    async fn start(&self, relay: Arc<Relay>) -> Result<(), EngineError> {
+        self.inner.relay.set(relay).map_err(|_| EngineError::Protocol("engine started twice".into()))?;
         let rx = lock(&self.inner.subscriber_rx).take().ok_or(EngineError::Protocol("engine started twice".into()))?;
         subscriber::spawn(self.inner.clone(), rx);
-        let _ = self.inner.heartbeat().await;
         Ok(())
     }
 
-    async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError> {
+    async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
         let inner = &self.inner;
         let channel = &request.channel;
         let policy = inner.config.policies.history(channel);
         let now = now_ms();
-        // Message header: origin node, receipt ID (0 when nobody waits) and how long the origin waits.
-        let (receipt_id, receipt_ms) = request.receipt.map_or((0, 0), |r| (r.id, r.timeout.as_millis() as u64));
-        let trace = request.trace_parent.as_deref().unwrap_or("-");
-        let header = format!("{}\t{receipt_id}\t{receipt_ms}\t{trace}\n", inner.config.node_id);
         let live = inner.live().await?;
-        if receipt_id != 0 {
-            // Registered before publishing: another node may answer before the script returns.
-            let (tx, rx) = mpsc::unbounded_channel();
-            let mut channels = lock(&inner.receipt_replies);
-            channels.retain(|_, (since, _, _)| since.elapsed() < RECEIPT_CHANNEL_MAX_AGE);
-            channels.insert(receipt_id, (std::time::Instant::now(), tx, Some(rx)));
-        }
         let mut invocation = inner.publish_script.prepare_invoke();
         invocation.key(inner.keys.meta(channel)).key(inner.keys.stream(channel));
         if let Some(key) = &request.idempotency_key {
@@ -621,19 +571,12 @@ impl Engine for RedisEngine {
             .arg(policy.ttl.as_millis() as u64)
             .arg(inner.config.policies.dedup_window().as_secs())
             .arg(Epoch::generate().as_str())
-            .arg(header)
+            .arg(format!("{header}\n"))
             .arg(&*live.identity.replid)
             .arg(history_max_bytes(&policy));
         let mut conn = live.conn.clone();
-        let reply = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await;
-        let outcome = reply.and_then(parse_publish_reply);
-        if receipt_id != 0 && !matches!(&outcome, Ok(o) if !o.duplicate) {
-            lock(&inner.receipt_replies).remove(&receipt_id);
-        }
-        let mut outcome = outcome?;
-        if !outcome.duplicate {
-            outcome.correlation_id = request.correlation_id.clone();
-        }
+        let outcome = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await?;
+        let outcome = parse_publish_reply(outcome)?;
         if let (Durability::Replicated { min_replicas, timeout }, false) = (inner.config.durability, outcome.duplicate)
         {
             self.inner.replicated(live, min_replicas, timeout).await?;
@@ -667,6 +610,10 @@ impl Engine for RedisEngine {
 
     async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
         Ok(self.inner.top_state(channel).await?.top)
+    }
+
+    async fn fence(&self, channel: &ChannelName, epoch: &Epoch, seen: u64, now: u64) {
+        self.inner.fence_backwards(channel, epoch, seen, now).await;
     }
 
     async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
@@ -720,26 +667,8 @@ impl Engine for RedisEngine {
         Ok(entries)
     }
 
-    async fn disconnect_user(&self, user: &str) -> Result<usize, EngineError> {
-        let inner = &self.inner;
-        let id = inner.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        lock(&inner.replies).insert(id, tx);
-        // Removed however this ends, including when the caller stops waiting.
-        let _forget = Forget { map: &inner.replies, id };
-        let message = json!({"op": "disconnect", "user": user, "reply_to": inner.config.node_id, "id": id});
-        let receivers = inner.send_control(inner.keys.control_all(), message.to_string()).await;
-        let mut total = 0;
-        if let Ok(receivers) = receivers {
-            let deadline = tokio::time::Instant::now() + inner.config.command_timeout;
-            for _ in 0..receivers {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(count)) => total += count,
-                    _ => break,
-                }
-            }
-        }
-        receivers.map(|_| total)
+    async fn heartbeat(&self, stats: &NodeStats) -> Result<(), EngineError> {
+        self.inner.heartbeat(stats).await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
@@ -757,43 +686,30 @@ impl Engine for RedisEngine {
             .into_iter()
             .zip(stats)
             .map(|(node, stats)| {
-                let stats = stats.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_else(|| json!({}));
+                let stats = stats.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
                 NodeInfo { node, stats }
             })
             .collect())
     }
 
-    async fn ready(&self) -> bool {
-        self.inner.is_ready()
+    async fn send(&self, to: Recipient<'_>, message: String) -> Result<usize, EngineError> {
+        let target = match to {
+            Recipient::Node(node) => self.inner.keys.control(node),
+            Recipient::All => self.inner.keys.control_all(),
+        };
+        self.inner.send_control(target, message).await
     }
 
-    async fn collect_receipts(&self, receipt: u64, expected: usize, timeout: Duration) -> Option<Vec<NodeReceipt>> {
-        let rx = lock(&self.inner.receipt_replies).get_mut(&receipt).and_then(|(_, _, rx)| rx.take());
-        let mut receipts = Vec::new();
-        if let Some(mut rx) = rx {
-            // Each node waits up to `timeout` for its connections; allow the report a moment to travel.
-            let deadline = tokio::time::Instant::now() + timeout + self.inner.config.command_timeout / 4;
-            while receipts.len() < expected {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(node_receipt)) => receipts.push(node_receipt),
-                    _ => break,
-                }
-            }
-        }
-        lock(&self.inner.receipt_replies).remove(&receipt);
-        Some(receipts)
+    fn connected(&self) -> bool {
+        self.inner.connected.load(Ordering::SeqCst) && self.inner.commands.is_connected()
     }
 
-    fn stats(&self) -> EngineStats {
-        let i = &self.inner;
-        EngineStats {
-            probe_rtt_us: Some(i.probe_rtt_us.load(Ordering::Relaxed)),
-            reconnects: i.reconnects.load(Ordering::Relaxed),
-            gaps_repaired: i.gaps_repaired.load(Ordering::Relaxed),
-            messages_received: i.messages_received.load(Ordering::Relaxed),
-            rollbacks: i.commands.identity_changes.load(Ordering::Relaxed)
-                + i.positions_backwards.load(Ordering::Relaxed),
-        }
+    fn reconnect(&self) {
+        let _ = self.inner.subscriber.send(subscriber::Command::Stale);
+    }
+
+    async fn wait_connected(&self, until: tokio::time::Instant) {
+        let _ = self.inner.commands.wait_connected(until).await;
     }
 
     async fn stop(&self) {
@@ -804,17 +720,13 @@ impl Engine for RedisEngine {
         let _ = inner.on(&live, conn.zrem::<_, _, ()>(inner.keys.nodes(), &inner.config.node_id)).await;
         let _ = inner.on(&live, conn.del::<_, ()>(inner.keys.node_stats(&inner.config.node_id))).await;
     }
-}
 
-/// Removes a pending request's reply channel when dropped.
-struct Forget<'a, T> {
-    map: &'a Mutex<HashMap<u64, T>>,
-    id: u64,
-}
-
-impl<T> Drop for Forget<'_, T> {
-    fn drop(&mut self) {
-        lock(self.map).remove(&self.id);
+    fn stats(&self) -> BackplaneStats {
+        let i = &self.inner;
+        BackplaneStats {
+            reconnects: i.reconnects.load(Ordering::Relaxed),
+            rollbacks: i.commands.identity_changes.load(Ordering::Relaxed),
+        }
     }
 }
 

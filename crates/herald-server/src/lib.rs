@@ -22,7 +22,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use herald_core::{CloseReason, Engine, Hub, MemoryEngine};
-use herald_redis::{RedisConfig, RedisEngine};
+use herald_redis::RedisConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -213,7 +213,7 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
                 timeout: Duration::from_millis(r.replication_timeout_ms),
             };
         }
-        let engine = RedisEngine::connect(redis).await.map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
+        let engine = herald_redis::connect(redis).await.map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
         return Ok(Arc::new(engine));
     }
     anyhow::bail!("unsupported engine {:?}", config.engine)
