@@ -252,6 +252,23 @@ impl Relay {
                     let _ = backplane.send(Recipient::Node(reply_to), reply.to_string()).await;
                 }
             }
+            // A publisher whose engine cannot count receivers asks every node: those without local
+            // subscribers answer at once (the others answer once their connections wrote it).
+            Some("receipt_check") => {
+                let (Some(id), Some(channel), Some(origin)) =
+                    (message["id"].as_u64(), message["channel"].as_str(), message["origin"].as_str())
+                else {
+                    return;
+                };
+                let Ok(channel) = ChannelName::parse(channel) else { return };
+                if self.sink().is_some_and(|sink| sink.has_members(&channel)) {
+                    return;
+                }
+                let report = json!({"op": "receipt", "id": id, "node": self.node, "written": 0, "timed_out": false});
+                if let Some(backplane) = self.backplane() {
+                    let _ = backplane.send(Recipient::Node(origin), report.to_string()).await;
+                }
+            }
             Some("receipt") => {
                 let (Some(id), Some(node), Some(written)) =
                     (message["id"].as_u64(), message["node"].as_str(), message["written"].as_u64())
@@ -602,6 +619,13 @@ impl<B: Backplane> Engine for ClusterEngine<B> {
         let mut outcome = outcome?;
         if !outcome.duplicate {
             outcome.correlation_id = request.correlation_id.clone();
+            if receipt_id != 0 && outcome.receivers.is_none() {
+                let check = json!({
+                    "op": "receipt_check", "id": receipt_id, "channel": request.channel.as_str(),
+                    "origin": self.relay.node,
+                });
+                outcome.receivers = Some(self.backplane.send(Recipient::All, check.to_string()).await.unwrap_or(0));
+            }
         }
         Ok(outcome)
     }

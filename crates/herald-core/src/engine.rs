@@ -143,6 +143,8 @@ pub trait EngineSink: Send + Sync {
     fn track_receipt(&self) -> (u64, Arc<crate::receipt::Receipt>);
     /// Forgets a receipt made by `track_receipt`.
     fn untrack_receipt(&self, id: u64);
+    /// Whether this node has local subscribers of `channel`.
+    fn has_members(&self, channel: &ChannelName) -> bool;
     /// Close this user's local connections; returns how many were closed.
     fn disconnect_user(&self, user: &str) -> usize;
     /// This node's counters, for `/v1/cluster`.

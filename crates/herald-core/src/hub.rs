@@ -657,6 +657,10 @@ impl EngineSink for HubShared {
         }
     }
 
+    fn has_members(&self, channel: &ChannelName) -> bool {
+        lock(self.shard(channel)).contains_key(channel)
+    }
+
     fn disconnect_user(&self, user: &str) -> usize {
         lock(&self.connections)
             .values()

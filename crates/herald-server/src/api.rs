@@ -724,7 +724,7 @@ pub async fn cluster(State(state): State<AppState>, headers: HeaderMap) -> Resul
 }
 
 fn engine_kind(state: &AppState) -> &str {
-    state.config().engine.split("://").next().unwrap_or("memory")
+    crate::engines::kind_of(&state.config().engine).map_or("unknown", |kind| kind.name)
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@ pub struct Cli {
     /// Address to listen on (HERALD_LISTEN; default 127.0.0.1:8080). Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Engine URL: `memory` (default), `redis://…`, `rediss://…`, `redis+sentinel://…` (HERALD_ENGINE).
+    /// Engine URL: `memory` (default), `redis://…`, `rediss://…`, `redis+sentinel://…`, `nats://…`,
+    /// `tls://…` (HERALD_ENGINE).
     #[arg(long, value_name = "URL")]
     pub engine: Option<String>,
     /// TOML configuration file (HERALD_CONFIG).
@@ -82,6 +83,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub sse: SseConfig,
     pub redis: RedisSection,
+    pub nats: NatsSection,
     /// How long an idempotency key is remembered, in seconds.
     pub dedup_window_secs: u64,
     /// Longest a graceful shutdown may take before the process exits anyway, in seconds.
@@ -204,6 +206,50 @@ pub struct RedisSection {
     pub replication_timeout_ms: u64,
 }
 
+/// Settings of the NATS JetStream engine (used when `engine` is a `nats://` or `tls://` URL).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    /// Prefix of every subject, stream and bucket; clusters with different prefixes share NATS safely.
+    pub prefix: String,
+    /// Replication factor of the history stream and the KV buckets: 1, 3 or 5 (3 recommended; needs
+    /// that many JetStream servers).
+    pub replicas: usize,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// File holding an NKey seed (`SU…`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// PEM file of the certificate authority of the NATS servers' certificates (`tls://`).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Milliseconds between probes (a message the node sends itself through NATS).
+    pub probe_interval_ms: u64,
+    /// Milliseconds without a probe coming back before the subscription counts as stale.
+    pub probe_timeout_ms: u64,
+    /// Seconds after which a node that stopped heartbeating (and its presence) is gone.
+    pub node_ttl_secs: u64,
+    /// Milliseconds any single NATS request may take before the request fails (503).
+    pub command_timeout_ms: u64,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        Self {
+            prefix: "herald".into(),
+            replicas: 1,
+            token: None,
+            nkey_seed_file: None,
+            credentials_file: None,
+            tls_ca_file: None,
+            probe_interval_ms: 1000,
+            probe_timeout_ms: 3000,
+            node_ttl_secs: 30,
+            command_timeout_ms: 1000,
+        }
+    }
+}
+
 impl Default for RedisSection {
     fn default() -> Self {
         Self {
@@ -244,6 +290,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             sse: SseConfig::default(),
             redis: RedisSection::default(),
+            nats: NatsSection::default(),
             dedup_window_secs: 24 * 60 * 60,
             shutdown_grace_secs: 10,
             drain_window_ms: 3000,
@@ -455,13 +502,36 @@ fn parse_env_value(value: figment::value::Value) -> figment::value::Value {
     }
 }
 
-/// Whether `url` names the Redis engine (a single server or one found through Sentinel).
-pub fn is_redis_url(url: &str) -> bool {
-    ["redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://"].iter().any(|scheme| url.starts_with(scheme))
-}
-
-fn redis_url_ok(url: &str) -> Result<(), String> {
-    herald_redis::check_url(url)
+fn validate_nats(nats: &NatsSection, problems: &mut Vec<String>) {
+    if !matches!(nats.replicas, 1 | 3 | 5) {
+        problems.push(format!("nats.replicas: {} must be 1, 3 or 5", nats.replicas));
+    }
+    let prefix_ok = nats.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if nats.prefix.is_empty() || !prefix_ok {
+        problems.push(format!("nats.prefix: {:?} must be letters, digits, _ -", nats.prefix));
+    }
+    for (key, path) in [
+        ("nats.nkey_seed_file", &nats.nkey_seed_file),
+        ("nats.credentials_file", &nats.credentials_file),
+        ("nats.tls_ca_file", &nats.tls_ca_file),
+    ] {
+        if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+            problems.push(format!("{key}: {} does not exist or is not a file", path.display()));
+        }
+    }
+    for (key, value) in [
+        ("nats.probe_interval_ms", nats.probe_interval_ms),
+        ("nats.probe_timeout_ms", nats.probe_timeout_ms),
+        ("nats.node_ttl_secs", nats.node_ttl_secs),
+        ("nats.command_timeout_ms", nats.command_timeout_ms),
+    ] {
+        if value == 0 {
+            problems.push(format!("{key} must be greater than 0"));
+        }
+    }
+    if nats.probe_timeout_ms <= nats.probe_interval_ms {
+        problems.push("nats.probe_timeout_ms must be greater than nats.probe_interval_ms".to_owned());
+    }
 }
 
 fn validate(config: Config) -> Result<Settings, Vec<String>> {
@@ -469,15 +539,17 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let listen =
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
     let engine = config.engine.as_str();
-    if is_redis_url(engine) {
-        if let Err(error) = redis_url_ok(engine) {
-            problems.push(format!("engine: {engine:?} is not a usable Redis URL: {error}"));
+    match crate::engines::kind_of(engine) {
+        Some(kind) => {
+            if let Err(error) = kind.check(engine) {
+                problems.push(format!("engine: {engine:?} is not a usable {} URL: {error}", kind.name));
+            }
         }
-    } else if engine.starts_with("nats://") {
-        problems.push(format!("engine: {engine:?} is not supported by this build yet; use \"memory\" or redis://"));
-    } else if engine != "memory" {
-        problems.push(format!("engine: {engine:?} is not an engine URL; expected \"memory\" or redis://host:port/db"));
+        None => problems.push(format!(
+            "engine: {engine:?} is not an engine URL; expected \"memory\", redis://host:port/db or nats://host:4222"
+        )),
     }
+    validate_nats(&config.nats, &mut problems);
     match config.redis.durability.as_str() {
         "none" => {}
         "replicated" if config.redis.min_replicas == 0 => {

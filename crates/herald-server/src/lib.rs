@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod engines;
 pub mod error;
 pub mod ops;
 pub mod serve;
@@ -197,7 +198,26 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         spawn_sweeper(Arc::downgrade(&memory));
         return Ok(memory);
     }
-    if config::is_redis_url(&config.engine) {
+    let kind = engines::kind_of(&config.engine);
+    if kind == Some(engines::NATS) {
+        let n = &config.nats;
+        let mut nats =
+            herald_nats::NatsConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
+        nats.prefix = n.prefix.clone();
+        nats.replicas = n.replicas;
+        nats.token = n.token.clone();
+        nats.nkey_seed_file = n.nkey_seed_file.clone();
+        nats.credentials_file = n.credentials_file.clone();
+        nats.tls_ca_file = n.tls_ca_file.clone();
+        nats.probe_interval = Duration::from_millis(n.probe_interval_ms);
+        nats.probe_timeout = Duration::from_millis(n.probe_timeout_ms);
+        nats.node_ttl = Duration::from_secs(n.node_ttl_secs);
+        nats.command_timeout = Duration::from_millis(n.command_timeout_ms);
+        nats.max_read_bytes = config.limits.max_history_response_bytes;
+        let engine = herald_nats::connect(nats).await.map_err(|e| anyhow::anyhow!("connecting to nats: {e}"))?;
+        return Ok(Arc::new(engine));
+    }
+    if kind == Some(engines::REDIS) {
         let r = &config.redis;
         let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
         redis.prefix = r.prefix.clone();

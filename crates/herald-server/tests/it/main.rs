@@ -4,11 +4,14 @@
 mod api;
 mod auth;
 mod cluster;
+mod conformance;
 mod dashboard;
 mod harness;
 mod history;
+mod jetstream;
 mod lifecycle;
 mod limits;
+mod nats;
 mod process;
 mod protocol;
 mod redis;

@@ -33,7 +33,7 @@ async fn wait_ready(server: &Server) {
 
 /// What a client received, checked against what publishers were told.
 #[derive(Default)]
-struct Ledger {
+pub struct Ledger {
     /// (epoch, offset) -> data, for every message delivered.
     delivered: HashMap<(String, u64), Value>,
     /// In arrival order: ("message" | "reset", epoch, offset, reason).
@@ -41,7 +41,7 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn record(&mut self, event: &str, data: &Value) {
+    pub fn record(&mut self, event: &str, data: &Value) {
         let epoch = data["epoch"].as_str().unwrap_or_default().to_owned();
         let offset = data["offset"].as_u64().unwrap_or_default();
         match event {
@@ -62,7 +62,7 @@ impl Ledger {
     }
 
     /// Reads `sse` until the publication acknowledged as `last` arrives.
-    async fn read_until(&mut self, sse: &mut Sse, last: &Value) {
+    pub async fn read_until(&mut self, sse: &mut Sse, last: &Value) {
         let want = (last["epoch"].as_str().unwrap_or_default().to_owned(), last["offset"].as_u64().unwrap_or(0));
         while !self.delivered.contains_key(&want) {
             let (event, data) = sse.next().await;
@@ -70,13 +70,13 @@ impl Ledger {
         }
     }
 
-    fn resets(&self, reason: &str) -> usize {
+    pub fn resets(&self, reason: &str) -> usize {
         self.events.iter().filter(|(kind, _, _, r)| kind == "reset" && r == reason).count()
     }
 
     /// Every acknowledged publication was delivered with its data, or a reset came after the client's
     /// last delivery of that epoch and before anything newer.
-    fn check(&self, acked: &[(Value, Value)]) {
+    pub fn check(&self, acked: &[(Value, Value)]) {
         for (ack, data) in acked {
             let key = (ack["epoch"].as_str().unwrap_or_default().to_owned(), ack["offset"].as_u64().unwrap_or(0));
             match self.delivered.get(&key) {

@@ -1,0 +1,563 @@
+//! Herald's NATS JetStream engine: any node delivers to any client through a NATS system.
+//!
+//! - History: one JetStream stream holds every channel, one subject per channel (`names.rs`). Each
+//!   message carries its Herald position in a header; offsets are assigned with optimistic concurrency
+//!   on the subject's last sequence (`Nats-Expected-Last-Subject-Sequence`), so concurrent publishers
+//!   on any nodes get gap-free offsets per channel (the loser of a race reads the new top and retries).
+//!   Each message also names the sequence of the one before it on its subject, so a history read
+//!   walks back from the top without scanning the stream (`stream.rs`).
+//! - Fan-out: the stream republishes every stored message to a live subject, in stream order and only
+//!   once it is stored; a node subscribes to a channel's live subject while it has local members
+//!   (`subscriber.rs`).
+//! - Idempotency for the configured window (24 h by default) in a KV bucket; node leases and presence
+//!   in KV buckets with TTLs, so a killed node leaves no ghosts.
+//! - Replicated by design: the stream's and buckets' replication factor is configurable (3 recommended),
+//!   so history survives the loss of a server and a failover keeps acknowledged data.
+//!
+//! This crate is a [`Backplane`]: ordering, gap repair, re-sync, the probe and the node-to-node
+//! protocols are herald-core's (`cluster.rs`), which this crate feeds and knows nothing else of.
+
+mod names;
+mod stream;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use herald_core::engine::SubscribeFuture;
+use herald_core::{
+    Backplane, BackplaneStats, ChannelName, ClusterEngine, EngineError, Epoch, History, NodeInfo, NodeStats, Policies,
+    Position, PresenceEntry, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
+};
+use tokio::sync::{mpsc, oneshot};
+
+pub use names::Names;
+
+/// Presence entries are removed by their connection or, for a node that died, ignored once its lease
+/// expires; this bounds how long an entry of a live node whose removal failed stays.
+const PRESENCE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a starting node waits for NATS to become reachable.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(30);
+
+/// Settings of the NATS engine.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://[user:password@]host:4222[,host2:4222]` or `tls://…` (TLS required).
+    pub url: String,
+    /// Prefix of every subject, and (upper-cased) of the stream and bucket names.
+    pub prefix: String,
+    pub node_id: String,
+    pub policies: Policies,
+    /// Replication factor of the history stream and the KV buckets (1, 3 or 5; the NATS system needs
+    /// at least that many JetStream servers).
+    pub replicas: usize,
+    pub token: Option<String>,
+    /// File holding an NKey seed (`SU…`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// PEM file of the certificate authority for TLS (default: the system's trust store).
+    pub tls_ca_file: Option<PathBuf>,
+    /// A node that has not heartbeated for this long is gone (with its presence).
+    pub node_ttl: Duration,
+    /// How often the node sends itself a probe through NATS.
+    pub probe_interval: Duration,
+    /// A probe not back within this time marks the subscription stale.
+    pub probe_timeout: Duration,
+    /// Bound on every NATS request.
+    pub command_timeout: Duration,
+    /// Bytes of history one read holds at most (one more entry beyond it).
+    pub max_read_bytes: usize,
+}
+
+impl NatsConfig {
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>, policies: Policies) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "herald".into(),
+            node_id: node_id.into(),
+            policies,
+            replicas: 1,
+            token: None,
+            nkey_seed_file: None,
+            credentials_file: None,
+            tls_ca_file: None,
+            node_ttl: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(3),
+            command_timeout: Duration::from_secs(1),
+            max_read_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The servers of a NATS URL, and the user it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Servers {
+    pub addresses: Vec<String>,
+    pub tls: bool,
+    pub user: Option<(String, String)>,
+}
+
+/// Parses `nats://[user:password@]host:port[,host:port…]` (or `tls://…`).
+pub fn parse_url(url: &str) -> Result<Servers, String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?} is not a NATS URL"))?;
+    let tls = match scheme {
+        "nats" => false,
+        "tls" => true,
+        other => return Err(format!("unknown NATS scheme {other:?}: use nats:// or tls://")),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (user, hosts) = match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let (name, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (Some((name.to_owned(), password.to_owned())), hosts)
+        }
+        None => (None, rest),
+    };
+    let mut addresses = Vec::new();
+    for host in hosts.split(',') {
+        let (name, port) = host.rsplit_once(':').ok_or_else(|| format!("{host:?} needs a port (host:4222)"))?;
+        if name.is_empty() || port.parse::<u16>().is_err() || name.contains(['/', '?', '#', ' ']) {
+            return Err(format!("{host:?} is not host:port"));
+        }
+        addresses.push(format!("{scheme}://{host}"));
+    }
+    Ok(Servers { addresses, tls, user })
+}
+
+/// Checks that `url` is a NATS URL this engine can use (without connecting).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let servers = parse_url(url)?;
+    for address in &servers.addresses {
+        address.parse::<async_nats::ServerAddr>().map_err(|e| format!("{address}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The NATS engine as the hub uses it: [`Nats`] with herald-core's protocols on top.
+pub type NatsEngine = ClusterEngine<Nats>;
+
+/// The NATS backplane. Create with [`connect`], hand to `Hub::start`.
+pub struct Nats {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: NatsConfig,
+    pub(crate) names: Names,
+    pub(crate) client: async_nats::Client,
+    pub(crate) stream: jetstream::stream::Stream,
+    pub(crate) js: jetstream::Context,
+    nodes: kv::Store,
+    presence: kv::Store,
+    pub(crate) dedup: kv::Store,
+    pub(crate) relay: OnceLock<Arc<Relay>>,
+    pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
+    subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
+    /// The last JetStream request (heartbeat) succeeded.
+    pub(crate) jetstream_ok: AtomicBool,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) stopping: AtomicBool,
+    /// The last message of channels this node published to: a publish tries it first.
+    pub(crate) tops: Mutex<HashMap<ChannelName, stream::Last>>,
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(error.to_string())
+}
+
+impl Inner {
+    /// `call`, bounded by the command timeout.
+    pub(crate) async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.config.command_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(unavailable(error)),
+            Err(_) => Err(EngineError::Timeout),
+        }
+    }
+
+    /// Makes the history stream and the buckets where they are missing.
+    async fn ensure_layout(&self) -> Result<(), EngineError> {
+        stream::ensure(&self.js, &self.names, &self.config).await?;
+        let replicas = self.config.replicas;
+        bucket(&self.js, self.names.nodes_bucket(), self.config.node_ttl, replicas).await?;
+        bucket(&self.js, self.names.presence_bucket(), PRESENCE_TTL, replicas).await?;
+        bucket(&self.js, self.names.dedup_bucket(), self.config.policies.dedup_window(), replicas).await?;
+        Ok(())
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<(String, NodeStats)>, EngineError> {
+        let mut keys = self.bounded(self.nodes.keys()).await?;
+        let mut names = Vec::new();
+        while let Some(key) =
+            tokio::time::timeout(self.config.command_timeout, keys.next()).await.map_err(|_| EngineError::Timeout)?
+        {
+            names.push(key.map_err(unavailable)?);
+        }
+        let mut nodes = Vec::with_capacity(names.len());
+        for key in names {
+            let Some(node) = Names::node_of_key(&key) else { continue };
+            if let Some(value) = self.bounded(self.nodes.get(key)).await? {
+                nodes.push((node, serde_json::from_slice(&value).unwrap_or_default()));
+            }
+        }
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(nodes)
+    }
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    name: String,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, EngineError> {
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    // The bucket's stream is made here rather than by `create_key_value`, which asks for account
+    // details that nats-server 2.9 answers in a form the client does not read. Same layout.
+    let config = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        num_replicas: replicas,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(error) = js.create_stream(config).await {
+        // Another node may have made it meanwhile.
+        tracing::debug!(%error, bucket = name, "making a bucket failed");
+    }
+    js.get_key_value(&name).await.map_err(|e| unavailable(format!("bucket {name}: {e}")))
+}
+
+async fn client_options(
+    config: &NatsConfig,
+    servers: &Servers,
+    events: mpsc::UnboundedSender<subscriber::Command>,
+) -> Result<async_nats::ConnectOptions, EngineError> {
+    let protocol = |what: &str, e: std::io::Error| EngineError::Protocol(format!("{what}: {e}"));
+    let mut options = match &config.credentials_file {
+        Some(path) => async_nats::ConnectOptions::new()
+            .credentials_file(path)
+            .await
+            .map_err(|e| protocol(&path.display().to_string(), e))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some((user, password)) = &servers.user {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &config.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| protocol(&path.display().to_string(), e))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(path) = &config.tls_ca_file {
+        options = options.add_root_certificates(path.clone());
+    }
+    Ok(options
+        .require_tls(servers.tls)
+        .name(format!("herald {}", config.node_id))
+        .connection_timeout(config.command_timeout * 2)
+        .request_timeout(Some(config.command_timeout))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move {
+                let command = match event {
+                    async_nats::Event::Connected => subscriber::Command::Connected,
+                    async_nats::Event::Disconnected => subscriber::Command::Disconnected,
+                    other => {
+                        tracing::debug!(event = %other, "nats client event");
+                        return;
+                    }
+                };
+                let _ = events.send(command);
+            }
+        }))
+}
+
+/// Connects to NATS (waiting up to [`STARTUP_WAIT`]) and makes the stream and buckets if they are missing.
+pub async fn connect(config: NatsConfig) -> Result<NatsEngine, EngineError> {
+    let servers = parse_url(&config.url).map_err(EngineError::Protocol)?;
+    let addresses: Vec<async_nats::ServerAddr> = servers
+        .addresses
+        .iter()
+        .map(|a| a.parse().map_err(|e| EngineError::Protocol(format!("{a}: {e}"))))
+        .collect::<Result<_, _>>()?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let options = client_options(&config, &servers, tx.clone()).await?;
+    let client = tokio::time::timeout(STARTUP_WAIT, options.connect(addresses))
+        .await
+        .map_err(|_| EngineError::Unavailable("nats did not answer in time".into()))?
+        .map_err(unavailable)?;
+    let js = jetstream::new(client.clone());
+    let names = Names::new(&config.prefix, &config.node_id);
+    let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
+    let stream = loop {
+        match stream::ensure(&js, &names, &config).await {
+            Ok(stream) => break stream,
+            Err(error) if tokio::time::Instant::now() >= deadline => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, "nats jetstream not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let replicas = config.replicas;
+    let nodes = bucket(&js, names.nodes_bucket(), config.node_ttl, replicas).await?;
+    let presence = bucket(&js, names.presence_bucket(), PRESENCE_TTL, replicas).await?;
+    let dedup = bucket(&js, names.dedup_bucket(), config.policies.dedup_window(), replicas).await?;
+    let relay = RelayConfig {
+        probe_interval: config.probe_interval,
+        probe_timeout: config.probe_timeout,
+        node_ttl: config.node_ttl,
+        request_timeout: config.command_timeout,
+    };
+    let nats = Nats {
+        inner: Arc::new(Inner {
+            config,
+            names,
+            client,
+            stream,
+            js,
+            nodes,
+            presence,
+            dedup,
+            relay: OnceLock::new(),
+            subscriber: tx,
+            subscriber_rx: Mutex::new(Some(rx)),
+            jetstream_ok: AtomicBool::new(true),
+            reconnects: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            tops: Mutex::new(HashMap::new()),
+        }),
+    };
+    Ok(ClusterEngine::new(nats, relay))
+}
+
+#[async_trait]
+impl Backplane for Nats {
+    fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    async fn start(&self, relay: Arc<Relay>) -> Result<(), EngineError> {
+        self.inner.relay.set(relay).map_err(|_| EngineError::Protocol("engine started twice".into()))?;
+        let rx = lock(&self.inner.subscriber_rx).take().ok_or(EngineError::Protocol("engine started twice".into()))?;
+        subscriber::start(self.inner.clone(), rx).await
+    }
+
+    async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
+        self.inner.publish(request, header).await
+    }
+
+    fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.subscriber.send(subscriber::Command::Subscribe(channel.clone(), tx));
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(EngineError::Unavailable("subscriber stopped".into()));
+            }
+            rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("subscriber stopped".into())))
+        })
+    }
+
+    fn unsubscribe(&self, channel: &ChannelName) {
+        let _ = self.inner.subscriber.send(subscriber::Command::Unsubscribe(channel.clone()));
+    }
+
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Result<History, EngineError> {
+        self.inner.history(channel, since, limit).await
+    }
+
+    async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
+        Ok(self.inner.top(channel).await?.position)
+    }
+
+    async fn fence(&self, channel: &ChannelName, epoch: &Epoch, seen: u64, now: u64) {
+        tracing::warn!(%channel, %epoch, seen_offset = seen, engine_offset = now,
+            "channel position went backwards in nats (its data rolled back); fencing it into a new epoch");
+        if let Err(error) = self.inner.fence(channel, epoch).await {
+            tracing::warn!(%channel, %error, "fencing failed; retried at the next re-sync");
+        }
+    }
+
+    async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let value = serde_json::to_vec(&entry).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let key = Names::presence_key(channel, &entry.connection_id);
+        inner.bounded(inner.presence.put(key, value.into())).await.map(|_| ())
+    }
+
+    fn presence_leave(&self, channel: &ChannelName, connection_id: &str) {
+        let inner = self.inner.clone();
+        let key = Names::presence_key(channel, connection_id);
+        tokio::spawn(async move {
+            if let Err(error) = inner.bounded(inner.presence.purge(&key)).await {
+                // The entry's node liveness still hides it once this node stops.
+                tracing::debug!(%error, key, "presence leave failed");
+            }
+        });
+    }
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
+        let inner = &self.inner;
+        let prefix = Names::presence_prefix(channel);
+        let subjects = format!("$KV.{}.{prefix}.>", inner.names.presence_bucket());
+        let mut listed = inner.bounded(inner.presence.stream.info_with_subjects(subjects)).await?;
+        let mut keys = Vec::new();
+        while let Some(item) =
+            tokio::time::timeout(inner.config.command_timeout, listed.next()).await.map_err(|_| EngineError::Timeout)?
+        {
+            let (subject, _) = item.map_err(unavailable)?;
+            if let Some(key) = subject.strip_prefix(&format!("$KV.{}.", inner.names.presence_bucket())) {
+                keys.push(key.to_owned());
+            }
+        }
+        let nodes: Vec<String> = inner.live_nodes().await?.into_iter().map(|(node, _)| node).collect();
+        let mut entries = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(value) = inner.bounded(inner.presence.get(key.clone())).await? else { continue };
+            match serde_json::from_slice::<StoredPresence>(&value) {
+                Ok(stored) if nodes.contains(&stored.node) => entries.push(stored.into_entry()),
+                _ => {
+                    let _ = inner.bounded(inner.presence.purge(&key)).await;
+                }
+            }
+        }
+        entries.sort_by(|a, b| (&a.node, &a.connection_id).cmp(&(&b.node, &b.connection_id)));
+        Ok(entries)
+    }
+
+    async fn heartbeat(&self, stats: &NodeStats) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let value = serde_json::to_vec(stats).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let key = Names::node_key(&inner.config.node_id);
+        let mut result = inner.bounded(inner.nodes.put(&key, value.clone().into())).await;
+        if result.is_err() && inner.client.connection_state() == async_nats::connection::State::Connected {
+            // JetStream may have come back without its data (a server restarted with an empty store):
+            // make the stream and buckets again, then try once more.
+            if let Err(error) = inner.ensure_layout().await {
+                tracing::debug!(%error, "making the nats stream and buckets failed");
+            }
+            result = inner.bounded(inner.nodes.put(&key, value.into())).await;
+        }
+        inner.jetstream_ok.store(result.is_ok(), Ordering::SeqCst);
+        result.map(|_| ())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {
+        Ok(self.inner.live_nodes().await?.into_iter().map(|(node, stats)| NodeInfo { node, stats }).collect())
+    }
+
+    async fn send(&self, to: Recipient<'_>, message: String) -> Result<usize, EngineError> {
+        let inner = &self.inner;
+        let subject = match to {
+            Recipient::Node(node) => inner.names.control(node),
+            Recipient::All => inner.names.control_all(),
+        };
+        inner.bounded(inner.client.publish(subject, message.into())).await?;
+        inner.bounded(inner.client.flush()).await?;
+        // Core NATS does not say how many received it: every live node subscribes to both subjects.
+        match to {
+            Recipient::Node(_) => Ok(1),
+            Recipient::All => Ok(inner.live_nodes().await?.len()),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        let inner = &self.inner;
+        inner.jetstream_ok.load(Ordering::SeqCst)
+            && inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn reconnect(&self) {
+        let _ = self.inner.subscriber.send(subscriber::Command::Stale);
+    }
+
+    async fn wait_connected(&self, until: tokio::time::Instant) {
+        while !self.connected() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        let _ = inner.bounded(inner.nodes.purge(Names::node_key(&inner.config.node_id))).await;
+    }
+
+    fn stats(&self) -> BackplaneStats {
+        BackplaneStats { reconnects: self.inner.reconnects.load(Ordering::Relaxed), rollbacks: 0 }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StoredPresence {
+    node: String,
+    connection_id: String,
+    user: Option<String>,
+    transport: String,
+    connected_at: String,
+}
+
+impl StoredPresence {
+    fn into_entry(self) -> PresenceEntry {
+        PresenceEntry {
+            node: self.node,
+            connection_id: self.connection_id,
+            user: self.user,
+            transport: if self.transport == "ws" { "ws" } else { "sse" },
+            connected_at: self.connected_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let servers = parse_url("nats://127.0.0.1:4222,127.0.0.1:4223").expect("url");
+        assert_eq!(servers.addresses, ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]);
+        assert!(!servers.tls);
+        let servers = parse_url("tls://me:secret@nats.example:4222/").expect("url");
+        assert!(servers.tls);
+        assert_eq!(servers.user, Some(("me".into(), "secret".into())));
+        for bad in ["nats://", "nats://host", "redis://h:1", "nats://h:x", "nats://h:1/x", "h:4222"] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+        assert!(check_url("nats://127.0.0.1:4222").is_ok());
+    }
+}

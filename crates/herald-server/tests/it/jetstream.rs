@@ -1,0 +1,117 @@
+//! The NATS engine on a JetStream cluster of three servers of the test's own, with a replicated (R3)
+//! stream: a server killed while three Herald nodes publish and subscribe, and the whole NATS cluster
+//! restarted with its storage kept. Every publication answered 200 reaches each client or is covered
+//! by a reset; with storage kept, clients continue without one.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Server, Sse, TIMEOUT};
+use crate::nats::NatsCluster;
+use crate::rollback::Ledger;
+
+async fn nodes(cluster: &NatsCluster, count: usize) -> Vec<Server> {
+    let prefix = format!("t{:08x}", rand::random::<u32>());
+    let mut nodes = Vec::new();
+    for _ in 0..count {
+        let (url, prefix) = (cluster.url(), prefix.clone());
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.nats.prefix = prefix;
+                config.nats.replicas = 3;
+                config.nats.probe_interval_ms = 100;
+                config.nats.probe_timeout_ms = 1000;
+                config.nats.node_ttl_secs = 3;
+                config.nats.command_timeout_ms = 2000;
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+/// Publishes until NATS takes it (a 503 while a server is down or elections run is allowed).
+async fn publish_eventually(node: &Server, channel: &str, data: Value) -> Value {
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
+    loop {
+        let (status, answer) = node.post("/v1/publish", json!({"channel": channel, "data": data})).await;
+        if status == StatusCode::OK {
+            return answer;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+        assert!(tokio::time::Instant::now() < deadline, "NATS never took the publication: {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_killed_while_publishing_loses_nothing_silently() {
+    let mut cluster = NatsCluster::start();
+    let nodes = nodes(&cluster, 3).await;
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        subscribers.push(Sse::open(node, "channel=job:1", None).await.0);
+    }
+    let mut acked = Vec::new();
+    for i in 0..120u64 {
+        if i == 40 {
+            cluster.servers[0].stop();
+        }
+        let node = &nodes[i as usize % nodes.len()];
+        let (status, answer) = node.post("/v1/publish", json!({"channel": "job:1", "data": i})).await;
+        match status {
+            StatusCode::OK => acked.push((answer, json!(i))),
+            StatusCode::SERVICE_UNAVAILABLE => {}
+            other => panic!("publish answered {other}: {answer}"),
+        }
+    }
+    // One more after the cluster settled, so every client has something to wait for.
+    let last = publish_eventually(&nodes[0], "job:1", json!("last")).await;
+    acked.push((last.clone(), json!("last")));
+    assert!(acked.len() > 80, "most publications went through: {}", acked.len());
+    for sse in &mut subscribers {
+        let mut ledger = Ledger::default();
+        ledger.read_until(sse, &last).await;
+        ledger.check(&acked);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
+    let mut cluster = NatsCluster::start();
+    let nodes = nodes(&cluster, 2).await;
+    let (mut live, _) = Sse::open(&nodes[0], "channel=doc:1", None).await;
+    for i in 1..=3 {
+        publish_eventually(&nodes[1], "doc:1", json!(i)).await;
+    }
+    live.expect_offsets("doc:1", 0, 3).await;
+    let (away, _) = Sse::open(&nodes[1], "channel=doc:1", None).await;
+    let cursor = away.last_id.clone();
+    drop(away);
+    for server in &mut cluster.servers {
+        server.stop();
+    }
+    for server in &mut cluster.servers {
+        server.restart();
+    }
+    publish_eventually(&nodes[1], "doc:1", json!(4)).await;
+    // The connected client continues; the returning one replays what it missed; neither is reset.
+    assert_eq!(live.expect_offsets("doc:1", 3, 1).await, vec![json!(4)]);
+    // Each bucket elects its leader on its own after a restart: a 503 meanwhile is an honest answer,
+    // which an EventSource retries.
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
+    let mut back = loop {
+        match Sse::connect(&nodes[0], "channel=doc:1", Some(&cursor)).await {
+            Ok(sse) => break sse,
+            Err((StatusCode::SERVICE_UNAVAILABLE, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(refused) => panic!("the returning client was refused: {refused:?}"),
+        }
+    };
+    assert_eq!(back.next().await.0, "herald.connected");
+    assert_eq!(back.expect_offsets("doc:1", 3, 1).await, vec![json!(4)]);
+}
