@@ -226,6 +226,12 @@ impl Relay {
         Link { relay: self.clone(), seen: HashMap::new() }
     }
 
+    /// The last position handed to the hub for `channel`, if it is subscribed (an engine may compare
+    /// it with its own top to find data that rolled back).
+    pub fn delivered(&self, channel: &ChannelName) -> Option<Position> {
+        lock(&self.delivered).get(channel).cloned()
+    }
+
     /// The node no longer subscribes to `channel`.
     pub fn forget(&self, channel: &ChannelName) {
         lock(&self.delivered).remove(channel);

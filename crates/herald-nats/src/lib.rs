@@ -165,6 +165,8 @@ pub(crate) struct Inner {
     /// The last JetStream request (heartbeat) succeeded.
     pub(crate) jetstream_ok: AtomicBool,
     pub(crate) reconnects: AtomicU64,
+    /// Channels found behind what this node had seen of them (each was fenced).
+    pub(crate) rollbacks: AtomicU64,
     pub(crate) stopping: AtomicBool,
     /// The last message of channels this node published to: a publish tries it first.
     pub(crate) tops: Mutex<HashMap<ChannelName, stream::Last>>,
@@ -353,6 +355,7 @@ pub async fn connect(config: NatsConfig) -> Result<NatsEngine, EngineError> {
             subscriber_rx: Mutex::new(Some(rx)),
             jetstream_ok: AtomicBool::new(true),
             reconnects: AtomicU64::new(0),
+            rollbacks: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             tops: Mutex::new(HashMap::new()),
         }),
@@ -518,7 +521,11 @@ impl Backplane for Nats {
     }
 
     fn stats(&self) -> BackplaneStats {
-        BackplaneStats { reconnects: self.inner.reconnects.load(Ordering::Relaxed), rollbacks: 0 }
+        let inner = &self.inner;
+        BackplaneStats {
+            reconnects: inner.reconnects.load(Ordering::Relaxed),
+            rollbacks: inner.rollbacks.load(Ordering::Relaxed),
+        }
     }
 }
 

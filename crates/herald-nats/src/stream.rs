@@ -11,6 +11,7 @@
 //! A publication's payload is the header line, `\n`, the envelope: what the live subject carries.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -157,19 +158,53 @@ impl Inner {
         }
     }
 
-    /// The channel's last message; a channel without any gets the first of a fresh epoch, written so that
-    /// every node agrees on the epoch.
-    pub(crate) async fn top(&self, channel: &ChannelName) -> Result<Last, EngineError> {
+    /// The channel's last message. A channel without any gets the first of a fresh epoch, written so
+    /// that every node agrees on it. A channel whose last offset is below what this node published or
+    /// delivered in the same epoch lost data (NATS restored from an older backup, a store lost under a
+    /// single server): it is fenced into a new epoch before anyone assigns an offset in it again.
+    pub(crate) async fn current(
+        &self,
+        channel: &ChannelName,
+    ) -> Result<(Last, Option<js::message::StreamMessage>), EngineError> {
         for _ in 0..MAX_ATTEMPTS {
-            if let Some((last, _)) = self.read_last(channel).await? {
-                return Ok(last);
-            }
+            let found = self.read_last(channel).await?;
+            let behind = found.as_ref().and_then(|(last, _)| {
+                self.known(channel)
+                    .into_iter()
+                    .find(|k| k.epoch == last.position.epoch && k.offset > last.position.offset)
+            });
+            let expected = match (found, &behind) {
+                (Some((last, message)), None) => return Ok((last, Some(message))),
+                (Some((last, _)), Some(known)) => {
+                    self.rollbacks.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%channel, epoch = %known.epoch, seen_offset = known.offset,
+                        engine_offset = last.position.offset,
+                        "channel position went backwards in nats (its data rolled back); fencing it into a new epoch");
+                    last.sequence
+                }
+                (None, _) => 0,
+            };
+            let replaces = behind.map(|known| known.epoch);
             let position = Position::new(Epoch::generate(), 0);
-            if let Written::Done(sequence) = self.append(channel, 0, &position, None, true, Bytes::new()).await? {
-                return Ok(Last { sequence, position, replaces: None });
+            let marker = self.append(channel, expected, &position, replaces.as_ref(), true, Bytes::new()).await?;
+            if let Written::Done(sequence) = marker {
+                let last = Last { sequence, position, replaces };
+                lock(&self.tops).insert(channel.clone(), last.clone());
+                return Ok((last, None));
             }
         }
         Err(EngineError::Unavailable("too many concurrent writers on the channel".into()))
+    }
+
+    pub(crate) async fn top(&self, channel: &ChannelName) -> Result<Last, EngineError> {
+        Ok(self.current(channel).await?.0)
+    }
+
+    /// Positions of the channel this node published or delivered last.
+    fn known(&self, channel: &ChannelName) -> Vec<Position> {
+        let published = lock(&self.tops).get(channel).map(|last| last.position.clone());
+        let delivered = self.relay.get().and_then(|relay| relay.delivered(channel));
+        published.into_iter().chain(delivered).collect()
     }
 
     /// Moves the channel to a new epoch if it is still in `epoch`.
@@ -306,9 +341,15 @@ impl Inner {
         limit: usize,
     ) -> Result<History, EngineError> {
         let policy = self.config.policies.history(channel);
-        let (last, message) = match self.read_last(channel).await? {
-            Some(found) => found,
-            None => return Ok(History::Covered { top: self.top(channel).await?.position, publications: Vec::new() }),
+        let (last, message) = match self.current(channel).await? {
+            (last, Some(message)) => (last, message),
+            (last, None) => {
+                if let Some(since) = since.filter(|s| s.epoch != last.position.epoch || s.offset > 0) {
+                    let rolled_back = last.replaces.as_ref() == Some(&since.epoch);
+                    return Ok(History::Gone { top: last.position, rolled_back });
+                }
+                return Ok(History::Covered { top: last.position, publications: Vec::new() });
+            }
         };
         let top = last.position.clone();
         let (wanted, from) = match since {

@@ -69,7 +69,6 @@ async fn run(
                     Command::Connected => {
                         if std::mem::take(&mut lost) {
                             inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                            lock_tops_clear(&inner);
                             tracing::info!(channels = subscribed.len(), "nats reconnected; re-syncing");
                             link = relay.connected(subscribed.keys().cloned().collect()).await;
                         }
@@ -91,10 +90,6 @@ async fn run(
             return;
         }
     }
-}
-
-fn lock_tops_clear(inner: &Inner) {
-    crate::lock(&inner.tops).clear();
 }
 
 async fn subscribe(

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::harness::{Server, Sse, TIMEOUT};
-use crate::nats::NatsCluster;
+use crate::nats::{NatsCluster, NatsServer};
 use crate::rollback::Ledger;
 
 async fn nodes(cluster: &NatsCluster, count: usize) -> Vec<Server> {
@@ -114,4 +114,38 @@ async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
     };
     assert_eq!(back.next().await.0, "herald.connected");
     assert_eq!(back.expect_offsets("doc:1", 3, 1).await, vec![json!(4)]);
+}
+
+/// NATS restored from an older backup: the channel's position went backwards under clients that saw
+/// more. The channel is fenced into a new epoch, connected and returning clients get a reset
+/// `engine_rollback`, and no position is handed out twice with different contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restored_from_an_older_backup_fences_the_channel() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let node = Server::with(move |config| {
+        config.engine = url;
+        config.nats.probe_interval_ms = 100;
+        config.nats.probe_timeout_ms = 1000;
+    })
+    .await;
+    let (mut sse, _) = Sse::open(&node, "channel=acct:1", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=5 {
+        acked.push((publish_eventually(&node, "acct:1", json!(i)).await, json!(i)));
+    }
+    let backup = nats.backup();
+    nats.restart();
+    for i in 6..=8 {
+        acked.push((publish_eventually(&node, "acct:1", json!(i)).await, json!(i)));
+    }
+    let mut ledger = Ledger::default();
+    ledger.read_until(&mut sse, &acked[7].0).await;
+    nats.restore(&backup);
+    let last = publish_eventually(&node, "acct:1", json!("after")).await;
+    acked.push((last.clone(), json!("after")));
+    ledger.read_until(&mut sse, &last).await;
+    ledger.check(&acked);
+    assert!(ledger.resets("engine_rollback") >= 1, "the rollback is announced as such");
+    assert_ne!(last["epoch"], acked[0].0["epoch"], "the channel moved to a new epoch");
 }

@@ -60,6 +60,26 @@ impl NatsServer {
         self.restart();
     }
 
+    /// Stops the server and copies its store aside (a backup an operator might restore).
+    pub fn backup(&mut self) -> std::path::PathBuf {
+        self.stop();
+        let copy = self.store.with_extension("backup");
+        let _ = std::fs::remove_dir_all(&copy);
+        let status = Command::new("cp").args(["-a"]).arg(&self.store).arg(&copy).status().expect("cp");
+        assert!(status.success(), "copying the store");
+        copy
+    }
+
+    /// Stops the server, puts `backup` back as its store and starts it: what came after is gone.
+    pub fn restore(&mut self, backup: &std::path::Path) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+        let status = Command::new("cp").args(["-a"]).arg(backup).arg(&self.store).status().expect("cp");
+        assert!(status.success(), "restoring the store");
+        let _ = std::fs::remove_dir_all(backup);
+        self.restart();
+    }
+
     /// Kills the server (SIGKILL): no goodbye to its clients or its cluster.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
