@@ -324,7 +324,7 @@ async fn slow_readers(node: &Node, count: usize) -> anyhow::Result<()> {
 }
 
 async fn broadcast(herald: &str, channels: usize, rounds: usize) -> anyhow::Result<()> {
-    let redis = cluster::Redis::start()?;
+    let redis = herald_testkit::RedisServer::try_start(&[], false)?;
     let engine = redis.url();
     let node = Node::start(herald, &[("HERALD_ENGINE", engine.as_str())]).await?;
     let body = json!({"channels": channel_names(channels), "data": {"x": 1}}).to_string();

@@ -24,7 +24,9 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use crate::cluster::{Redis, Sentineled};
+use herald_testkit::RedisServer;
+
+use crate::cluster::Sentineled;
 use crate::node::Node;
 
 /// What to run.
@@ -237,7 +239,7 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
             url
         }
         "redis" => {
-            let server = Redis::start_with(&[], args.rollback_engine)?;
+            let server = RedisServer::try_start(&[], args.rollback_engine)?;
             let url = server.url();
             redis = Some(server);
             url
@@ -367,12 +369,12 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
             let saved = {
                 let redis = redis.clone();
                 tokio::task::spawn_blocking(move || match redis.lock() {
-                    Ok(guard) => guard.as_ref().map_or(Ok(String::new()), |r| r.command(&["SAVE"])),
+                    Ok(guard) => guard.as_ref().map_or(Ok(String::new()), |r| r.query::<String>(&["SAVE"])),
                     Err(_) => Ok(String::new()),
                 })
                 .await??
             };
-            if !saved.starts_with("+OK") {
+            if saved != "OK" {
                 bail!("SAVE failed: {saved}");
             }
             tokio::time::sleep(run_for.mul_f64(0.4)).await;

@@ -11,7 +11,6 @@ mod lifecycle;
 mod limits;
 mod process;
 mod protocol;
-mod redis;
 mod rollback;
 mod scenario;
 mod sse;
