@@ -8,6 +8,10 @@ use axum::response::{IntoResponse, Response};
 use herald_core::{ChannelError, CursorError, EngineError, HubError};
 use serde_json::json;
 
+/// The `reason` label under which a socket refused over `limits.max_sockets` is counted
+/// (`herald_connections_refused_total`; the socket is answered `limit_exceeded`).
+pub const SOCKET_CAP_REASON: &str = "max_sockets";
+
 /// An error answer of the HTTP API.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

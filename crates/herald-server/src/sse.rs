@@ -20,10 +20,10 @@ use herald_core::{ChannelName, CloseReason, Outbound, Position, Session, Session
 use serde_json::json;
 use tokio::time::{Interval, MissedTickBehavior};
 
-use crate::AppState;
-use crate::api::query_pairs;
 use crate::error::ApiError;
-use crate::serve::KillSwitch;
+use crate::input::query_pairs;
+use crate::socket::KillSwitch;
+use crate::state::AppState;
 
 /// Most queued publications taken from the queue at once.
 pub const MAX_BATCH: usize = 256;

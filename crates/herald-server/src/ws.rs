@@ -34,9 +34,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::{MissedTickBehavior, Sleep};
 
-use crate::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Most queued publications handled per wake-up.
 pub const MAX_BATCH: usize = 256;
@@ -60,8 +60,8 @@ pub async fn handler(
         return Err(ApiError::Unavailable("node is draining".into()));
     }
     let upgrade = upgrade.map_err(upgrade_error)?;
-    let pairs = crate::api::query_pairs(&query);
-    let token = crate::api::single(&pairs, "token")?;
+    let pairs = crate::input::query_pairs(&query);
+    let token = crate::input::single(&pairs, "token")?;
     let identity = state.auth().authenticate(&headers, token)?;
     let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
