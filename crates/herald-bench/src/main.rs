@@ -2,8 +2,11 @@
 //! can read the server's CPU time and resident memory from /proc) or against a running node.
 //!
 //! Subcommands: `fanout` (deliveries per second and CPU per delivery), `latency` (publish-to-socket
-//! latency at a fixed rate), `memory` (resident memory per idle SSE connection). Every run is bounded
-//! in connections, publications and time, and targets loopback only.
+//! latency at a fixed rate), `cluster` (cross-node latency, CPU and Redis commands per publication),
+//! `scenario` (the scaling story with faults, every update accounted for), `churn` (memory after a
+//! connection storm and slow readers), `broadcast` (time per broadcast on Redis) and `memory` (resident
+//! memory per idle connection). Every run is bounded in connections, publications and time, and targets
+//! loopback only.
 
 use std::time::{Duration, Instant};
 
