@@ -2,8 +2,11 @@
 //! can read the server's CPU time and resident memory from /proc) or against a running node.
 //!
 //! Subcommands: `fanout` (deliveries per second and CPU per delivery), `latency` (publish-to-socket
-//! latency at a fixed rate), `memory` (resident memory per idle SSE connection). Every run is bounded
-//! in connections, publications and time, and targets loopback only.
+//! latency at a fixed rate), `cluster` (cross-node latency, CPU and Redis commands per publication),
+//! `scenario` (the scaling story with faults, every update accounted for), `churn` (memory after a
+//! connection storm and slow readers), `broadcast` (time per broadcast on Redis) and `memory` (resident
+//! memory per idle connection). Every run is bounded in connections, publications and time, and targets
+//! loopback only.
 
 use std::time::{Duration, Instant};
 
@@ -56,8 +59,12 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         channels: usize,
     },
-    /// Cross-node latency, CPU per delivery and Redis commands per publication on a Redis cluster.
+    /// Cross-node latency, CPU per delivery and Redis commands per publication on a cluster of nodes
+    /// on one engine.
     Cluster {
+        /// `redis`, `nats` (one JetStream server, stream R1) or `nats-r3` (three servers, stream R3).
+        #[arg(long, default_value = "redis")]
+        engine: String,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         #[arg(long, default_value_t = 5000)]
@@ -141,8 +148,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cluster { nodes, rate, seconds, channels, subscribers, find_max, durability, batch } => {
-            let settings = ClusterSettings { nodes, channels, subscribers, find_max, durability, batch };
+        Command::Cluster { engine, nodes, rate, seconds, channels, subscribers, find_max, durability, batch } => {
+            let settings = ClusterSettings { engine, nodes, channels, subscribers, find_max, durability, batch };
             cluster_bench(&herald, rate, seconds, settings).await
         }
     }
@@ -324,7 +331,7 @@ async fn slow_readers(node: &Node, count: usize) -> anyhow::Result<()> {
 }
 
 async fn broadcast(herald: &str, channels: usize, rounds: usize) -> anyhow::Result<()> {
-    let redis = cluster::Redis::start()?;
+    let redis = herald_testkit::RedisServer::try_start(&[], false)?;
     let engine = redis.url();
     let node = Node::start(herald, &[("HERALD_ENGINE", engine.as_str())]).await?;
     let body = json!({"channels": channel_names(channels), "data": {"x": 1}}).to_string();
@@ -410,6 +417,7 @@ async fn churn(herald: &str, cycles: usize, readers: usize, settle: Duration) ->
 
 /// The shape of a cluster benchmark.
 struct ClusterSettings {
+    engine: String,
     nodes: usize,
     channels: usize,
     subscribers: usize,
@@ -419,28 +427,34 @@ struct ClusterSettings {
 }
 
 async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterSettings) -> anyhow::Result<()> {
-    let ClusterSettings { nodes, channels, subscribers, find_max, durability, batch } = settings;
+    let ClusterSettings { engine, nodes, channels, subscribers, find_max, durability, batch } = settings;
     let replicated = match durability.as_str() {
         "none" => false,
         "replicated" => true,
         other => anyhow::bail!("--durability {other:?}: use none or replicated"),
     };
-    let cluster = cluster::Cluster::start_with(herald, nodes, replicated).await?;
+    let cluster = match engine.as_str() {
+        "redis" => cluster::Cluster::start_with(herald, nodes, replicated).await?,
+        "nats" if !replicated => cluster::Cluster::start_nats(herald, nodes, 1).await?,
+        "nats-r3" if !replicated => cluster::Cluster::start_nats(herald, nodes, 3).await?,
+        "nats" | "nats-r3" => anyhow::bail!("--durability is a Redis setting; use --engine nats-r3 for replicas"),
+        other => anyhow::bail!("--engine {other:?}: use redis, nats or nats-r3"),
+    };
     let report = |run: &cluster::Run, rate: u64, seconds: u64| {
         let per_delivery = |seconds: f64| round3(seconds * 1e6 / run.delivered.max(1) as f64);
         let total: f64 = run.cpu_seconds.iter().sum();
         json!({
             "bench": "cluster", "nodes": nodes, "rate": rate, "seconds": seconds, "channels": channels,
-            "subscribers_per_channel": subscribers, "durability": durability, "batch": batch,
+            "subscribers_per_channel": subscribers, "engine": engine, "durability": durability, "batch": batch,
             "published": run.published, "delivered": run.delivered, "achieved_rate": run.achieved_rate.round(),
             "p50_us": run.p50_us, "p99_us": run.p99_us, "max_us": run.max_us,
             "cpu_us_per_delivery_all_processes": per_delivery(total),
             "cpu_us_per_delivery_by_process": {
-                "redis": per_delivery(run.cpu_seconds[0]),
+                "engine": per_delivery(run.cpu_seconds[0]),
                 "subscriber_node": per_delivery(run.cpu_seconds[1]),
                 "publishing_nodes": per_delivery(run.cpu_seconds[2..].iter().sum()),
             },
-            "redis_commands_per_publication": round3(run.redis_calls as f64 / run.published.max(1) as f64),
+            "redis_commands_per_publication": run.redis_calls.map(|calls| round3(calls as f64 / run.published.max(1) as f64)),
             "backplane_messages_received_by_node": run.received_by_node,
         })
     };

@@ -1,49 +1,54 @@
 //! A `herald` process started for a benchmark: its address, CPU time and resident memory.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use anyhow::Context;
+use herald_testkit::{Herald, HeraldSpec, Stderr};
+
+/// Environment of every node a benchmark starts: no per-key publish rate limit (benchmarks measure
+/// throughput), room for every connection, warnings only.
+const BENCH_ENV: [(&str, &str); 3] = [
+    ("HERALD_LIMITS__MAX_CONNECTIONS", "200000"),
+    ("HERALD_LIMITS__PUBLISH_RATE_PER_KEY", "0"),
+    ("HERALD_LOG", "warn"),
+];
 
 pub struct Node {
-    child: Child,
-    pid: u32,
+    herald: Herald,
     pub addr: SocketAddr,
-    binary: String,
-    env: Vec<(String, String)>,
 }
 
 impl Node {
-    /// Starts `herald --listen 127.0.0.1:0` with `env` and waits for its listening line.
+    /// Starts `herald --listen 127.0.0.1:0` with `env` (over [`BENCH_ENV`]) and waits for its
+    /// listening line.
     pub async fn start(binary: &str, env: &[(&str, &str)]) -> anyhow::Result<Node> {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        let (child, pid, addr) = spawn(binary, "127.0.0.1:0", &env).await?;
-        Ok(Node { child, pid, addr, binary: binary.to_owned(), env })
+        let spec = HeraldSpec::new(binary).env(&BENCH_ENV).env(env).stderr(Stderr::Inherit);
+        let herald = tokio::task::spawn_blocking(move || Herald::start(spec))
+            .await?
+            .with_context(|| format!("starting {binary} (build it with cargo build --release)"))?;
+        Ok(Node { addr: herald.addr, herald })
     }
 
     /// Sends `signal` (e.g. "TERM", "KILL") to the process.
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = std::process::Command::new("kill").args(["-s", signal, &self.pid.to_string()]).status()?;
-        if !status.success() {
-            bail!("kill -s {signal} {} failed", self.pid);
-        }
-        Ok(())
+        self.herald.signal(signal)
     }
 
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self) -> anyhow::Result<()> {
-        self.child.wait().await?;
+        while self.herald.try_exit()?.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(())
     }
 
     /// Starts the process again on the same address (after it exited).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let (child, pid, addr) = spawn(&self.binary, &self.addr.to_string(), &self.env).await?;
-        self.child = child;
-        self.pid = pid;
-        self.addr = addr;
+        // The listening line is read on a blocking thread: the runtime keeps serving the other clients.
+        let spec = self.herald.restart_spec();
+        self.herald = tokio::task::spawn_blocking(move || Herald::start(spec)).await??;
+        self.addr = self.herald.addr;
         Ok(())
     }
 
@@ -53,12 +58,12 @@ impl Node {
 
     /// User plus system CPU seconds the process has used.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        cpu_seconds_of(self.pid)
+        cpu_seconds_of(self.herald.pid())
     }
 
     /// Resident set size in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.herald.pid()))?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
         let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
         Ok(kib * 1024)
@@ -68,7 +73,7 @@ impl Node {
     /// anonymous mappings (glibc's per-thread arenas, large allocations, thread stacks) and file-backed
     /// mappings (the binary and libraries).
     pub fn rss_breakdown(&self) -> anyhow::Result<serde_json::Value> {
-        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", self.pid))?;
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", self.herald.pid()))?;
         let (mut heap, mut anon, mut file, mut anon_mappings) = (0u64, 0u64, 0u64, 0u64);
         let mut kind = 0;
         for line in smaps.lines() {
@@ -94,34 +99,6 @@ impl Node {
             }
         }
         Ok(serde_json::json!({"heap": heap, "anonymous": anon, "anonymous_mappings": anon_mappings, "file": file}))
-    }
-}
-
-async fn spawn(binary: &str, listen: &str, env: &[(String, String)]) -> anyhow::Result<(Child, u32, SocketAddr)> {
-    let mut command = Command::new(binary);
-    command.args(["--listen", listen]).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
-    // Benchmarks measure throughput: no per-key publish rate limit, room for every connection.
-    command
-        .env("HERALD_LIMITS__MAX_CONNECTIONS", "200000")
-        .env("HERALD_LIMITS__PUBLISH_RATE_PER_KEY", "0")
-        .env("HERALD_LOG", "warn");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let mut child =
-        command.spawn().with_context(|| format!("starting {binary} (build it with cargo build --release)"))?;
-    let pid = child.id().context("herald exited at once")?;
-    let stdout = child.stdout.take().context("herald stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).await.context("reading the listening line")?;
-    let parsed: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("listening line {line:?}"))?;
-    let Some(addr) = parsed["listening"].as_str() else { bail!("no listening address in {line:?}") };
-    Ok((child, pid, addr.parse()?))
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
     }
 }
 

@@ -7,7 +7,12 @@
 //! it, so the report can say, per update: delivered live, recovered on resume, covered by a reset, or
 //! lost silently (published with 200, never delivered, never announced). Faults can be injected while
 //! it runs. `--engine naive` runs every node with its own in-memory engine (no coordination): the design
-//! that loses updates; `--engine redis` starts a `redis-server` of its own for the fixed design.
+//! that loses updates; `--engine redis` starts a `redis-server` of its own for the fixed design, `--engine
+//! nats` a JetStream cluster of three `nats-server`s with a replicated (R3) stream.
+//!
+//! Over 600 lines on purpose: the scenario's steps (engine, nodes, browsers, faults, jobs, drain) and its
+//! accounting share the private types of one run (`Ack`, `ClientLog`, `ClientControl`), and reading the
+//! report means reading how each number was counted; each step is its own short function.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +29,9 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use crate::cluster::{Redis, Sentineled};
+use herald_testkit::{NatsCluster, RedisServer};
+
+use crate::cluster::Sentineled;
 use crate::node::Node;
 
 /// What to run.
@@ -42,7 +49,8 @@ pub struct ScenarioArgs {
     /// Seconds over which the jobs finish.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// `naive` (each node alone), `redis` (a redis-server of the tool's own) or a `redis://` URL.
+    /// `naive` (each node alone), `redis` (a redis-server of the tool's own), `nats` (three JetStream
+    /// servers of the tool's own, R3), or a `redis://` / `nats://` URL.
     #[arg(long, default_value = "redis")]
     pub engine: String,
     /// SIGKILL one node at 30% of the run and start it again.
@@ -63,6 +71,9 @@ pub struct ScenarioArgs {
     /// alone for 500 ms and is killed, and the sentinels promote the replica (engine `redis`).
     #[arg(long)]
     pub failover_engine: bool,
+    /// Kill one NATS server (SIGKILL) at 40% of the run and start it again at 70% (engine `nats`).
+    #[arg(long)]
+    pub kill_engine_server: bool,
     /// Every 3 s, close this share (0-1) of client connections, like flaky mobile networks.
     #[arg(long, default_value_t = 0.0)]
     pub drop_connections: f64,
@@ -220,14 +231,53 @@ struct ClientControl {
     stopped: Notify,
 }
 
-/// Runs the scenario and returns its report.
+/// Runs the scenario and returns its report: the engine, the nodes behind a balancer, the browsers,
+/// the faults and the jobs, then a drain until every update is accounted for (or time is up).
 pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
     if args.nodes == 0 || args.clients == 0 {
         bail!("need at least one node and one client");
     }
     let naive = args.engine == "naive";
+    let (engine_url, engines) = start_engine(args)?;
+    let (nodes, http) = start_nodes(herald, args, &engine_url).await?;
+    let backends: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let balancer = TcpListener::bind("127.0.0.1:0").await?;
+    let balancer_addr = balancer.local_addr()?;
+    let balancer_task = tokio::spawn(balance(balancer, backends.clone()));
+    let browsers = start_browsers(args, balancer_addr, &backends).await?;
+
+    let run_for = Duration::from_secs(args.seconds.max(1));
+    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
+    let mut faults = Faults::default();
+    node_faults(args, run_for, &nodes, &http, &mut faults);
+    engine_faults(args, run_for, &engines, &mut faults);
+    let dropping = connection_faults(args, &browsers.controls, &mut faults);
+    let (acks, failed) = run_jobs(args, run_for, &http, &backends).await?;
+    for task in faults.tasks {
+        task.await?.context("fault injection")?;
+    }
+    dropping.store(false, Ordering::Relaxed);
+
+    let report = drain(args, naive, &faults.names, &acks, failed, &browsers.logs).await;
+    browsers.stop().await;
+    balancer_task.abort();
+    drop(nodes);
+    drop(engines);
+    Ok(report)
+}
+
+/// The Redis processes this tool started (none for `naive` or a given URL), shared with the faults.
+struct Engines {
+    redis: Arc<Mutex<Option<RedisServer>>>,
+    nats: Arc<Mutex<Option<NatsCluster>>>,
+    sentineled: Arc<Mutex<Option<Sentineled>>>,
+}
+
+/// The engine URL the nodes use, and the processes behind it.
+fn start_engine(args: &ScenarioArgs) -> anyhow::Result<(String, Engines)> {
     let mut redis = None;
     let mut sentineled = None;
+    let mut nats = None;
     let engine_url = match args.engine.as_str() {
         "naive" => "memory".to_owned(),
         "redis" if args.failover_engine => {
@@ -237,14 +287,23 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
             url
         }
         "redis" => {
-            let server = Redis::start_with(&[], args.rollback_engine)?;
+            let server = RedisServer::try_start(&[], args.rollback_engine)?;
             let url = server.url();
             redis = Some(server);
             url
         }
-        url if url.starts_with("redis://") => url.to_owned(),
-        other => bail!("unknown engine {other:?}: use naive, redis or a redis:// URL"),
+        "nats" => {
+            let cluster = NatsCluster::try_start(3)?;
+            let url = cluster.url();
+            nats = Some(cluster);
+            url
+        }
+        url if url.starts_with("redis://") || url.starts_with("nats://") => url.to_owned(),
+        other => bail!("unknown engine {other:?}: use naive, redis, nats or a redis:// or nats:// URL"),
     };
+    if args.kill_engine_server && args.engine != "nats" {
+        bail!("--kill-engine-server needs --engine nats (a NATS cluster this tool started)");
+    }
     let own_redis = args.engine == "redis";
     if (args.restart_engine || args.rollback_engine || args.failover_engine) && !own_redis {
         bail!(
@@ -254,13 +313,34 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
     if args.failover_engine && (args.restart_engine || args.rollback_engine) {
         bail!("--failover-engine replaces the single Redis that --restart-engine and --rollback-engine act on");
     }
+    let engines = Engines {
+        redis: Arc::new(Mutex::new(redis)),
+        nats: Arc::new(Mutex::new(nats)),
+        sentineled: Arc::new(Mutex::new(sentineled)),
+    };
+    Ok((engine_url, engines))
+}
+
+/// Starts `args.nodes` nodes on `engine_url` and waits until each is ready.
+async fn start_nodes(
+    herald: &str,
+    args: &ScenarioArgs,
+    engine_url: &str,
+) -> anyhow::Result<(Vec<Node>, reqwest::Client)> {
     let prefix = format!("scenario{:08x}", rand::rng().random::<u32>());
     let drain_window = args.drain_window_ms.to_string();
+    // The NATS cluster this tool starts has three servers: history on all three.
+    let replicas = if args.engine == "nats" { "3" } else { "1" };
     let env = [
-        ("HERALD_ENGINE", engine_url.as_str()),
+        ("HERALD_ENGINE", engine_url),
         ("HERALD_REDIS__PREFIX", prefix.as_str()),
         ("HERALD_REDIS__PROBE_INTERVAL_MS", "200"),
         ("HERALD_REDIS__PROBE_TIMEOUT_MS", "1000"),
+        ("HERALD_NATS__PREFIX", prefix.as_str()),
+        ("HERALD_NATS__PROBE_INTERVAL_MS", "200"),
+        ("HERALD_NATS__PROBE_TIMEOUT_MS", "1000"),
+        ("HERALD_NATS__COMMAND_TIMEOUT_MS", "2000"),
+        ("HERALD_NATS__REPLICAS", replicas),
         ("HERALD_SHUTDOWN_GRACE_SECS", "10"),
         ("HERALD_DRAIN_WINDOW_MS", drain_window.as_str()),
         ("HERALD_LOG", "error"),
@@ -269,40 +349,67 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
     for _ in 0..args.nodes {
         nodes.push(Node::start(herald, &env).await?);
     }
-    let backends: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let http = reqwest::Client::builder().no_proxy().tcp_nodelay(true).build()?;
     for node in &nodes {
         wait_ready(&http, node.addr).await?;
     }
-    let balancer = TcpListener::bind("127.0.0.1:0").await?;
-    let balancer_addr = balancer.local_addr()?;
-    let balancer_task = tokio::spawn(balance(balancer, backends.clone()));
+    Ok((nodes, http))
+}
 
-    // Browsers.
+/// The simulated browsers: how to reach each, what each saw, their tasks.
+struct Browsers {
+    controls: Vec<Arc<ClientControl>>,
+    logs: Vec<Arc<Mutex<ClientLog>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Browsers {
+    /// Tells every browser to stop and waits for them.
+    async fn stop(self) {
+        for control in &self.controls {
+            control.stop.store(true, Ordering::Relaxed);
+            control.stopped.notify_one();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts one browser per client (through the balancer, or round robin with `--direct`) and waits
+/// until every one is connected.
+async fn start_browsers(
+    args: &ScenarioArgs,
+    balancer_addr: SocketAddr,
+    backends: &[SocketAddr],
+) -> anyhow::Result<Browsers> {
     let connected = Arc::new(AtomicUsize::new(0));
     let mut controls = Vec::new();
     let mut logs = Vec::new();
-    let mut client_tasks = Vec::new();
+    let mut tasks = Vec::new();
     for user in 0..args.clients {
         let control =
             Arc::new(ClientControl { drop_now: Notify::new(), stop: AtomicBool::new(false), stopped: Notify::new() });
         let log = Arc::new(Mutex::new(ClientLog::default()));
         let targets = if args.direct { vec![backends[user % backends.len()]] } else { vec![balancer_addr] };
         let slow = rand::rng().random_bool(args.slow_clients.clamp(0.0, 1.0));
-        let task = tokio::spawn(browser(
-            args.offline_ms.map(Duration::from_millis),
-            user,
-            targets,
-            backends.clone(),
-            args.direct,
-            slow,
-            control.clone(),
-            log.clone(),
-            connected.clone(),
-        ));
+        let task = tokio::spawn(
+            Browser {
+                offline: args.offline_ms.map(Duration::from_millis),
+                user,
+                targets,
+                backends: backends.to_vec(),
+                direct: args.direct,
+                slow,
+                control: control.clone(),
+                log: log.clone(),
+                connected: connected.clone(),
+            }
+            .run(),
+        );
         controls.push(control);
         logs.push(log);
-        client_tasks.push(task);
+        tasks.push(task);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while connected.load(Ordering::Relaxed) < args.clients {
@@ -312,16 +419,28 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Faults.
-    let run_for = Duration::from_secs(args.seconds.max(1));
-    let mut faults = Vec::new();
-    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
-    let redis = Arc::new(Mutex::new(redis));
-    let mut fault_tasks = Vec::new();
+    Ok(Browsers { controls, logs, tasks })
+}
+
+/// The faults injected, by name, and the tasks injecting them.
+#[derive(Default)]
+struct Faults {
+    names: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// `--kill-node` and `--rolling-restart`.
+fn node_faults(
+    args: &ScenarioArgs,
+    run_for: Duration,
+    nodes: &Arc<tokio::sync::Mutex<Vec<Node>>>,
+    http: &reqwest::Client,
+    faults: &mut Faults,
+) {
     if args.kill_node {
-        faults.push("kill-node".to_owned());
+        faults.names.push("kill-node".to_owned());
         let (nodes, http) = (nodes.clone(), http.clone());
-        fault_tasks.push(tokio::spawn(async move {
+        faults.tasks.push(tokio::spawn(async move {
             tokio::time::sleep(run_for.mul_f64(0.3)).await;
             let mut nodes = nodes.lock().await;
             let victim = nodes.len() - 1;
@@ -333,9 +452,9 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
         }));
     }
     if args.rolling_restart {
-        faults.push("rolling-restart".to_owned());
+        faults.names.push("rolling-restart".to_owned());
         let (nodes, http) = (nodes.clone(), http.clone());
-        fault_tasks.push(tokio::spawn(async move {
+        faults.tasks.push(tokio::spawn(async move {
             tokio::time::sleep(run_for.mul_f64(0.4)).await;
             let mut nodes = nodes.lock().await;
             for node in nodes.iter_mut() {
@@ -347,10 +466,36 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
             Ok(())
         }));
     }
+}
+
+/// `--restart-engine`, `--rollback-engine`, `--failover-engine` and `--kill-engine-server`.
+fn engine_faults(args: &ScenarioArgs, run_for: Duration, engines: &Engines, faults: &mut Faults) {
+    if args.kill_engine_server {
+        faults.names.push("kill-engine-server".to_owned());
+        let nats = engines.nats.clone();
+        faults.tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(run_for.mul_f64(0.4)).await;
+            let victim = nats.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Ok(mut guard) = victim.lock() {
+                    if let Some(cluster) = guard.as_mut() {
+                        cluster.kill(0);
+                    }
+                }
+            })
+            .await?;
+            tokio::time::sleep(run_for.mul_f64(0.3)).await;
+            tokio::task::spawn_blocking(move || match nats.lock() {
+                Ok(mut guard) => guard.as_mut().map_or(Ok(()), |cluster| cluster.try_restart(0)),
+                Err(_) => Ok(()),
+            })
+            .await?
+        }));
+    }
     if args.restart_engine {
-        faults.push("restart-engine".to_owned());
-        let redis = redis.clone();
-        fault_tasks.push(tokio::spawn(async move {
+        faults.names.push("restart-engine".to_owned());
+        let redis = engines.redis.clone();
+        faults.tasks.push(tokio::spawn(async move {
             tokio::time::sleep(run_for.mul_f64(0.6)).await;
             tokio::task::spawn_blocking(move || match redis.lock() {
                 Ok(mut guard) => guard.as_mut().map_or(Ok(()), |r| r.crash_and_restart(Duration::from_secs(1))),
@@ -360,19 +505,19 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
         }));
     }
     if args.rollback_engine {
-        faults.push("rollback-engine".to_owned());
-        let redis = redis.clone();
-        fault_tasks.push(tokio::spawn(async move {
+        faults.names.push("rollback-engine".to_owned());
+        let redis = engines.redis.clone();
+        faults.tasks.push(tokio::spawn(async move {
             tokio::time::sleep(run_for.mul_f64(0.3)).await;
             let saved = {
                 let redis = redis.clone();
                 tokio::task::spawn_blocking(move || match redis.lock() {
-                    Ok(guard) => guard.as_ref().map_or(Ok(String::new()), |r| r.command(&["SAVE"])),
+                    Ok(guard) => guard.as_ref().map_or(Ok(String::new()), |r| r.query::<String>(&["SAVE"])),
                     Err(_) => Ok(String::new()),
                 })
                 .await??
             };
-            if !saved.starts_with("+OK") {
+            if saved != "OK" {
                 bail!("SAVE failed: {saved}");
             }
             tokio::time::sleep(run_for.mul_f64(0.4)).await;
@@ -383,11 +528,10 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
             .await?
         }));
     }
-    let sentineled = Arc::new(Mutex::new(sentineled));
     if args.failover_engine {
-        faults.push("failover-engine".to_owned());
-        let sentineled = sentineled.clone();
-        fault_tasks.push(tokio::spawn(async move {
+        faults.names.push("failover-engine".to_owned());
+        let sentineled = engines.sentineled.clone();
+        faults.tasks.push(tokio::spawn(async move {
             tokio::time::sleep(run_for.mul_f64(0.5)).await;
             tokio::task::spawn_blocking(move || match sentineled.lock() {
                 Ok(mut guard) => {
@@ -398,10 +542,15 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
             .await?
         }));
     }
+}
+
+/// `--drop-connections` (every 3 s while the returned flag holds) and `--slow-clients` (named only: the
+/// browsers read slowly themselves).
+fn connection_faults(args: &ScenarioArgs, controls: &[Arc<ClientControl>], faults: &mut Faults) -> Arc<AtomicBool> {
     let dropping = Arc::new(AtomicBool::new(true));
     if args.drop_connections > 0.0 {
-        faults.push(format!("drop-connections {}", args.drop_connections));
-        let (controls, share, dropping) = (controls.clone(), args.drop_connections.clamp(0.0, 1.0), dropping.clone());
+        faults.names.push(format!("drop-connections {}", args.drop_connections));
+        let (controls, share, dropping) = (controls.to_vec(), args.drop_connections.clamp(0.0, 1.0), dropping.clone());
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_secs(3));
             interval.tick().await;
@@ -416,10 +565,20 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
         });
     }
     if args.slow_clients > 0.0 {
-        faults.push(format!("slow-clients {}", args.slow_clients));
+        faults.names.push(format!("slow-clients {}", args.slow_clients));
     }
 
-    // The external system: jobs finish at random times and call back a random node.
+    dropping
+}
+
+/// The external system: jobs finish at random times and call back a random node. Returns the
+/// acknowledged publications by job, and how many callbacks never got a 200.
+async fn run_jobs(
+    args: &ScenarioArgs,
+    run_for: Duration,
+    http: &reqwest::Client,
+    backends: &[SocketAddr],
+) -> anyhow::Result<(Arc<Mutex<HashMap<u64, Ack>>>, u64)> {
     let acks: Arc<Mutex<HashMap<u64, Ack>>> = Arc::new(Mutex::new(HashMap::new()));
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -427,7 +586,7 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
     for job in 0..args.jobs as u64 {
         let delay = run_for.mul_f64(rand::rng().random::<f64>());
         let user = rand::rng().random_range(0..args.clients);
-        let (http, acks, failed, backends) = (http.clone(), acks.clone(), failed.clone(), backends.clone());
+        let (http, acks, failed, backends) = (http.clone(), acks.clone(), failed.clone(), backends.to_vec());
         job_tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until((started + delay).into()).await;
             match callback(&http, &backends, job, user).await {
@@ -445,31 +604,28 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
     for task in job_tasks {
         task.await?;
     }
-    for task in fault_tasks {
-        task.await?.context("fault injection")?;
-    }
-    dropping.store(false, Ordering::Relaxed);
+    Ok((acks, failed.load(Ordering::Relaxed)))
+}
 
-    // Drain: give clients time to receive, resume or be told; the fixed design must account for all.
+/// Gives clients time to receive, resume or be told; the fixed design must account for all.
+async fn drain(
+    args: &ScenarioArgs,
+    naive: bool,
+    faults: &[String],
+    acks: &Mutex<HashMap<u64, Ack>>,
+    failed: u64,
+    logs: &[Arc<Mutex<ClientLog>>],
+) -> Report {
     let drain_until = Instant::now() + if naive { Duration::from_secs(3) } else { Duration::from_secs(20) };
     let mut report;
     loop {
-        report = account(args, &faults, &acks, &logs, failed.load(Ordering::Relaxed));
+        report = account(args, faults, acks, logs, failed);
         if report.lost_silently == 0 || Instant::now() > drain_until {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for control in &controls {
-        control.stop.store(true, Ordering::Relaxed);
-        control.stopped.notify_one();
-    }
-    for task in client_tasks {
-        let _ = task.await;
-    }
-    balancer_task.abort();
-    drop(nodes);
-    Ok(report)
+    report
 }
 
 async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<()> {
@@ -536,85 +692,96 @@ async fn callback(http: &reqwest::Client, backends: &[SocketAddr], job: u64, use
     None
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn browser(
+/// One simulated browser: an EventSource on its own `user:<id>` channel that reconnects with
+/// `Last-Event-ID` after every drop, logging what it receives.
+struct Browser {
+    /// How long it stays offline after a dropped connection (default: the server's `retry:`).
     offline: Option<Duration>,
     user: usize,
+    /// Where it connects (the balancer), unless `direct`.
     targets: Vec<SocketAddr>,
+    /// The nodes, for `direct` browsers that move on to the next one when theirs is gone.
     backends: Vec<SocketAddr>,
     direct: bool,
+    /// Pauses after every read.
     slow: bool,
     control: Arc<ClientControl>,
     log: Arc<Mutex<ClientLog>>,
+    /// Counts browsers whose first connection succeeded.
     connected: Arc<AtomicUsize>,
-) {
-    let http = match reqwest::Client::builder().no_proxy().tcp_nodelay(true).build() {
-        Ok(http) => http,
-        Err(_) => return,
-    };
-    let mut last_id = String::new();
-    let mut position: Option<(String, u64)> = None;
-    let mut first = true;
-    let mut attempt = 0usize;
-    while !control.stop.load(Ordering::Relaxed) {
-        // Direct clients move to the next node when theirs is gone, as a DNS round robin would.
-        let target = if direct { backends[(user + attempt) % backends.len()] } else { targets[0] };
-        attempt += 1;
-        let mut request = http.get(format!("http://{target}/v1/sse?channel=user:{user}"));
-        if !last_id.is_empty() {
-            request = request.header("last-event-id", &last_id);
-        }
-        let mut retry = Duration::from_millis(1000);
-        if let Ok(response) = request.send().await {
-            if response.status().is_success() {
-                let opened_us = now_us();
-                if first {
-                    connected.fetch_add(1, Ordering::Relaxed);
-                    first = false;
-                } else if let Ok(mut log) = log.lock() {
-                    log.reconnects += 1;
-                    log.reconnect_times_us.push(opened_us);
-                }
-                let mut last_replayed = None;
-                let mut events = response.bytes_stream().eventsource();
-                loop {
-                    let event = tokio::select! {
-                        event = events.next() => event,
-                        _ = control.drop_now.notified() => {
-                            if let Some(offline) = offline {
-                                retry = offline;
+}
+
+impl Browser {
+    async fn run(self) {
+        let Browser { offline, user, targets, backends, direct, slow, control, log, connected } = self;
+        let http = match reqwest::Client::builder().no_proxy().tcp_nodelay(true).build() {
+            Ok(http) => http,
+            Err(_) => return,
+        };
+        let mut last_id = String::new();
+        let mut position: Option<(String, u64)> = None;
+        let mut first = true;
+        let mut attempt = 0usize;
+        while !control.stop.load(Ordering::Relaxed) {
+            // Direct clients move to the next node when theirs is gone, as a DNS round robin would.
+            let target = if direct { backends[(user + attempt) % backends.len()] } else { targets[0] };
+            attempt += 1;
+            let mut request = http.get(format!("http://{target}/v1/sse?channel=user:{user}"));
+            if !last_id.is_empty() {
+                request = request.header("last-event-id", &last_id);
+            }
+            let mut retry = Duration::from_millis(1000);
+            if let Ok(response) = request.send().await {
+                if response.status().is_success() {
+                    let opened_us = now_us();
+                    if first {
+                        connected.fetch_add(1, Ordering::Relaxed);
+                        first = false;
+                    } else if let Ok(mut log) = log.lock() {
+                        log.reconnects += 1;
+                        log.reconnect_times_us.push(opened_us);
+                    }
+                    let mut last_replayed = None;
+                    let mut events = response.bytes_stream().eventsource();
+                    loop {
+                        let event = tokio::select! {
+                            event = events.next() => event,
+                            _ = control.drop_now.notified() => {
+                                if let Some(offline) = offline {
+                                    retry = offline;
+                                }
+                                None
                             }
-                            None
+                            _ = control.stopped.notified() => None,
+                        };
+                        let Some(Ok(event)) = event else { break };
+                        if let Some(value) = event.retry {
+                            retry = value;
                         }
-                        _ = control.stopped.notified() => None,
-                    };
-                    let Some(Ok(event)) = event else { break };
-                    if let Some(value) = event.retry {
-                        retry = value;
+                        if !event.id.is_empty() {
+                            last_id = event.id.clone();
+                        }
+                        if let Some(at) = record(&log, &event.event, &event.data, opened_us, &mut position) {
+                            last_replayed = Some(at);
+                        }
+                        if slow {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
                     }
-                    if !event.id.is_empty() {
-                        last_id = event.id.clone();
+                    if let (Some(at), Ok(mut log)) = (last_replayed, log.lock()) {
+                        log.recoveries_us.push(at.saturating_sub(opened_us));
                     }
-                    if let Some(at) = record(&log, &event.event, &event.data, opened_us, &mut position) {
-                        last_replayed = Some(at);
-                    }
-                    if slow {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
-                if let (Some(at), Ok(mut log)) = (last_replayed, log.lock()) {
-                    log.recoveries_us.push(at.saturating_sub(opened_us));
                 }
             }
-        }
-        if control.stop.load(Ordering::Relaxed) {
-            break;
-        }
-        // EventSource waits `retry` before reconnecting; a little jitter spreads a storm.
-        let jitter = Duration::from_millis(rand::rng().random_range(0..250));
-        tokio::select! {
-            _ = tokio::time::sleep(retry.min(Duration::from_secs(10)) + jitter) => {}
-            _ = control.stopped.notified() => break,
+            if control.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            // EventSource waits `retry` before reconnecting; a little jitter spreads a storm.
+            let jitter = Duration::from_millis(rand::rng().random_range(0..250));
+            tokio::select! {
+                _ = tokio::time::sleep(retry.min(Duration::from_secs(10)) + jitter) => {}
+                _ = control.stopped.notified() => break,
+            }
         }
     }
 }
@@ -673,7 +840,11 @@ fn account(
 ) -> Report {
     let acks = acks.lock().map(|a| a.clone()).unwrap_or_default();
     let mut report = Report {
-        design: if args.engine == "naive" { "naive".into() } else { "redis".into() },
+        design: match args.engine.as_str() {
+            "naive" => "naive".into(),
+            url if url.starts_with("nats") => "nats".into(),
+            _ => "redis".into(),
+        },
         nodes: args.nodes,
         clients: args.clients,
         jobs: args.jobs,

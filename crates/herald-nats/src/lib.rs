@@ -124,6 +124,12 @@ pub fn parse_url(url: &str) -> Result<Servers, String> {
     };
     let mut addresses = Vec::new();
     for host in hosts.split(',') {
+        // Later servers may repeat the scheme (`nats://a:4222,nats://b:4222`); it must be the same.
+        let host = match host.split_once("://") {
+            Some((again, host)) if again == scheme => host.trim_end_matches('/'),
+            Some((other, _)) => return Err(format!("{other}:// mixed with {scheme}:// in one URL")),
+            None => host,
+        };
         let (name, port) = host.rsplit_once(':').ok_or_else(|| format!("{host:?} needs a port (host:4222)"))?;
         if name.is_empty() || port.parse::<u16>().is_err() || name.contains(['/', '?', '#', ' ']) {
             return Err(format!("{host:?} is not host:port"));
@@ -558,6 +564,9 @@ mod tests {
     fn urls_parse() {
         let servers = parse_url("nats://127.0.0.1:4222,127.0.0.1:4223").expect("url");
         assert_eq!(servers.addresses, ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]);
+        let again = parse_url("nats://127.0.0.1:4222,nats://127.0.0.1:4223/").expect("url");
+        assert_eq!(again.addresses, servers.addresses);
+        assert!(parse_url("nats://h:1,tls://h:2").is_err());
         assert!(!servers.tls);
         let servers = parse_url("tls://me:secret@nats.example:4222/").expect("url");
         assert!(servers.tls);

@@ -21,28 +21,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, header};
 use herald_core::ChannelName;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::{Deserialize, Serialize};
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
 
 use crate::config::Config;
+use crate::credentials::ClientKeys;
+pub use crate::credentials::SubscribeRule;
+pub use crate::credentials::bearer;
 use crate::error::ApiError;
 
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
-
-/// Who may subscribe to a namespace's channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SubscribeRule {
-    /// The channel's name after the namespace is the token's `sub` (`user:42` for `sub: "42"`).
-    Owner,
-    /// Only channels granted by the token's `channels` claim.
-    Claim,
-    /// Any valid token.
-    Authenticated,
-    /// Anyone, with or without a token.
-    Public,
-}
 
 /// The client behind a connection.
 #[derive(Debug, Clone, Default)]
@@ -75,34 +64,9 @@ struct Claims {
     channels: Vec<String>,
 }
 
-/// The credentials of the request's `Authorization` header: `None` without one, `Some(Err(()))` when
-/// it is not a single `Bearer <credentials>` header. The scheme is matched in any case (RFC 9110
-/// section 11.1); used for client tokens and API keys alike.
-pub fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
-        return Some(Err(()));
-    }
-    let parsed = first.to_str().ok().and_then(|value| {
-        let (scheme, credentials) = value.trim().split_once(' ')?;
-        let credentials = credentials.trim();
-        (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
-    });
-    Some(parsed.ok_or(()))
-}
-
-/// One key a token may be signed with.
-struct VerifyKey {
-    algorithm: Algorithm,
-    key: DecodingKey,
-    /// The JWK's `kid`, for keys from a JWK set.
-    kid: Option<String>,
-}
-
 /// Client authentication as configured.
 pub struct ClientAuth {
-    keys: Vec<VerifyKey>,
+    keys: ClientKeys,
     audience: Option<String>,
     issuer: Option<String>,
     /// Allowed clock difference for `nbf` and `iat`, in seconds.
@@ -163,52 +127,21 @@ impl ClientAuth {
 }
 
 impl ClientAuth {
-    /// Loads every configured key (HS256 secret, RS256/ES256/EdDSA public keys in PEM, a JWK set file).
-    pub fn from_config(config: &Config) -> Result<Self, String> {
-        let mut keys = Vec::new();
-        if let Some(secret) = &config.jwt_hs256_secret {
-            keys.push(VerifyKey {
-                algorithm: Algorithm::HS256,
-                key: DecodingKey::from_secret(secret.as_bytes()),
-                kid: None,
-            });
-        }
-        let pem = |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
-        if let Some(path) = &config.jwt_rs256_public_key_file {
-            let key = DecodingKey::from_rsa_pem(&pem(path)?).map_err(|e| format!("jwt_rs256_public_key_file: {e}"))?;
-            keys.push(VerifyKey { algorithm: Algorithm::RS256, key, kid: None });
-        }
-        if let Some(path) = &config.jwt_es256_public_key_file {
-            let key = DecodingKey::from_ec_pem(&pem(path)?).map_err(|e| format!("jwt_es256_public_key_file: {e}"))?;
-            keys.push(VerifyKey { algorithm: Algorithm::ES256, key, kid: None });
-        }
-        if let Some(path) = &config.jwt_eddsa_public_key_file {
-            let key = DecodingKey::from_ed_pem(&pem(path)?).map_err(|e| format!("jwt_eddsa_public_key_file: {e}"))?;
-            keys.push(VerifyKey { algorithm: Algorithm::EdDSA, key, kid: None });
-        }
-        if let Some(path) = &config.jwt_jwks_file {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let set: jsonwebtoken::jwk::JwkSet =
-                serde_json::from_str(&text).map_err(|e| format!("jwt_jwks_file: not a JWK set: {e}"))?;
-            for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("jwt_jwks_file: {e}"))?;
-                let algorithm = jwk
-                    .common
-                    .key_algorithm
-                    .and_then(|a| a.to_string().parse::<Algorithm>().ok())
-                    .ok_or("jwt_jwks_file: every key needs an \"alg\"")?;
-                if matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
-                    return Err("jwt_jwks_file: symmetric keys are not accepted in a JWK set".into());
-                }
-                keys.push(VerifyKey { algorithm, key, kid: jwk.common.key_id.clone() });
-            }
-        }
-        Ok(Self {
+    /// Client authentication with `keys` (loaded once, with the configuration: `Settings::client_keys`)
+    /// and the audience, issuer and leeway of `config`.
+    pub fn new(keys: ClientKeys, config: &Config) -> Self {
+        Self {
             keys,
             audience: config.jwt_audience.clone(),
             issuer: config.jwt_issuer.clone(),
             leeway: config.jwt_leeway_secs,
-        })
+        }
+    }
+
+    /// Loads the keys `config` names and sets up client authentication with them (for embedders and
+    /// fuzzing; a node uses the keys its validated `Settings` already hold).
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        Ok(Self::new(ClientKeys::load(&config.key_sources())?, config))
     }
 
     pub fn enabled(&self) -> bool {

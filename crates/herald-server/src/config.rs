@@ -1,6 +1,11 @@
 //! Configuration: one serde tree with defaults in code, layered TOML file -> `HERALD_*` environment ->
 //! command-line flags, validated as a whole before anything binds a socket.
 //!
+//! Plain data and its checks: nothing here calls into handlers or authentication. What validation
+//! loads (the keys of client tokens) it loads once, into [`Settings`], through `credentials.rs`.
+//! Over 600 lines on purpose: every key's type, default and check stay in this one file (the checks are
+//! one short function per section), so that a key is added in one place; its tests are the last 90.
+//!
 //! Environment keys are the TOML keys in upper case with `HERALD_` in front; nested keys join with a
 //! double underscore (`HERALD_LIMITS__MAX_BODY_BYTES`). Every key is documented in `docs/config.md`.
 
@@ -14,6 +19,9 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use herald_core::{HistoryPolicy, HubConfig, Policies};
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::credentials::{ClientKeys, KeySources, SubscribeRule, key_parts};
+use crate::env::EnvPairs;
 
 /// Exit status for a configuration the server refuses (EX_USAGE from sysexits.h).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -111,7 +119,7 @@ pub struct NamespaceConfig {
     pub history_ttl_secs: Option<u64>,
     pub history_max_bytes: Option<usize>,
     /// Who may subscribe when client authentication is on (`owner`, `claim`, `authenticated`, `public`).
-    pub subscribe: Option<crate::auth::SubscribeRule>,
+    pub subscribe: Option<SubscribeRule>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -351,15 +359,36 @@ fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
     })
 }
 
-/// Validated settings the server runs with.
+impl Config {
+    /// Where the keys of client tokens come from.
+    pub fn key_sources(&self) -> KeySources<'_> {
+        KeySources {
+            hs256_secret: self.jwt_hs256_secret.as_deref(),
+            rs256_public_key_file: self.jwt_rs256_public_key_file.as_deref(),
+            es256_public_key_file: self.jwt_es256_public_key_file.as_deref(),
+            eddsa_public_key_file: self.jwt_eddsa_public_key_file.as_deref(),
+            jwks_file: self.jwt_jwks_file.as_deref(),
+        }
+    }
+}
+
+/// Validated settings the server runs with: the configuration and what it names, loaded once. A
+/// changed `config` is checked (and its key files read) again with [`Settings::from_config`].
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub config: Config,
     pub listen: SocketAddr,
     pub node_id: String,
+    /// The keys client tokens may be signed with, read from their files when the settings were made.
+    pub client_keys: ClientKeys,
 }
 
 impl Settings {
+    /// Validates `config` (a whole tree, defaults included) into settings; every problem found.
+    pub fn from_config(config: Config) -> Result<Settings, Vec<String>> {
+        validate(config)
+    }
+
     pub fn hub_config(&self) -> HubConfig {
         let limits = &self.config.limits;
         HubConfig {
@@ -437,72 +466,7 @@ pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Settings, Vec<String>
     validate(config)
 }
 
-/// Reads `HERALD_*` variables from a given list instead of the process environment, so tests and the
-/// binary share one code path.
-struct EnvPairs {
-    pairs: Vec<(String, String)>,
-}
-
-impl figment::Provider for EnvPairs {
-    fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named("environment variable(s)")
-    }
-
-    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
-        let mut dict = figment::value::Dict::new();
-        for (key, value) in &self.pairs {
-            let Some(stripped) = key.strip_prefix("HERALD_") else { continue };
-            let key = stripped.to_ascii_lowercase();
-            let key = CONTRACT_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, k)| (*k).to_owned());
-            let path: Vec<&str> = key.split("__").collect();
-            let raw = figment::value::Value::from(value.clone());
-            // API keys stay strings even when they look like numbers.
-            let value = if key == "api_keys" { raw } else { parse_env_value(raw) };
-            insert_path(&mut dict, &path, value);
-        }
-        Ok(figment::Profile::Default.collect(dict))
-    }
-}
-
-/// Environment names the public contract (`docs/protocol.md`) gives with one underscore, for nested keys.
-const CONTRACT_ALIASES: [(&str, &str); 2] =
-    [("redis_durability", "redis__durability"), ("redis_min_replicas", "redis__min_replicas")];
-
-fn insert_path(dict: &mut figment::value::Dict, path: &[&str], value: figment::value::Value) {
-    match path {
-        [] => {}
-        [last] => {
-            dict.insert((*last).to_owned(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = dict
-                .entry((*first).to_owned())
-                .or_insert_with(|| figment::value::Value::from(figment::value::Dict::new()));
-            if let figment::value::Value::Dict(_, inner) = entry {
-                insert_path(inner, rest, value);
-            }
-        }
-    }
-}
-
-/// Environment values are strings; numbers and booleans are parsed so typed keys accept them.
-fn parse_env_value(value: figment::value::Value) -> figment::value::Value {
-    use figment::value::Value;
-    let Some(text) = value.as_str() else { return value };
-    if let Ok(number) = text.parse::<u64>() {
-        return Value::from(number);
-    }
-    if let Ok(number) = text.parse::<i64>() {
-        return Value::from(number);
-    }
-    match text {
-        "true" => Value::from(true),
-        "false" => Value::from(false),
-        _ => value,
-    }
-}
-
-fn validate_nats(nats: &NatsSection, problems: &mut Vec<String>) {
+fn check_nats(nats: &NatsSection, problems: &mut Vec<String>) {
     if !matches!(nats.replicas, 1 | 3 | 5) {
         problems.push(format!("nats.replicas: {} must be 1, 3 or 5", nats.replicas));
     }
@@ -534,11 +498,43 @@ fn validate_nats(nats: &NatsSection, problems: &mut Vec<String>) {
     }
 }
 
+/// Checks `config` as a whole and loads what it names (the keys of client tokens, once); every problem
+/// found, not just the first.
 fn validate(config: Config) -> Result<Settings, Vec<String>> {
     let mut problems = Vec::new();
     let listen =
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
-    let engine = config.engine.as_str();
+    check_engine(&config.engine, &mut problems);
+    check_redis(&config.redis, &mut problems);
+    check_nats(&config.nats, &mut problems);
+    check_names(&config, &mut problems);
+    check_limits(&config, &mut problems);
+    check_namespaces(&config.namespaces, &mut problems);
+    check_http(&config, &mut problems);
+    let client_keys = check_credentials(&config, &mut problems);
+    if let (Ok(address), Some(keys)) = (&listen, &client_keys) {
+        let open = config.api_keys.is_empty() && keys.is_empty();
+        if !address.ip().is_loopback() && open && !config.insecure {
+            problems.push(format!(
+                "listen: {address} is reachable from other machines but no authentication is configured; \
+                 set api_keys and jwt_hs256_secret, or pass --insecure to serve it open anyway"
+            ));
+        }
+    }
+    match (listen, client_keys) {
+        (Ok(listen), Some(client_keys)) if problems.is_empty() => {
+            let node_id = config.node_id.clone().unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+            Ok(Settings { config, listen, node_id, client_keys })
+        }
+        (Err(problem), _) => {
+            problems.insert(0, problem);
+            Err(problems)
+        }
+        _ => Err(problems),
+    }
+}
+
+fn check_engine(engine: &str, problems: &mut Vec<String>) {
     match crate::engines::kind_of(engine) {
         Some(kind) => {
             if let Err(error) = kind.check(engine) {
@@ -549,24 +545,25 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             "engine: {engine:?} is not an engine URL; expected \"memory\", redis://host:port/db or nats://host:4222"
         )),
     }
-    validate_nats(&config.nats, &mut problems);
-    match config.redis.durability.as_str() {
+}
+
+fn check_redis(redis: &RedisSection, problems: &mut Vec<String>) {
+    match redis.durability.as_str() {
         "none" => {}
-        "replicated" if config.redis.min_replicas == 0 => {
+        "replicated" if redis.min_replicas == 0 => {
             problems.push("redis.min_replicas must be at least 1 with durability = \"replicated\"".to_owned())
         }
-        "replicated" if config.redis.replication_timeout_ms == 0 => {
+        "replicated" if redis.replication_timeout_ms == 0 => {
             problems.push("redis.replication_timeout_ms must be greater than 0".to_owned())
         }
         // A WAIT holds the command connection: commands behind it must not time out first.
-        "replicated" if config.redis.replication_timeout_ms >= config.redis.command_timeout_ms => problems.push(
+        "replicated" if redis.replication_timeout_ms >= redis.command_timeout_ms => problems.push(
             "redis.replication_timeout_ms must be less than redis.command_timeout_ms (a WAIT holds the connection)"
                 .to_owned(),
         ),
         "replicated" => {}
         other => problems.push(format!("redis.durability: {other:?} must be \"none\" or \"replicated\"")),
     }
-    let redis = &config.redis;
     if let Some(path) = &redis.tls_ca_file {
         if !path.is_file() {
             problems.push(format!("redis.tls_ca_file: {} does not exist or is not a file", path.display()));
@@ -589,6 +586,10 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     if redis.probe_timeout_ms <= redis.probe_interval_ms {
         problems.push("redis.probe_timeout_ms must be greater than redis.probe_interval_ms".to_owned());
     }
+}
+
+/// The log format and the node's name.
+fn check_names(config: &Config, problems: &mut Vec<String>) {
     if !matches!(config.log_format.as_str(), "text" | "json") {
         problems.push(format!("log_format: {:?} must be \"text\" or \"json\"", config.log_format));
     }
@@ -600,13 +601,9 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             problems.push(format!("node_id: {node:?} must be 1 to 64 of A-Z a-z 0-9 - _"));
         }
     }
-    for (index, entry) in config.api_keys.iter().enumerate() {
-        let (_, secret) = crate::api::key_parts(entry, index);
-        if secret.len() < 16 {
-            problems.push("api_keys: every key must be at least 16 characters".to_owned());
-            break;
-        }
-    }
+}
+
+fn check_limits(config: &Config, problems: &mut Vec<String>) {
     let limits = &config.limits;
     let positive = [
         ("limits.max_body_bytes", limits.max_body_bytes as u64),
@@ -641,7 +638,10 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     if config.drain_window_ms >= config.shutdown_grace_secs.saturating_mul(1000) {
         problems.push("drain_window_ms must be shorter than shutdown_grace_secs".to_owned());
     }
-    for (name, ns) in &config.namespaces {
+}
+
+fn check_namespaces(namespaces: &BTreeMap<String, NamespaceConfig>, problems: &mut Vec<String>) {
+    for (name, ns) in namespaces {
         if name.is_empty()
             || !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@' | b'=' | b'/'))
         {
@@ -654,6 +654,10 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             problems.push(format!("namespaces.{name}.history_max_bytes must be greater than 0"));
         }
     }
+}
+
+/// Allowed browser origins and the trace collector.
+fn check_http(config: &Config, problems: &mut Vec<String>) {
     for origin in &config.cors_allowed_origins {
         let valid = origin == "*"
             || ((origin.starts_with("http://") || origin.starts_with("https://"))
@@ -670,6 +674,18 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             problems.push(format!("otlp_endpoint: {endpoint:?} must be an http:// or https:// URL"));
         }
     }
+}
+
+/// API keys and the settings of client tokens; loads the token keys (the only time their files are
+/// read). `None` when they cannot be loaded.
+fn check_credentials(config: &Config, problems: &mut Vec<String>) -> Option<ClientKeys> {
+    for (index, entry) in config.api_keys.iter().enumerate() {
+        let (_, secret) = key_parts(entry, index);
+        if secret.len() < 16 {
+            problems.push("api_keys: every key must be at least 16 characters".to_owned());
+            break;
+        }
+    }
     for (key, value) in [("jwt_audience", &config.jwt_audience), ("jwt_issuer", &config.jwt_issuer)] {
         if value.as_deref().is_some_and(str::is_empty) {
             problems.push(format!("{key} must not be empty when set"));
@@ -680,33 +696,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             problems.push("jwt_hs256_secret must be at least 32 bytes".to_owned());
         }
     }
-    let client_auth = match crate::auth::ClientAuth::from_config(&config) {
-        Ok(auth) => auth.enabled(),
-        Err(problem) => {
-            problems.push(problem);
-            true
-        }
-    };
-    if let Ok(address) = &listen {
-        let open = config.api_keys.is_empty() && !client_auth;
-        if !address.ip().is_loopback() && open && !config.insecure {
-            problems.push(format!(
-                "listen: {address} is reachable from other machines but no authentication is configured; \
-                 set api_keys and jwt_hs256_secret, or pass --insecure to serve it open anyway"
-            ));
-        }
-    }
-    match listen {
-        Ok(listen) if problems.is_empty() => {
-            let node_id = config.node_id.clone().unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
-            Ok(Settings { config, listen, node_id })
-        }
-        Ok(_) => Err(problems),
-        Err(problem) => {
-            problems.insert(0, problem);
-            Err(problems)
-        }
-    }
+    ClientKeys::load(&config.key_sources()).map_err(|problem| problems.push(problem)).ok()
 }
 
 #[cfg(test)]

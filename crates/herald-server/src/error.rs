@@ -1,12 +1,18 @@
 //! The server API's error type: every failure becomes the contract's JSON body
-//! `{"error":{"code":"…","message":"…"}}` with a fitting status. Classification lives here only.
+//! `{"error":{"code":"…","message":"…"}}` with a fitting status. Classification lives here only: the
+//! HTTP errors ([`ApiError`]), the WebSocket's error frames ([`FrameError`]) and close codes
+//! ([`WsClose`]), and the reason labels of refused sockets.
 //! Server-side failures (5xx) get a generic message; their detail goes to the log.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_core::{ChannelError, CursorError, EngineError, HubError};
+use herald_core::{ChannelError, CloseReason, CursorError, EngineError, HubError};
 use serde_json::json;
+
+/// The `reason` label under which a socket refused over `limits.max_sockets` is counted
+/// (`herald_connections_refused_total`; the socket is answered `limit_exceeded`).
+pub const SOCKET_CAP_REASON: &str = "max_sockets";
 
 /// An error answer of the HTTP API.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +134,85 @@ impl ApiError {
     /// The JSON body, also used for WebSocket error frames.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"code": self.code(), "message": self.public_message()}})
+    }
+}
+
+/// Why Herald closes a WebSocket: the close code (RFC 6455 section 7.4) and reason it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsClose {
+    /// The session ended in the hub (node shutting down, too slow, disconnected by the server API).
+    Session(CloseReason),
+    PingTimeout,
+    TokenExpired,
+    /// A message or frame over `limits.ws_max_message_bytes`.
+    FrameTooLarge,
+    InvalidUtf8,
+    ProtocolError,
+    Internal,
+}
+
+impl WsClose {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Session(CloseReason::ShuttingDown) => 1001,
+            Self::Session(CloseReason::SlowConsumer) => 4000,
+            Self::Session(CloseReason::Disconnected) => 4001,
+            Self::PingTimeout => 4002,
+            Self::TokenExpired => 4003,
+            Self::FrameTooLarge => 1009,
+            Self::InvalidUtf8 => 1007,
+            Self::ProtocolError => 1002,
+            Self::Internal => 1011,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Session(reason) => reason.as_str(),
+            Self::PingTimeout => "ping_timeout",
+            Self::TokenExpired => "token_expired",
+            Self::FrameTooLarge => "frame_too_large",
+            Self::InvalidUtf8 => "invalid_utf8",
+            Self::ProtocolError => "protocol_error",
+            Self::Internal => "internal_error",
+        }
+    }
+}
+
+/// A client WebSocket frame Herald cannot act on: answered with an `error` frame, the socket stays open
+/// (an [`ApiError`] is answered the same way, with its own code).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not JSON.
+    MalformedJson(String),
+    /// JSON, but not a valid op.
+    InvalidFrame(String),
+    /// An `op` Herald does not know.
+    UnknownOp(String),
+    /// A binary frame.
+    UnsupportedFrame,
+    /// Over `limits.ws_max_message_bytes` (sent just before the close).
+    FrameTooLarge { limit: usize },
+}
+
+impl FrameError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidFrame(_) => "invalid_frame",
+            Self::UnknownOp(_) => "unknown_op",
+            Self::UnsupportedFrame => "unsupported_frame",
+            Self::FrameTooLarge { .. } => "frame_too_large",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::MalformedJson(detail) | Self::InvalidFrame(detail) => detail.clone(),
+            Self::UnknownOp(op) => format!("unknown op {op:?}; expected subscribe, unsubscribe, ping or refresh"),
+            Self::UnsupportedFrame => "binary frames are not supported; send JSON text".to_owned(),
+            Self::FrameTooLarge { limit } => format!("messages may be at most {limit} bytes"),
+        }
     }
 }
 

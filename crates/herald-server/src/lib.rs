@@ -2,130 +2,51 @@
 //! [`herald_core::Hub`], as a library ([`router`], [`run`]) and the `herald` binary (`main.rs`).
 //!
 //! The server is a thin layer: it parses and checks input, turns core events into wire frames and core
-//! errors into the contract's JSON errors. Delivery logic lives in `herald-core`.
+//! errors into the contract's JSON errors. Delivery logic lives in `herald-core`; this crate must not
+//! know how an engine stores or moves publications (it only names one by URL in [`build_engine`]).
+//!
+//! Modules depend one way: `error`, `env`, `credentials` and `socket` need nothing of the crate;
+//! `config` is plain data (with `credentials` and `env`); `state` holds what handlers share; the
+//! handlers (`api`, `history`, `sse`, `ws`, `ops`) and the accept loop (`serve`, with `head`) sit on
+//! top. Only this file ties them together, and no module imports it.
 
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod cors;
+pub mod credentials;
 pub mod engines;
+mod env;
 pub mod error;
+mod head;
+pub mod history;
+pub mod input;
+pub mod limiter;
+pub mod metrics;
 pub mod ops;
 pub mod serve;
+pub mod socket;
 pub mod sse;
+pub mod state;
 pub mod telemetry;
 pub mod ws;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use herald_core::{CloseReason, Engine, Hub, MemoryEngine};
+use herald_core::{Engine, Hub, MemoryEngine};
 use herald_redis::RedisConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Cli, Config, EXIT_BAD_CONFIG, Settings};
+pub use cors::cors_allow_origin;
 pub use error::ApiError;
-
-/// Shared state of one running node. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    inner: Arc<AppInner>,
-}
-
-struct AppInner {
-    hub: Hub,
-    settings: Settings,
-    draining: AtomicBool,
-    metrics: ops::Metrics,
-    auth: auth::ClientAuth,
-    publish_limiter: api::PublishLimiter,
-    /// One permit per open TCP connection (`limits.max_sockets`), taken by the accept loop.
-    sockets: Arc<tokio::sync::Semaphore>,
-    /// One permit per `/v1/history` answer being read or sent (`limits.max_concurrent_history_reads`).
-    history_reads: Arc<tokio::sync::Semaphore>,
-}
-
-impl AppState {
-    /// Fails when a configured key file can no longer be read (it was checked at start-up).
-    pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
-        let auth = auth::ClientAuth::from_config(&settings.config).map_err(|problem| anyhow::anyhow!(problem))?;
-        let sockets = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.sockets()));
-        let history_reads = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.max_concurrent_history_reads));
-        Ok(Self {
-            inner: Arc::new(AppInner {
-                auth,
-                sockets,
-                history_reads,
-                publish_limiter: api::PublishLimiter::default(),
-                hub,
-                settings,
-                draining: AtomicBool::new(false),
-                metrics: ops::Metrics::new(),
-            }),
-        })
-    }
-
-    pub fn hub(&self) -> &Hub {
-        &self.inner.hub
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.inner.settings
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.inner.settings.config
-    }
-
-    pub(crate) fn history_reads(&self) -> &Arc<tokio::sync::Semaphore> {
-        &self.inner.history_reads
-    }
-
-    pub(crate) fn publish_limiter(&self) -> &api::PublishLimiter {
-        &self.inner.publish_limiter
-    }
-
-    pub fn auth(&self) -> &auth::ClientAuth {
-        &self.inner.auth
-    }
-
-    pub(crate) fn metrics(&self) -> &ops::Metrics {
-        &self.inner.metrics
-    }
-
-    pub(crate) fn sockets(&self) -> &Arc<tokio::sync::Semaphore> {
-        &self.inner.sockets
-    }
-
-    /// Open TCP connections (every kind) served by the accept loop.
-    pub fn open_sockets(&self) -> usize {
-        self.config().limits.sockets().saturating_sub(self.inner.sockets.available_permits())
-    }
-
-    /// True once shutdown began: readiness fails and new connections are refused.
-    pub fn draining(&self) -> bool {
-        self.inner.draining.load(Ordering::SeqCst)
-    }
-
-    /// Starts draining: readiness fails, new clients are refused, connected clients are told to go.
-    pub fn drain(&self) -> usize {
-        self.inner.draining.store(true, Ordering::SeqCst);
-        self.inner.hub.close_all(CloseReason::ShuttingDown)
-    }
-
-    /// Drains gradually: readiness fails and new clients are refused at once; connected clients are told
-    /// to reconnect (elsewhere, through their cursor) spread over the configured drain window.
-    pub async fn drain_gradually(&self) -> usize {
-        self.inner.draining.store(true, Ordering::SeqCst);
-        let window = Duration::from_millis(self.config().drain_window_ms);
-        self.inner.hub.close_gradually(CloseReason::ShuttingDown, window).await
-    }
-}
+pub use state::AppState;
 
 /// Every route of the contract, for serving or for nesting into another axum application.
 pub fn router(state: AppState) -> Router {
@@ -138,7 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ws", get(ws::handler))
         .route("/v1/publish", post(api::publish))
         .route("/v1/broadcast", post(api::broadcast))
-        .route("/v1/history", get(api::history))
+        .route("/v1/history", get(history::history))
         .route("/v1/presence", get(api::presence))
         .route("/v1/disconnect", post(api::disconnect))
         .route("/v1/cluster", get(api::cluster))
@@ -151,43 +72,8 @@ pub fn router(state: AppState) -> Router {
     // Without allowed origins there is no CORS layer at all: an OPTIONS request is then an ordinary
     // request (405 or 404 JSON), not an empty preflight answer.
     let router =
-        if state.config().cors_allowed_origins.is_empty() { router } else { router.layer(cors(state.config())) };
+        if state.config().cors_allowed_origins.is_empty() { router } else { router.layer(cors::layer(state.config())) };
     router.with_state(state)
-}
-
-/// CORS for browser clients on other origins (`cors_allowed_origins`); none allowed by default.
-fn cors(config: &Config) -> tower_http::cors::CorsLayer {
-    use axum::http::{HeaderName, Method, header};
-    use tower_http::cors::{AllowOrigin, CorsLayer};
-    let origins = &config.cors_allowed_origins;
-    let allow = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
-    };
-    CorsLayer::new()
-        .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            HeaderName::from_static("last-event-id"),
-            HeaderName::from_static("x-correlation-id"),
-            HeaderName::from_static("traceparent"),
-        ])
-        .max_age(Duration::from_secs(3600))
-}
-
-/// The `Access-Control-Allow-Origin` value for a request from `origin`, if that origin is allowed
-/// (used by the SSE path that bypasses the router).
-pub fn cors_allow_origin(config: &Config, origin: Option<&str>) -> Option<String> {
-    let origin = origin?;
-    let origins = &config.cors_allowed_origins;
-    if origins.iter().any(|o| o == "*") {
-        Some("*".to_owned())
-    } else {
-        origins.iter().any(|o| o == origin).then(|| origin.to_owned())
-    }
 }
 
 /// Builds the engine named by the configuration (connecting to it when it is remote).

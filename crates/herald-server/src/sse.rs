@@ -20,10 +20,10 @@ use herald_core::{ChannelName, CloseReason, Outbound, Position, Session, Session
 use serde_json::json;
 use tokio::time::{Interval, MissedTickBehavior};
 
-use crate::AppState;
-use crate::api::query_pairs;
 use crate::error::ApiError;
-use crate::serve::KillSwitch;
+use crate::input::query_pairs;
+use crate::socket::KillSwitch;
+use crate::state::AppState;
 
 /// Most queued publications taken from the queue at once.
 pub const MAX_BATCH: usize = 256;
@@ -63,31 +63,7 @@ pub async fn open(
         return Err(ApiError::Unavailable("node is draining".into()));
     }
     let pairs = query_pairs(&query);
-    let mut channels = Vec::new();
-    let mut token = None;
-    for (key, value) in &pairs {
-        match key.as_str() {
-            "channel" => channels.push(ChannelName::parse(value)?),
-            "token" if token.is_some() => {
-                return Err(ApiError::BadRequest("query parameter token given more than once".into()));
-            }
-            "token" => token = Some(value.as_str()),
-            "last_event_id" if pairs.iter().filter(|(k, _)| k == "last_event_id").count() > 1 => {
-                return Err(ApiError::BadRequest("query parameter last_event_id given more than once".into()));
-            }
-            "last_event_id" => {}
-            other => return Err(ApiError::BadRequest(format!("unknown query parameter {other:?}"))),
-        }
-    }
-    if channels.is_empty() {
-        return Err(ApiError::BadRequest("at least one channel parameter is required".into()));
-    }
-    channels.sort();
-    channels.dedup();
-    let max = state.hub().config().max_channels_per_connection;
-    if channels.len() > max {
-        return Err(ApiError::Limit(format!("a connection may hold at most {max} channels")));
-    }
+    let (channels, token) = channels_and_token(&pairs, state.hub().config().max_channels_per_connection)?;
     let header_cursor = headers
         .get("last-event-id")
         .map(|v| v.to_str().map_err(|_| ApiError::BadRequest("Last-Event-ID must be ASCII".into())));
@@ -150,6 +126,36 @@ pub async fn open(
     stream.ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     stream.first = Some(Bytes::from(first));
     Ok(stream)
+}
+
+/// The channels of an SSE request (sorted, without repeats, at most `max`) and its `token`, checking
+/// that no other parameter is there and none is repeated.
+fn channels_and_token(pairs: &[(String, String)], max: usize) -> Result<(Vec<ChannelName>, Option<&str>), ApiError> {
+    let mut channels = Vec::new();
+    let mut token = None;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "channel" => channels.push(ChannelName::parse(value)?),
+            "token" if token.is_some() => {
+                return Err(ApiError::BadRequest("query parameter token given more than once".into()));
+            }
+            "token" => token = Some(value.as_str()),
+            "last_event_id" if pairs.iter().filter(|(k, _)| k == "last_event_id").count() > 1 => {
+                return Err(ApiError::BadRequest("query parameter last_event_id given more than once".into()));
+            }
+            "last_event_id" => {}
+            other => return Err(ApiError::BadRequest(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    if channels.is_empty() {
+        return Err(ApiError::BadRequest("at least one channel parameter is required".into()));
+    }
+    channels.sort();
+    channels.dedup();
+    if channels.len() > max {
+        return Err(ApiError::Limit(format!("a connection may hold at most {max} channels")));
+    }
+    Ok((channels, token))
 }
 
 /// One subscribed SSE connection: yields the chunks to write, in order, until the connection closes.

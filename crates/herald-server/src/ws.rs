@@ -29,14 +29,14 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
-use herald_core::{ChannelName, CloseReason, Epoch, Outbound, Position, Session, SessionEvent, Transport};
+use herald_core::{ChannelName, Epoch, Outbound, Position, Session, SessionEvent, Transport};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::{MissedTickBehavior, Sleep};
 
-use crate::AppState;
 use crate::auth::Identity;
-use crate::error::ApiError;
+use crate::error::{ApiError, FrameError, WsClose};
+use crate::state::AppState;
 
 /// Most queued publications handled per wake-up.
 pub const MAX_BATCH: usize = 256;
@@ -60,8 +60,8 @@ pub async fn handler(
         return Err(ApiError::Unavailable("node is draining".into()));
     }
     let upgrade = upgrade.map_err(upgrade_error)?;
-    let pairs = crate::api::query_pairs(&query);
-    let token = crate::api::single(&pairs, "token")?;
+    let pairs = crate::input::query_pairs(&query);
+    let token = crate::input::single(&pairs, "token")?;
     let identity = state.auth().authenticate(&headers, token)?;
     let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
@@ -87,19 +87,23 @@ fn upgrade_error(rejection: WebSocketUpgradeRejection) -> ApiError {
     }
 }
 
-/// The close code and reason for a read error, or `None` when the socket is gone and nothing can be
-/// sent (the peer reset or closed TCP).
-fn read_error_close(error: axum::Error) -> Option<(u16, &'static str)> {
+/// The close for a read error (matched on tungstenite's error variants, never on message text), or
+/// `None` when the socket is gone and nothing can be sent (the peer reset or closed TCP).
+fn read_error_close(error: axum::Error) -> Option<WsClose> {
     use tokio_tungstenite::tungstenite::Error;
-    use tokio_tungstenite::tungstenite::error::ProtocolError;
-    let Ok(error) = error.into_inner().downcast::<Error>() else { return Some((1011, "internal_error")) };
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+    let Ok(error) = error.into_inner().downcast::<Error>() else { return Some(WsClose::Internal) };
     match *error {
-        Error::Capacity(_) => Some((1009, "frame_too_large")),
-        Error::Utf8(_) => Some((1007, "invalid_utf8")),
+        // A message or a frame over the limit (tungstenite checks a frame's size before its type); too
+        // many headers only happens in a handshake, and is answered as too large as ever.
+        Error::Capacity(CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders) => {
+            Some(WsClose::FrameTooLarge)
+        }
+        Error::Utf8(_) => Some(WsClose::InvalidUtf8),
         Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        Error::Protocol(_) => Some((1002, "protocol_error")),
+        Error::Protocol(_) => Some(WsClose::ProtocolError),
         Error::ConnectionClosed | Error::AlreadyClosed | Error::Io(_) => None,
-        _ => Some((1011, "internal_error")),
+        _ => Some(WsClose::Internal),
     }
 }
 
@@ -159,7 +163,7 @@ impl Connection {
         loop {
             let flow = tokio::select! {
                 _ = async { match self.expiry.as_mut() { Some(expiry) => expiry.as_mut().await, None => std::future::pending().await } } => {
-                    self.close(4003, "token_expired").await;
+                    self.close(WsClose::TokenExpired).await;
                     Flow::Stop
                 }
                 frame = self.socket.recv() => match frame {
@@ -178,18 +182,13 @@ impl Connection {
                         self.send_all(&mut events).await
                     }
                     Err(reason) => {
-                        let code = match reason {
-                            CloseReason::ShuttingDown => 1001,
-                            CloseReason::SlowConsumer => 4000,
-                            CloseReason::Disconnected => 4001,
-                        };
-                        self.close(code, reason.as_str()).await;
+                        self.close(WsClose::Session(reason)).await;
                         Flow::Stop
                     }
                 },
                 _ = ping.tick() => {
                     if awaiting_pong {
-                        self.close(4002, "ping_timeout").await;
+                        self.close(WsClose::PingTimeout).await;
                         Flow::Stop
                     } else {
                         awaiting_pong = true;
@@ -240,8 +239,8 @@ impl Connection {
     }
 
     /// Sends a Close frame, then waits (briefly) for the client's Close before the socket is dropped.
-    async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
+    async fn close(&mut self, close: WsClose) {
+        let frame = CloseFrame { code: close.code(), reason: Utf8Bytes::from_static(close.reason()) };
         let sent = tokio::time::timeout(self.write_timeout, self.socket.send(Message::Close(Some(frame)))).await;
         if !matches!(sent, Ok(Ok(()))) {
             return;
@@ -258,13 +257,12 @@ impl Connection {
     }
 
     async fn on_read_error(&mut self, error: axum::Error) -> Flow {
-        let Some((code, reason)) = read_error_close(error) else { return Flow::Stop };
-        if code == 1009 {
+        let Some(close) = read_error_close(error) else { return Flow::Stop };
+        if close == WsClose::FrameTooLarge {
             let limit = self.state.config().limits.ws_max_message_bytes;
-            let reply = error_frame(Value::Null, "frame_too_large", &format!("messages may be at most {limit} bytes"));
-            let _ = self.send(reply).await;
+            let _ = self.send(error_frame(Value::Null, &FrameError::FrameTooLarge { limit })).await;
         }
-        self.close(code, reason).await;
+        self.close(close).await;
         Flow::Stop
     }
 
@@ -272,13 +270,7 @@ impl Connection {
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
-                return self
-                    .send(error_frame(
-                        Value::Null,
-                        "unsupported_frame",
-                        "binary frames are not supported; send JSON text",
-                    ))
-                    .await;
+                return self.send(error_frame(Value::Null, &FrameError::UnsupportedFrame)).await;
             }
             Message::Close(_) => {
                 // tungstenite queued the echo of the client's Close; flushing sends it.
@@ -289,7 +281,7 @@ impl Connection {
         };
         let op = match parse_frame(text.as_str()) {
             Ok(op) => op,
-            Err((id, code, message)) => return self.send(error_frame(id, code, &message)).await,
+            Err((id, error)) => return self.send(error_frame(id, &error)).await,
         };
         match op {
             Op::Ping { id } => self.send(text_frame(json!({"type": "pong", "id": id}))).await,
@@ -374,9 +366,10 @@ impl Connection {
     }
 }
 
-/// A client frame's op, or the error reply it gets: the client's id, a code, a message.
-fn parse_frame(text: &str) -> Result<Op, (Value, &'static str, String)> {
-    let value: Value = serde_json::from_str(text).map_err(|e| (Value::Null, "malformed_json", e.to_string()))?;
+/// A client frame's op, or the error reply it gets: the client's id and the error.
+fn parse_frame(text: &str) -> Result<Op, (Value, FrameError)> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| (Value::Null, FrameError::MalformedJson(e.to_string())))?;
     // Error replies echo the client's id when it is a valid one (a u64), even if the rest of the frame is
     // not; any other id is answered with `null` (re-serialised, a number beyond u64 would come back as a
     // float, not as sent).
@@ -384,14 +377,10 @@ fn parse_frame(text: &str) -> Result<Op, (Value, &'static str, String)> {
     let name = value.get("op").and_then(Value::as_str).map(str::to_owned);
     match name.as_deref() {
         Some("subscribe" | "unsubscribe" | "ping" | "refresh") => {
-            serde_json::from_value::<Op>(value).map_err(|e| (raw_id, "invalid_frame", e.to_string()))
+            serde_json::from_value::<Op>(value).map_err(|e| (raw_id, FrameError::InvalidFrame(e.to_string())))
         }
-        Some(other) => Err((
-            raw_id,
-            "unknown_op",
-            format!("unknown op {other:?}; expected subscribe, unsubscribe, ping or refresh"),
-        )),
-        None => Err((raw_id, "invalid_frame", "a frame needs an \"op\" string".to_owned())),
+        Some(other) => Err((raw_id, FrameError::UnknownOp(other.to_owned()))),
+        None => Err((raw_id, FrameError::InvalidFrame("a frame needs an \"op\" string".to_owned()))),
     }
 }
 
@@ -402,7 +391,7 @@ pub fn frame_kind(text: &str) -> Result<&'static str, &'static str> {
         Ok(Op::Unsubscribe { .. }) => Ok("unsubscribe"),
         Ok(Op::Ping { .. }) => Ok("ping"),
         Ok(Op::Refresh { .. }) => Ok("refresh"),
-        Err((_, code, _)) => Err(code),
+        Err((_, error)) => Err(error.code()),
     }
 }
 
@@ -410,13 +399,12 @@ fn text_frame(value: Value) -> Message {
     Message::Text(Utf8Bytes::from(value.to_string()))
 }
 
-fn error_frame(id: impl Into<Value>, code: &str, message: &str) -> Message {
-    let id: Value = id.into();
-    text_frame(json!({"type": "error", "id": id, "code": code, "message": message}))
+fn error_frame(id: Value, error: &FrameError) -> Message {
+    text_frame(json!({"type": "error", "id": id, "code": error.code(), "message": error.message()}))
 }
 
 fn api_error_frame(id: Option<u64>, error: &ApiError) -> Message {
-    error_frame(id, error.code(), &error.public_message())
+    text_frame(json!({"type": "error", "id": id, "code": error.code(), "message": error.public_message()}))
 }
 
 fn event_frame(event: &SessionEvent) -> Message {

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Server, Sse, TIMEOUT, client, eventually};
 use crate::process::Node;
-use crate::redis::RedisServer;
+use herald_testkit::RedisServer;
 
 fn prefix() -> String {
     format!("t{:08x}", rand::random::<u32>())
@@ -164,8 +164,8 @@ async fn a_killed_pubsub_connection_is_repaired_and_nothing_is_lost() {
         nodes[1].publish("feed:1", json!(i)).await;
     }
     sse.expect_offsets("feed:1", 0, 5).await;
-    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap_or_default();
-    assert!(killed.starts_with(':'), "CLIENT KILL answered {killed}");
+    let killed: i64 = redis.query(&["CLIENT", "KILL", "TYPE", "pubsub"]).expect("CLIENT KILL answers a count");
+    assert!(killed >= 1, "CLIENT KILL closed {killed} connections");
     // Published while node A's subscription is down or coming back: recovered from history.
     for i in 6..=15 {
         nodes[1].publish("feed:1", json!(i)).await;
@@ -237,7 +237,7 @@ async fn a_crashed_node_leaves_no_presence_behind() {
         ("HERALD_REDIS__PROBE_INTERVAL_MS", "100".to_owned()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut doomed = Node::spawn(&["--listen", "127.0.0.1:0"], &env);
+    let mut doomed = Node::spawn(&env);
     let survivor = node(&redis, &prefix).await;
     let response = client().get(format!("http://{}/v1/sse?channel=room:9", doomed.addr)).send().await.expect("SSE");
     assert_eq!(response.status(), StatusCode::OK);
@@ -373,8 +373,8 @@ async fn a_traceparent_follows_the_update_into_both_nodes_logs_and_the_envelope(
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
-    let mut node_a = Node::spawn_logging(&["--listen", "127.0.0.1:0"], &env, Some(&log_a));
-    let mut node_b = Node::spawn_logging(&["--listen", "127.0.0.1:0"], &env, Some(&log_b));
+    let mut node_a = Node::spawn_logging(&env, &log_a);
+    let mut node_b = Node::spawn_logging(&env, &log_b);
     let url = format!("http://{}/v1/sse?channel=user:5", node_a.addr);
     let mut sse = Sse::connect_url(&url, None).await.expect("SSE");
     assert_eq!(sse.next().await.0, "herald.connected");

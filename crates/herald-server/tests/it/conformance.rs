@@ -12,10 +12,10 @@ use herald_server::config::{Config, NamespaceConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use herald_testkit::{NatsServer, RedisServer};
+
 use crate::harness::{Server, Sse, TIMEOUT, client};
-use crate::nats::NatsServer;
 use crate::process::Node;
-use crate::redis::RedisServer;
 
 pub enum Backend {
     Memory,
@@ -269,7 +269,7 @@ async fn disconnect_on_every_node(under: Under) {
 async fn a_dead_node_leaves_no_ghosts(under: Under) {
     let env = under.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut doomed = Node::spawn(&["--listen", "127.0.0.1:0"], &env);
+    let mut doomed = Node::spawn(&env);
     let survivor = under.node(|_| {}).await;
     let response = client().get(format!("http://{}/v1/sse?channel=room:9", doomed.addr)).send().await.expect("SSE");
     assert_eq!(response.status(), StatusCode::OK);
@@ -307,7 +307,7 @@ async fn engine_data_lost_means_reset(mut under: Under) {
             redis.stop();
             redis.restart();
         }
-        Backend::Nats(nats) => nats.restart_empty(),
+        Backend::Nats(nats) => restart_empty(nats),
     }
     let publisher = &nodes[nodes.len() - 1];
     let answer = publish_eventually(publisher, "lost:1", json!(2)).await;
@@ -336,11 +336,21 @@ async fn engine_restart_with_data_kept_continues(under: Under) {
     nodes[nodes.len() - 1].publish("kept:1", json!(1)).await;
     sse.expect_offsets("kept:1", 0, 1).await;
     if let Backend::Nats(nats) = &mut under.backend {
+        nats.stop();
         nats.restart();
     }
     publish_eventually(&nodes[nodes.len() - 1], "kept:1", json!(2)).await;
     let (event, data) = sse.next().await;
     assert_eq!((event.as_str(), data["offset"].as_u64(), &data["data"]), ("message", Some(2), &json!(2)), "{data}");
+}
+
+/// Starts `nats` again with its store emptied: everything it held is lost.
+pub fn restart_empty(nats: &mut NatsServer) {
+    nats.stop();
+    let store = nats.store_dir();
+    let _ = std::fs::remove_dir_all(&store);
+    std::fs::create_dir_all(&store).expect("store dir");
+    nats.restart();
 }
 
 /// Publishes, retrying while the engine is still coming back (503).

@@ -6,7 +6,7 @@
 //! long the page needs: per-node totals reach `/v1/cluster` through heartbeats once a second, so the
 //! page must stay open across at least one of them.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::TIMEOUT;
-use crate::redis::RedisServer;
+use herald_testkit::{Process, RedisServer, scratch_dir};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// A headless Chromium with a private profile, stopped (by PID) and cleaned up on drop.
 struct Browser {
-    child: Child,
+    process: Process,
     profile: std::path::PathBuf,
 }
 
@@ -30,9 +30,9 @@ impl Browser {
             std::path::Path::new(CHROMIUM).exists(),
             "{CHROMIUM} is missing: the dashboard test needs Debian's chromium (scripts/test installs it)"
         );
-        let profile =
-            std::env::temp_dir().join(format!("herald-chromium-{}-{}", std::process::id(), rand::random::<u32>()));
-        let child = Command::new(CHROMIUM)
+        let profile = scratch_dir("herald-chromium").expect("profile folder");
+        let mut command = Command::new(CHROMIUM);
+        command
             .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
             .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
             .arg("--remote-debugging-address=127.0.0.1")
@@ -40,10 +40,9 @@ impl Browser {
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run chromium");
-        Browser { child, profile }
+            .stderr(Stdio::null());
+        let process = Process::spawn(&mut command, "chromium").expect("run chromium");
+        Browser { process, profile }
     }
 
     /// The DevTools port, from the file Chromium writes into its profile once it listens.
@@ -86,13 +85,10 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         // SIGTERM lets Chromium stop its helper processes too; SIGKILL only if it does not exit.
-        let _ = Command::new("kill").args(["-s", "TERM", &self.child.id().to_string()]).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        let _ = self.process.signal("TERM");
+        if self.process.wait_exit(Duration::from_secs(5)).is_err() {
+            self.process.kill();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use eventsource_stream::{Event, Eventsource};
 use futures_util::{SinkExt, Stream, StreamExt};
-use herald_server::{AppState, Cli, Config, config};
+use herald_server::{AppState, Cli, Config, Settings, config};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -30,8 +30,9 @@ impl Server {
 
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
         let cli = Cli { listen: Some("127.0.0.1:0".into()), ..Cli::default() };
-        let mut settings = config::load(&cli, &[]).expect("default test configuration is valid");
-        tweak(&mut settings.config);
+        let mut config = config::load(&cli, &[]).expect("default test configuration is valid").config;
+        tweak(&mut config);
+        let settings = Settings::from_config(config).expect("the test's configuration is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let state = herald_server::start(settings).await.expect("start node");

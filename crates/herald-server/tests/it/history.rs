@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::cluster::cluster;
 use crate::harness::{Server, Sse, Ws, client};
-use crate::redis::RedisServer;
+use herald_testkit::RedisServer;
 
 /// One publication's `data` as written in the request body, and as every path must deliver it: the
 /// same bytes without the whitespace between tokens.

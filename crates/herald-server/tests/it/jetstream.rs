@@ -8,8 +8,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use herald_testkit::{NatsCluster, NatsServer};
+
 use crate::harness::{Server, Sse, TIMEOUT};
-use crate::nats::{NatsCluster, NatsServer};
 use crate::rollback::Ledger;
 
 async fn nodes(cluster: &NatsCluster, count: usize) -> Vec<Server> {
@@ -49,7 +50,7 @@ async fn publish_eventually(node: &Server, channel: &str, data: Value) -> Value 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_killed_while_publishing_loses_nothing_silently() {
-    let mut cluster = NatsCluster::start();
+    let mut cluster = NatsCluster::start(3);
     let nodes = nodes(&cluster, 3).await;
     let mut subscribers = Vec::new();
     for node in &nodes {
@@ -58,7 +59,7 @@ async fn a_nats_server_killed_while_publishing_loses_nothing_silently() {
     let mut acked = Vec::new();
     for i in 0..120u64 {
         if i == 40 {
-            cluster.servers[0].stop();
+            cluster.kill(0);
         }
         let node = &nodes[i as usize % nodes.len()];
         let (status, answer) = node.post("/v1/publish", json!({"channel": "job:1", "data": i})).await;
@@ -81,7 +82,7 @@ async fn a_nats_server_killed_while_publishing_loses_nothing_silently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
-    let mut cluster = NatsCluster::start();
+    let mut cluster = NatsCluster::start(3);
     let nodes = nodes(&cluster, 2).await;
     let (mut live, _) = Sse::open(&nodes[0], "channel=doc:1", None).await;
     for i in 1..=3 {
@@ -91,12 +92,10 @@ async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
     let (away, _) = Sse::open(&nodes[1], "channel=doc:1", None).await;
     let cursor = away.last_id.clone();
     drop(away);
-    for server in &mut cluster.servers {
-        server.stop();
+    for i in 0..cluster.len() {
+        cluster.kill(i);
     }
-    for server in &mut cluster.servers {
-        server.restart();
-    }
+    cluster.restart_all();
     publish_eventually(&nodes[1], "doc:1", json!(4)).await;
     // The connected client continues; the returning one replays what it missed; neither is reset.
     assert_eq!(live.expect_offsets("doc:1", 3, 1).await, vec![json!(4)]);
@@ -134,18 +133,41 @@ async fn nats_restored_from_an_older_backup_fences_the_channel() {
     for i in 1..=5 {
         acked.push((publish_eventually(&node, "acct:1", json!(i)).await, json!(i)));
     }
-    let backup = nats.backup();
+    let backup = backup(&mut nats);
     nats.restart();
     for i in 6..=8 {
         acked.push((publish_eventually(&node, "acct:1", json!(i)).await, json!(i)));
     }
     let mut ledger = Ledger::default();
     ledger.read_until(&mut sse, &acked[7].0).await;
-    nats.restore(&backup);
+    restore(&mut nats, &backup);
     let last = publish_eventually(&node, "acct:1", json!("after")).await;
     acked.push((last.clone(), json!("after")));
     ledger.read_until(&mut sse, &last).await;
     ledger.check(&acked);
     assert!(ledger.resets("engine_rollback") >= 1, "the rollback is announced as such");
     assert_ne!(last["epoch"], acked[0].0["epoch"], "the channel moved to a new epoch");
+}
+
+/// Stops the server and copies its store aside (a backup an operator might restore).
+fn backup(nats: &mut NatsServer) -> std::path::PathBuf {
+    nats.stop();
+    let copy = nats.store_dir().with_extension("backup");
+    let _ = std::fs::remove_dir_all(&copy);
+    copy_dir(&nats.store_dir(), &copy);
+    copy
+}
+
+/// Stops the server, puts `backup` back as its store and starts it: what came after is gone.
+fn restore(nats: &mut NatsServer, backup: &std::path::Path) {
+    nats.stop();
+    let _ = std::fs::remove_dir_all(nats.store_dir());
+    copy_dir(backup, &nats.store_dir());
+    let _ = std::fs::remove_dir_all(backup);
+    nats.restart();
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().expect("cp");
+    assert!(status.success(), "copying {} to {}", from.display(), to.display());
 }

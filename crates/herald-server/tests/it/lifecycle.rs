@@ -6,7 +6,7 @@ use futures_util::stream::FuturesUnordered;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Server, Sse, Ws, eventually};
+use crate::harness::{Server, Sse, Ws, client, eventually};
 
 const CHANNELS: usize = 20;
 
@@ -93,6 +93,11 @@ async fn shutdown_ends_every_stream_and_refuses_new_ones() {
     let (code, reason) = ws.close_frame().await;
     assert_eq!((code, reason.as_str()), (1001, "shutting_down"));
     assert!(server.state.draining());
+    // A new client is refused: the listener is closed (or, were it still open, the node answers 503).
+    match client().get(server.url("/v1/sse?channel=a")).send().await {
+        Err(error) => assert!(error.is_connect(), "{error}"),
+        Ok(response) => assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

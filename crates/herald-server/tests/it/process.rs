@@ -1,66 +1,43 @@
 //! The `herald` binary as a process: configuration errors, the listening line, SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use serde_json::Value;
+use herald_testkit::{Herald, HeraldSpec, Stderr};
 
-/// A `herald` process killed on drop.
-pub struct Node {
-    pub child: Child,
-    pub addr: String,
-    pub node: String,
+/// A `herald` process of this test binary's build, killed on drop (a [`Herald`] whose failures panic).
+pub struct Node(Herald);
+
+impl std::ops::Deref for Node {
+    type Target = Herald;
+
+    fn deref(&self) -> &Herald {
+        &self.0
+    }
 }
 
 impl Node {
-    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Node {
-        Self::spawn_logging(args, env, None)
+    /// Starts `herald --listen 127.0.0.1:0` with `env` and waits for its listening line.
+    pub fn spawn(env: &[(&str, &str)]) -> Node {
+        Self::start(HeraldSpec::new(env!("CARGO_BIN_EXE_herald")).env(env))
     }
 
     /// Like `spawn`, with the node's log (stderr) written to `log`.
-    pub fn spawn_logging(args: &[&str], env: &[(&str, &str)], log: Option<&std::path::Path>) -> Node {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
-        let stderr = match log {
-            Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
-            None => Stdio::null(),
-        };
-        command.args(args).stdout(Stdio::piped()).stderr(stderr);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("spawn herald");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listening line");
-        let parsed: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("listening line is JSON: {line:?}"));
-        let addr = parsed["listening"].as_str().expect("listening address").to_owned();
-        let node = parsed["node"].as_str().unwrap_or_default().to_owned();
-        Node { child, addr, node }
+    pub fn spawn_logging(env: &[(&str, &str)], log: &std::path::Path) -> Node {
+        Self::start(HeraldSpec::new(env!("CARGO_BIN_EXE_herald")).env(env).stderr(Stderr::File(log.to_owned())))
+    }
+
+    fn start(spec: HeraldSpec) -> Node {
+        Node(Herald::start(spec).expect("herald starts and prints its listening line"))
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
+        self.0.signal(signal).expect("kill");
     }
 
     /// Waits up to `bound` for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<i32> {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "herald did not exit within {bound:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.wait_exit(bound).expect("herald exits")
     }
 }
 
@@ -116,11 +93,8 @@ fn bad_configuration_exits_64_before_binding_and_names_every_problem() {
 
 #[test]
 fn sigterm_drains_and_exits_promptly_with_clients_connected() {
-    let mut node = Node::spawn(
-        &["--listen", "127.0.0.1:0"],
-        &[("HERALD_SHUTDOWN_GRACE_SECS", "5"), ("HERALD_DRAIN_WINDOW_MS", "500")],
-    );
-    let mut stream = std::net::TcpStream::connect(&node.addr).expect("connect");
+    let mut node = Node::spawn(&[("HERALD_SHUTDOWN_GRACE_SECS", "5"), ("HERALD_DRAIN_WINDOW_MS", "500")]);
+    let mut stream = std::net::TcpStream::connect(node.addr).expect("connect");
     use std::io::{Read, Write};
     stream.write_all(b"GET /v1/sse?channel=a HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
     let mut buffer = [0u8; 4096];

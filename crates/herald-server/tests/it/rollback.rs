@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::harness::{Server, Sse, TIMEOUT, client};
-use crate::redis::{RedisServer, Sentinels};
+use herald_testkit::{RedisServer, Sentinels};
 
 async fn node_on(engine: String, tweak: impl FnOnce(&mut herald_server::Config) + Send) -> Server {
     Server::with(move |config| {
@@ -104,7 +104,7 @@ async fn publish_around_a_snapshot(node: &Server, redis: &RedisServer, channel: 
     for i in 1..=10 {
         publish(node, channel, json!(i), acked).await;
     }
-    assert_eq!(redis.command(&["SAVE"]).as_deref(), Some("+OK"));
+    assert_eq!(redis.query::<String>(&["SAVE"]).expect("SAVE"), "OK");
     for i in 11..=15 {
         publish(node, channel, json!(i), acked).await;
     }
@@ -246,7 +246,7 @@ async fn with_durable_publishes_a_failover_loses_nothing_acknowledged_and_resets
     }
     let promoted = [&replica, &second].into_iter().find(|r| r.replication("role").as_deref() == Some("master"));
     let promoted = promoted.expect("a replica was promoted");
-    assert!(promoted.command(&["XLEN", &old_stream]).is_some_and(|n| n == ":9"), "6 old entries and 3 new ones");
+    assert!(promoted.query::<i64>(&["XLEN", &old_stream]).ok() == Some(9), "6 old entries and 3 new ones");
     assert_ne!(acked[8].0["epoch"], acked[0].0["epoch"], "a new epoch: positions are never reused");
     ledger.read_until(&mut live, &acked[8].0).await;
     ledger.check(&acked);
@@ -275,8 +275,8 @@ async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_ans
     eventually_synced(&primary, &replica).await;
     // Stopped and cut off (without the cut, what the primary sends next would wait in the stopped
     // replica's socket buffer and arrive after all).
-    replica.signal("STOP");
-    assert!(primary.command(&["CLIENT", "KILL", "TYPE", "replica"]).is_some_and(|a| a == ":1"), "replica cut off");
+    replica.signal("STOP").expect("kill -s STOP");
+    assert!(primary.query::<i64>(&["CLIENT", "KILL", "TYPE", "replica"]).ok() == Some(1), "replica cut off");
     for i in 6..=8 {
         publish(&node, "order:9", json!(i), &mut acked).await; // acknowledged by the primary alone
     }
@@ -284,7 +284,7 @@ async fn a_failover_to_a_lagging_replica_resets_only_what_was_lost_and_never_ans
     ledger.read_until(&mut sse, &acked[7].0).await;
     let mut primary = primary;
     primary.stop();
-    replica.signal("CONT");
+    replica.signal("CONT").expect("kill -s CONT");
 
     // Until the sentinels promote the replica, publishes fail; none answers 200 for a write then lost.
     let refused = publish_through_failover(&node, "order:9", json!(9), &mut acked, true).await;
@@ -361,7 +361,7 @@ async fn durable_publishes_answer_503_not_durable_while_the_replica_cannot_ackno
     for i in 1..=3 {
         publish(&node, "pay:1", json!(i), &mut acked).await;
     }
-    replica.signal("STOP");
+    replica.signal("STOP").expect("kill -s STOP");
     let started = std::time::Instant::now();
     let (status, body) = node.post("/v1/publish", json!({"channel": "pay:1", "data": 4})).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -369,7 +369,7 @@ async fn durable_publishes_answer_503_not_durable_while_the_replica_cannot_ackno
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1400), "it waited for the replica: {waited:?}");
     assert!(waited < Duration::from_secs(5), "answered once the replication timeout passed: {waited:?}");
-    replica.signal("CONT");
+    replica.signal("CONT").expect("kill -s CONT");
     eventually_synced(&primary, &replica).await;
     let answer = node.publish("pay:1", json!(5)).await;
     acked.push((answer, json!(5)));
@@ -401,12 +401,12 @@ async fn backup_loaded_into_a_running_redis(reconnect_first: bool) {
     if reconnect_first {
         // A new pub/sub connection has seen nothing of the channel yet.
         let reconnects = node.state.hub().engine().stats().reconnects;
-        assert!(redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).is_some());
+        assert!(redis.query::<i64>(&["CLIENT", "KILL", "TYPE", "pubsub"]).is_ok());
         crate::harness::eventually("pub/sub reconnected", || node.state.hub().engine().stats().reconnects > reconnects)
             .await;
         wait_ready(&node).await;
     }
-    assert_eq!(redis.command(&["DEBUG", "RELOAD", "NOSAVE"]).as_deref(), Some("+OK"));
+    assert_eq!(redis.query::<String>(&["DEBUG", "RELOAD", "NOSAVE"]).expect("DEBUG RELOAD"), "OK");
     // The first publication after it is given offset 11 again (nothing in Redis can tell): the
     // subscribed node sees the offset go back, fences the channel and resets its clients, which covers
     // that publication; later publications are in the new epoch.

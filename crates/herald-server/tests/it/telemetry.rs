@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::harness::{Sse, client};
 use crate::process::Node;
-use crate::redis::RedisServer;
+use herald_testkit::RedisServer;
 
 /// (node attribute, span name, trace ID hex, span ID hex, parent span ID hex)
 type SpanRecord = (String, String, String, String, String);
@@ -76,8 +76,8 @@ async fn publish_and_delivery_spans_share_the_callers_trace() {
     let prefix = format!("otel{:08x}", rand::random::<u32>());
     let env = [("HERALD_ENGINE", redis.url()), ("HERALD_REDIS__PREFIX", prefix), ("HERALD_OTLP_ENDPOINT", endpoint)];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut node_a = Node::spawn(&["--listen", "127.0.0.1:0"], &env);
-    let mut node_b = Node::spawn(&["--listen", "127.0.0.1:0"], &env);
+    let mut node_a = Node::spawn(&env);
+    let mut node_b = Node::spawn(&env);
     let mut sse = Sse::connect_url(&format!("http://{}/v1/sse?channel=user:9", node_a.addr), None).await.expect("SSE");
     assert_eq!(sse.next().await.0, "herald.connected");
     let trace_id = "0af7651916cd43dd8448eb211c80319c";

@@ -1,0 +1,113 @@
+//! This node's metrics: the hub keeps its own counters (plain atomics on the hot path); at each scrape
+//! they are copied into this node's Prometheus recorder and rendered. The recorder is local to the node
+//! (no global state), so several nodes can live in one process (tests, embedding).
+
+use herald_core::Hub;
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::error::ApiError;
+
+/// This node's metrics registry plus counters the server itself keeps.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Publications refused, by the error code of the answer.
+    refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Connections the accept loop answered with an error itself, by the error code of the answer.
+    connections_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        Self { recorder, handle, refused: Default::default(), connections_refused: Default::default() }
+    }
+
+    /// A connection refused before any route saw it (socket cap, bad or slow request head), by reason.
+    pub fn connection_refused(&self, reason: &'static str) {
+        if let Ok(mut refused) = self.connections_refused.lock() {
+            *refused.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// A publication the API could not accept, by the code of its answer.
+    pub fn refused(&self, error: &ApiError) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused.entry(error.code()).or_default() += 1;
+        }
+    }
+
+    /// The Prometheus text of this node: the hub's counters, whether it is `ready`, its open sockets.
+    pub fn render(&self, hub: &Hub, ready: bool, open_sockets: usize) -> String {
+        let s = hub.stats();
+        let refused = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
+        let connections_refused = self.connections_refused.lock().map(|r| r.clone()).unwrap_or_default();
+        let engine = hub.engine().stats();
+        metrics::with_local_recorder(&self.recorder, || {
+            counter!("herald_publications_total", "result" => "accepted").absolute(s.published);
+            counter!("herald_publications_total", "result" => "duplicate").absolute(s.duplicates);
+            for (reason, count) in &refused {
+                counter!("herald_publications_refused_total", "reason" => *reason).absolute(*count);
+            }
+            for (reason, count) in &connections_refused {
+                counter!("herald_connections_refused_total", "reason" => *reason).absolute(*count);
+            }
+            counter!("herald_publications_without_subscribers_total").absolute(s.no_subscriber);
+            counter!("herald_deliveries_total", "transport" => "sse").absolute(s.delivered_sse);
+            counter!("herald_deliveries_total", "transport" => "ws").absolute(s.delivered_ws);
+            counter!("herald_recovered_total").absolute(s.recovered);
+            counter!("herald_duplicates_dropped_total").absolute(s.duplicates_dropped);
+            counter!("herald_resets_total", "reason" => "history_gone").absolute(s.resets_history_gone);
+            counter!("herald_resets_total", "reason" => "gap").absolute(s.resets_gap);
+            counter!("herald_resets_total", "reason" => "epoch_changed").absolute(s.resets_epoch_changed);
+            counter!("herald_resets_total", "reason" => "engine_rollback").absolute(s.resets_engine_rollback);
+            counter!("herald_gaps_detected_total").absolute(s.gaps_detected);
+            counter!("herald_slow_client_disconnects_total").absolute(s.slow_consumer_disconnects);
+            counter!("herald_connections_opened_total").absolute(s.connections_opened);
+            counter!("herald_engine_reconnects_total").absolute(engine.reconnects);
+            counter!("herald_engine_gaps_repaired_total").absolute(engine.gaps_repaired);
+            counter!("herald_engine_messages_received_total").absolute(engine.messages_received);
+            counter!("herald_engine_rollbacks_total").absolute(engine.rollbacks);
+            if let Some(rtt) = engine.probe_rtt_us {
+                gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);
+            }
+            gauge!("herald_ready").set(if ready { 1.0 } else { 0.0 });
+            gauge!("herald_connections").set(s.connections as f64);
+            gauge!("herald_channels").set(s.channels as f64);
+            gauge!("herald_sockets_open").set(open_sockets as f64);
+        });
+        self.handle.run_upkeep();
+        let mut text = self.handle.render();
+        render_latency(&mut text, hub.latency());
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Appends the delivery latency histogram, kept by the hub in fixed buckets, in Prometheus text format.
+fn render_latency(text: &mut String, (counts, sum_us): ([u64; 15], u64)) {
+    use herald_core::hub::LATENCY_BUCKETS_US;
+    use std::fmt::Write;
+    let name = "herald_delivery_latency_seconds";
+    let _ = writeln!(
+        text,
+        "# HELP {name} Time from a publication's acceptance by the engine to its write to a client (live deliveries)."
+    );
+    let _ = writeln!(text, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, count) in LATENCY_BUCKETS_US.iter().zip(&counts) {
+        cumulative += count;
+        let _ = writeln!(text, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+    }
+    cumulative += counts[LATENCY_BUCKETS_US.len()];
+    let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(text, "{name}_sum {}", sum_us as f64 / 1e6);
+    let _ = writeln!(text, "{name}_count {cumulative}");
+}

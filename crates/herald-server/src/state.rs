@@ -1,0 +1,113 @@
+//! [`AppState`]: what every handler of one node shares (hub, settings, client authentication, the
+//! publish limiter, metrics, the socket and history-read caps, the draining flag). Handlers depend on
+//! it; it depends on no handler.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use herald_core::{CloseReason, Hub};
+
+use crate::auth::ClientAuth;
+use crate::config::{Config, Settings};
+use crate::limiter::PublishLimiter;
+use crate::metrics::Metrics;
+
+/// Shared state of one running node. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    hub: Hub,
+    settings: Settings,
+    draining: AtomicBool,
+    metrics: Metrics,
+    auth: ClientAuth,
+    publish_limiter: PublishLimiter,
+    /// One permit per open TCP connection (`limits.max_sockets`), taken by the accept loop.
+    sockets: Arc<tokio::sync::Semaphore>,
+    /// One permit per `/v1/history` answer being read or sent (`limits.max_concurrent_history_reads`).
+    history_reads: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// The state of a node serving `hub` with `settings` (whose key files were read when they were
+    /// validated; nothing is read again here). Never fails today; the `Result` leaves room for state
+    /// that needs checking.
+    pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
+        let auth = ClientAuth::new(settings.client_keys.clone(), &settings.config);
+        let publish_limiter = PublishLimiter::new(settings.config.limits.publish_rate_per_key);
+        let sockets = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.sockets()));
+        let history_reads = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.max_concurrent_history_reads));
+        Ok(Self {
+            inner: Arc::new(AppInner {
+                auth,
+                sockets,
+                history_reads,
+                publish_limiter,
+                hub,
+                settings,
+                draining: AtomicBool::new(false),
+                metrics: Metrics::new(),
+            }),
+        })
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.settings.config
+    }
+
+    pub(crate) fn history_reads(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.history_reads
+    }
+
+    pub(crate) fn publish_limiter(&self) -> &PublishLimiter {
+        &self.inner.publish_limiter
+    }
+
+    pub fn auth(&self) -> &ClientAuth {
+        &self.inner.auth
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn sockets(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.sockets
+    }
+
+    /// Open TCP connections (every kind) served by the accept loop.
+    pub fn open_sockets(&self) -> usize {
+        self.config().limits.sockets().saturating_sub(self.inner.sockets.available_permits())
+    }
+
+    /// True once shutdown began: readiness fails and new connections are refused.
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining: readiness fails, new clients are refused, connected clients are told to go.
+    pub fn drain(&self) -> usize {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.hub.close_all(CloseReason::ShuttingDown)
+    }
+
+    /// Drains gradually: readiness fails and new clients are refused at once; connected clients are told
+    /// to reconnect (elsewhere, through their cursor) spread over the configured drain window.
+    pub async fn drain_gradually(&self) -> usize {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let window = Duration::from_millis(self.config().drain_window_ms);
+        self.inner.hub.close_gradually(CloseReason::ShuttingDown, window).await
+    }
+}
