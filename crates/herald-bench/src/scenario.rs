@@ -890,6 +890,14 @@ fn account(
             report.reset_covered += 1;
         } else {
             report.lost_silently += 1;
+            if std::env::var_os("SCENARIO_DEBUG_LOST").is_some() {
+                let mut seen: Vec<_> = log.positions.iter().map(|((e, o), j)| (e.clone(), *o, *j)).collect();
+                seen.sort();
+                eprintln!(
+                    "LOST job {job} user {} at {}:{} acked {} seen {:?} resets {:?}",
+                    ack.user, ack.epoch, ack.offset, ack.acked_us, seen, log.resets
+                );
+            }
         }
     }
     report.reconnects_per_sec_max = per_second.values().copied().max().unwrap_or(0);

@@ -105,6 +105,14 @@ pub trait Backplane: Send + Sync + 'static {
         self.send(Recipient::Node(self.node_id()), message).await.map(|_| ())
     }
 
+    /// Whether one subscriber connection hands over a channel's messages exactly once and in order
+    /// (Redis pub/sub). Then an offset that does not grow on one connection means the data rolled back;
+    /// otherwise (NATS, whose stream may republish a message again after a leader change) it is a
+    /// duplicate, dropped.
+    fn ordered_links(&self) -> bool {
+        true
+    }
+
     /// The subscriber connection and the command path are up (the relay adds the probe's freshness).
     fn connected(&self) -> bool;
     /// The probe found the subscription silent: drop it and connect again.
@@ -230,6 +238,12 @@ impl Relay {
     /// it with its own top to find data that rolled back).
     pub fn delivered(&self, channel: &ChannelName) -> Option<Position> {
         lock(&self.delivered).get(channel).cloned()
+    }
+
+    /// Re-syncs one channel now (as after a reconnect): for an engine that cannot prove a new
+    /// subscription was live everywhere when it said so.
+    pub async fn recheck(&self, channel: &ChannelName) {
+        self.resync(channel, &mut true).await;
     }
 
     /// The node no longer subscribes to `channel`.
@@ -506,10 +520,16 @@ impl Link {
             let delivered = lock(&relay.delivered);
             self.seen.retain(|channel, _| delivered.contains_key(channel));
         }
-        let backwards = match previous {
-            Some(before) => {
-                (before.epoch == position.epoch && position.offset <= before.offset).then_some(before.offset)
+        let repeated = previous.as_ref().is_some_and(|b| b.epoch == position.epoch && position.offset <= b.offset);
+        if repeated && !backplane.ordered_links() {
+            // Keep the highest seen; deliver_in_order drops what was delivered already.
+            if let Some(before) = previous {
+                self.seen.insert(channel.clone(), before);
             }
+            return;
+        }
+        let backwards = match previous {
+            Some(before) => repeated.then_some(before.offset),
             // The first on this connection repeats what an earlier one delivered: normal right after a
             // re-sync, a rollback if the engine's top is now below what was delivered.
             None => relay.repeats_below_top(&*backplane, &channel, &position).await,

@@ -75,6 +75,10 @@ pub struct NatsConfig {
     pub command_timeout: Duration,
     /// Bytes of history one read holds at most (one more entry beyond it).
     pub max_read_bytes: usize,
+    /// How often every subscribed channel is re-synced from history (zero: never). The stream's
+    /// republish is core NATS, at most once: a message it dropped (a leader failing over between
+    /// storing and republishing) reaches subscribers at the channel's next publication, or at this.
+    pub resync_interval: Duration,
 }
 
 impl NatsConfig {
@@ -94,6 +98,7 @@ impl NatsConfig {
             probe_timeout: Duration::from_secs(3),
             command_timeout: Duration::from_secs(1),
             max_read_bytes: 4 * 1024 * 1024,
+            resync_interval: Duration::from_secs(5),
         }
     }
 }
@@ -201,12 +206,7 @@ impl Inner {
 
     /// Makes the history stream and the buckets where they are missing.
     async fn ensure_layout(&self) -> Result<(), EngineError> {
-        stream::ensure(&self.js, &self.names, &self.config).await?;
-        let replicas = self.config.replicas;
-        bucket(&self.js, self.names.nodes_bucket(), self.config.node_ttl, replicas).await?;
-        bucket(&self.js, self.names.presence_bucket(), PRESENCE_TTL, replicas).await?;
-        bucket(&self.js, self.names.dedup_bucket(), self.config.policies.dedup_window(), replicas).await?;
-        Ok(())
+        layout(&self.js, &self.names, &self.config).await.map(|_| ())
     }
 
     async fn live_nodes(&self) -> Result<Vec<(String, NodeStats)>, EngineError> {
@@ -309,6 +309,20 @@ async fn client_options(
         }))
 }
 
+/// The history stream and the three buckets, made where missing.
+async fn layout(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &NatsConfig,
+) -> Result<(jetstream::stream::Stream, kv::Store, kv::Store, kv::Store), EngineError> {
+    let stream = stream::ensure(js, names, config).await?;
+    let replicas = config.replicas;
+    let nodes = bucket(js, names.nodes_bucket(), config.node_ttl, replicas).await?;
+    let presence = bucket(js, names.presence_bucket(), PRESENCE_TTL, replicas).await?;
+    let dedup = bucket(js, names.dedup_bucket(), config.policies.dedup_window(), replicas).await?;
+    Ok((stream, nodes, presence, dedup))
+}
+
 /// Connects to NATS (waiting up to [`STARTUP_WAIT`]) and makes the stream and buckets if they are missing.
 pub async fn connect(config: NatsConfig) -> Result<NatsEngine, EngineError> {
     let servers = parse_url(&config.url).map_err(EngineError::Protocol)?;
@@ -325,10 +339,11 @@ pub async fn connect(config: NatsConfig) -> Result<NatsEngine, EngineError> {
         .map_err(unavailable)?;
     let js = jetstream::new(client.clone());
     let names = Names::new(&config.prefix, &config.node_id);
+    // While JetStream elects leaders (a server down, a cluster starting) its API fails for a while.
     let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
-    let stream = loop {
-        match stream::ensure(&js, &names, &config).await {
-            Ok(stream) => break stream,
+    let (stream, nodes, presence, dedup) = loop {
+        match layout(&js, &names, &config).await {
+            Ok(made) => break made,
             Err(error) if tokio::time::Instant::now() >= deadline => return Err(error),
             Err(error) => {
                 tracing::warn!(%error, "nats jetstream not ready; retrying");
@@ -336,10 +351,6 @@ pub async fn connect(config: NatsConfig) -> Result<NatsEngine, EngineError> {
             }
         }
     };
-    let replicas = config.replicas;
-    let nodes = bucket(&js, names.nodes_bucket(), config.node_ttl, replicas).await?;
-    let presence = bucket(&js, names.presence_bucket(), PRESENCE_TTL, replicas).await?;
-    let dedup = bucket(&js, names.dedup_bucket(), config.policies.dedup_window(), replicas).await?;
     let relay = RelayConfig {
         probe_interval: config.probe_interval,
         probe_timeout: config.probe_timeout,
@@ -512,6 +523,10 @@ impl Backplane for Nats {
 
     fn reconnect(&self) {
         let _ = self.inner.subscriber.send(subscriber::Command::Stale);
+    }
+
+    fn ordered_links(&self) -> bool {
+        false
     }
 
     async fn wait_connected(&self, until: tokio::time::Instant) {

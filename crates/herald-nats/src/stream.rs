@@ -279,6 +279,9 @@ impl Inner {
                 self.append(channel, last.sequence, &position, last.replaces.as_ref(), false, payload.into()).await;
             match written {
                 Ok(Written::Done(sequence)) => {
+                    if self.config.replicas > 1 {
+                        self.check_unique(channel, &last, sequence).await?;
+                    }
                     let replaces = last.replaces.clone();
                     lock(&self.tops).insert(channel.clone(), Last { sequence, position: position.clone(), replaces });
                     return Ok(PublishOutcome {
@@ -297,6 +300,26 @@ impl Inner {
         }
         lock(&self.tops).remove(channel);
         Err(EngineError::Unavailable("too many concurrent publishers on the channel".into()))
+    }
+
+    /// A replicated stream does not make the last-subject-sequence check serializable (nats-server
+    /// #4320: concurrent publishes expecting the same sequence can both be stored; #8469: also across a
+    /// leader change), so two publications could hold one offset. The publication stored at `sequence`
+    /// after `last` keeps its offset only if it is the first message after `last` on the subject;
+    /// otherwise the channel is fenced into a new epoch (every client of the old one gets a reset)
+    /// and this publish fails, to be retried.
+    async fn check_unique(&self, channel: &ChannelName, last: &Last, sequence: u64) -> Result<(), EngineError> {
+        let subject = self.names.history(channel);
+        let first = self.bounded(self.stream.get_first_raw_message_by_subject(&subject, last.sequence + 1)).await?;
+        if first.sequence == sequence {
+            return Ok(());
+        }
+        lock(&self.tops).remove(channel);
+        self.rollbacks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%channel, epoch = %last.position.epoch, offset = last.position.offset + 1,
+            "two publications were stored with one offset (nats did not serialize them); fencing the channel");
+        self.fence(channel, &last.position.epoch).await?;
+        Err(EngineError::Unavailable("a concurrent publication took this position; retry".into()))
     }
 
     /// Claims an idempotency key, or finds what the first publish with it got.

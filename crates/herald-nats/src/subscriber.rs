@@ -28,17 +28,62 @@ pub(crate) enum Command {
     Disconnected,
     /// The relay's probe found the subscription stale.
     Stale,
+    /// Re-sync every subscribed channel: the history stream has a new leader (what the old one stored
+    /// but had not republished yet never reaches the live subjects), or a while after a reconnect.
+    ResyncAll,
+    /// A while after a channel was subscribed: re-sync it once.
+    Recheck(ChannelName),
 }
 
-type Live = BoxStream<'static, (ChannelName, async_nats::Message)>;
+/// Messages of one live subscription, tagged with the subscription's number.
+type Live = BoxStream<'static, (ChannelName, u64, async_nats::Message)>;
 
 /// Subscribes the control subjects and spawns the subscriber task.
 pub(crate) async fn start(inner: Arc<Inner>, rx: mpsc::UnboundedReceiver<Command>) -> Result<(), EngineError> {
     let own = inner.bounded(inner.client.subscribe(inner.names.own_control())).await?;
     let all = inner.bounded(inner.client.subscribe(inner.names.control_all())).await?;
     inner.bounded(inner.client.flush()).await?;
+    tokio::spawn(watch_leader(inner.clone()));
+    if !inner.config.resync_interval.is_zero() {
+        tokio::spawn(resync_periodically(inner.clone()));
+    }
     tokio::spawn(run(inner, rx, futures_util::stream::select(own, all).boxed()));
     Ok(())
+}
+
+/// Re-syncs every subscribed channel every `resync_interval`.
+async fn resync_periodically(inner: Arc<Inner>) {
+    let mut interval = tokio::time::interval(inner.config.resync_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if inner.stopping.load(Ordering::SeqCst) || inner.subscriber.send(Command::ResyncAll).is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks for the history stream's leader every probe interval; a change means a failover inside NATS.
+async fn watch_leader(inner: Arc<Inner>) {
+    let mut interval = tokio::time::interval(inner.config.probe_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leader: Option<String> = None;
+    loop {
+        interval.tick().await;
+        if inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = inner.bounded(inner.js.get_stream(inner.names.stream())).await else { continue };
+        let now = stream.cached_info().cluster.as_ref().and_then(|c| c.leader.clone());
+        if now.is_some() && leader.is_some() && now != leader {
+            tracing::info!(from = ?leader, to = ?now, "nats history stream has a new leader; re-syncing");
+            let _ = inner.subscriber.send(Command::ResyncAll);
+        }
+        if now.is_some() {
+            leader = now;
+        }
+    }
 }
 
 async fn run(
@@ -50,7 +95,10 @@ async fn run(
     let mut link = relay.connected(Vec::new()).await;
     let mut live: SelectAll<Live> = SelectAll::new();
     // Dropping a channel's sender ends its stream, which drops (and so unsubscribes) its subscription.
-    let mut subscribed: HashMap<ChannelName, oneshot::Sender<()>> = HashMap::new();
+    // With the number of the channel's current subscription: messages of one being replaced (left and
+    // joined again before its stream ended) are not handed over twice.
+    let mut subscribed: HashMap<ChannelName, (oneshot::Sender<()>, u64)> = HashMap::new();
+    let mut next_id = 0u64;
     let mut lost = false;
     loop {
         tokio::select! {
@@ -58,7 +106,10 @@ async fn run(
             command = rx.recv() => {
                 let Some(command) = command else { return };
                 match command {
-                    Command::Subscribe(channel, reply) => subscribe(&inner, &mut live, &mut subscribed, channel, reply).await,
+                    Command::Subscribe(channel, reply) => {
+                        next_id += 1;
+                        subscribe(&inner, &mut live, &mut subscribed, channel, reply, next_id).await;
+                    }
                     Command::Unsubscribe(channel) => {
                         subscribed.remove(&channel);
                     }
@@ -71,7 +122,22 @@ async fn run(
                             inner.reconnects.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(channels = subscribed.len(), "nats reconnected; re-syncing");
                             link = relay.connected(subscribed.keys().cloned().collect()).await;
+                            // The subscriptions the client made again reach the stream's leader through
+                            // the cluster a moment later: re-sync once more after that moment.
+                            let (commands, delay) = (inner.subscriber.clone(), inner.config.probe_interval * 2);
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = commands.send(Command::ResyncAll);
+                            });
                         }
+                    }
+                    Command::Recheck(channel) => {
+                        if subscribed.contains_key(&channel) {
+                            relay.recheck(&channel).await;
+                        }
+                    }
+                    Command::ResyncAll => {
+                        link = relay.connected(subscribed.keys().cloned().collect()).await;
                     }
                     Command::Stale => {
                         let client = inner.client.clone();
@@ -84,7 +150,16 @@ async fn run(
                 }
             }
             Some(message) = control.next() => relay.control(&message.payload).await,
-            Some((channel, message)) = live.next() => link.publication(channel, &message.payload).await,
+            Some((channel, id, message)) = live.next() => {
+                if subscribed.get(&channel).is_some_and(|(_, current)| *current == id) {
+                    if message.payload.is_empty() {
+                        // A marker: the channel began or moved to a new epoch (a fence).
+                        relay.recheck(&channel).await;
+                    } else {
+                        link.publication(channel, &message.payload).await;
+                    }
+                }
+            }
         }
         if inner.stopping.load(Ordering::SeqCst) && rx.is_closed() {
             return;
@@ -95,9 +170,10 @@ async fn run(
 async fn subscribe(
     inner: &Arc<Inner>,
     live: &mut SelectAll<Live>,
-    subscribed: &mut HashMap<ChannelName, oneshot::Sender<()>>,
+    subscribed: &mut HashMap<ChannelName, (oneshot::Sender<()>, u64)>,
     channel: ChannelName,
     reply: oneshot::Sender<Result<(), EngineError>>,
+    id: u64,
 ) {
     if inner.client.connection_state() != async_nats::connection::State::Connected {
         let _ = reply.send(Err(EngineError::Unavailable("nats is reconnecting".into())));
@@ -107,8 +183,18 @@ async fn subscribe(
         match inner.bounded(inner.client.subscribe(inner.names.live(&channel))).await {
             Ok(subscriber) => {
                 let (stop, stopped) = oneshot::channel::<()>();
-                live.push(subscriber.take_until(stopped).map(move |message| (channel.clone(), message)).boxed());
-                entry.insert(stop);
+                let name = channel.clone();
+                live.push(subscriber.take_until(stopped).map(move |message| (name.clone(), id, message)).boxed());
+                entry.insert((stop, id));
+                // The server this node is connected to has the subscription once the flush below
+                // returns, but the stream's leader may sit on another server of the cluster and learn
+                // of it a moment later: what it republishes meanwhile does not come here. One re-sync
+                // after that moment catches it up from history.
+                let (commands, delay) = (inner.subscriber.clone(), inner.config.probe_interval);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = commands.send(Command::Recheck(channel));
+                });
             }
             Err(error) => {
                 let _ = reply.send(Err(error));

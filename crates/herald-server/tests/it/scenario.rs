@@ -1,6 +1,6 @@
 //! The scaling scenario, small: several `herald` processes, browsers behind a balancer, callbacks to
-//! random nodes. The naive design loses updates silently; the Redis design loses none, under each fault
-//! and under all of them at once.
+//! random nodes. The naive design loses updates silently; the Redis and NATS designs lose none, under each
+//! fault and under all of them at once.
 
 use herald_bench::scenario::{self, Report, ScenarioArgs};
 
@@ -16,6 +16,7 @@ fn args(engine: &str) -> ScenarioArgs {
         restart_engine: false,
         rollback_engine: false,
         failover_engine: false,
+        kill_engine_server: false,
         drop_connections: 0.0,
         offline_ms: None,
         slow_clients: 0.0,
@@ -55,6 +56,20 @@ async fn the_naive_design_loses_about_two_thirds_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_design_loses_nothing() {
     no_silent_loss(args("redis")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_design_loses_nothing_under_every_fault_and_a_nats_server_killed() {
+    let report = check(ScenarioArgs {
+        kill_node: true,
+        rolling_restart: true,
+        drop_connections: 0.2,
+        kill_engine_server: true,
+        seconds: 6,
+        ..args("nats")
+    })
+    .await;
+    assert_eq!((report.lost_silently, report.positions_reused), (0, 0), "{}", report.table());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
