@@ -239,6 +239,8 @@ pub struct NatsSection {
     pub node_ttl_secs: u64,
     /// Milliseconds any single NATS request may take before the request fails (503).
     pub command_timeout_ms: u64,
+    /// Milliseconds between re-syncs of every subscribed channel from history (0: never).
+    pub resync_interval_ms: u64,
 }
 
 impl Default for NatsSection {
@@ -254,6 +256,7 @@ impl Default for NatsSection {
             probe_timeout_ms: 3000,
             node_ttl_secs: 30,
             command_timeout_ms: 1000,
+            resync_interval_ms: 5000,
         }
     }
 }

@@ -99,6 +99,7 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         nats.probe_timeout = Duration::from_millis(n.probe_timeout_ms);
         nats.node_ttl = Duration::from_secs(n.node_ttl_secs);
         nats.command_timeout = Duration::from_millis(n.command_timeout_ms);
+        nats.resync_interval = Duration::from_millis(n.resync_interval_ms);
         nats.max_read_bytes = config.limits.max_history_response_bytes;
         let engine = herald_nats::connect(nats).await.map_err(|e| anyhow::anyhow!("connecting to nats: {e}"))?;
         return Ok(Arc::new(engine));
