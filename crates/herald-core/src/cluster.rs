@@ -31,10 +31,10 @@ use crate::engine::{
     Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, NodeReceipt, PresenceEntry, PublishOutcome,
     PublishRequest, SubscribeFuture,
 };
-use crate::hub::lock;
 use crate::position::{Epoch, Position};
 use crate::publication::Publication;
 use crate::stats::NodeStats;
+use crate::sync::lock;
 
 /// Where a control message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

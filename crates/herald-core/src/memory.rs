@@ -13,7 +13,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,6 +25,7 @@ use crate::engine::{
 use crate::policy::{HistoryPolicy, Policies};
 use crate::position::{Epoch, Position};
 use crate::publication::{Publication, now_ms};
+use crate::sync::lock;
 
 /// Most idempotency keys remembered at once; beyond this the oldest are forgotten early.
 pub const MAX_DEDUP_KEYS: usize = 1_000_000;
@@ -65,12 +66,6 @@ struct DedupEntry {
     position: Position,
     correlation_id: Arc<str>,
     expires_ms: u64,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the maps half-updated in a way that matters
-    // more than stopping delivery would, so poisoning is ignored.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Stream {

@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
 use crate::engine::{History, PresenceEntry};
-use crate::hub::{CloseReason, Control, HubError, HubShared, Outbound};
+use crate::hub::{Hub, HubError, HubShared};
+use crate::outbound::{CloseHook, CloseReason, Control, Outbound};
 use crate::position::Position;
 use crate::publication::{Publication, format_timestamp, now_ms};
 
@@ -86,6 +87,16 @@ impl SessionEvent {
     }
 }
 
+impl Hub {
+    /// Opens a session (one client connection) on this node. (Defined here rather than in `hub.rs` so
+    /// that the hub does not depend on the session: the session is built on the hub, not the reverse.)
+    pub fn open_session(&self, transport: Transport, user: Option<String>) -> Result<Session, HubError> {
+        let (id, control) = self.shared.register(user.as_deref())?;
+        let (tx, rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
+        Ok(Session::new(self.shared.clone(), id, transport, user, tx, rx, control))
+    }
+}
+
 /// One client connection. Dropping it removes every trace of the connection from the hub and presence.
 pub struct Session {
     shared: Arc<HubShared>,
@@ -133,7 +144,7 @@ impl Session {
     /// Registers what to do, besides waking [`Session::recv`], when the hub closes this connection
     /// (typically: abort the socket, whose task may be blocked writing to a client that stopped reading).
     /// Only the first hook is kept.
-    pub fn on_close(&self, hook: crate::hub::CloseHook) {
+    pub fn on_close(&self, hook: CloseHook) {
         self.control.set_hook(hook);
     }
 
