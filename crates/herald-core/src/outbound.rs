@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures_util::task::AtomicWaker;
 
@@ -68,6 +68,8 @@ pub(crate) struct Control {
     reason: AtomicUsize,
     waker: AtomicWaker,
     hook: OnceLock<CloseHook>,
+    /// Set by whichever of `close` and `set_hook` runs the hook, so it runs exactly once.
+    hook_ran: AtomicBool,
 }
 
 impl Control {
@@ -75,15 +77,26 @@ impl Control {
         let first = self.reason.compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst).is_ok();
         if first {
             self.waker.wake();
-            if let Some(hook) = self.hook.get() {
-                hook(reason);
-            }
+            self.run_hook(reason);
         }
         first
     }
 
+    /// Installs the hook (only the first is kept). A connection closed before its hook was installed
+    /// runs it now: a transport that registers late still gets its blocked write aborted.
     pub(crate) fn set_hook(&self, hook: CloseHook) {
         let _ = self.hook.set(hook);
+        if let Some(reason) = self.reason() {
+            self.run_hook(reason);
+        }
+    }
+
+    fn run_hook(&self, reason: CloseReason) {
+        if let Some(hook) = self.hook.get() {
+            if !self.hook_ran.swap(true, Ordering::SeqCst) {
+                hook(reason);
+            }
+        }
     }
 
     pub(crate) fn reason(&self) -> Option<CloseReason> {
@@ -100,5 +113,41 @@ impl Control {
             Some(reason) => std::task::Poll::Ready(reason),
             None => std::task::Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn counting_hook(calls: &Arc<AtomicUsize>) -> CloseHook {
+        let calls = calls.clone();
+        Box::new(move |reason| {
+            assert_eq!(reason, CloseReason::SlowConsumer);
+            calls.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[test]
+    fn the_first_close_wins_and_runs_the_hook_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let control = Control::default();
+        control.set_hook(counting_hook(&calls));
+        assert!(control.close(CloseReason::SlowConsumer));
+        assert!(!control.close(CloseReason::ShuttingDown));
+        assert_eq!(control.reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_hook_installed_after_the_close_runs_at_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let control = Control::default();
+        assert!(control.close(CloseReason::SlowConsumer));
+        control.set_hook(counting_hook(&calls));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "a late transport still gets its write aborted");
+        control.set_hook(counting_hook(&calls));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }
