@@ -24,6 +24,8 @@ pub mod receipt;
 pub mod session;
 pub mod stats;
 mod sync;
+#[cfg(test)]
+mod tests;
 
 pub use channel::{ChannelError, ChannelName};
 pub use cluster::{Backplane, BackplaneStats, ClusterEngine, Link, Recipient, Relay, RelayConfig};

@@ -45,6 +45,9 @@ pub struct MemoryEngine {
     sink: OnceLock<Weak<dyn EngineSink>>,
     /// Shared with the sweeping task, which holds it weakly.
     store: Arc<Store>,
+    /// Tests only: publications are stored but not handed to the hub (a lost live message).
+    #[cfg(test)]
+    muted: std::sync::atomic::AtomicBool,
 }
 
 /// What the engine keeps: streams, idempotency keys, presence.
@@ -68,6 +71,9 @@ struct Stream {
     /// Sum of the envelope lengths in `history`.
     history_bytes: usize,
     last_publish_ms: u64,
+    /// Tests only: the epoch this stream was fenced from and the last offset of it that survived.
+    #[cfg(test)]
+    fenced_from: Option<(Epoch, u64)>,
 }
 
 #[derive(Default)]
@@ -85,7 +91,26 @@ struct DedupEntry {
 
 impl Stream {
     fn new(now: u64) -> Self {
-        Self { epoch: Epoch::generate(), offset: 0, history: VecDeque::new(), history_bytes: 0, last_publish_ms: now }
+        Self {
+            epoch: Epoch::generate(),
+            offset: 0,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            last_publish_ms: now,
+            #[cfg(test)]
+            fenced_from: None,
+        }
+    }
+
+    /// Whether `since` lies beyond what survived a loss of this stream's data. This engine never loses
+    /// what it acknowledged; tests simulate a loss with `MemoryEngine::fence`.
+    fn lost(&self, since: &Position) -> bool {
+        #[cfg(test)]
+        if let Some((epoch, survived)) = &self.fenced_from {
+            return since.epoch == *epoch && since.offset > *survived;
+        }
+        let _ = since;
+        false
     }
 
     fn top(&self) -> Position {
@@ -123,7 +148,13 @@ impl MemoryEngine {
             presence: Mutex::new(HashMap::new()),
             subscribed: Mutex::new(HashSet::new()),
         };
-        Self { node_id: node_id.into(), sink: OnceLock::new(), store: Arc::new(store) }
+        Self {
+            node_id: node_id.into(),
+            sink: OnceLock::new(),
+            store: Arc::new(store),
+            #[cfg(test)]
+            muted: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     fn sink(&self) -> Option<Arc<dyn EngineSink>> {
@@ -257,7 +288,7 @@ impl Engine for MemoryEngine {
             );
         }
         drop(dedup);
-        if let Some(sink) = self.sink() {
+        if let Some(sink) = self.sink().filter(|_| !self.is_muted()) {
             sink.deliver(publication);
         }
         drop(streams);
@@ -294,7 +325,7 @@ impl Engine for MemoryEngine {
             });
         };
         if since.epoch != stream.epoch || since.offset > stream.offset {
-            return Ok(History::Gone { top, rolled_back: false });
+            return Ok(History::Gone { top, rolled_back: stream.lost(since) });
         }
         if since.offset == stream.offset {
             return Ok(History::Covered { top, publications: Vec::new() });
@@ -350,6 +381,54 @@ impl Engine for MemoryEngine {
 
     async fn ready(&self) -> bool {
         true
+    }
+}
+
+impl MemoryEngine {
+    #[cfg(not(test))]
+    fn is_muted(&self) -> bool {
+        false
+    }
+}
+
+/// Faults a real engine can show and this one cannot, for the delivery tests of the hub and sessions.
+#[cfg(test)]
+impl MemoryEngine {
+    fn is_muted(&self) -> bool {
+        self.muted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// While muted, publications are stored in history but never handed to the hub (as when a
+    /// distributed engine's subscriber lost live messages).
+    pub(crate) fn set_muted(&self, muted: bool) {
+        self.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Moves `channel` to a new epoch with empty history, as a distributed engine fences a channel.
+    /// With `survived`, the old epoch lost its data after that offset: positions beyond it are
+    /// answered `History::Gone { rolled_back: true }`. Returns the new top.
+    pub(crate) fn fence(&self, channel: &ChannelName, survived: Option<u64>) -> Position {
+        let store = &*self.store;
+        let mut streams = lock(store.shard(channel));
+        let stream = streams.entry(channel.clone()).or_insert_with(|| Stream::new(store.now()));
+        let mut fresh = Stream::new(store.now());
+        fresh.fenced_from = survived.map(|offset| (stream.epoch.clone(), offset));
+        *stream = fresh;
+        stream.top()
+    }
+
+    /// Takes `channel` back to `offset` in the same epoch, forgetting what came after (data restored
+    /// under a running engine, not yet fenced): offsets after it will be assigned again.
+    pub(crate) fn roll_back(&self, channel: &ChannelName, offset: u64) {
+        let mut streams = lock(self.store.shard(channel));
+        if let Some(stream) = streams.get_mut(channel) {
+            stream.offset = stream.offset.min(offset);
+            while stream.history.back().is_some_and(|(_, p)| p.position.offset > offset) {
+                if let Some((_, dropped)) = stream.history.pop_back() {
+                    stream.history_bytes -= dropped.envelope().len();
+                }
+            }
+        }
     }
 }
 
