@@ -15,6 +15,12 @@
 //! - the heartbeat, which carries this node's typed counters ([`NodeStats`]) to `/v1/cluster`.
 //!
 //! Nothing here does I/O itself; the backplane does.
+//!
+//! Why one file of ~760 lines: the relay's receiving side, its re-sync and its control protocols share
+//! one state (`Relay`: what was delivered per channel, pending replies and receipts) and one invariant
+//! (per-channel offset order into the hub); split across files they would have to expose that state
+//! to each other. What could stand alone does: the header format (`Header`) and the `Engine` adapter
+//! (`ClusterEngine`) are separate items at the end, each readable on its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,10 +37,10 @@ use crate::engine::{
     Engine, EngineError, EngineSink, EngineStats, History, NodeInfo, NodeReceipt, PresenceEntry, PublishOutcome,
     PublishRequest, SubscribeFuture,
 };
-use crate::hub::lock;
 use crate::position::{Epoch, Position};
 use crate::publication::Publication;
 use crate::stats::NodeStats;
+use crate::sync::lock;
 
 /// Where a control message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,11 +10,10 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
@@ -22,11 +21,14 @@ use crate::engine::ReceiptRequest;
 use crate::engine::{
     Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest, SubscribeFuture,
 };
+use crate::outbound::Control;
+pub use crate::outbound::{CloseHook, CloseReason, Outbound};
 use crate::position::Position;
 use crate::publication::Publication;
-use crate::receipt::{Receipt, ReceiptToken};
-use crate::session::{Session, Transport};
-use crate::stats::{DeliveryHealth, StatsSnapshot};
+use crate::receipt::Receipt;
+use crate::stats::StatsSnapshot;
+pub use crate::stats::{LATENCY_BUCKETS_US, LatencyHistogram, Stats};
+use crate::sync::lock;
 
 /// Outbound queue slots per connection unless configured.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
@@ -63,35 +65,6 @@ impl Default for HubConfig {
     }
 }
 
-/// Why the hub closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Its outbound queue was full: it could not keep up.
-    SlowConsumer,
-    /// `/v1/disconnect` asked for it.
-    Disconnected,
-    /// The node is shutting down.
-    ShuttingDown,
-}
-
-impl CloseReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::SlowConsumer => "slow_consumer",
-            Self::Disconnected => "disconnected",
-            Self::ShuttingDown => "shutting_down",
-        }
-    }
-
-    fn code(self) -> usize {
-        self as usize + 1
-    }
-
-    fn from_code(code: usize) -> Option<Self> {
-        [Self::SlowConsumer, Self::Disconnected, Self::ShuttingDown].get(code.checked_sub(1)?).copied()
-    }
-}
-
 /// Errors of hub operations, classified for callers.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HubError {
@@ -107,65 +80,6 @@ pub enum HubError {
     AlreadySubscribed(ChannelName),
     #[error("not subscribed to {0}")]
     NotSubscribed(ChannelName),
-}
-
-/// One queued item for a connection.
-#[derive(Debug)]
-pub enum Outbound {
-    /// A publication to deliver, with this connection's share of a delivery receipt if one is awaited.
-    Publication { publication: Arc<Publication>, receipt: Option<ReceiptToken> },
-    /// The engine may have missed publications of `channel` up to `top` (it reconnected or history was
-    /// lost): the session checks its position against `top` and replays or resets.
-    /// Boxed: resyncs are rare, and a small item keeps every queue slot small on the hot path.
-    Resync(Box<(ChannelName, Position)>),
-}
-
-/// Called once when the hub closes a connection, so the transport can abort a write that is blocked
-/// on a client that stopped reading (the connection's task cannot see the close signal while it waits).
-pub type CloseHook = Box<dyn Fn(CloseReason) + Send + Sync>;
-
-/// The close signal of one connection; set once, by whoever closes it first.
-///
-/// The connection's task waits on it through an `AtomicWaker` (registered in the same poll as the
-/// queue), which costs far less per wake-up than a `Notify` waiter list.
-#[derive(Default)]
-pub(crate) struct Control {
-    reason: AtomicUsize,
-    waker: AtomicWaker,
-    hook: std::sync::OnceLock<CloseHook>,
-}
-
-impl Control {
-    pub(crate) fn close(&self, reason: CloseReason) -> bool {
-        let first = self.reason.compare_exchange(0, reason.code(), Ordering::SeqCst, Ordering::SeqCst).is_ok();
-        if first {
-            self.waker.wake();
-            if let Some(hook) = self.hook.get() {
-                hook(reason);
-            }
-        }
-        first
-    }
-
-    pub(crate) fn set_hook(&self, hook: CloseHook) {
-        let _ = self.hook.set(hook);
-    }
-
-    pub(crate) fn reason(&self) -> Option<CloseReason> {
-        CloseReason::from_code(self.reason.load(Ordering::SeqCst))
-    }
-
-    /// Ready with the reason once closed; otherwise registers the task to be woken by `close`.
-    pub(crate) fn poll_closed(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<CloseReason> {
-        if let Some(reason) = self.reason() {
-            return std::task::Poll::Ready(reason);
-        }
-        self.waker.register(cx.waker());
-        match self.reason() {
-            Some(reason) => std::task::Poll::Ready(reason),
-            None => std::task::Poll::Pending,
-        }
-    }
 }
 
 /// Channel -> (connection ID -> member), one map per shard.
@@ -203,86 +117,6 @@ pub struct DeliveryReport {
     pub timed_out: bool,
 }
 
-/// Counters of this node, exported as metrics and in `/v1/cluster`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub published: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub no_subscriber: AtomicU64,
-    pub delivered_sse: AtomicU64,
-    pub delivered_ws: AtomicU64,
-    pub recovered: AtomicU64,
-    pub duplicates_dropped: AtomicU64,
-    pub resets_history_gone: AtomicU64,
-    pub resets_gap: AtomicU64,
-    pub resets_epoch_changed: AtomicU64,
-    pub resets_engine_rollback: AtomicU64,
-    pub gaps_detected: AtomicU64,
-    pub slow_consumer_disconnects: AtomicU64,
-    pub connections_opened: AtomicU64,
-    pub connections: AtomicU64,
-    /// Publish-to-socket-write latency of live deliveries.
-    pub latency: LatencyHistogram,
-}
-
-/// Upper bounds of the latency histogram's buckets, in microseconds (the last bucket is unbounded).
-pub const LATENCY_BUCKETS_US: [u64; 14] = [
-    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
-    10_000_000,
-];
-
-/// A fixed-bucket histogram of atomics: recording is one bucket search and two atomic adds, cheap
-/// enough for every delivery; quantiles are estimated by interpolating inside a bucket.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// One counter per bucket of [`LATENCY_BUCKETS_US`], plus one for larger values.
-    buckets: [AtomicU64; 15],
-    sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    /// Records `count` values of `micros` at once (a connection's batch, timed by its oldest event):
-    /// the hot path touches the shared counters once per batch, not once per delivery.
-    pub fn record_many(&self, micros: u64, count: u64) {
-        if count == 0 {
-            return;
-        }
-        let index = LATENCY_BUCKETS_US.iter().position(|bound| micros <= *bound).unwrap_or(LATENCY_BUCKETS_US.len());
-        self.buckets[index].fetch_add(count, Ordering::Relaxed);
-        self.sum_us.fetch_add(micros.saturating_mul(count), Ordering::Relaxed);
-    }
-
-    /// Per-bucket counts (not cumulative) and the sum of all values in microseconds.
-    pub fn snapshot(&self) -> ([u64; 15], u64) {
-        let mut counts = [0u64; 15];
-        for (count, bucket) in counts.iter_mut().zip(&self.buckets) {
-            *count = bucket.load(Ordering::Relaxed);
-        }
-        (counts, self.sum_us.load(Ordering::Relaxed))
-    }
-
-    /// Estimated `q` quantile in microseconds (0 when empty).
-    pub fn quantile_us(&self, q: f64) -> f64 {
-        let (counts, _) = self.snapshot();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let rank = q.clamp(0.0, 1.0) * total as f64;
-        let mut seen = 0u64;
-        for (index, count) in counts.iter().enumerate() {
-            if *count > 0 && (seen + count) as f64 >= rank {
-                let low = if index == 0 { 0 } else { LATENCY_BUCKETS_US[index - 1] } as f64;
-                let high = LATENCY_BUCKETS_US.get(index).copied().unwrap_or(LATENCY_BUCKETS_US[13] * 2) as f64;
-                let within = (rank - seen as f64) / *count as f64;
-                return low + (high - low) * within.clamp(0.0, 1.0);
-            }
-            seen += count;
-        }
-        0.0
-    }
-}
-
 /// This node's hub. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -306,11 +140,6 @@ pub(crate) struct HubShared {
 /// Called after a publication that carries a trace context was handed to this node's connections,
 /// with how many received it (the server records a `deliver` span with it).
 pub type DeliverHook = Box<dyn Fn(&Publication, usize) + Send + Sync>;
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves its map consistent at each step; a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl Hub {
     /// Builds the hub around `engine` and starts the engine with this hub as its sink.
@@ -402,37 +231,6 @@ impl Hub {
         if !outcome.duplicate && outcome.receivers == Some(0) {
             self.shared.stats.no_subscriber.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Opens a session (one client connection) on this node.
-    pub fn open_session(&self, transport: Transport, user: Option<String>) -> Result<Session, HubError> {
-        let max = self.shared.config.max_connections;
-        let max_per_user = self.shared.config.max_connections_per_user;
-        let (tx, rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
-        let control = Arc::new(Control::default());
-        let id = {
-            let mut connections = lock(&self.shared.connections);
-            if connections.len() >= max {
-                return Err(HubError::TooManyConnections(max));
-            }
-            if let Some(user) = &user {
-                let mut per_user = lock(&self.shared.per_user);
-                let count = per_user.entry(user.clone()).or_default();
-                if *count >= max_per_user {
-                    return Err(HubError::TooManyConnectionsForUser(max_per_user));
-                }
-                *count += 1;
-            }
-            let mut id = rand::random::<u64>();
-            while id == 0 || connections.contains_key(&id) {
-                id = rand::random::<u64>();
-            }
-            connections.insert(id, ConnectionRecord { user: user.clone(), control: control.clone() });
-            id
-        };
-        self.shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        self.shared.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(Session::new(self.shared.clone(), id, transport, user, tx, rx, control))
     }
 
     pub async fn history(
@@ -537,6 +335,37 @@ impl HubShared {
         }
     }
 
+    /// Counts a new connection against the node's and the user's limits and registers it: its ID and
+    /// close signal. [`Hub::open_session`] (in `session.rs`) wraps them in a `Session`.
+    pub(crate) fn register(&self, user: Option<&str>) -> Result<(u64, Arc<Control>), HubError> {
+        let max = self.config.max_connections;
+        let max_per_user = self.config.max_connections_per_user;
+        let control = Arc::new(Control::default());
+        let id = {
+            let mut connections = lock(&self.connections);
+            if connections.len() >= max {
+                return Err(HubError::TooManyConnections(max));
+            }
+            if let Some(user) = user {
+                let mut per_user = lock(&self.per_user);
+                let count = per_user.entry(user.to_owned()).or_default();
+                if *count >= max_per_user {
+                    return Err(HubError::TooManyConnectionsForUser(max_per_user));
+                }
+                *count += 1;
+            }
+            let mut id = rand::random::<u64>();
+            while id == 0 || connections.contains_key(&id) {
+                id = rand::random::<u64>();
+            }
+            connections.insert(id, ConnectionRecord { user: user.map(str::to_owned), control: control.clone() });
+            id
+        };
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+        Ok((id, control))
+    }
+
     pub(crate) fn forget_connection(&self, id: u64) {
         let record = lock(&self.connections).remove(&id);
         if let Some(user) = record.and_then(|r| r.user) {
@@ -552,42 +381,7 @@ impl HubShared {
     }
 
     fn snapshot(&self) -> StatsSnapshot {
-        let s = &self.stats;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            connections: get(&s.connections),
-            channels: self.shards.iter().map(|s| lock(s).len() as u64).sum(),
-            connections_opened: get(&s.connections_opened),
-            published: get(&s.published),
-            duplicates: get(&s.duplicates),
-            no_subscriber: get(&s.no_subscriber),
-            delivered_sse: get(&s.delivered_sse),
-            delivered_ws: get(&s.delivered_ws),
-            recovered: get(&s.recovered),
-            duplicates_dropped: get(&s.duplicates_dropped),
-            resets_history_gone: get(&s.resets_history_gone),
-            resets_gap: get(&s.resets_gap),
-            resets_epoch_changed: get(&s.resets_epoch_changed),
-            resets_engine_rollback: get(&s.resets_engine_rollback),
-            gaps_detected: get(&s.gaps_detected),
-            slow_consumer_disconnects: get(&s.slow_consumer_disconnects),
-            latency_p50_ms: (s.latency.quantile_us(0.5) / 10.0).round() / 100.0,
-            latency_p99_ms: (s.latency.quantile_us(0.99) / 10.0).round() / 100.0,
-            health: {
-                let live = get(&s.delivered_sse) + get(&s.delivered_ws);
-                let recovered = get(&s.recovered);
-                let resets = get(&s.resets_history_gone)
-                    + get(&s.resets_gap)
-                    + get(&s.resets_epoch_changed)
-                    + get(&s.resets_engine_rollback);
-                let total = (live + recovered + resets) as f64;
-                (total > 0.0).then(|| DeliveryHealth {
-                    delivered_live: live as f64 / total,
-                    recovered: recovered as f64 / total,
-                    reset: resets as f64 / total,
-                })
-            },
-        }
+        self.stats.snapshot(self.shards.iter().map(|s| lock(s).len() as u64).sum())
     }
 }
 

@@ -9,11 +9,20 @@
 //! [`HistoryPolicy::max_bytes`] for how bytes are counted and why the newest is always kept), stream state is dropped
 //! once a channel with no local subscribers has been idle for its history age, and idempotency keys
 //! are capped at [`MAX_DEDUP_KEYS`] (oldest forgotten first) besides expiring with the dedup window.
+//! The engine sweeps itself every [`SWEEP_INTERVAL`] from a task spawned by [`Engine::start`] (it holds
+//! the store weakly and ends with the engine), so an embedder need not call [`MemoryEngine::sweep`].
+//!
+//! Ages are measured on tokio's monotonic clock from the engine's creation, not on the wall clock: a
+//! clock step (NTP, a suspended VM) neither empties history nor keeps it forever, and tests can drive
+//! expiry with paused time. `published_at` in envelopes stays wall-clock time.
+//!
+//! Over 600 lines because half of it is tests: the engine itself is the first ~390 lines; then the
+//! `#[cfg(test)]` fault hooks the delivery tests use, then this engine's own tests.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,6 +34,7 @@ use crate::engine::{
 use crate::policy::{HistoryPolicy, Policies};
 use crate::position::{Epoch, Position};
 use crate::publication::{Publication, now_ms};
+use crate::sync::lock;
 
 /// Most idempotency keys remembered at once; beyond this the oldest are forgotten early.
 pub const MAX_DEDUP_KEYS: usize = 1_000_000;
@@ -35,8 +45,19 @@ const SHARDS: usize = 64;
 /// The in-memory engine. Cheap to share behind an `Arc`.
 pub struct MemoryEngine {
     node_id: String,
-    policies: Policies,
     sink: OnceLock<Weak<dyn EngineSink>>,
+    /// Shared with the sweeping task, which holds it weakly.
+    store: Arc<Store>,
+    /// Tests only: publications are stored but not handed to the hub (a lost live message).
+    #[cfg(test)]
+    muted: std::sync::atomic::AtomicBool,
+}
+
+/// What the engine keeps: streams, idempotency keys, presence.
+struct Store {
+    policies: Policies,
+    /// Zero of the engine's clock (see the module documentation).
+    started: tokio::time::Instant,
     hasher: RandomState,
     shards: Box<[Mutex<HashMap<ChannelName, Stream>>]>,
     dedup: Mutex<Dedup>,
@@ -48,10 +69,14 @@ pub struct MemoryEngine {
 struct Stream {
     epoch: Epoch,
     offset: u64,
-    history: VecDeque<Arc<Publication>>,
+    /// Each publication with when it was stored (milliseconds on the engine's clock).
+    history: VecDeque<(u64, Arc<Publication>)>,
     /// Sum of the envelope lengths in `history`.
     history_bytes: usize,
     last_publish_ms: u64,
+    /// Tests only: the epoch this stream was fenced from and the last offset of it that survived.
+    #[cfg(test)]
+    fenced_from: Option<(Epoch, u64)>,
 }
 
 #[derive(Default)]
@@ -67,24 +92,37 @@ struct DedupEntry {
     expires_ms: u64,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the maps half-updated in a way that matters
-    // more than stopping delivery would, so poisoning is ignored.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Stream {
     fn new(now: u64) -> Self {
-        Self { epoch: Epoch::generate(), offset: 0, history: VecDeque::new(), history_bytes: 0, last_publish_ms: now }
+        Self {
+            epoch: Epoch::generate(),
+            offset: 0,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            last_publish_ms: now,
+            #[cfg(test)]
+            fenced_from: None,
+        }
+    }
+
+    /// Whether `since` lies beyond what survived a loss of this stream's data. This engine never loses
+    /// what it acknowledged; tests simulate a loss with `MemoryEngine::fence`.
+    fn lost(&self, since: &Position) -> bool {
+        #[cfg(test)]
+        if let Some((epoch, survived)) = &self.fenced_from {
+            return since.epoch == *epoch && since.offset > *survived;
+        }
+        let _ = since;
+        false
     }
 
     fn top(&self) -> Position {
         Position::new(self.epoch.clone(), self.offset)
     }
 
-    fn push(&mut self, publication: Arc<Publication>) {
+    fn push(&mut self, now: u64, publication: Arc<Publication>) {
         self.history_bytes += publication.envelope().len();
-        self.history.push_back(publication);
+        self.history.push_back((now, publication));
     }
 
     /// Drops the oldest publications while history is over its count or its bytes (keeping the newest
@@ -93,9 +131,9 @@ impl Stream {
         let oldest_kept = now.saturating_sub(policy.ttl.as_millis() as u64);
         while self.history.len() > policy.size
             || (self.history.len() > 1 && self.history_bytes > policy.max_bytes)
-            || self.history.front().is_some_and(|p| p.published_at_ms < oldest_kept)
+            || self.history.front().is_some_and(|(stored_ms, _)| *stored_ms < oldest_kept)
         {
-            if let Some(dropped) = self.history.pop_front() {
+            if let Some((_, dropped)) = self.history.pop_front() {
                 self.history_bytes -= dropped.envelope().len();
             }
         }
@@ -104,21 +142,22 @@ impl Stream {
 
 impl MemoryEngine {
     pub fn new(node_id: impl Into<String>, policies: Policies) -> Self {
-        Self {
-            node_id: node_id.into(),
+        let store = Store {
             policies,
-            sink: OnceLock::new(),
+            started: tokio::time::Instant::now(),
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             dedup: Mutex::new(Dedup::default()),
             presence: Mutex::new(HashMap::new()),
             subscribed: Mutex::new(HashSet::new()),
+        };
+        Self {
+            node_id: node_id.into(),
+            sink: OnceLock::new(),
+            store: Arc::new(store),
+            #[cfg(test)]
+            muted: std::sync::atomic::AtomicBool::new(false),
         }
-    }
-
-    fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, Stream>> {
-        let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
-        &self.shards[index]
     }
 
     fn sink(&self) -> Option<Arc<dyn EngineSink>> {
@@ -126,9 +165,39 @@ impl MemoryEngine {
     }
 
     /// Drops stream state of channels idle for longer than their history age and without local
-    /// subscribers, and expired idempotency keys. Returns how many streams were dropped.
+    /// subscribers, and expired idempotency keys. Returns how many streams were dropped. The engine
+    /// does this itself once started; calling it too is harmless.
     pub fn sweep(&self) -> usize {
-        let now = now_ms();
+        self.store.sweep()
+    }
+}
+
+/// Sweeps `store` every [`SWEEP_INTERVAL`] until the engine that owns it is dropped.
+async fn sweep_periodically(store: Weak<Store>) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let Some(store) = store.upgrade() else { break };
+        let dropped = store.sweep();
+        tracing::debug!(dropped, "swept idle streams");
+    }
+}
+
+impl Store {
+    /// Milliseconds on the engine's clock.
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, Stream>> {
+        let index = (self.hasher.hash_one(channel) as usize) % SHARDS;
+        &self.shards[index]
+    }
+
+    fn sweep(&self) -> usize {
+        let now = self.now();
         let subscribed = lock(&self.subscribed).clone();
         let mut dropped = 0;
         for shard in self.shards.iter() {
@@ -171,14 +240,17 @@ impl Engine for MemoryEngine {
     }
 
     async fn start(&self, sink: Weak<dyn EngineSink>) -> Result<(), EngineError> {
-        self.sink.set(sink).map_err(|_| EngineError::Protocol("engine started twice".into()))
+        self.sink.set(sink).map_err(|_| EngineError::Protocol("engine started twice".into()))?;
+        tokio::spawn(sweep_periodically(Arc::downgrade(&self.store)));
+        Ok(())
     }
 
     async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError> {
-        let now = now_ms();
-        let window_ms = self.policies.dedup_window().as_millis() as u64;
+        let store = &*self.store;
+        let now = store.now();
+        let window_ms = store.policies.dedup_window().as_millis() as u64;
         // Lock order: dedup, then the channel's shard. The dedup lock is only taken for keyed publishes.
-        let mut dedup = request.idempotency_key.as_ref().map(|_| lock(&self.dedup));
+        let mut dedup = request.idempotency_key.as_ref().map(|_| lock(&store.dedup));
         if let (Some(dedup), Some(key)) = (dedup.as_mut(), request.idempotency_key.as_ref()) {
             dedup.prune(now, MAX_DEDUP_KEYS);
             if let Some(entry) = dedup.keys.get(&(request.channel.clone(), key.clone())) {
@@ -190,8 +262,8 @@ impl Engine for MemoryEngine {
                 });
             }
         }
-        let policy = self.policies.history(&request.channel);
-        let mut streams = lock(self.shard(&request.channel));
+        let policy = store.policies.history(&request.channel);
+        let mut streams = lock(store.shard(&request.channel));
         let stream = streams.entry(request.channel.clone()).or_insert_with(|| Stream::new(now));
         stream.offset += 1;
         stream.last_publish_ms = now;
@@ -203,12 +275,12 @@ impl Engine for MemoryEngine {
                 request.event,
                 &request.data,
                 request.correlation_id.clone(),
-                now,
+                now_ms(),
                 request.receipt.map(|r| r.id),
             )
             .with_trace_parent(request.trace_parent.clone()),
         );
-        stream.push(publication.clone());
+        stream.push(now, publication.clone());
         stream.trim(&policy, now);
         if let (Some(dedup), Some(key)) = (dedup.as_mut(), request.idempotency_key) {
             let expires_ms = now + window_ms;
@@ -219,7 +291,7 @@ impl Engine for MemoryEngine {
             );
         }
         drop(dedup);
-        if let Some(sink) = self.sink() {
+        if let Some(sink) = self.sink().filter(|_| !self.is_muted()) {
             sink.deliver(publication);
         }
         drop(streams);
@@ -227,12 +299,12 @@ impl Engine for MemoryEngine {
     }
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
-        lock(&self.subscribed).insert(channel.clone());
+        lock(&self.store.subscribed).insert(channel.clone());
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
-        lock(&self.subscribed).remove(channel);
+        lock(&self.store.subscribed).remove(channel);
     }
 
     async fn history(
@@ -241,43 +313,48 @@ impl Engine for MemoryEngine {
         since: Option<&Position>,
         limit: usize,
     ) -> Result<History, EngineError> {
-        let now = now_ms();
-        let policy = self.policies.history(channel);
-        let mut streams = lock(self.shard(channel));
+        let store = &*self.store;
+        let now = store.now();
+        let policy = store.policies.history(channel);
+        let mut streams = lock(store.shard(channel));
         let stream = streams.entry(channel.clone()).or_insert_with(|| Stream::new(now));
         stream.trim(&policy, now);
         let top = stream.top();
         let Some(since) = since else {
             let skip = stream.history.len().saturating_sub(limit);
-            return Ok(History::Covered { top, publications: stream.history.iter().skip(skip).cloned().collect() });
+            return Ok(History::Covered {
+                top,
+                publications: stream.history.iter().skip(skip).map(|(_, p)| p.clone()).collect(),
+            });
         };
         if since.epoch != stream.epoch || since.offset > stream.offset {
-            return Ok(History::Gone { top, rolled_back: false });
+            return Ok(History::Gone { top, rolled_back: stream.lost(since) });
         }
         if since.offset == stream.offset {
             return Ok(History::Covered { top, publications: Vec::new() });
         }
-        let first = stream.history.front().map_or(u64::MAX, |p| p.position.offset);
+        let first = stream.history.front().map_or(u64::MAX, |(_, p)| p.position.offset);
         if first > since.offset + 1 {
             return Ok(History::Gone { top, rolled_back: false });
         }
         let skip = (since.offset + 1 - first) as usize;
-        let publications = stream.history.iter().skip(skip).take(limit).cloned().collect();
+        let publications = stream.history.iter().skip(skip).take(limit).map(|(_, p)| p.clone()).collect();
         Ok(History::Covered { top, publications })
     }
 
     async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
-        let mut streams = lock(self.shard(channel));
-        Ok(streams.entry(channel.clone()).or_insert_with(|| Stream::new(now_ms())).top())
+        let store = &*self.store;
+        let mut streams = lock(store.shard(channel));
+        Ok(streams.entry(channel.clone()).or_insert_with(|| Stream::new(store.now())).top())
     }
 
     async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
-        lock(&self.presence).entry(channel.clone()).or_default().insert(entry.connection_id.clone(), entry);
+        lock(&self.store.presence).entry(channel.clone()).or_default().insert(entry.connection_id.clone(), entry);
         Ok(())
     }
 
     fn presence_leave(&self, channel: &ChannelName, connection_id: &str) {
-        let mut presence = lock(&self.presence);
+        let mut presence = lock(&self.store.presence);
         if let Entry::Occupied(mut entries) = presence.entry(channel.clone()) {
             entries.get_mut().remove(connection_id);
             if entries.get().is_empty() {
@@ -287,7 +364,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
-        let presence = lock(&self.presence);
+        let presence = lock(&self.store.presence);
         let mut entries: Vec<_> = presence.get(channel).map(|m| m.values().cloned().collect()).unwrap_or_default();
         entries.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
         Ok(entries)
@@ -307,6 +384,54 @@ impl Engine for MemoryEngine {
 
     async fn ready(&self) -> bool {
         true
+    }
+}
+
+impl MemoryEngine {
+    #[cfg(not(test))]
+    fn is_muted(&self) -> bool {
+        false
+    }
+}
+
+/// Faults a real engine can show and this one cannot, for the delivery tests of the hub and sessions.
+#[cfg(test)]
+impl MemoryEngine {
+    fn is_muted(&self) -> bool {
+        self.muted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// While muted, publications are stored in history but never handed to the hub (as when a
+    /// distributed engine's subscriber lost live messages).
+    pub(crate) fn set_muted(&self, muted: bool) {
+        self.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Moves `channel` to a new epoch with empty history, as a distributed engine fences a channel.
+    /// With `survived`, the old epoch lost its data after that offset: positions beyond it are
+    /// answered `History::Gone { rolled_back: true }`. Returns the new top.
+    pub(crate) fn fence(&self, channel: &ChannelName, survived: Option<u64>) -> Position {
+        let store = &*self.store;
+        let mut streams = lock(store.shard(channel));
+        let stream = streams.entry(channel.clone()).or_insert_with(|| Stream::new(store.now()));
+        let mut fresh = Stream::new(store.now());
+        fresh.fenced_from = survived.map(|offset| (stream.epoch.clone(), offset));
+        *stream = fresh;
+        stream.top()
+    }
+
+    /// Takes `channel` back to `offset` in the same epoch, forgetting what came after (data restored
+    /// under a running engine, not yet fenced): offsets after it will be assigned again.
+    pub(crate) fn roll_back(&self, channel: &ChannelName, offset: u64) {
+        let mut streams = lock(self.store.shard(channel));
+        if let Some(stream) = streams.get_mut(channel) {
+            stream.offset = stream.offset.min(offset);
+            while stream.history.back().is_some_and(|(_, p)| p.position.offset > offset) {
+                if let Some((_, dropped)) = stream.history.pop_back() {
+                    stream.history_bytes -= dropped.envelope().len();
+                }
+            }
+        }
     }
 }
 
@@ -417,6 +542,54 @@ mod tests {
         assert!(!first.duplicate && second.duplicate && !other_channel.duplicate);
         assert_eq!(first.position, second.position);
         assert_eq!(engine.top(&ch).await.expect("top").offset, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_expires_by_age_on_the_engines_clock() {
+        let policies = Policies {
+            default_history: HistoryPolicy { ttl: Duration::from_secs(10), ..HistoryPolicy::default() },
+            ..Policies::default()
+        };
+        let engine = MemoryEngine::new("n", policies);
+        let ch = ChannelName::parse("a").expect("channel");
+        let first = engine.publish(request(&ch, None)).await.expect("publish").position;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        engine.publish(request(&ch, None)).await.expect("publish");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let since = Position::new(first.epoch.clone(), 0);
+        assert!(matches!(engine.history(&ch, Some(&since), 10).await, Ok(History::Gone { rolled_back: false, .. })));
+        match engine.history(&ch, Some(&first), 10).await.expect("history") {
+            History::Covered { publications, .. } => assert_eq!(publications.len(), 1),
+            History::Gone { .. } => panic!("offset 2 is 6 s old, within the 10 s age"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_engine_sweeps_itself_and_stops_with_the_engine() {
+        let policies = Policies {
+            default_history: HistoryPolicy { ttl: Duration::from_secs(10), ..HistoryPolicy::default() },
+            dedup_window: Some(Duration::from_secs(10)),
+            ..Policies::default()
+        };
+        let engine = Arc::new(MemoryEngine::new("n", policies));
+        let hub = crate::hub::Hub::start(engine.clone(), crate::hub::HubConfig::default()).await.expect("hub");
+        let (idle, watched) = (ChannelName::parse("idle").expect("c"), ChannelName::parse("watched").expect("c"));
+        let mut session = hub.open_session(crate::session::Transport::Sse, None).expect("session");
+        session.subscribe(watched.clone(), None, &mut Vec::new()).await.expect("subscribe");
+        let idle_before = engine.publish(request(&idle, Some("k"))).await.expect("publish").position;
+        let watched_before = engine.publish(request(&watched, None)).await.expect("publish").position;
+        tokio::time::sleep(SWEEP_INTERVAL * 2 + Duration::from_secs(1)).await;
+        // Nobody called `sweep`: the idle channel's state is gone (a fresh epoch), its key forgotten.
+        let idle_now = engine.top(&idle).await.expect("top");
+        assert_ne!(idle_now.epoch, idle_before.epoch);
+        assert!(!engine.publish(request(&idle, Some("k"))).await.expect("publish").duplicate);
+        // A channel with a local subscriber keeps its epoch.
+        assert_eq!(engine.top(&watched).await.expect("top"), watched_before);
+        drop((session, hub));
+        let store = Arc::downgrade(&engine.store);
+        drop(engine);
+        assert_eq!(store.strong_count(), 0, "the sweeping task holds the store weakly");
+        tokio::time::sleep(SWEEP_INTERVAL * 2).await;
     }
 
     #[test]

@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::channel::ChannelName;
 use crate::engine::{History, PresenceEntry};
-use crate::hub::{CloseReason, Control, HubError, HubShared, Outbound};
+use crate::hub::{Hub, HubError, HubShared};
+use crate::outbound::{CloseHook, CloseReason, Control, Outbound};
 use crate::position::Position;
 use crate::publication::{Publication, format_timestamp, now_ms};
 
@@ -86,6 +87,16 @@ impl SessionEvent {
     }
 }
 
+impl Hub {
+    /// Opens a session (one client connection) on this node. (Defined here rather than in `hub.rs` so
+    /// that the hub does not depend on the session: the session is built on the hub, not the reverse.)
+    pub fn open_session(&self, transport: Transport, user: Option<String>) -> Result<Session, HubError> {
+        let (id, control) = self.shared.register(user.as_deref())?;
+        let (tx, rx) = mpsc::channel(self.shared.config.queue_capacity.max(1));
+        Ok(Session::new(self.shared.clone(), id, transport, user, tx, rx, control))
+    }
+}
+
 /// One client connection. Dropping it removes every trace of the connection from the hub and presence.
 pub struct Session {
     shared: Arc<HubShared>,
@@ -133,7 +144,7 @@ impl Session {
     /// Registers what to do, besides waking [`Session::recv`], when the hub closes this connection
     /// (typically: abort the socket, whose task may be blocked writing to a client that stopped reading).
     /// Only the first hook is kept.
-    pub fn on_close(&self, hook: crate::hub::CloseHook) {
+    pub fn on_close(&self, hook: CloseHook) {
         self.control.set_hook(hook);
     }
 
@@ -165,6 +176,8 @@ impl Session {
         }
     }
 
+    /// Once joined: waits for the engine's subscription, joins presence, then finds where the client
+    /// starts (the top, or its position after the replay or reset appended to `out`).
     async fn start_position(
         &mut self,
         channel: &ChannelName,
@@ -186,39 +199,56 @@ impl Session {
             return Ok(engine.top(channel).await?);
         };
         match self.history(channel, &since, self.shared.config.max_replay).await? {
-            History::Covered { publications, .. } => {
-                let mut position = since;
-                let mut replayed = 0u64;
-                for publication in publications {
-                    if follows(&position, &publication.position) {
-                        tracing::debug!(correlation_id = %publication.correlation_id, %channel,
-                            offset = publication.position.offset, connection = %self.id_text, "recovered");
-                        position = publication.position.clone();
-                        out.push(SessionEvent::Publication { publication, recovered: true });
-                        replayed += 1;
-                    }
-                }
-                // `out` may already hold other channels' events (SSE subscribes several into one list).
-                self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
-                Ok(position)
-            }
-            History::Gone { top, rolled_back } => {
-                let (reason, counter) = if rolled_back {
-                    (ResetReason::EngineRollback, &self.shared.stats.resets_engine_rollback)
-                } else {
-                    (ResetReason::HistoryGone, &self.shared.stats.resets_history_gone)
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                let (from, replay) = self.reset_point(channel, &top).await;
-                out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: from });
-                let replayed = replay.len() as u64;
-                out.extend(
-                    replay.into_iter().map(|publication| SessionEvent::Publication { publication, recovered: true }),
-                );
-                self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
-                Ok(top)
+            History::Covered { publications, .. } => Ok(self.replay(channel, since, publications, out)),
+            History::Gone { top, rolled_back } => self.reset_on_resume(channel, top, rolled_back, out).await,
+        }
+    }
+
+    /// Hands out the publications that follow `since`; returns the position reached.
+    fn replay(
+        &self,
+        channel: &ChannelName,
+        since: Position,
+        publications: Vec<Arc<Publication>>,
+        out: &mut Vec<SessionEvent>,
+    ) -> Position {
+        let mut position = since;
+        let mut replayed = 0u64;
+        for publication in publications {
+            if follows(&position, &publication.position) {
+                tracing::debug!(correlation_id = %publication.correlation_id, %channel,
+                    offset = publication.position.offset, connection = %self.id_text, "recovered");
+                position = publication.position.clone();
+                out.push(SessionEvent::Publication { publication, recovered: true });
+                replayed += 1;
             }
         }
+        // `out` may already hold other channels' events (SSE subscribes several into one list).
+        self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
+        position
+    }
+
+    /// The client's position can no longer be replayed: a reset to where it continues, then what
+    /// history holds of the current epoch up to `top`. Returns `top`.
+    async fn reset_on_resume(
+        &self,
+        channel: &ChannelName,
+        top: Position,
+        rolled_back: bool,
+        out: &mut Vec<SessionEvent>,
+    ) -> Result<Position, HubError> {
+        let (reason, counter) = if rolled_back {
+            (ResetReason::EngineRollback, &self.shared.stats.resets_engine_rollback)
+        } else {
+            (ResetReason::HistoryGone, &self.shared.stats.resets_history_gone)
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let (from, replay) = self.reset_point(channel, &top).await;
+        out.push(SessionEvent::Reset { channel: channel.clone(), reason, position: from });
+        let replayed = replay.len() as u64;
+        out.extend(replay.into_iter().map(|publication| SessionEvent::Publication { publication, recovered: true }));
+        self.shared.stats.recovered.fetch_add(replayed, Ordering::Relaxed);
+        Ok(top)
     }
 
     /// The channels this connection is subscribed to, in name order.
@@ -262,57 +292,101 @@ impl Session {
         let mut oldest_ms = u64::MAX;
         let mut recovered = 0u64;
         for item in batch.drain(..) {
-            let (publication, receipt) = match item {
-                Outbound::Publication { publication, receipt } => (publication, receipt),
+            match item {
                 Outbound::Resync(resync) => {
                     let (channel, top) = *resync;
-                    if let Some(position) = self.positions.get(&channel).cloned() {
-                        if position.epoch == top.epoch && position.offset > top.offset {
-                            // The engine is behind what this client already has: its data rolled back,
-                            // unless the top was read before this client caught up (asked again).
-                            match self.shared.engine.top(&channel).await {
-                                Ok(now) if now.epoch == position.epoch && now.offset < position.offset => {
-                                    self.rolled_back(&channel, now, out)
-                                }
-                                Ok(now) if now.epoch != position.epoch => {
-                                    recovered += self.repair(&channel, &now, out).await;
-                                }
-                                _ => {}
-                            }
-                        } else if position.epoch != top.epoch || position.offset < top.offset {
-                            recovered += self.repair(&channel, &top, out).await;
-                        }
-                    }
-                    continue;
+                    recovered += self.resync(&channel, top, out).await;
                 }
-            };
-            let Some(position) = self.positions.get_mut(&publication.channel) else {
-                continue; // unsubscribed since it was queued
-            };
-            let incoming = &publication.position;
-            let same_epoch = incoming.epoch == position.epoch;
-            if same_epoch && incoming.offset <= position.offset {
-                self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
+                Outbound::Publication { publication, receipt } => {
+                    let (deliver, replayed) = self.live(&publication, out).await;
+                    recovered += replayed;
+                    if !deliver {
+                        continue;
+                    }
+                    if let Some(token) = receipt {
+                        token.written();
+                    }
+                    oldest_ms = oldest_ms.min(publication.published_at_ms);
+                    tracing::trace!(correlation_id = %publication.correlation_id, channel = %publication.channel,
+                        offset = publication.position.offset, connection = %self.id_text, "delivered");
+                    out.push(SessionEvent::Publication { publication, recovered: false });
+                }
             }
-            if same_epoch && incoming.offset == position.offset + 1 {
-                position.offset = incoming.offset;
-            } else {
-                // An engine never makes offset 0, but a corrupt message must not underflow.
-                let before_it = Position::new(incoming.epoch.clone(), incoming.offset.saturating_sub(1));
-                recovered += self.repair(&publication.channel, &before_it, out).await;
-                self.positions.insert(publication.channel.clone(), publication.position.clone());
-            }
-            if let Some(token) = receipt {
-                token.written();
-            }
-            oldest_ms = oldest_ms.min(publication.published_at_ms);
-            tracing::trace!(correlation_id = %publication.correlation_id, channel = %publication.channel,
-                offset = publication.position.offset, connection = %self.id_text, "delivered");
-            out.push(SessionEvent::Publication { publication, recovered: false });
         }
-        let resets = out[before..].iter().filter(|e| matches!(e, SessionEvent::Reset { .. })).count() as u64;
-        let live = (out.len() - before) as u64 - recovered - resets;
+        self.count_batch(&out[before..], recovered, oldest_ms);
+    }
+
+    /// Where a live publication goes. Returns whether to hand it out, and how many publications were
+    /// replayed (pushed to `out`) to fill a gap before it or to reach the channel's current epoch.
+    async fn live(&mut self, publication: &Publication, out: &mut Vec<SessionEvent>) -> (bool, u64) {
+        let channel = &publication.channel;
+        let Some(position) = self.positions.get_mut(channel) else {
+            return (false, 0); // unsubscribed since it was queued
+        };
+        let incoming = &publication.position;
+        let same_epoch = incoming.epoch == position.epoch;
+        if same_epoch && incoming.offset <= position.offset {
+            self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+            return (false, 0);
+        }
+        if same_epoch && incoming.offset == position.offset + 1 {
+            position.offset = incoming.offset;
+            return (true, 0);
+        }
+        if !same_epoch {
+            // Another epoch: the channel's next one, or one it has already left (an item queued before
+            // this client moved on). Epochs never come back, so the engine's current one tells which.
+            if let Ok(now) = self.shared.engine.top(channel).await {
+                if now.epoch != incoming.epoch {
+                    self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                    return (false, self.catch_up(channel, now, out).await);
+                }
+            }
+            // The current epoch, or the engine cannot tell: repair towards the publication.
+        }
+        // An engine never makes offset 0, but a corrupt message must not underflow.
+        let before_it = Position::new(incoming.epoch.clone(), incoming.offset.saturating_sub(1));
+        let replayed = self.repair(channel, &before_it, out).await;
+        self.positions.insert(channel.clone(), incoming.clone());
+        (true, replayed)
+    }
+
+    /// The engine may have missed publications of `channel` up to `top`: replay, or reset. A top of
+    /// another epoch or behind the client may be stale (read before the client moved on), so the
+    /// engine is asked again. Returns how many publications it replayed.
+    async fn resync(&mut self, channel: &ChannelName, top: Position, out: &mut Vec<SessionEvent>) -> u64 {
+        let Some(position) = self.positions.get(channel) else { return 0 };
+        let behind = position.epoch == top.epoch && position.offset > top.offset;
+        if position.epoch == top.epoch && !behind {
+            return if position.offset < top.offset { self.repair(channel, &top, out).await } else { 0 };
+        }
+        match self.shared.engine.top(channel).await {
+            Ok(now) => self.catch_up(channel, now, out).await,
+            // The engine cannot say: a top behind the client is not taken for a rollback on its own
+            // word; a top of another epoch is followed (the client resets rather than stays behind).
+            Err(_) if behind => 0,
+            Err(_) => self.repair(channel, &top, out).await,
+        }
+    }
+
+    /// Brings the client to `now`, the engine's current top of `channel` (just read): replays up to it,
+    /// resets into its epoch, or resets back to it when it is behind the client (the data rolled back).
+    async fn catch_up(&mut self, channel: &ChannelName, now: Position, out: &mut Vec<SessionEvent>) -> u64 {
+        let Some(position) = self.positions.get(channel) else { return 0 };
+        if position.epoch == now.epoch && position.offset > now.offset {
+            self.rolled_back(channel, now, out);
+            0
+        } else if position.epoch != now.epoch || position.offset < now.offset {
+            self.repair(channel, &now, out).await
+        } else {
+            0
+        }
+    }
+
+    /// Counts what one `resolve` handed out: live deliveries (and their latency), recoveries.
+    fn count_batch(&self, events: &[SessionEvent], recovered: u64, oldest_ms: u64) {
+        let resets = events.iter().filter(|e| matches!(e, SessionEvent::Reset { .. })).count() as u64;
+        let live = events.len() as u64 - recovered - resets;
         if live > 0 {
             let latency = crate::publication::now_us().saturating_sub(oldest_ms.saturating_mul(1000));
             self.shared.stats.latency.record_many(latency, live);

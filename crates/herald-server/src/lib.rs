@@ -81,7 +81,6 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
     let config = &settings.config;
     if config.engine == "memory" {
         let memory = Arc::new(MemoryEngine::new(settings.node_id.clone(), settings.policies()));
-        spawn_sweeper(Arc::downgrade(&memory));
         return Ok(memory);
     }
     let kind = engines::kind_of(&config.engine);
@@ -144,19 +143,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
         }));
     }
     AppState::new(hub, settings)
-}
-
-fn spawn_sweeper(engine: std::sync::Weak<MemoryEngine>) {
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(herald_core::memory::SWEEP_INTERVAL);
-        interval.tick().await;
-        loop {
-            interval.tick().await;
-            let Some(engine) = engine.upgrade() else { break };
-            let dropped = engine.sweep();
-            tracing::debug!(dropped, "swept idle streams");
-        }
-    });
 }
 
 /// Serves `state` on `listener` until `shutdown` fires, then drains: readiness fails, clients are told
