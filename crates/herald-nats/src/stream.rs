@@ -167,11 +167,13 @@ impl Inner {
         channel: &ChannelName,
     ) -> Result<(Last, Option<js::message::StreamMessage>), EngineError> {
         for _ in 0..MAX_ATTEMPTS {
+            // What this node knew before the read: everything in it was stored before the read began, so
+            // the read can only be behind it if the data rolled back. (Taken after the read, it could
+            // include a publication of this node stored while the read was on its way.)
+            let known = self.known(channel);
             let found = self.read_last(channel).await?;
             let behind = found.as_ref().and_then(|(last, _)| {
-                self.known(channel)
-                    .into_iter()
-                    .find(|k| k.epoch == last.position.epoch && k.offset > last.position.offset)
+                known.into_iter().find(|k| k.epoch == last.position.epoch && k.offset > last.position.offset)
             });
             let expected = match (found, &behind) {
                 (Some((last, message)), None) => return Ok((last, Some(message))),
