@@ -226,40 +226,7 @@ async fn a_redis_restart_loses_nothing_silently_and_publishes_fail_fast_meanwhil
     assert!(!resets.is_empty(), "the lost history is announced with a reset");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_node_leaves_no_presence_behind() {
-    let redis = RedisServer::start();
-    let prefix = prefix();
-    let env = [
-        ("HERALD_ENGINE", redis.url()),
-        ("HERALD_REDIS__PREFIX", prefix.clone()),
-        ("HERALD_REDIS__NODE_TTL_SECS", "3".to_owned()),
-        ("HERALD_REDIS__PROBE_INTERVAL_MS", "100".to_owned()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut doomed = Node::spawn(&env);
-    let survivor = node(&redis, &prefix).await;
-    let response = client().get(format!("http://{}/v1/sse?channel=room:9", doomed.addr)).send().await.expect("SSE");
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.bytes_stream();
-    use futures_util::StreamExt;
-    let first = tokio::time::timeout(TIMEOUT, body.next()).await.expect("connected event");
-    assert!(first.is_some());
-    let (_, presence) = survivor.get("/v1/presence?channel=room:9").await;
-    assert_eq!(presence["connections"].as_array().map(Vec::len), Some(1), "{presence}");
-    doomed.signal("KILL");
-    doomed.wait_exit(Duration::from_secs(5));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, presence) = survivor.get("/v1/presence?channel=room:9").await;
-        let (_, cluster) = survivor.get("/v1/cluster").await;
-        if presence["connections"] == json!([]) && cluster["nodes"].as_array().map(Vec::len) == Some(1) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "ghost presence after the node died: {presence}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+// A crashed node leaving no presence behind: conformance::redis::a_dead_node_leaves_no_ghosts.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn await_delivery_gathers_receipts_from_every_node_with_subscribers() {

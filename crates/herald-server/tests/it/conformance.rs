@@ -63,6 +63,9 @@ impl Under {
                 config.nats.probe_interval_ms = 100;
                 config.nats.probe_timeout_ms = 1000;
                 config.nats.node_ttl_secs = 3;
+                // A presence or cluster answer takes several JetStream requests; on this 2-core machine
+                // running the whole suite, one second for each is not always enough.
+                config.nats.command_timeout_ms = 2000;
             }
         }
     }
@@ -79,6 +82,7 @@ impl Under {
             (format!("HERALD_{section}__PREFIX"), self.prefix.clone()),
             (format!("HERALD_{section}__NODE_TTL_SECS"), "3".into()),
             (format!("HERALD_{section}__PROBE_INTERVAL_MS"), "100".into()),
+            (format!("HERALD_{section}__COMMAND_TIMEOUT_MS"), "2000".into()),
         ]
     }
 
