@@ -55,6 +55,13 @@ impl NatsServer {
         Ok(server)
     }
 
+    /// A standalone JetStream server started with `args` added (`--auth TOKEN`, `--user U --pass P`).
+    pub fn try_start_with(args: &[&str]) -> anyhow::Result<NatsServer> {
+        let mut server = Self::prepare(args.iter().map(|a| (*a).to_owned()).collect())?;
+        server.try_restart()?;
+        Ok(server)
+    }
+
     /// A server with its ports and folder chosen, not started yet.
     fn prepare(args: Vec<String>) -> anyhow::Result<NatsServer> {
         Ok(NatsServer {

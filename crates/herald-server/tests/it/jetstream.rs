@@ -171,3 +171,40 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().expect("cp");
     assert!(status.success(), "copying {} to {}", from.display(), to.display());
 }
+
+/// Nodes authenticate to NATS with a token or a user and password; without them they do not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_authenticate_to_nats_with_a_token_or_a_user_and_password() {
+    let token = NatsServer::try_start_with(&["--auth", "s3cret-token"]).expect("nats-server with a token");
+    let users = NatsServer::try_start_with(&["--user", "herald", "--pass", "pa55"]).expect("nats-server with a user");
+    let port = |url: String| url.trim_start_matches("nats://").to_owned();
+    let (token_url, user_url) = (token.url(), format!("nats://herald:pa55@{}", port(users.url())));
+    for (url, secret) in [(token_url.clone(), Some("s3cret-token")), (user_url, None)] {
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            let url = url.clone();
+            nodes.push(
+                Server::with(move |config| {
+                    config.engine = url;
+                    config.nats.token = secret.map(str::to_owned);
+                    config.nats.probe_interval_ms = 100;
+                })
+                .await,
+            );
+        }
+        let (mut sse, _) = Sse::open(&nodes[0], "channel=auth:1", None).await;
+        nodes[1].publish("auth:1", json!("through an authenticated NATS")).await;
+        assert_eq!(sse.expect_offsets("auth:1", 0, 1).await, vec![json!("through an authenticated NATS")]);
+    }
+    // Without the token the engine cannot connect: the node does not start (it keeps retrying until
+    // its start-up wait runs out; this test waits a few seconds of it).
+    let mut settings = herald_server::config::load(
+        &herald_server::config::Cli { listen: Some("127.0.0.1:0".into()), ..Default::default() },
+        &[],
+    )
+    .expect("configuration");
+    settings.config.engine = token_url;
+    settings.config.nats.command_timeout_ms = 200;
+    let refused = tokio::time::timeout(Duration::from_secs(3), herald_server::start(settings)).await;
+    assert!(!matches!(refused, Ok(Ok(_))), "a node without the token must not start");
+}
