@@ -89,6 +89,28 @@ pub struct PresenceEntry {
     pub connected_at: String,
 }
 
+impl PresenceEntry {
+    /// An entry as an engine stored it (the JSON this type serialises to); `None` if it is not one.
+    pub fn from_json(bytes: &[u8]) -> Option<PresenceEntry> {
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            node: String,
+            connection_id: String,
+            user: Option<String>,
+            transport: String,
+            connected_at: String,
+        }
+        let stored: Stored = serde_json::from_slice(bytes).ok()?;
+        Some(PresenceEntry {
+            node: stored.node,
+            connection_id: stored.connection_id,
+            user: stored.user,
+            transport: if stored.transport == "ws" { "ws" } else { "sse" },
+            connected_at: stored.connected_at,
+        })
+    }
+}
+
 /// A node as the engine sees it, with the counters it last reported.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeInfo {
@@ -217,5 +239,25 @@ pub trait Engine: Send + Sync + 'static {
     /// Counters of the engine's own machinery, for metrics.
     fn stats(&self) -> EngineStats {
         EngineStats::default()
+    }
+}
+
+#[cfg(test)]
+mod presence_tests {
+    use super::PresenceEntry;
+
+    #[test]
+    fn stored_presence_reads_back() {
+        let entry = PresenceEntry {
+            node: "n1".into(),
+            connection_id: "c1".into(),
+            user: Some("alice".into()),
+            transport: "ws",
+            connected_at: "2026-12-02T00:00:00.000Z".into(),
+        };
+        let stored = serde_json::to_vec(&entry).expect("json");
+        assert_eq!(PresenceEntry::from_json(&stored), Some(entry));
+        assert_eq!(PresenceEntry::from_json(b"{}"), None);
+        assert_eq!(PresenceEntry::from_json(b"not json"), None);
     }
 }

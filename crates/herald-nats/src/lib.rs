@@ -468,8 +468,8 @@ impl Backplane for Nats {
         let mut entries = Vec::with_capacity(keys.len());
         for key in keys {
             let Some(value) = inner.bounded(inner.presence.get(key.clone())).await? else { continue };
-            match serde_json::from_slice::<StoredPresence>(&value) {
-                Ok(stored) if nodes.contains(&stored.node) => entries.push(stored.into_entry()),
+            match PresenceEntry::from_json(&value) {
+                Some(entry) if nodes.contains(&entry.node) => entries.push(entry),
                 _ => {
                     let _ = inner.bounded(inner.presence.purge(&key)).await;
                 }
@@ -546,27 +546,6 @@ impl Backplane for Nats {
         BackplaneStats {
             reconnects: inner.reconnects.load(Ordering::Relaxed),
             rollbacks: inner.rollbacks.load(Ordering::Relaxed),
-        }
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct StoredPresence {
-    node: String,
-    connection_id: String,
-    user: Option<String>,
-    transport: String,
-    connected_at: String,
-}
-
-impl StoredPresence {
-    fn into_entry(self) -> PresenceEntry {
-        PresenceEntry {
-            node: self.node,
-            connection_id: self.connection_id,
-            user: self.user,
-            transport: if self.transport == "ws" { "ws" } else { "sse" },
-            connected_at: self.connected_at,
         }
     }
 }

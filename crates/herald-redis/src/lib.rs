@@ -655,8 +655,8 @@ impl Backplane for Redis {
         let mut entries = Vec::with_capacity(raw.len());
         let mut ghosts = Vec::new();
         for (field, value) in raw {
-            match serde_json::from_str::<StoredPresence>(&value) {
-                Ok(stored) if nodes.contains(&stored.node) => entries.push(stored.into_entry()),
+            match PresenceEntry::from_json(value.as_bytes()) {
+                Some(entry) if nodes.contains(&entry.node) => entries.push(entry),
                 _ => ghosts.push(field),
             }
         }
@@ -733,27 +733,6 @@ impl Backplane for Redis {
 /// The bytes of envelopes a channel's history keeps (the script keeps the newest entry in any case).
 fn history_max_bytes(policy: &herald_core::HistoryPolicy) -> u64 {
     policy.max_bytes as u64
-}
-
-#[derive(serde::Deserialize)]
-struct StoredPresence {
-    node: String,
-    connection_id: String,
-    user: Option<String>,
-    transport: String,
-    connected_at: String,
-}
-
-impl StoredPresence {
-    fn into_entry(self) -> PresenceEntry {
-        PresenceEntry {
-            node: self.node,
-            connection_id: self.connection_id,
-            user: self.user,
-            transport: if self.transport == "ws" { "ws" } else { "sse" },
-            connected_at: self.connected_at,
-        }
-    }
 }
 
 fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineError> {
