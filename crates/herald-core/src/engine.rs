@@ -153,6 +153,21 @@ pub enum EngineError {
 /// The pending answer to [`Engine::subscribe`].
 pub type SubscribeFuture = futures_util::future::BoxFuture<'static, Result<(), EngineError>>;
 
+/// The answer to a subscription handed to an engine's subscriber task: `sent` tells whether the task
+/// took the request, `answer` is where it replies once the subscription is live.
+pub fn subscribe_answer(
+    sent: bool,
+    answer: tokio::sync::oneshot::Receiver<Result<(), EngineError>>,
+) -> SubscribeFuture {
+    let stopped = || EngineError::Unavailable("subscriber stopped".into());
+    Box::pin(async move {
+        if !sent {
+            return Err(stopped());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    })
+}
+
 /// How the engine hands things to the node's hub.
 pub trait EngineSink: Send + Sync {
     /// A publication of a channel this node subscribed to. Called in offset order per channel.

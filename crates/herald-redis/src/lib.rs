@@ -587,12 +587,7 @@ impl Backplane for Redis {
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
         let (tx, rx) = oneshot::channel();
         let sent = self.inner.subscriber.send(subscriber::Command::Subscribe(channel.clone(), tx));
-        Box::pin(async move {
-            if sent.is_err() {
-                return Err(EngineError::Unavailable("subscriber stopped".into()));
-            }
-            rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("subscriber stopped".into())))
-        })
+        herald_core::engine::subscribe_answer(sent.is_ok(), rx)
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
