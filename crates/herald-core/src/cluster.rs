@@ -434,12 +434,11 @@ impl Relay {
         });
     }
 
-    async fn probe_and_heartbeat(self: Arc<Self>) {
+    /// Sends a probe through the engine every probe interval and watches the answers come back: a
+    /// subscription silent for longer than the probe timeout is declared stale and reconnected.
+    async fn probe(self: Arc<Self>) {
         let mut interval = tokio::time::interval(self.config.probe_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Heartbeats carry the node's counters to /v1/cluster, so they go out with every probe.
-        let heartbeat_every = self.config.probe_interval.min(self.config.node_ttl / 6);
-        let mut last_heartbeat = tokio::time::Instant::now();
         let stale_after_us = self.config.probe_timeout.as_micros() as u64;
         let started = now_us();
         loop {
@@ -464,11 +463,23 @@ impl Relay {
             }
             let probe = json!({"op": "probe", "node": self.node, "sent_us": now_us()});
             let _ = backplane.probe(probe.to_string()).await;
-            if last_heartbeat.elapsed() >= heartbeat_every {
-                last_heartbeat = tokio::time::Instant::now();
-                if let Err(error) = backplane.heartbeat(&self.node_stats(&*backplane)).await {
-                    tracing::debug!(%error, "heartbeat failed");
-                }
+        }
+    }
+
+    /// Renews this node's lease with its counters (they reach `/v1/cluster` this way). A loop of its own:
+    /// a heartbeat that waits on a slow engine (a NATS bucket electing its leader) must not hold back the
+    /// probes, or the node would declare a healthy subscription stale.
+    async fn heartbeat(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.config.probe_interval.min(self.config.node_ttl / 6));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(backplane) = self.backplane() else { return };
+            if self.stopping() {
+                return;
+            }
+            if let Err(error) = backplane.heartbeat(&self.node_stats(&*backplane)).await {
+                tracing::debug!(%error, "heartbeat failed");
             }
         }
     }
@@ -630,7 +641,8 @@ impl<B: Backplane> Engine for ClusterEngine<B> {
         self.backplane.start(self.relay.clone()).await?;
         let stats = self.relay.node_stats(&*self.backplane);
         let _ = self.backplane.heartbeat(&stats).await;
-        tokio::spawn(self.relay.clone().probe_and_heartbeat());
+        tokio::spawn(self.relay.clone().probe());
+        tokio::spawn(self.relay.clone().heartbeat());
         Ok(())
     }
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_core::engine::SubscribeFuture;
 use herald_core::{
@@ -187,6 +188,13 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The write found no stream for its subject (the answer JetStream gives while the stream is missing).
+fn stream_missing(error: &kv::PutError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::context::PublishError>())
+        .is_some_and(|error| error.kind() == jetstream::context::PublishErrorKind::StreamNotFound)
+}
+
 pub(crate) fn unavailable(error: impl std::fmt::Display) -> EngineError {
     EngineError::Unavailable(error.to_string())
 }
@@ -209,17 +217,30 @@ impl Inner {
         layout(&self.js, &self.names, &self.config).await.map(|_| ())
     }
 
-    async fn live_nodes(&self) -> Result<Vec<(String, NodeStats)>, EngineError> {
-        let mut keys = self.bounded(self.nodes.keys()).await?;
-        let mut names = Vec::new();
-        while let Some(key) =
-            tokio::time::timeout(self.config.command_timeout, keys.next()).await.map_err(|_| EngineError::Timeout)?
+    /// The keys of a bucket under `filter` (`>` for all), from the stream's own list of subjects with a
+    /// message. (The client's `keys()` walks a consumer and waits for as many messages as it was told are
+    /// pending; a lease that expires during the walk is never delivered, and the walk would wait out
+    /// the timeout.)
+    async fn keys(&self, store: &kv::Store, bucket: &str, filter: &str) -> Result<Vec<String>, EngineError> {
+        let head = format!("$KV.{bucket}.");
+        let mut listed = self.bounded(store.stream.info_with_subjects(format!("{head}{filter}"))).await?;
+        let mut keys = Vec::new();
+        while let Some(item) =
+            tokio::time::timeout(self.config.command_timeout, listed.next()).await.map_err(|_| EngineError::Timeout)?
         {
-            names.push(key.map_err(unavailable)?);
+            let (subject, _) = item.map_err(unavailable)?;
+            if let Some(key) = subject.strip_prefix(&head) {
+                keys.push(key.to_owned());
+            }
         }
-        let mut nodes = Vec::with_capacity(names.len());
-        for key in names {
+        Ok(keys)
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<(String, NodeStats)>, EngineError> {
+        let mut nodes = Vec::new();
+        for key in self.keys(&self.nodes, &self.names.nodes_bucket(), ">").await? {
             let Some(node) = Names::node_of_key(&key) else { continue };
+            // Gone meanwhile (its lease expired): not live.
             if let Some(value) = self.bounded(self.nodes.get(key)).await? {
                 nodes.push((node, serde_json::from_slice(&value).unwrap_or_default()));
             }
@@ -447,18 +468,8 @@ impl Backplane for Nats {
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<PresenceEntry>, EngineError> {
         let inner = &self.inner;
-        let prefix = Names::presence_prefix(channel);
-        let subjects = format!("$KV.{}.{prefix}.>", inner.names.presence_bucket());
-        let mut listed = inner.bounded(inner.presence.stream.info_with_subjects(subjects)).await?;
-        let mut keys = Vec::new();
-        while let Some(item) =
-            tokio::time::timeout(inner.config.command_timeout, listed.next()).await.map_err(|_| EngineError::Timeout)?
-        {
-            let (subject, _) = item.map_err(unavailable)?;
-            if let Some(key) = subject.strip_prefix(&format!("$KV.{}.", inner.names.presence_bucket())) {
-                keys.push(key.to_owned());
-            }
-        }
+        let filter = format!("{}.>", Names::presence_prefix(channel));
+        let keys = inner.keys(&inner.presence, &inner.names.presence_bucket(), &filter).await?;
         let nodes: Vec<String> = inner.live_nodes().await?.into_iter().map(|(node, _)| node).collect();
         let mut entries = Vec::with_capacity(keys.len());
         for key in keys {
@@ -476,19 +487,26 @@ impl Backplane for Nats {
 
     async fn heartbeat(&self, stats: &NodeStats) -> Result<(), EngineError> {
         let inner = &self.inner;
-        let value = serde_json::to_vec(stats).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let value: Bytes = serde_json::to_vec(stats).map_err(|e| EngineError::Protocol(e.to_string()))?.into();
         let key = Names::node_key(&inner.config.node_id);
-        let mut result = inner.bounded(inner.nodes.put(&key, value.clone().into())).await;
-        if result.is_err() && inner.client.connection_state() == async_nats::connection::State::Connected {
-            // JetStream may have come back without its data (a server restarted with an empty store):
-            // make the stream and buckets again, then try once more.
+        let put = || tokio::time::timeout(inner.config.command_timeout, inner.nodes.put(&key, value.clone()));
+        let mut result = put().await;
+        if matches!(&result, Ok(Err(error)) if stream_missing(error)) {
+            // JetStream came back without its data (a server restarted with an empty store), or is still
+            // recovering its streams after a restart: make what is missing (making one that exists is a
+            // no-op), then try once more. A timeout is no reason: the bucket is there, electing a leader.
             if let Err(error) = inner.ensure_layout().await {
                 tracing::debug!(%error, "making the nats stream and buckets failed");
             }
-            result = inner.bounded(inner.nodes.put(&key, value.into())).await;
+            result = put().await;
         }
+        let result = match result {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(unavailable(error)),
+            Err(_) => Err(EngineError::Timeout),
+        };
         inner.jetstream_ok.store(result.is_ok(), Ordering::SeqCst);
-        result.map(|_| ())
+        result
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, EngineError> {

@@ -389,8 +389,6 @@ conformance!(memory: order_and_offsets_without_holes, idempotency_within_the_win
 conformance!(redis: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
     a_dead_node_leaves_no_ghosts, engine_data_lost_means_reset);
-// `a_dead_node_leaves_no_ghosts` passes on NATS alone but not yet reliably beside the whole suite on 2 cores
-// (the survivor's presence answer stays 503 for long); it is left out until that is understood.
 conformance!(nats: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
-    engine_data_lost_means_reset, engine_restart_with_data_kept_continues);
+    a_dead_node_leaves_no_ghosts, engine_data_lost_means_reset, engine_restart_with_data_kept_continues);

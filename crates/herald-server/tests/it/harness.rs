@@ -16,6 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The in-process nodes log warnings (`IT_LOG=herald_nats=debug,…` for more) into the test's own output,
+/// which is shown when a test fails (or with `--nocapture`): a failure in CI carries its nodes' story.
+fn log_to_the_test() {
+    let filter = std::env::var("IT_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
+
 pub struct Server {
     pub addr: SocketAddr,
     pub state: AppState,
@@ -29,6 +40,7 @@ impl Server {
     }
 
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
+        log_to_the_test();
         let cli = Cli { listen: Some("127.0.0.1:0".into()), ..Cli::default() };
         let mut config = config::load(&cli, &[]).expect("default test configuration is valid").config;
         tweak(&mut config);

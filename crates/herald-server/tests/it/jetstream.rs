@@ -99,9 +99,11 @@ async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
     publish_eventually(&nodes[1], "doc:1", json!(4)).await;
     // The connected client continues; the returning one replays what it missed; neither is reset.
     assert_eq!(live.expect_offsets("doc:1", 3, 1).await, vec![json!(4)]);
-    // Each bucket elects its leader on its own after a restart: a 503 meanwhile is an honest answer,
-    // which an EventSource retries.
-    let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
+    // The stream and each bucket are Raft groups of their own that elect a leader after the restart; the
+    // returning client's presence entry goes to one that may still be electing (two or three election
+    // rounds on a loaded 2-core machine took over 20 s). A 503 meanwhile is an honest answer, which an
+    // EventSource retries.
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 6;
     let mut back = loop {
         match Sse::connect(&nodes[0], "channel=doc:1", Some(&cursor)).await {
             Ok(sse) => break sse,
