@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use async_nats::ConnectErrorKind;
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -312,7 +313,6 @@ async fn client_options(
         .name(format!("herald {}", config.node_id))
         .connection_timeout(config.command_timeout * 2)
         .request_timeout(Some(config.command_timeout))
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .event_callback(move |event| {
             let events = events.clone();
@@ -353,11 +353,31 @@ pub async fn connect(config: NatsConfig) -> Result<NatsEngine, EngineError> {
         .map(|a| a.parse().map_err(|e| EngineError::Protocol(format!("{a}: {e}"))))
         .collect::<Result<_, _>>()?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let options = client_options(&config, &servers, tx.clone()).await?;
-    let client = tokio::time::timeout(STARTUP_WAIT, options.connect(addresses))
-        .await
-        .map_err(|_| EngineError::Unavailable("nats did not answer in time".into()))?
-        .map_err(unavailable)?;
+    // Until NATS answers (it may start after this node), up to the start-up wait; refused credentials
+    // or a TLS setup that cannot work end the wait at once, since trying again cannot fix them.
+    let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
+    let client = loop {
+        let options = client_options(&config, &servers, tx.clone()).await?;
+        let attempt = tokio::time::timeout_at(deadline, options.connect(addresses.clone())).await;
+        match attempt.map_err(|_| EngineError::Unavailable("nats did not answer in time".into()))? {
+            Ok(client) => break client,
+            Err(error) => match error.kind() {
+                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                    return Err(EngineError::Protocol(format!("nats refused this node's credentials: {error}")));
+                }
+                ConnectErrorKind::Tls => return Err(EngineError::Protocol(format!("nats over TLS: {error}"))),
+                // The client reports a certificate it does not trust as an I/O error (rustls's own words).
+                ConnectErrorKind::Io if error.to_string().contains("invalid peer certificate") => {
+                    return Err(EngineError::Protocol(format!("nats over TLS: {error}")));
+                }
+                _ if tokio::time::Instant::now() >= deadline => return Err(unavailable(error)),
+                _ => {
+                    tracing::warn!(%error, "nats not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            },
+        }
+    };
     let js = jetstream::new(client.clone());
     let names = Names::new(&config.prefix, &config.node_id);
     // While JetStream elects leaders (a server down, a cluster starting) its API fails for a while.

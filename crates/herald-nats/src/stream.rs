@@ -393,7 +393,7 @@ impl Inner {
             return Ok(History::Covered { top, publications: Vec::new() });
         }
         let oldest_kept = now_ms().saturating_sub(policy.ttl.as_millis() as u64);
-        let chain = self.walk_back(&last, message, from, oldest_kept).await?;
+        let chain = self.walk_back(&last, message, from, oldest_kept, policy.max_bytes).await?;
         let complete = chain.first().is_some_and(|p| p.position.offset == from + 1);
         // Without `since` (the latest publications), whatever unbroken run survives is the answer.
         if !complete && since.is_some() {
@@ -413,15 +413,18 @@ impl Inner {
     }
 
     /// The publications after offset `from` up to `last`, oldest first, as far back as the chain of
-    /// `Herald-Prev` links is unbroken and younger than `oldest_kept` (ms).
+    /// `Herald-Prev` links is unbroken and younger than `oldest_kept` (ms), and as far as the channel's
+    /// byte budget reaches (`HistoryPolicy::max_bytes`, counted from the newest, which is always kept).
     async fn walk_back(
         &self,
         last: &Last,
         message: js::message::StreamMessage,
         from: u64,
         oldest_kept: u64,
+        max_bytes: usize,
     ) -> Result<Vec<Arc<Publication>>, EngineError> {
-        let mut chain = Vec::new();
+        let mut chain: Vec<Arc<Publication>> = Vec::new();
+        let mut bytes = 0usize;
         let mut message = message;
         while let Some(position) = read_position(&message.headers) {
             if position.epoch != last.position.epoch || position.offset <= from {
@@ -432,6 +435,10 @@ impl Inner {
                 break;
             }
             let Some(publication) = parse_payload(&message.payload) else { break };
+            bytes = bytes.saturating_add(publication.envelope().len());
+            if bytes > max_bytes && !chain.is_empty() {
+                break;
+            }
             chain.push(Arc::new(publication));
             let prev: u64 = header(&message.headers, PREV).and_then(|p| p.parse().ok()).unwrap_or(0);
             if prev == 0 {

@@ -15,4 +15,4 @@ pub mod redis;
 pub use herald::{Herald, HeraldSpec, Stderr};
 pub use nats::{NatsCluster, NatsServer};
 pub use process::{Process, free_port, scratch_dir};
-pub use redis::{RedisServer, Sentinels};
+pub use redis::{RedisServer, Sentinels, make_certificates};

@@ -221,7 +221,9 @@ impl Drop for RedisServer {
 }
 
 /// A certificate authority and a certificate for 127.0.0.1 it signed, in `dir`.
-fn make_certificates(dir: &std::path::Path) -> anyhow::Result<()> {
+/// Writes `ca.crt`, `server.crt` (for IP 127.0.0.1, signed by the CA) and `server.key` into `dir`, with
+/// Debian's `openssl`.
+pub fn make_certificates(dir: &std::path::Path) -> anyhow::Result<()> {
     let openssl = |args: &[&str]| -> anyhow::Result<()> {
         let status = Command::new("openssl")
             .args(args)

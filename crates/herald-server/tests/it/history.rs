@@ -186,6 +186,12 @@ async fn history_is_bounded_in_bytes_on_redis_too() {
     history_is_bounded_in_bytes(Some(redis.url())).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_bounded_in_bytes_on_nats_too() {
+    let nats = herald_testkit::NatsServer::start();
+    history_is_bounded_in_bytes(Some(nats.url())).await;
+}
+
 async fn history_is_bounded_in_bytes(engine: Option<String>) {
     let server = Server::with(|config| {
         if let Some(url) = engine {

@@ -1,14 +1,15 @@
 //! The NATS engine on a JetStream cluster of three servers of the test's own, with a replicated (R3)
 //! stream: a server killed while three Herald nodes publish and subscribe, and the whole NATS cluster
 //! restarted with its storage kept. Every publication answered 200 reaches each client or is covered
-//! by a reset; with storage kept, clients continue without one.
+//! by a reset; with storage kept, clients continue without one. Also the ways a node proves itself to
+//! NATS (token, user and password, NKey) and `tls://`, each against a server of the test's own.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use herald_testkit::{NatsCluster, NatsServer};
+use herald_testkit::{NatsCluster, NatsServer, make_certificates, scratch_dir};
 
 use crate::harness::{Server, Sse, TIMEOUT};
 use crate::rollback::Ledger;
@@ -198,15 +199,91 @@ async fn nodes_authenticate_to_nats_with_a_token_or_a_user_and_password() {
         nodes[1].publish("auth:1", json!("through an authenticated NATS")).await;
         assert_eq!(sse.expect_offsets("auth:1", 0, 1).await, vec![json!("through an authenticated NATS")]);
     }
-    // Without the token the engine cannot connect: the node does not start (it keeps retrying until
-    // its start-up wait runs out; this test waits a few seconds of it).
+    // Without the token NATS refuses the node, which then does not start, at once: waiting cannot help.
     let mut settings = herald_server::config::load(
         &herald_server::config::Cli { listen: Some("127.0.0.1:0".into()), ..Default::default() },
         &[],
     )
     .expect("configuration");
     settings.config.engine = token_url;
-    settings.config.nats.command_timeout_ms = 200;
-    let refused = tokio::time::timeout(Duration::from_secs(3), herald_server::start(settings)).await;
-    assert!(!matches!(refused, Ok(Ok(_))), "a node without the token must not start");
+    let started = std::time::Instant::now();
+    let refused = tokio::time::timeout(TIMEOUT, herald_server::start(settings)).await.expect("refused promptly");
+    let error = refused.err().expect("a node without the token must not start").to_string();
+    assert!(error.contains("credentials"), "{error}");
+    assert!(started.elapsed() < TIMEOUT, "took {:?}", started.elapsed());
+}
+
+/// Two nodes on a NATS that knows users only by their NKey (the server's config file names the public key,
+/// the node holds the seed): the node signs the server's challenge and delivery works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_authenticate_to_nats_with_an_nkey() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = scratch_dir("herald-nkey").expect("scratch folder");
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key()))
+        .expect("nats config");
+    let seed = dir.join("user.nk");
+    std::fs::write(&seed, user.seed().expect("seed")).expect("seed file");
+    let nats = NatsServer::try_start_with(&["-c", &conf.display().to_string()]).expect("nats-server with an nkey user");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, seed) = (nats.url(), seed.clone());
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.nats.nkey_seed_file = Some(seed);
+                config.nats.probe_interval_ms = 100;
+            })
+            .await,
+        );
+    }
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=nkey:1", None).await;
+    nodes[1].publish("nkey:1", json!("signed in with an nkey")).await;
+    assert_eq!(sse.expect_offsets("nkey:1", 0, 1).await, vec![json!("signed in with an nkey")]);
+    // Another user's seed is refused at once.
+    std::fs::write(&seed, nkeys::KeyPair::new_user().seed().expect("seed")).expect("seed file");
+    let mut settings = herald_server::config::load(
+        &herald_server::config::Cli { listen: Some("127.0.0.1:0".into()), ..Default::default() },
+        &[],
+    )
+    .expect("configuration");
+    settings.config.engine = nats.url();
+    settings.config.nats.nkey_seed_file = Some(seed);
+    let refused = tokio::time::timeout(TIMEOUT, herald_server::start(settings)).await.expect("refused promptly");
+    assert!(refused.is_err(), "a node with an unknown nkey must not start");
+}
+
+/// `tls://` with the CA that signed the server's certificate: nodes verify NATS and deliver; a node that
+/// does not trust that CA does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_to_nats_over_tls_with_tls_urls() {
+    let dir = scratch_dir("herald-nats-tls").expect("scratch folder");
+    make_certificates(&dir).expect("openssl makes the certificates (scripts/test installs it)");
+    let (cert, key) = (dir.join("server.crt").display().to_string(), dir.join("server.key").display().to_string());
+    let nats =
+        NatsServer::try_start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key]).expect("nats-server with TLS");
+    let url = nats.url().replace("nats://", "tls://");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, ca) = (url.clone(), dir.join("ca.crt"));
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.nats.tls_ca_file = Some(ca);
+                config.nats.probe_interval_ms = 100;
+            })
+            .await,
+        );
+    }
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=secure:1", None).await;
+    nodes[1].publish("secure:1", json!("over tls")).await;
+    assert_eq!(sse.expect_offsets("secure:1", 0, 1).await, vec![json!("over tls")]);
+    let mut settings = herald_server::config::load(
+        &herald_server::config::Cli { listen: Some("127.0.0.1:0".into()), ..Default::default() },
+        &[],
+    )
+    .expect("configuration");
+    settings.config.engine = url;
+    let refused = tokio::time::timeout(TIMEOUT, herald_server::start(settings)).await.expect("refused promptly");
+    assert!(refused.is_err(), "a node that does not trust the server's CA must not start");
 }
