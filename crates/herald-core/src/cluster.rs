@@ -194,6 +194,8 @@ pub struct Relay {
     /// Channels whose position was seen going backwards (each was fenced).
     positions_backwards: AtomicU64,
     stopping: AtomicBool,
+    /// See [`Engine::lose_live_messages`].
+    losing_live: AtomicBool,
 }
 
 impl Relay {
@@ -214,6 +216,7 @@ impl Relay {
             messages_received: AtomicU64::new(0),
             positions_backwards: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            losing_live: AtomicBool::new(false),
         }
     }
 
@@ -513,6 +516,9 @@ impl Link {
         let relay = &*self.relay;
         let Some(backplane) = relay.backplane() else { return };
         relay.messages_received.fetch_add(1, Ordering::Relaxed);
+        if relay.losing_live.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(split) = payload.iter().position(|b| *b == b'\n') else { return };
         let envelope = Bytes::copy_from_slice(&payload[split + 1..]);
         let header = Header::parse(&payload[..split]);
@@ -734,6 +740,11 @@ impl<B: Backplane> Engine for ClusterEngine<B> {
 
     async fn ready(&self) -> bool {
         self.relay.ready(&*self.backplane)
+    }
+
+    fn lose_live_messages(&self, lose: bool) -> bool {
+        self.relay.losing_live.store(lose, Ordering::SeqCst);
+        true
     }
 
     async fn stop(&self) {

@@ -255,6 +255,15 @@ pub trait Engine: Send + Sync + 'static {
     fn stats(&self) -> EngineStats {
         EngineStats::default()
     }
+
+    /// A fault for tests: while `lose` holds, live publications reaching this node from the engine are
+    /// dropped on arrival, as if the engine had lost them (they stay in history, for the node to
+    /// repair). Returns whether the engine has such a path (the in-process engine does not).
+    #[doc(hidden)]
+    fn lose_live_messages(&self, lose: bool) -> bool {
+        let _ = lose;
+        false
+    }
 }
 
 #[cfg(test)]

@@ -10,9 +10,11 @@
 pub mod herald;
 pub mod nats;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 pub use herald::{Herald, HeraldSpec, Stderr};
 pub use nats::{NatsCluster, NatsServer};
 pub use process::{Process, free_port, scratch_dir};
+pub use proxy::Proxy;
 pub use redis::{RedisServer, Sentinels, make_certificates};

@@ -12,7 +12,7 @@ use herald_server::config::{Config, NamespaceConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use herald_testkit::{NatsServer, RedisServer};
+use herald_testkit::{NatsServer, Proxy, RedisServer};
 
 use crate::harness::{Server, Sse, TIMEOUT, client};
 use crate::process::Node;
@@ -35,7 +35,8 @@ impl Under {
     }
 
     pub fn redis() -> Under {
-        Under { backend: Backend::Redis(RedisServer::start()), prefix: prefix() }
+        // With a data folder (and no automatic snapshots), so a test can take one and restart from it.
+        Under { backend: Backend::Redis(RedisServer::start_persistent(&[])), prefix: prefix() }
     }
 
     pub fn nats() -> Under {
@@ -67,6 +68,15 @@ impl Under {
                 // running the whole suite, one second for each is not always enough.
                 config.nats.command_timeout_ms = 2000;
             }
+        }
+    }
+
+    /// The engine's URL, for engines reached over the network.
+    fn url(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Memory => None,
+            Backend::Redis(redis) => Some(redis.url()),
+            Backend::Nats(nats) => Some(nats.url()),
         }
     }
 
@@ -298,6 +308,104 @@ async fn a_dead_node_leaves_no_ghosts(under: Under) {
     }
 }
 
+/// A live message lost between the engine and a node (it is stored; the node never receives it): the
+/// node notices the hole when the next one arrives, or at its next re-sync, and repairs it from history.
+/// The client gets everything in order, without a reset.
+async fn a_lost_live_message_is_repaired_from_history(under: Under) {
+    let nodes = under.nodes(|_| {}).await;
+    let (subscriber, publisher) = (&nodes[0], &nodes[nodes.len() - 1]);
+    let (mut sse, _) = Sse::open(subscriber, "channel=gap:1", None).await;
+    publisher.publish("gap:1", json!(1)).await;
+    sse.expect_offsets("gap:1", 0, 1).await;
+    if !subscriber.state.hub().engine().lose_live_messages(true) {
+        return;
+    }
+    publisher.publish("gap:1", json!(2)).await;
+    publisher.publish("gap:1", json!(3)).await;
+    subscriber.state.hub().engine().lose_live_messages(false);
+    publisher.publish("gap:1", json!(4)).await;
+    assert_eq!(sse.expect_offsets("gap:1", 1, 3).await, vec![json!(2), json!(3), json!(4)]);
+}
+
+/// The engine comes back from an older copy of its data (a Redis snapshot, a NATS backup) under a client
+/// that saw more: the channel is fenced into a new epoch, the client gets a reset `engine_rollback` (never
+/// silence, never a lost position handed out again), and publishing goes on in the new epoch.
+async fn a_rolled_back_engine_fences_the_channel(mut under: Under) {
+    if matches!(under.backend, Backend::Memory) {
+        return;
+    }
+    let nodes = under.nodes(|_| {}).await;
+    let publisher = &nodes[nodes.len() - 1];
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=back:1", None).await;
+    for i in 1..=3 {
+        publisher.publish("back:1", json!(i)).await;
+    }
+    sse.expect_offsets("back:1", 0, 3).await;
+    let backup = match &mut under.backend {
+        Backend::Memory => return,
+        Backend::Redis(redis) => {
+            assert_eq!(redis.query::<String>(&["SAVE"]).expect("SAVE"), "OK");
+            None
+        }
+        Backend::Nats(nats) => Some(crate::jetstream::backup(nats)),
+    };
+    if let Backend::Nats(nats) = &mut under.backend {
+        nats.restart();
+    }
+    let mut old_epoch = Value::Null;
+    for i in 4..=5 {
+        old_epoch = publish_eventually(publisher, "back:1", json!(i)).await["epoch"].clone();
+    }
+    // The first copy's restart may already have fenced the channel (a Redis restart always does).
+    loop {
+        let (event, envelope) = sse.next().await;
+        if event == "message" && envelope["data"] == json!(5) {
+            break;
+        }
+    }
+    match &mut under.backend {
+        Backend::Memory => return,
+        Backend::Redis(redis) => {
+            redis.stop();
+            redis.restart();
+        }
+        Backend::Nats(nats) => crate::jetstream::restore(nats, &backup.expect("a backup")),
+    }
+    let (event, reset) = sse.next().await;
+    assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("engine_rollback")), "{reset}");
+    assert_ne!(reset["epoch"], old_epoch, "a new epoch, so no lost position is handed out again");
+    let answer = publish_eventually(publisher, "back:1", json!(6)).await;
+    assert_eq!(answer["epoch"], reset["epoch"]);
+    let (event, envelope) = sse.next().await;
+    assert_eq!((event.as_str(), &envelope["data"]), ("message", &json!(6)), "{envelope}");
+}
+
+/// A node's connections to the engine are cut and it cannot reconnect for a while (the engine keeps
+/// running, the other node publishes): what was published meanwhile
+/// reaches its client from history, in order and without a reset, and live delivery goes on.
+async fn a_cut_engine_connection_is_resynced(under: Under) {
+    let Some(url) = under.url() else { return };
+    let port = url.rsplit(':').next().and_then(|p| p.split('/').next()).and_then(|p| p.parse::<u16>().ok());
+    let proxy = Proxy::start(port.expect("engine url with a port")).expect("proxy");
+    let proxied = url.replace(&format!(":{}", port.unwrap_or_default()), &format!(":{}", proxy.port()));
+    let cut_off = under.node(|config| config.engine = proxied.clone()).await;
+    let publisher = under.node(|_| {}).await;
+    let (mut sse, _) = Sse::open(&cut_off, "channel=cut:1", None).await;
+    for i in 1..=3 {
+        publisher.publish("cut:1", json!(i)).await;
+    }
+    sse.expect_offsets("cut:1", 0, 3).await;
+    assert!(proxy.cut() >= 1, "the node's engine connections go through the proxy");
+    // Published while the node cannot reach the engine at all.
+    for i in 4..=10 {
+        publisher.publish("cut:1", json!(i)).await;
+    }
+    proxy.restore();
+    assert_eq!(sse.expect_offsets("cut:1", 3, 7).await, (4..=10).map(|i| json!(i)).collect::<Vec<_>>());
+    publisher.publish("cut:1", json!(11)).await;
+    assert_eq!(sse.expect_offsets("cut:1", 10, 1).await, vec![json!(11)]);
+}
+
 /// The engine restarts with its data lost: connected clients and returning ones get a reset, never
 /// silence, and publishing goes on.
 async fn engine_data_lost_means_reset(mut under: Under) {
@@ -385,10 +493,13 @@ macro_rules! conformance {
 }
 
 conformance!(memory: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
-    an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node);
+    an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
+    a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history);
 conformance!(redis: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
-    a_dead_node_leaves_no_ghosts, engine_data_lost_means_reset);
+    a_dead_node_leaves_no_ghosts, a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history,
+    a_rolled_back_engine_fences_the_channel, engine_data_lost_means_reset);
 conformance!(nats: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
-    a_dead_node_leaves_no_ghosts, engine_data_lost_means_reset, engine_restart_with_data_kept_continues);
+    a_dead_node_leaves_no_ghosts, a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history,
+    a_rolled_back_engine_fences_the_channel, engine_data_lost_means_reset, engine_restart_with_data_kept_continues);

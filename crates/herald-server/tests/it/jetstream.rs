@@ -153,7 +153,7 @@ async fn nats_restored_from_an_older_backup_fences_the_channel() {
 }
 
 /// Stops the server and copies its store aside (a backup an operator might restore).
-fn backup(nats: &mut NatsServer) -> std::path::PathBuf {
+pub fn backup(nats: &mut NatsServer) -> std::path::PathBuf {
     nats.stop();
     let copy = nats.store_dir().with_extension("backup");
     let _ = std::fs::remove_dir_all(&copy);
@@ -162,7 +162,7 @@ fn backup(nats: &mut NatsServer) -> std::path::PathBuf {
 }
 
 /// Stops the server, puts `backup` back as its store and starts it: what came after is gone.
-fn restore(nats: &mut NatsServer, backup: &std::path::Path) {
+pub fn restore(nats: &mut NatsServer, backup: &std::path::Path) {
     nats.stop();
     let _ = std::fs::remove_dir_all(nats.store_dir());
     copy_dir(backup, &nats.store_dir());
