@@ -287,3 +287,77 @@ async fn nodes_talk_to_nats_over_tls_with_tls_urls() {
     let refused = tokio::time::timeout(TIMEOUT, herald_server::start(settings)).await.expect("refused promptly");
     assert!(refused.is_err(), "a node that does not trust the server's CA must not start");
 }
+
+/// Decentralised authentication: NATS in operator mode (an operator, an account with JetStream, both as
+/// JWTs in the server's configuration), and the node holding a `.creds` file (the user's JWT, signed by
+/// the account, and its NKey seed). The JWTs are made here with `nkeys`, as `nsc` would make them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_authenticate_to_nats_with_a_credentials_file() {
+    let (operator, account, user) =
+        (nkeys::KeyPair::new_operator(), nkeys::KeyPair::new_account(), nkeys::KeyPair::new_user());
+    let operator_jwt = jwt(&operator, &operator.public_key(), json!({"type": "operator", "version": 2}));
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1,
+        "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt =
+        jwt(&operator, &account.public_key(), json!({"type": "account", "version": 2, "limits": unlimited}));
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(&operator, &system.public_key(), json!({"type": "account", "version": 2}));
+    let dir = scratch_dir("herald-creds").expect("scratch folder");
+    let conf = dir.join("nats.conf");
+    let server_conf = format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{ {sys}: \"{system_jwt}\", {}: \"{account_jwt}\" }}\n",
+        account.public_key(),
+        sys = system.public_key(),
+    );
+    std::fs::write(&conf, server_conf).expect("nats config");
+    let creds = dir.join("node.creds");
+    let seed = user.seed().expect("seed");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .expect("creds file");
+    let nats = NatsServer::try_start_with(&["-c", &conf.display().to_string()]).expect("nats-server in operator mode");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, creds) = (nats.url(), creds.clone());
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.nats.credentials_file = Some(creds);
+                config.nats.probe_interval_ms = 100;
+            })
+            .await,
+        );
+    }
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=creds:1", None).await;
+    nodes[1].publish("creds:1", json!("signed in with a creds file")).await;
+    assert_eq!(sse.expect_offsets("creds:1", 0, 1).await, vec![json!("signed in with a creds file")]);
+}
+
+/// A JWT as NATS reads it: `ed25519-nkey` signed by `issuer`, base64url without padding.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: Value) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let claims = json!({
+        "jti": format!("{:032X}", rand::random::<u128>()), "iat": iat, "iss": issuer.public_key(),
+        "name": "herald-test", "sub": subject, "nats": nats,
+    });
+    let payload = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(payload.as_bytes()).expect("sign");
+    format!("{payload}.{}", b64(&signature))
+}
