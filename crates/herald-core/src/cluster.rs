@@ -473,7 +473,9 @@ impl Relay {
     /// a heartbeat that waits on a slow engine (a NATS bucket electing its leader) must not hold back the
     /// probes, or the node would declare a healthy subscription stale.
     async fn heartbeat(self: Arc<Self>) {
-        let mut interval = tokio::time::interval(self.config.probe_interval.min(self.config.node_ttl / 6));
+        let every = self.config.probe_interval.min(self.config.node_ttl / 6);
+        // The first one went out at start.
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;

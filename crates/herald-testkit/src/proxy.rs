@@ -64,9 +64,7 @@ impl Proxy {
         list.clear();
         cut
     }
-}
 
-impl Proxy {
     /// Forwards new connections again.
     pub fn restore(&self) {
         self.held.store(false, Ordering::SeqCst);

@@ -119,6 +119,10 @@ impl RedisServer {
         format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The server's PID while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Process::pid)
@@ -220,7 +224,6 @@ impl Drop for RedisServer {
     }
 }
 
-/// A certificate authority and a certificate for 127.0.0.1 it signed, in `dir`.
 /// Writes `ca.crt`, `server.crt` (for IP 127.0.0.1, signed by the CA) and `server.key` into `dir`, with
 /// Debian's `openssl`.
 pub fn make_certificates(dir: &std::path::Path) -> anyhow::Result<()> {
