@@ -129,6 +129,10 @@ var Link = class {
     this.shut();
     if (this.timer !== null) clearTimeout(this.timer);
     if (this.current === "offline" || this.current === "paused") return;
+    if (!this.settings.signals.online()) {
+      this.setState("offline");
+      return;
+    }
     if (retry.nextUrl) this.urlIndex = (this.urlIndex + 1) % this.settings.urls.length;
     let delay;
     if (retry.immediate) delay = 0;
@@ -181,11 +185,9 @@ var Link = class {
         this.setState("offline");
         break;
       case "online":
-        if (this.current === "offline" && this.settings.signals.visible()) {
+        if (this.current === "offline") {
           this.backoff.reset();
           this.attempt(this.everOpened ? "reconnecting" : "connecting");
-        } else if (this.current === "offline") {
-          this.setState("paused");
         }
         break;
       case "hidden": {
@@ -409,6 +411,8 @@ var SseSubscription = class extends Link {
     this.cursor = null;
     /** Errors since the stream was last connected. */
     this.errors = 0;
+    /** Whether the current EventSource ever got `herald.connected`. */
+    this.connectedOnce = false;
     /** Bumped whenever an attempt is abandoned, so its late callbacks are ignored. */
     this.generation = 0;
     this.channels = channels;
@@ -454,6 +458,7 @@ var SseSubscription = class extends Link {
     }
     this.source = source;
     this.errors = 0;
+    this.connectedOnce = false;
     const live = () => generation === this.generation && this.source === source;
     source.addEventListener(CONNECTED, (event) => {
       if (live()) this.onConnected(event);
@@ -477,6 +482,7 @@ var SseSubscription = class extends Link {
   onConnected(event) {
     this.remember(event);
     this.errors = 0;
+    this.connectedOnce = true;
     const data = parseJson(event.data);
     this.opened({
       node: typeof data?.node === "string" ? data.node : void 0,
@@ -530,7 +536,7 @@ var SseSubscription = class extends Link {
       this.lost({ immediate: true });
       return;
     }
-    if (this.errors >= 2) {
+    if (this.errors >= 2 || !this.connectedOnce) {
       this.lost({ nextUrl: true, error: new HeraldError("network", "the stream could not be re-established") });
       return;
     }

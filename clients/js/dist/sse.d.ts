@@ -16,6 +16,8 @@ export declare class SseSubscription extends Link implements Subscription {
     private cursor;
     /** Errors since the stream was last connected. */
     private errors;
+    /** Whether the current EventSource ever got `herald.connected`. */
+    private connectedOnce;
     /** Bumped whenever an attempt is abandoned, so its late callbacks are ignored. */
     private generation;
     constructor(sse: SseSettings, channels: readonly string[], handlers: Handlers, tokens: TokenSource);

@@ -154,6 +154,11 @@ export abstract class Link {
     this.shut();
     if (this.timer !== null) clearTimeout(this.timer);
     if (this.current === 'offline' || this.current === 'paused') return;
+    if (!this.settings.signals.online()) {
+      // The connection fell with the network: wait for the browser's `online` instead of retrying.
+      this.setState('offline');
+      return;
+    }
     if (retry.nextUrl) this.urlIndex = (this.urlIndex + 1) % this.settings.urls.length;
     let delay: number;
     if (retry.immediate) delay = 0;
@@ -211,11 +216,9 @@ export abstract class Link {
         this.setState('offline');
         break;
       case 'online':
-        if (this.current === 'offline' && this.settings.signals.visible()) {
+        if (this.current === 'offline') {
           this.backoff.reset();
           this.attempt(this.everOpened ? 'reconnecting' : 'connecting');
-        } else if (this.current === 'offline') {
-          this.setState('paused');
         }
         break;
       case 'hidden': {

@@ -40,6 +40,8 @@ export class SseSubscription extends Link implements Subscription {
   private cursor: string | null = null;
   /** Errors since the stream was last connected. */
   private errors = 0;
+  /** Whether the current EventSource ever got `herald.connected`. */
+  private connectedOnce = false;
   /** Bumped whenever an attempt is abandoned, so its late callbacks are ignored. */
   private generation = 0;
 
@@ -99,6 +101,7 @@ export class SseSubscription extends Link implements Subscription {
     }
     this.source = source;
     this.errors = 0;
+    this.connectedOnce = false;
     const live = () => generation === this.generation && this.source === source;
     source.addEventListener(CONNECTED, (event) => {
       if (live()) this.onConnected(event as MessageEvent);
@@ -124,6 +127,7 @@ export class SseSubscription extends Link implements Subscription {
   private onConnected(event: MessageEvent): void {
     this.remember(event);
     this.errors = 0;
+    this.connectedOnce = true;
     const data = parseJson(event.data) as { node?: unknown; connection_id?: unknown } | undefined;
     this.opened({
       node: typeof data?.node === 'string' ? data.node : undefined,
@@ -181,8 +185,9 @@ export class SseSubscription extends Link implements Subscription {
       this.lost({ immediate: true });
       return;
     }
-    if (this.errors >= 2) {
-      // EventSource's own attempt failed: the node may be gone. Take over, with backoff and the next URL.
+    if (this.errors >= 2 || !this.connectedOnce) {
+      // EventSource's own attempt failed, or this URL never worked: the node may be gone. Take over,
+      // with backoff and the next URL (EventSource would keep trying the same one).
       this.lost({ nextUrl: true, error: new HeraldError('network', 'the stream could not be re-established') });
       return;
     }

@@ -254,6 +254,65 @@ describe('herald-client in Chromium', () => {
     await page.evaluate(() => window.sub.close());
   });
 
+  test('offline, then hidden: the connections stop and resume from their positions when the page is back', async (t) => {
+    const context = await browser.newContext();
+    t.after(() => context.close());
+    const page = await context.newPage();
+    await page.goto(`${server.base}/test.html`);
+    await page.waitForFunction(() => window.ready === true, null, { timeout: DEADLINE_MS });
+    const channels = { sse: 't:away-sse', ws: 't:away-ws' };
+    await page.evaluate((channels) => {
+      window.subs = Object.entries(channels).map(([transport, channel]) =>
+        herald
+          .createClient({ transport, pauseWhenHiddenMs: 50, getToken: tokenFrom('sub=away&channel=t:away-*') })
+          .subscribe([channel], recorder(transport)),
+      );
+    }, channels);
+    await waitIn(page, () => rec.subscribed.length === 2);
+    const answers = { [channels.sse]: [], [channels.ws]: [] };
+    const publish = async (n) => {
+      for (let i = 0; i < n; i++) for (const channel of Object.values(channels)) answers[channel].push(await nodes[0].publish(channel, i));
+    };
+    const bothIn = (state, n) => waitIn(page, ([state, n]) => ['sse', 'ws'].every((tag) => rec.states.filter((s) => s.tag === tag && s.state === state).length >= n), [state, n]);
+
+    await publish(3);
+    await waitIn(page, () => rec.messages.length === 6);
+    await context.setOffline(true);
+    await bothIn('offline', 1);
+    await publish(3); // while offline: nothing can arrive
+    assert.equal(await page.evaluate(() => rec.messages.length), 6);
+    await context.setOffline(false);
+    await bothIn('open', 2);
+
+    // The page is hidden (as the browser reports it when the tab goes to the background).
+    await page.evaluate(() => {
+      Object.defineProperty(document, 'visibilityState', { value: 'hidden', configurable: true });
+      document.dispatchEvent(new Event('visibilitychange'));
+    });
+    await bothIn('paused', 1);
+    await publish(3);
+    await page.evaluate(() => {
+      Object.defineProperty(document, 'visibilityState', { value: 'visible', configurable: true });
+      document.dispatchEvent(new Event('visibilitychange'));
+    });
+    await bothIn('open', 3);
+    await publish(2);
+    await waitIn(page, (n) => rec.messages.length >= n, 22);
+    const seen = await rec(page);
+    for (const channel of Object.values(channels)) {
+      assert.deepEqual(positions(messagesOf(seen, channel)), positions(answers[channel]), `${channel}: all, once, in order`);
+    }
+    assert.deepEqual(seen.resets, []);
+    for (const tag of ['sse', 'ws']) {
+      assert.deepEqual(
+        seen.states.filter((s) => s.tag === tag).map((s) => s.state + (s.error ? ` (${s.error})` : '')),
+        ['connecting', 'open', 'offline', 'reconnecting', 'open', 'paused', 'reconnecting', 'open'],
+        `${tag}: away is not a failure, and no retry runs meanwhile`,
+      );
+    }
+    await page.evaluate(() => window.subs.forEach((sub) => sub.close()));
+  });
+
   test("Herald's demo page subscribes and publishes through the client", async (t) => {
     const context = await browser.newContext();
     t.after(() => context.close());
