@@ -531,8 +531,7 @@ var SseSubscription = class extends Link {
       void this.diagnose(url, this.generation);
       return;
     }
-    if (this.tokens.enabled && (this.tokens.due() || this.tokens.expired(1e3))) {
-      if (this.tokens.current === token) this.tokens.invalidate();
+    if (this.tokens.enabled && (this.tokens.current !== token || this.tokens.due() || this.tokens.expired(1e3))) {
       this.lost({ immediate: true });
       return;
     }

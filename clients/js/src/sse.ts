@@ -179,9 +179,9 @@ export class SseSubscription extends Link implements Subscription {
       void this.diagnose(url, this.generation);
       return;
     }
-    if (this.tokens.enabled && (this.tokens.due() || this.tokens.expired(1000))) {
-      // The stream most likely ended with `: closed token_expired`; the URL holds the old token.
-      if (this.tokens.current === token) this.tokens.invalidate();
+    if (this.tokens.enabled && (this.tokens.current !== token || this.tokens.due() || this.tokens.expired(1000))) {
+      // The stream most likely ended with `: closed token_expired`, or a newer token is at hand: the
+      // URL EventSource would retry holds the old one.
       this.lost({ immediate: true });
       return;
     }
