@@ -40,8 +40,11 @@ pub struct RedisServer {
     /// Certificate authority file when the server speaks TLS only.
     pub tls_ca: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
-    /// Where the server keeps its snapshot and append-only file, when it persists.
+    /// The server's working folder: its snapshot and append-only file when it persists, else only
+    /// what replication writes (never the caller's working directory).
     data_dir: Option<PathBuf>,
+    /// Whether a restart loads what the folder holds.
+    persistent: bool,
     /// Arguments of every start.
     args: Vec<String>,
 }
@@ -63,16 +66,14 @@ impl RedisServer {
     pub fn try_start(extra: &[&str], persistent: bool) -> anyhow::Result<RedisServer> {
         let port = try_free_port()?;
         let mut args: Vec<String> = vec!["--save".into(), String::new()];
-        let data_dir = if persistent {
-            let dir = scratch_dir("herald-redis")?;
-            args.extend(["--dir".to_owned(), dir.display().to_string()]);
-            Some(dir)
-        } else {
+        let dir = scratch_dir("herald-redis")?;
+        args.extend(["--dir".to_owned(), dir.display().to_string()]);
+        if !persistent {
             args.extend(["--appendonly".to_owned(), "no".to_owned()]);
-            None
-        };
+        }
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        let mut server = RedisServer { process: None, port, tls_ca: None, tls_dir: None, data_dir, args };
+        let mut server =
+            RedisServer { process: None, port, tls_ca: None, tls_dir: None, data_dir: Some(dir), persistent, args };
         server.try_restart()?;
         Ok(server)
     }
@@ -109,6 +110,7 @@ impl RedisServer {
             tls_ca: Some(dir.join("ca.crt")),
             tls_dir: Some(dir),
             data_dir: None,
+            persistent: false,
             args: Vec::new(),
         })
     }
@@ -136,6 +138,11 @@ impl RedisServer {
     pub fn try_restart(&mut self) -> anyhow::Result<()> {
         if self.process.is_some() {
             bail!("redis-server on port {} is already running", self.port);
+        }
+        if let (false, Some(dir)) = (self.persistent, &self.data_dir) {
+            // A snapshot a replica received (or a test's SAVE) must not survive a restart "with nothing
+            // on disk".
+            let _ = std::fs::remove_file(dir.join("dump.rdb"));
         }
         let process = Process::spawn(
             Command::new("redis-server")
