@@ -384,6 +384,10 @@ pub struct Settings {
     pub node_id: String,
     /// The keys client tokens may be signed with, read from their files when the settings were made.
     pub client_keys: ClientKeys,
+    /// `HERALD_*` environment variables that name no configuration key and were ignored (Kubernetes
+    /// sets `HERALD_SERVICE_HOST`, `HERALD_PORT`, ... for a Service named `herald`); the binary logs
+    /// each as a warning.
+    pub ignored_env: Vec<String>,
 }
 
 impl Settings {
@@ -446,9 +450,9 @@ pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Settings, Vec<String>
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    let env_pairs: Vec<(String, String)> =
-        // HERALD_CONFIG names the file; HERALD_LOG is the log filter, read by the binary's logger.
-        env.iter().filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG" && k != "HERALD_LOG").cloned().collect();
+    // HERALD_CONFIG names the file; HERALD_LOG is the log filter, read by the binary's logger.
+    let (env_pairs, ignored_env) =
+        known_env(env.iter().filter(|(k, _)| k.starts_with("HERALD_") && k != "HERALD_CONFIG" && k != "HERALD_LOG"));
     figment = figment.merge(EnvPairs { pairs: env_pairs });
     let mut flags = serde_json::Map::new();
     let mut put = |key: &str, value: &Option<String>| {
@@ -466,7 +470,32 @@ pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Settings, Vec<String>
     figment = figment.merge(Serialized::defaults(serde_json::Value::Object(flags)));
     let config: Config =
         figment.extract().map_err(|errors| errors.into_iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    validate(config)
+    let mut settings = validate(config)?;
+    settings.ignored_env = ignored_env;
+    Ok(settings)
+}
+
+/// Splits `HERALD_*` variables into those naming a configuration key and the names of the rest. An
+/// unknown key in a configuration file stays an error; in the environment it is only ignored, because
+/// the environment is shared with whatever else runs in the process's namespace.
+fn known_env<'a>(env: impl Iterator<Item = &'a (String, String)>) -> (Vec<(String, String)>, Vec<String>) {
+    let defaults = figment::value::Value::serialize(Config::default()).ok();
+    let known = |key: &str| {
+        let mut node = defaults.as_ref();
+        for part in key.split("__") {
+            match node {
+                // An empty table is a map keyed by the user (`namespaces`): its keys are all valid here,
+                // and their contents are checked when the configuration is read.
+                Some(figment::value::Value::Dict(_, dict)) if dict.is_empty() => return true,
+                Some(figment::value::Value::Dict(_, dict)) => node = dict.get(part),
+                _ => return false,
+            }
+        }
+        node.is_some()
+    };
+    let (kept, ignored): (Vec<_>, Vec<_>) =
+        env.cloned().partition(|(name, _)| crate::env::key_of(name).is_some_and(|key| known(&key)));
+    (kept, ignored.into_iter().map(|(name, _)| name).collect())
 }
 
 fn check_nats(nats: &NatsSection, problems: &mut Vec<String>) {
@@ -527,7 +556,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     match (listen, client_keys) {
         (Ok(listen), Some(client_keys)) if problems.is_empty() => {
             let node_id = config.node_id.clone().unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
-            Ok(Settings { config, listen, node_id, client_keys })
+            Ok(Settings { config, listen, node_id, client_keys, ignored_env: Vec::new() })
         }
         (Err(problem), _) => {
             problems.insert(0, problem);
@@ -779,7 +808,43 @@ mod tests {
         let cli = Cli { listen: Some("nope".into()), engine: Some("carrier-pigeon://".into()), ..Cli::default() };
         let problems = load(&cli, &env(&[("HERALD_LIMITS__QUEUE_CAPACITY", "0")])).expect_err("invalid");
         assert_eq!(problems.len(), 3, "{problems:?}");
-        let problems = load(&Cli::default(), &env(&[("HERALD_NO_SUCH_KEY", "1")])).expect_err("unknown key");
-        assert!(problems[0].contains("no_such_key"), "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_ignored_but_unknown_file_keys_are_not() {
+        // What Kubernetes puts in every pod of a namespace that has a Service named `herald`.
+        let kubernetes = env(&[
+            ("HERALD_SERVICE_HOST", "10.0.0.1"),
+            ("HERALD_SERVICE_PORT", "8080"),
+            ("HERALD_PORT", "tcp://10.0.0.1:8080"),
+            ("HERALD_PORT_8080_TCP", "tcp://10.0.0.1:8080"),
+            ("HERALD_PORT_8080_TCP_ADDR", "10.0.0.1"),
+            ("HERALD_REDIS__NO_SUCH_KEY", "1"),
+            ("HERALD_LISTEN", "127.0.0.1:9000"),
+            ("HERALD_NAMESPACES__CHAT__HISTORY_SIZE", "7"),
+        ]);
+        let settings = load(&Cli::default(), &kubernetes).expect("unknown variables do not stop start-up");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:9000", "known variables still apply");
+        assert_eq!(settings.config.namespaces["chat"].history_size, Some(7), "user-named keys are known");
+        assert_eq!(
+            settings.ignored_env,
+            [
+                "HERALD_SERVICE_HOST",
+                "HERALD_SERVICE_PORT",
+                "HERALD_PORT",
+                "HERALD_PORT_8080_TCP",
+                "HERALD_PORT_8080_TCP_ADDR",
+                "HERALD_REDIS__NO_SUCH_KEY"
+            ]
+        );
+        let typo = env(&[("HERALD_NAMESPACES__CHAT__HISTORY_SIZ", "7")]);
+        assert!(load(&Cli::default(), &typo).is_err(), "inside a user-named table, keys are still checked");
+
+        let file = std::env::temp_dir().join(format!("herald-config-test-{}.toml", std::process::id()));
+        std::fs::write(&file, "port = 8080\n").expect("write the config file");
+        let cli = Cli { config: Some(file.clone()), ..Cli::default() };
+        let problems = load(&cli, &[]).expect_err("an unknown key in a file is an error");
+        let _ = std::fs::remove_file(&file);
+        assert!(problems[0].contains("port"), "{problems:?}");
     }
 }

@@ -15,10 +15,8 @@ impl figment::Provider for EnvPairs {
 
     fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         let mut dict = figment::value::Dict::new();
-        for (key, value) in &self.pairs {
-            let Some(stripped) = key.strip_prefix("HERALD_") else { continue };
-            let key = stripped.to_ascii_lowercase();
-            let key = CONTRACT_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, k)| (*k).to_owned());
+        for (name, value) in &self.pairs {
+            let Some(key) = key_of(name) else { continue };
             let path: Vec<&str> = key.split("__").collect();
             let raw = figment::value::Value::from(value.clone());
             // API keys stay strings even when they look like numbers.
@@ -27,6 +25,13 @@ impl figment::Provider for EnvPairs {
         }
         Ok(figment::Profile::Default.collect(dict))
     }
+}
+
+/// The configuration key a `HERALD_*` variable sets, nested keys joined by `__`
+/// (`HERALD_REDIS__URL` -> `redis__url`); `None` for any other variable.
+pub(crate) fn key_of(name: &str) -> Option<String> {
+    let key = name.strip_prefix("HERALD_")?.to_ascii_lowercase();
+    Some(CONTRACT_ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key, |(_, k)| (*k).to_owned()))
 }
 
 /// Environment names the public contract (`docs/protocol.md`) gives with one underscore, for nested keys.

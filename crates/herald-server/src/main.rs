@@ -35,6 +35,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    for name in &settings.ignored_env {
+        tracing::warn!(variable = %name, "ignored: this HERALD_ environment variable names no configuration key");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
