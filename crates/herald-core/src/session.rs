@@ -295,10 +295,15 @@ impl Session {
             match item {
                 Outbound::Resync(resync) => {
                     let (channel, top) = *resync;
-                    recovered += self.resync(&channel, top, out).await;
+                    // Boxed, as is the slow path of `live`: the awaits of a repair would otherwise be part
+                    // of every connection task's size, idle ones included, for the rare gap.
+                    recovered += Box::pin(self.resync(&channel, top, out)).await;
                 }
                 Outbound::Publication { publication, receipt } => {
-                    let (deliver, replayed) = self.live(&publication, out).await;
+                    let (deliver, replayed) = match self.in_order(&publication) {
+                        Some(deliver) => (deliver, 0),
+                        None => Box::pin(self.live(&publication, out)).await,
+                    };
                     recovered += replayed;
                     if !deliver {
                         continue;
@@ -316,23 +321,38 @@ impl Session {
         self.count_batch(&out[before..], recovered, oldest_ms);
     }
 
+    /// The common cases of a live publication, decided without the engine: `Some(true)` for the next one
+    /// in order (the position moves to it), `Some(false)` for a duplicate or a channel unsubscribed since
+    /// it was queued; `None` when only [`Session::live`] can tell.
+    fn in_order(&mut self, publication: &Publication) -> Option<bool> {
+        let Some(position) = self.positions.get_mut(&publication.channel) else {
+            return Some(false); // unsubscribed since it was queued
+        };
+        let incoming = &publication.position;
+        if incoming.epoch != position.epoch {
+            return None;
+        }
+        if incoming.offset <= position.offset {
+            self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+            return Some(false);
+        }
+        if incoming.offset == position.offset + 1 {
+            position.offset = incoming.offset;
+            return Some(true);
+        }
+        None
+    }
+
     /// Where a live publication goes. Returns whether to hand it out, and how many publications were
     /// replayed (pushed to `out`) to fill a gap before it or to reach the channel's current epoch.
     async fn live(&mut self, publication: &Publication, out: &mut Vec<SessionEvent>) -> (bool, u64) {
+        if let Some(deliver) = self.in_order(publication) {
+            return (deliver, 0);
+        }
         let channel = &publication.channel;
-        let Some(position) = self.positions.get_mut(channel) else {
-            return (false, 0); // unsubscribed since it was queued
-        };
+        let Some(position) = self.positions.get(channel) else { return (false, 0) };
         let incoming = &publication.position;
         let same_epoch = incoming.epoch == position.epoch;
-        if same_epoch && incoming.offset <= position.offset {
-            self.shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-            return (false, 0);
-        }
-        if same_epoch && incoming.offset == position.offset + 1 {
-            position.offset = incoming.offset;
-            return (true, 0);
-        }
         if !same_epoch {
             // Another epoch: the channel's next one, or one it has already left (an item queued before
             // this client moved on). Epochs never come back, so the engine's current one tells which.

@@ -108,7 +108,13 @@ pub async fn accept_loop(
             refuse_over_cap(stream, &state, &refusals, &tracker, limits);
             continue;
         };
-        let connection = Connection { state: state.clone(), app: app.clone(), limits, shutdown: shutdown.clone() };
+        let connection = Connection {
+            state: state.clone(),
+            app: app.clone(),
+            limits,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        };
         tracker.spawn(connection.serve(stream, permit));
     }
 }
@@ -139,6 +145,8 @@ struct Connection {
     app: Router,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
+    /// Where a started event stream's own task is spawned (so that graceful shutdown waits for it).
+    tracker: TaskTracker,
 }
 
 impl Connection {
@@ -146,7 +154,6 @@ impl Connection {
     /// else through hyper, a bad or slow head with the contract's error. Holds `permit` (one of
     /// `limits.max_sockets`) until the connection ends.
     async fn serve(self, stream: TcpStream, permit: OwnedSemaphorePermit) {
-        let _permit = permit;
         let limits = self.limits;
         let kill = Arc::new(KillSwitch::default());
         let mut guarded = GuardedIo::new(stream, kill.clone(), limits.write_timeout);
@@ -160,7 +167,15 @@ impl Connection {
             Ok(Ok(Head::Complete)) => match classify(&head, limits.max_body_bytes) {
                 Ok(Request::Sse(headers, query)) => {
                     drop(head);
-                    serve_sse(&self.state, guarded, kill, &headers, query).await;
+                    if let Some((io, stream)) = start_sse(&self.state, guarded, kill, headers, query).await {
+                        // The running stream gets a task of its own, sized for what it holds: this
+                        // task's state (the start, the hyper path's) is freed when it returns, and an
+                        // idle stream's memory is mostly its task.
+                        self.tracker.spawn(async move {
+                            let _permit = permit;
+                            pump_sse(io, stream).await;
+                        });
+                    }
                     return;
                 }
                 Ok(Request::Other) => None,
@@ -265,33 +280,40 @@ async fn serve_hyper(
     }
 }
 
-/// Serves one SSE connection on the raw socket: the response head, then every chunk of the stream,
-/// until the stream ends or the client goes away (anything it sends ends the stream too).
-async fn serve_sse(
+/// Starts one SSE connection on the raw socket: opens the stream and writes the response head (or the
+/// contract's error). Kept apart from [`pump_sse`] so that nothing of the start (the request's headers,
+/// the open's state) stays in the connection task while the stream runs: an idle stream's memory is
+/// mostly that task.
+async fn start_sse(
     state: &AppState,
     mut io: GuardedIo,
     kill: Arc<KillSwitch>,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     query: Option<String>,
-) {
+) -> Option<(GuardedIo, sse::SseStream)> {
     let origin = headers.get("origin").and_then(|v| v.to_str().ok());
     let cors = crate::cors::cors_allow_origin(state.config(), origin)
         .map(|allowed| format!("access-control-allow-origin: {allowed}\r\nvary: origin\r\n"))
         .unwrap_or_default();
-    let mut stream = match sse::open(state, Some(kill), headers, query).await {
+    let stream = match sse::open(state, Some(kill), &headers, query).await {
         Ok(stream) => stream,
         Err(error) => {
             write_error(&mut io, &error, &cors).await;
-            return;
+            return None;
         }
     };
+    drop(headers);
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\n\
          {cors}connection: close\r\n\r\n"
     );
-    if io.write_all(head.as_bytes()).await.is_err() {
-        return;
-    }
+    io.write_all(head.as_bytes()).await.ok()?;
+    Some((io, stream))
+}
+
+/// Writes every chunk of a started SSE stream until it ends or the client goes away (anything the
+/// client sends ends the stream too).
+async fn pump_sse(mut io: GuardedIo, mut stream: sse::SseStream) {
     let mut probe = [0u8; 1];
     loop {
         tokio::select! {

@@ -71,7 +71,10 @@ pub async fn handler(
     Ok(upgrade.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| {
         let expiry = identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
         let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
-        Connection { socket, session, state, identity, expiry, write_timeout }.run()
+        // The connection runs in a task of its own, sized for what it holds: the task axum runs this in
+        // also holds the upgrade's state, and an idle connection's memory is mostly its task.
+        tokio::spawn(Connection { socket, session, state, identity, expiry, write_timeout }.run());
+        std::future::ready(())
     }))
 }
 
@@ -163,7 +166,7 @@ impl Connection {
         loop {
             let flow = tokio::select! {
                 _ = async { match self.expiry.as_mut() { Some(expiry) => expiry.as_mut().await, None => std::future::pending().await } } => {
-                    self.close(WsClose::TokenExpired).await;
+                    Box::pin(self.close(WsClose::TokenExpired)).await;
                     Flow::Stop
                 }
                 frame = self.socket.recv() => match frame {
@@ -171,9 +174,11 @@ impl Connection {
                         if matches!(message, Message::Pong(_)) {
                             awaiting_pong = false;
                         }
-                        self.on_message(message).await
+                        // Boxed, like every rare path here: what a client operation awaits (a subscribe
+                        // and its replay) would otherwise be part of every connection task's size.
+                        Box::pin(self.on_message(message)).await
                     }
-                    Some(Err(error)) => self.on_read_error(error).await,
+                    Some(Err(error)) => Box::pin(self.on_read_error(error)).await,
                     None => Flow::Stop,
                 },
                 received = self.session.recv(&mut batch, MAX_BATCH) => match received {
@@ -182,13 +187,13 @@ impl Connection {
                         self.send_all(&mut events).await
                     }
                     Err(reason) => {
-                        self.close(WsClose::Session(reason)).await;
+                        Box::pin(self.close(WsClose::Session(reason))).await;
                         Flow::Stop
                     }
                 },
                 _ = ping.tick() => {
                     if awaiting_pong {
-                        self.close(WsClose::PingTimeout).await;
+                        Box::pin(self.close(WsClose::PingTimeout)).await;
                         Flow::Stop
                     } else {
                         awaiting_pong = true;
