@@ -40,6 +40,15 @@ pub struct Publication {
     envelope: Bytes,
     /// The WebSocket message (`{"type":"message",…envelope fields…}`), made once, on first use.
     ws_message: std::sync::OnceLock<Bytes>,
+    /// The envelope's `data` alone (a slice of `envelope`, for compact SSE), found on first use.
+    payload: std::sync::OnceLock<Bytes>,
+}
+
+/// The one field compact SSE needs, borrowed from the envelope.
+#[derive(Deserialize)]
+struct PayloadIn<'a> {
+    #[serde(borrow)]
+    data: &'a RawValue,
 }
 
 #[derive(Serialize)]
@@ -113,6 +122,7 @@ impl Publication {
             trace_parent: None,
             envelope,
             ws_message: std::sync::OnceLock::new(),
+            payload: std::sync::OnceLock::new(),
         }
     }
 
@@ -141,6 +151,7 @@ impl Publication {
             trace_parent: None,
             envelope,
             ws_message: std::sync::OnceLock::new(),
+            payload: std::sync::OnceLock::new(),
         })
     }
 
@@ -163,6 +174,19 @@ impl Publication {
             text.extend_from_slice(b"{\"type\":\"message\",");
             text.extend_from_slice(self.envelope.get(1..).unwrap_or(b"}"));
             Bytes::from(text)
+        })
+    }
+
+    /// The publication's `data`, exactly as it stands in the envelope (compact JSON on one line),
+    /// sharing the envelope's memory. Found by the first connection that needs it.
+    pub fn payload(&self) -> &Bytes {
+        self.payload.get_or_init(|| {
+            // Every envelope was made by `new` or checked by `from_envelope`, so it has a `data` field;
+            // `null` stands in should that ever not hold.
+            match serde_json::from_slice::<PayloadIn<'_>>(&self.envelope) {
+                Ok(parsed) => self.envelope.slice_ref(parsed.data.get().as_bytes()),
+                Err(_) => Bytes::from_static(b"null"),
+            }
         })
     }
 }
@@ -280,6 +304,25 @@ mod tests {
         let mut without_type = ws.clone();
         without_type.as_object_mut().map(|fields| fields.remove("type"));
         assert_eq!(without_type, value, "the WebSocket message is the envelope plus its type");
+        assert_eq!(&publication.payload()[..], data.get().as_bytes(), "the payload is data as given");
+        assert_eq!(back.payload(), publication.payload());
+    }
+
+    #[test]
+    fn payload_of_deep_data_read_back_from_an_envelope() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let data = compact_json(RawValue::from_string(deep.clone()).expect("json")).expect("compact");
+        let publication = Publication::new(
+            ChannelName::parse("user:1").expect("channel"),
+            Position::new(Epoch::parse("abc").expect("epoch"), 1),
+            Arc::from("message"),
+            &data,
+            Arc::from("corr-1"),
+            0,
+            None,
+        );
+        let back = Publication::from_envelope(publication.envelope().clone(), None).expect("parse");
+        assert_eq!(&back.payload()[..], deep.as_bytes());
     }
 
     #[test]

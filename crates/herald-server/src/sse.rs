@@ -63,7 +63,7 @@ pub async fn open(
         return Err(ApiError::Unavailable("node is draining".into()));
     }
     let pairs = query_pairs(&query);
-    let (channels, token) = channels_and_token(&pairs, state.hub().config().max_channels_per_connection)?;
+    let SseQuery { channels, token, format } = parse_query(&pairs, state.hub().config().max_channels_per_connection)?;
     let header_cursor = headers
         .get("last-event-id")
         .map(|v| v.to_str().map_err(|_| ApiError::BadRequest("Last-Event-ID must be ASCII".into())));
@@ -122,6 +122,7 @@ pub async fn open(
         expiry: identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left))),
         first: None,
         done: false,
+        format,
     };
     stream.ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     stream.first = Some(Bytes::from(first));
@@ -130,9 +131,10 @@ pub async fn open(
 
 /// The channels of an SSE request (sorted, without repeats, at most `max`) and its `token`, checking
 /// that no other parameter is there and none is repeated.
-fn channels_and_token(pairs: &[(String, String)], max: usize) -> Result<(Vec<ChannelName>, Option<&str>), ApiError> {
+fn parse_query(pairs: &[(String, String)], max: usize) -> Result<SseQuery<'_>, ApiError> {
     let mut channels = Vec::new();
     let mut token = None;
+    let mut format = None;
     for (key, value) in pairs {
         match key.as_str() {
             "channel" => channels.push(ChannelName::parse(value)?),
@@ -140,6 +142,18 @@ fn channels_and_token(pairs: &[(String, String)], max: usize) -> Result<(Vec<Cha
                 return Err(ApiError::BadRequest("query parameter token given more than once".into()));
             }
             "token" => token = Some(value.as_str()),
+            "format" if format.is_some() => {
+                return Err(ApiError::BadRequest("query parameter format given more than once".into()));
+            }
+            "format" => {
+                format = Some(match value.as_str() {
+                    "envelope" => Format::Envelope,
+                    "compact" => Format::Compact,
+                    other => {
+                        return Err(ApiError::BadRequest(format!("format must be envelope or compact, not {other:?}")));
+                    }
+                });
+            }
             "last_event_id" if pairs.iter().filter(|(k, _)| k == "last_event_id").count() > 1 => {
                 return Err(ApiError::BadRequest("query parameter last_event_id given more than once".into()));
             }
@@ -155,7 +169,25 @@ fn channels_and_token(pairs: &[(String, String)], max: usize) -> Result<(Vec<Cha
     if channels.len() > max {
         return Err(ApiError::Limit(format!("a connection may hold at most {max} channels")));
     }
-    Ok((channels, token))
+    Ok(SseQuery { channels, token, format: format.unwrap_or(Format::Envelope) })
+}
+
+/// What an SSE request's query asks for.
+struct SseQuery<'a> {
+    /// Sorted, without repeats.
+    channels: Vec<ChannelName>,
+    token: Option<&'a str>,
+    format: Format,
+}
+
+/// What a publication's `data:` line carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// The whole envelope (the default).
+    Envelope,
+    /// The publication's `data` alone (`format=compact`); the position is in `id:`, the event name in
+    /// `event:`, and Herald's own events are unchanged.
+    Compact,
 }
 
 /// One subscribed SSE connection: yields the chunks to write, in order, until the connection closes.
@@ -177,6 +209,7 @@ pub struct SseStream {
     expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     first: Option<Bytes>,
     done: bool,
+    format: Format,
 }
 
 impl SseStream {
@@ -254,7 +287,11 @@ impl SseStream {
         self.encoder.write(&mut cursor, &self.positions);
         match event {
             SessionEvent::Publication { publication, .. } => {
-                put_event(buffer, &cursor, &publication.event, publication.envelope());
+                let data = match self.format {
+                    Format::Envelope => publication.envelope(),
+                    Format::Compact => publication.payload(),
+                };
+                put_event(buffer, &cursor, &publication.event, data);
             }
             SessionEvent::Reset { channel, reason, position } => {
                 let data = json!({"channel": channel, "reason": reason.as_str(), "epoch": position.epoch, "offset": position.offset});

@@ -1,8 +1,8 @@
 //! History is what subscribers got: hostile but valid data (nesting 200 and 10,000 deep, `1e400`, lone
 //! surrogates, duplicate keys, integers and fractions beyond f64, line breaks in the body) published
-//! on the memory engine and on Redis comes back byte for byte from every path: live SSE, live
-//! WebSocket, SSE resume (`Last-Event-ID`), WebSocket `since`, and `/v1/history`. Also: history is
-//! bounded in bytes, and a paged read returns everything.
+//! on the memory engine and on Redis comes back byte for byte from every path: live SSE (envelope and
+//! compact), live WebSocket, SSE resume (`Last-Event-ID`), WebSocket `since`, and `/v1/history`.
+//! Also: history is bounded in bytes, and a paged read returns everything.
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -84,6 +84,7 @@ async fn every_path_delivers_the_same_bytes(publisher: &Server, subscriber: &Ser
     let cases = cases();
     let (mut sse, _) = Sse::open(subscriber, &format!("channel={channel}"), None).await;
     let start = sse.last_id.clone();
+    let (mut compact, _) = Sse::open(subscriber, &format!("channel={channel}&format=compact"), None).await;
     let mut ws = Ws::connect(subscriber).await;
     let subscribed = ws.subscribe(1, channel, None).await;
     assert_eq!(subscribed.last().map(|f| f["type"].clone()), Some(json!("subscribed")), "{subscribed:?}");
@@ -109,6 +110,7 @@ async fn every_path_delivers_the_same_bytes(publisher: &Server, subscriber: &Ser
         assert_eq!(data_of(&envelope), case.delivered, "case {index}: live SSE");
         let message = ws.next_text().await;
         assert_eq!(message, format!("{{\"type\":\"message\",{}", &envelope[1..]), "case {index}: live WS");
+        assert_eq!(compact.next_raw().await, (event, case.delivered.clone()), "case {index}: compact SSE");
         envelopes.push(envelope);
     }
 
@@ -118,6 +120,12 @@ async fn every_path_delivers_the_same_bytes(publisher: &Server, subscriber: &Ser
         for (index, envelope) in envelopes.iter().enumerate() {
             let (event, replayed) = resumed.next_raw().await;
             assert_eq!((event.as_str(), &replayed), ("message", envelope), "case {index}: SSE resume");
+        }
+        let query = format!("channel={channel}&format=compact");
+        let (mut resumed, _) = Sse::open(server, &query, Some(&start)).await;
+        for (index, case) in cases.iter().enumerate() {
+            let (_, replayed) = resumed.next_raw().await;
+            assert_eq!(replayed, case.delivered, "case {index}: compact SSE resume");
         }
         let mut ws = Ws::connect(server).await;
         ws.send(json!({"op": "subscribe", "id": 2, "channel": channel, "since": {"epoch": epoch, "offset": 0}})).await;

@@ -159,6 +159,38 @@ async fn a_gap_history_cannot_cover_becomes_a_reset_then_delivery_goes_on() {
 }
 
 #[tokio::test]
+async fn the_compact_format_carries_the_payload_alone() {
+    let server = Server::with(|config| {
+        config
+            .namespaces
+            .insert("short".into(), NamespaceConfig { history_size: Some(2), ..NamespaceConfig::default() });
+    })
+    .await;
+    let (mut compact, connected) = Sse::open(&server, "channel=short:1&format=compact", None).await;
+    assert_eq!(connected["channels"], json!(["short:1"]), "herald.connected is unchanged");
+    let (mut full, _) = Sse::open(&server, "channel=short:1&format=envelope", None).await;
+    let payload = json!({"text": "hello there, this is thirty b", "n": [1, 2.5, null]});
+    server.publish("short:1", payload.clone()).await;
+    let (event, data) = compact.next().await;
+    assert_eq!((event.as_str(), &data), ("message", &payload), "data: is the payload");
+    let (_, envelope) = full.next().await;
+    assert_eq!(envelope["data"], payload);
+    assert_eq!(compact.last_id, full.last_id, "the position is in id:, as in the envelope format");
+
+    // Replayed publications are compact too; a reset is unchanged.
+    let cursor = compact.last_id.clone();
+    server.publish("short:1", json!("second")).await;
+    let (mut resumed, _) = Sse::open(&server, "channel=short:1&format=compact", Some(&cursor)).await;
+    assert_eq!(resumed.next().await.1, json!("second"));
+    for i in 0..3 {
+        server.publish("short:1", json!(i)).await;
+    }
+    let (mut reset, _) = Sse::open(&server, "channel=short:1&format=compact", Some(&cursor)).await;
+    let (event, data) = reset.next().await;
+    assert_eq!((event.as_str(), data["reason"].as_str()), ("herald.reset", Some("history_gone")), "{data}");
+}
+
+#[tokio::test]
 async fn idle_streams_get_heartbeat_comments() {
     let server = Server::with(|config| config.sse.ping_interval_secs = 1).await;
     let response = client().get(server.url("/v1/sse?channel=quiet")).send().await.expect("GET");
@@ -186,6 +218,8 @@ async fn bad_requests_get_json_errors_before_the_stream_starts() {
         ("channel=a", Some("garbage"), StatusCode::BAD_REQUEST, "invalid_cursor"),
         ("channel=a", Some("1.00000000.abc-1"), StatusCode::BAD_REQUEST, "invalid_cursor"),
         ("channel=a&last_event_id=1.zz", None, StatusCode::BAD_REQUEST, "invalid_cursor"),
+        ("channel=a&format=xml", None, StatusCode::BAD_REQUEST, "bad_request"),
+        ("channel=a&format=compact&format=compact", None, StatusCode::BAD_REQUEST, "bad_request"),
     ];
     for (query, last_id, status, code) in cases {
         let (got_status, body) = match Sse::connect(&server, query, last_id).await {
