@@ -12,13 +12,35 @@
 //! explained"), so the ID names one unbroken history of writes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use herald_core::EngineError;
 use redis::aio::MultiplexedConnection;
 
-use crate::lock;
+/// Locks `mutex`, also after a panic elsewhere poisoned it (every value kept under one stays valid).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unavailable(error: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(error.to_string())
+}
+
+/// Whether a failed command means the connection must be made again (it broke, timed out, or the
+/// server is no longer a primary).
+pub(crate) fn needs_new_connection(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly)
+                | ErrorKind::Server(ServerErrorKind::MasterDown)
+                | ErrorKind::Server(ServerErrorKind::BusyLoading)
+        )
+}
 
 /// What the engine URL says about where the primary is.
 #[derive(Debug, Clone)]
@@ -246,6 +268,45 @@ impl Commands {
         if current.as_ref().is_some_and(|c| c.generation == live.generation) {
             *current = None;
         }
+    }
+
+    /// Runs `call` on `live`'s connection, bounded by the command timeout; a failure that means the
+    /// connection is unusable makes the next caller connect anew.
+    pub async fn on<T>(
+        &self,
+        live: &Live,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if needs_new_connection(&error) {
+                    self.broken(live);
+                }
+                Err(unavailable(error))
+            }
+            Err(_) => {
+                self.broken(live);
+                Err(EngineError::Timeout)
+            }
+        }
+    }
+
+    /// `call` (on a connection of its own, such as the pub/sub one), bounded by the command timeout.
+    pub async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(unavailable(error)),
+            Err(_) => Err(EngineError::Timeout),
+        }
+    }
+
+    /// The command timeout every call is bounded by.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Checks that the current connection still talks to the primary it was made to (a server turned

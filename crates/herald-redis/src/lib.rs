@@ -14,14 +14,23 @@
 //! This crate is a [`Backplane`]: ordering, gap repair, re-sync, the probe and the node-to-node
 //! protocols are herald-core's (`cluster.rs`), which this crate feeds and knows nothing else of.
 
+//!
+//! Modules, each knowing only those below it: `connection.rs` (where the primary is; the command
+//! connection), `keys.rs` (key names), `scripts.rs` (the Lua scripts), and on top of them
+//! `channels.rs` (positions and history reads), `durable.rs` (waiting for replicas) and `subscriber.rs`
+//! (the pub/sub connection and its tasks). This file ties them into the [`Backplane`], with presence and
+//! cluster state, which are a command or two each.
+
+mod channels;
 mod connection;
+mod durable;
 mod keys;
 mod scripts;
 mod subscriber;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,20 +38,19 @@ use herald_core::engine::SubscribeFuture;
 use herald_core::publication::{format_timestamp, now_ms};
 use herald_core::{
     Backplane, BackplaneStats, ChannelName, ClusterEngine, EngineError, Epoch, History, NodeInfo, NodeStats, Policies,
-    Position, PresenceEntry, Publication, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
+    Position, PresenceEntry, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
 };
 use redis::{AsyncCommands, Script};
-use tokio::sync::{mpsc, oneshot};
 
-use connection::{Commands, Live};
+use channels::Channels;
+use connection::Commands;
 pub use connection::{Identity, Target};
+use durable::Replication;
 pub use keys::Keys;
+use subscriber::PubSub;
 
 /// How long a starting node waits for Redis to become reachable.
 pub const STARTUP_WAIT: Duration = Duration::from_secs(30);
-/// History entries asked for by a first `XRANGE`, and at most by any.
-const FIRST_PAGE: usize = 16;
-const MAX_PAGE: usize = 512;
 
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
@@ -131,21 +139,6 @@ fn client_factory(config: &RedisConfig) -> Result<connection::ClientFactory, Eng
     }))
 }
 
-/// Whether a failed command means the connection must be made again (it broke, timed out, or the
-/// server is no longer a primary).
-fn needs_new_connection(error: &redis::RedisError) -> bool {
-    use redis::{ErrorKind, ServerErrorKind};
-    error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_unrecoverable_error()
-        || matches!(
-            error.kind(),
-            ErrorKind::Server(ServerErrorKind::ReadOnly)
-                | ErrorKind::Server(ServerErrorKind::MasterDown)
-                | ErrorKind::Server(ServerErrorKind::BusyLoading)
-        )
-}
-
 /// The Redis engine as the hub uses it: [`Redis`] with herald-core's protocols on top.
 pub type RedisEngine = ClusterEngine<Redis>;
 
@@ -154,62 +147,23 @@ pub struct Redis {
     inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) config: RedisConfig,
-    pub(crate) keys: Keys,
-    pub(crate) commands: Commands,
+struct Inner {
+    config: RedisConfig,
+    keys: Keys,
+    commands: Arc<Commands>,
     publish_script: Script,
-    top_script: Script,
-    fence_script: Script,
-    /// What the subscriber hands received messages to (set once, at start).
-    pub(crate) relay: OnceLock<Arc<Relay>>,
-    pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
-    subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
-    /// Channels this node subscribes to (a copy of the actor's set, for periodic upkeep).
-    pub(crate) subscribed: Mutex<std::collections::HashSet<ChannelName>>,
-    /// The pub/sub connection is up.
-    pub(crate) connected: AtomicBool,
-    pub(crate) reconnects: AtomicU64,
-    pub(crate) stopping: AtomicBool,
-    /// Publishes waiting for replicas (`durability = replicated`); one `WAIT` answers all of them.
-    durable: Mutex<DurableWaits>,
-}
-
-/// Where a publish waiting for replicas hears the outcome.
-type DurableReply = oneshot::Sender<Result<(), EngineError>>;
-
-/// Publishes waiting for the next `WAIT`, each with the connection it wrote on.
-#[derive(Default)]
-struct DurableWaits {
-    waiting: Vec<(Live, DurableReply)>,
-    running: bool,
-}
-
-/// A channel's state as the top script reports it.
-#[derive(Debug, Clone)]
-pub(crate) struct TopState {
-    pub(crate) top: Position,
-    /// First part of the IDs of this epoch's history entries.
-    pub(crate) generation: u64,
-    /// The epoch a fence replaced with this one: its positions were possibly seen with other contents.
-    pub(crate) fenced_from: Option<Epoch>,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn unavailable(error: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(error.to_string())
+    channels: Channels,
+    pubsub: Arc<PubSub>,
+    /// Publishes waiting for replicas (`durability = replicated`).
+    replication: Arc<Replication>,
 }
 
 /// Connects the command connection, waiting up to [`STARTUP_WAIT`] for Redis (or, with Sentinel, for a
 /// primary) to be reachable.
 pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
     let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
-    let commands = Commands::new(target, client_factory(&config)?, config.command_timeout);
+    let commands = Arc::new(Commands::new(target, client_factory(&config)?, config.command_timeout));
     commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
-    let (tx, rx) = mpsc::unbounded_channel();
     let keys = Keys::new(&config.prefix, &config.node_id);
     let relay = RelayConfig {
         probe_interval: config.probe_interval,
@@ -217,22 +171,16 @@ pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
         node_ttl: config.node_ttl,
         request_timeout: config.command_timeout,
     };
+    let policies = config.policies.clone();
     let redis = Redis {
         inner: Arc::new(Inner {
+            channels: Channels::new(keys.clone(), commands.clone(), policies.clone(), config.max_read_bytes),
+            pubsub: Arc::new(PubSub::new(keys.clone(), commands.clone(), policies, config.probe_interval)),
+            replication: Arc::new(Replication::new(commands.clone())),
+            publish_script: Script::new(&scripts::publish()),
             config,
             keys,
             commands,
-            publish_script: Script::new(&scripts::publish()),
-            top_script: Script::new(&scripts::top()),
-            fence_script: Script::new(&scripts::fence()),
-            relay: OnceLock::new(),
-            subscriber: tx,
-            subscriber_rx: Mutex::new(Some(rx)),
-            subscribed: Mutex::new(std::collections::HashSet::new()),
-            connected: AtomicBool::new(false),
-            reconnects: AtomicU64::new(0),
-            stopping: AtomicBool::new(false),
-            durable: Mutex::new(DurableWaits::default()),
         }),
     };
     Ok(ClusterEngine::new(redis, relay))
@@ -247,278 +195,34 @@ impl Redis {
 
 impl Inner {
     /// The command connection (made first if needed).
-    pub(crate) async fn live(&self) -> Result<Live, EngineError> {
+    async fn live(&self) -> Result<connection::Live, EngineError> {
         self.commands.get().await
     }
 
-    /// `call`, bounded by the command timeout (for the pub/sub connection's requests).
-    pub(crate) async fn bounded<T>(
+    /// Runs `call` on `live`'s connection (see [`Commands::on`]).
+    async fn on<T>(
         &self,
+        live: &connection::Live,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, EngineError> {
-        match tokio::time::timeout(self.config.command_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(unavailable(error)),
-            Err(_) => Err(EngineError::Timeout),
-        }
-    }
-
-    /// Runs `call` on `live`'s connection, bounded by the command timeout; a failure that means the
-    /// connection is unusable makes the next caller connect anew.
-    pub(crate) async fn on<T>(
-        &self,
-        live: &Live,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, EngineError> {
-        match tokio::time::timeout(self.config.command_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => {
-                if needs_new_connection(&error) {
-                    self.commands.broken(live);
-                }
-                Err(unavailable(error))
-            }
-            Err(_) => {
-                self.commands.broken(live);
-                Err(EngineError::Timeout)
-            }
-        }
+        self.commands.on(live, call).await
     }
 
     /// Publishes `message` to a control channel; returns how many nodes it reached.
-    pub(crate) async fn send_control(&self, target: String, message: String) -> Result<usize, EngineError> {
+    async fn send_control(&self, target: String, message: String) -> Result<usize, EngineError> {
         let live = self.live().await?;
         let mut conn = live.conn.clone();
         self.on(&live, conn.publish(target, message)).await
     }
 
-    /// The channel's top, its generation and the epoch it continues (fencing it first when its position
-    /// was assigned under another history of the primary). A connection that broke on the way is made
-    /// again once, so a re-sync right after a reconnect does not fail for a stale connection.
-    pub(crate) async fn top_state(&self, channel: &ChannelName) -> Result<TopState, EngineError> {
-        match self.top_state_once(channel).await {
-            Err(EngineError::Unavailable(_) | EngineError::Timeout) => self.top_state_once(channel).await,
-            other => other,
-        }
-    }
-
-    async fn top_state_once(&self, channel: &ChannelName) -> Result<TopState, EngineError> {
-        let policy = self.config.policies.history(channel);
-        let live = self.live().await?;
-        let mut conn = live.conn.clone();
-        let mut invocation = self.top_script.prepare_invoke();
-        invocation
-            .key(self.keys.meta(channel))
-            .key(self.keys.stream(channel))
-            .arg(Epoch::generate().as_str())
-            .arg(policy.ttl.as_millis() as u64)
-            .arg(&*live.identity.replid);
-        let (epoch, offset, generation, fenced, previous): (String, u64, u64, u8, String) =
-            self.on(&live, invocation.invoke_async(&mut conn)).await?;
-        let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
-        if fenced == 1 {
-            tracing::info!(%channel, epoch = %epoch, replaces = %previous,
-                "channel fenced into a new epoch");
-        }
-        Ok(TopState { top: Position::new(epoch, offset), generation, fenced_from: Epoch::parse(&previous).ok() })
-    }
-
-    /// Moves `channel` to a new epoch if it is still in `epoch`, with nothing of `epoch` continued: its
-    /// position went backwards, so some of its offsets may have been handed out twice.
-    pub(crate) async fn fence_backwards(&self, channel: &ChannelName, epoch: &Epoch, seen: u64, now: u64) {
-        tracing::warn!(%channel, %epoch, seen_offset = seen, engine_offset = now,
-            "channel position went backwards in redis (its data rolled back); fencing it into a new epoch");
-        let Ok(live) = self.live().await else { return };
-        let mut conn = live.conn.clone();
-        let mut invocation = self.fence_script.prepare_invoke();
-        invocation
-            .key(self.keys.meta(channel))
-            .key(self.keys.stream(channel))
-            .arg(epoch.as_str())
-            .arg(Epoch::generate().as_str())
-            .arg(&*live.identity.replid);
-        if let Err(error) = self.on(&live, invocation.invoke_async::<u8>(&mut conn)).await {
-            tracing::warn!(%channel, %error, "fencing failed; retried at the next re-sync");
-        }
-    }
-
-    /// History entries with IDs from `start` to `end` (at most `limit`), oldest first, skipping entries
-    /// older than the namespace's history age. Read a few entries at a time and stopped once they hold
-    /// `max_read_bytes` (the entry that crosses it included), so concurrent reads of a large history
-    /// hold a bounded amount each; callers page on from the last entry.
-    pub(crate) async fn range(
-        &self,
-        channel: &ChannelName,
-        start: String,
-        end: String,
-        limit: usize,
-    ) -> Result<Vec<Arc<Publication>>, EngineError> {
-        let oldest_kept = now_ms().saturating_sub(self.config.policies.history(channel).ttl.as_millis() as u64);
-        let budget = self.config.max_read_bytes.max(1);
-        let (mut publications, mut bytes, mut start, mut page) = (Vec::new(), 0usize, start, FIRST_PAGE);
-        while publications.len() < limit && bytes < budget {
-            let count = page.min(limit - publications.len());
-            let live = self.live().await?;
-            let mut conn = live.conn.clone();
-            let entries: Vec<(String, Vec<Vec<u8>>)> = self
-                .on(
-                    &live,
-                    redis::cmd("XRANGE")
-                        .arg(self.keys.stream(channel))
-                        .arg(&start)
-                        .arg(&end)
-                        .arg("COUNT")
-                        .arg(count)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            let read = entries.len();
-            let mut page_bytes = 0;
-            for (id, fields) in entries {
-                start = format!("({id}");
-                let mut stamp = 0u64;
-                let mut envelope = None;
-                let mut fields = fields.into_iter();
-                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-                    match name.as_slice() {
-                        b"t" => stamp = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok()).unwrap_or(0),
-                        b"p" => envelope = Some(value),
-                        _ => {}
-                    }
-                }
-                let Some(envelope) = envelope.filter(|_| stamp >= oldest_kept) else { continue };
-                page_bytes += envelope.len();
-                match Publication::from_envelope(envelope.into(), None) {
-                    Ok(publication) => publications.push(Arc::new(publication)),
-                    Err(error) => tracing::warn!(%channel, %error, "unreadable history entry"),
-                }
-                if bytes + page_bytes >= budget {
-                    break;
-                }
-            }
-            bytes += page_bytes;
-            if read < count {
-                break;
-            }
-            // Size the next read by what entries of this channel weigh, within the budget left.
-            let average = (page_bytes / read.max(1)).max(1);
-            page = ((budget.saturating_sub(bytes)) / average + 1).clamp(1, MAX_PAGE);
-        }
-        Ok(publications)
-    }
-
-    /// Publications after `since` (see [`Engine::history`]). A `since` in the epoch a fence replaced is
-    /// gone as rolled back.
-    pub(crate) async fn history(
-        &self,
-        channel: &ChannelName,
-        since: Option<&Position>,
-        limit: usize,
-    ) -> Result<History, EngineError> {
-        let TopState { top, generation, fenced_from } = self.top_state(channel).await?;
-        let Some(since) = since else {
-            if top.offset == 0 {
-                return Ok(History::Covered { top, publications: Vec::new() });
-            }
-            let from = top.offset.saturating_sub(limit as u64) + 1;
-            let publications = self
-                .range(channel, format!("{generation}-{from}"), format!("{generation}-{}", top.offset), limit)
-                .await?
-                .into_iter()
-                .filter(|p| p.position.epoch == top.epoch);
-            return Ok(History::Covered { publications: publications.collect(), top });
-        };
-        if since.epoch != top.epoch || since.offset > top.offset {
-            let rolled_back = fenced_from.as_ref() == Some(&since.epoch);
-            return Ok(History::Gone { top, rolled_back });
-        }
-        if since.offset == top.offset {
-            return Ok(History::Covered { top, publications: Vec::new() });
-        }
-        let start = format!("{generation}-{}", since.offset + 1);
-        let entries = self.range(channel, start, "+".to_owned(), limit).await?;
-        // Keep the unbroken run after `since`; a hole (trimmed, expired, unreadable) ends it.
-        let publications: Vec<Arc<Publication>> = (since.offset + 1..)
-            .zip(entries)
-            .take_while(|(next, p)| p.position.epoch == since.epoch && p.position.offset == *next)
-            .map(|(_, publication)| publication)
-            .collect();
-        if publications.is_empty() {
-            return Ok(History::Gone { top, rolled_back: false });
-        }
-        Ok(History::Covered { top, publications })
-    }
-
-    /// Waits until replicas hold everything `live`'s connection wrote so far (`durability =
-    /// replicated`). Publishes that arrive while a `WAIT` runs share the next one.
-    async fn replicated(self: &Arc<Self>, live: Live, min_replicas: u32, timeout: Duration) -> Result<(), EngineError> {
-        let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut durable = lock(&self.durable);
-            durable.waiting.push((live, tx));
-            !std::mem::replace(&mut durable.running, true)
-        };
-        if start {
-            let inner = self.clone();
-            tokio::spawn(async move { inner.run_waits(min_replicas, timeout).await });
-        }
-        rx.await.unwrap_or_else(|_| Err(EngineError::NotDurable("the replication wait was abandoned".into())))
-    }
-
-    async fn run_waits(self: Arc<Self>, min_replicas: u32, timeout: Duration) {
-        loop {
-            let waiting = {
-                let mut durable = lock(&self.durable);
-                if durable.waiting.is_empty() {
-                    durable.running = false;
-                    return;
-                }
-                std::mem::take(&mut durable.waiting)
-            };
-            // WAIT counts the writes of the connection it is sent on, so each connection gets its own.
-            let mut by_connection: Vec<(Live, Vec<DurableReply>)> = Vec::new();
-            for (live, tx) in waiting {
-                match by_connection.iter_mut().find(|(l, _)| l.same_connection(&live)) {
-                    Some((_, senders)) => senders.push(tx),
-                    None => by_connection.push((live, vec![tx])),
-                }
-            }
-            for (live, senders) in by_connection {
-                let mut conn = live.conn.clone();
-                let mut command = redis::cmd("WAIT");
-                command.arg(min_replicas).arg(timeout.as_millis() as u64);
-                let wait = command.query_async::<u32>(&mut conn);
-                let answer = match tokio::time::timeout(timeout + self.config.command_timeout, wait).await {
-                    Ok(Ok(count)) if count >= min_replicas => Ok(()),
-                    Ok(Ok(count)) => Err(EngineError::NotDurable(format!(
-                        "{count} of the {min_replicas} replicas required acknowledged the publication in time"
-                    ))),
-                    Ok(Err(error)) => {
-                        if needs_new_connection(&error) {
-                            self.commands.broken(&live);
-                        }
-                        Err(EngineError::NotDurable(format!("waiting for replicas failed: {error}")))
-                    }
-                    Err(_) => {
-                        self.commands.broken(&live);
-                        Err(EngineError::NotDurable("waiting for replicas timed out".into()))
-                    }
-                };
-                for tx in senders {
-                    let _ = tx.send(answer.clone());
-                }
-            }
-        }
-    }
-
-    pub(crate) async fn live_nodes(&self) -> Result<Vec<String>, EngineError> {
+    async fn live_nodes(&self) -> Result<Vec<String>, EngineError> {
         let live = self.live().await?;
         let mut conn = live.conn.clone();
         let since = now_ms().saturating_sub(self.config.node_ttl.as_millis() as u64);
         self.on(&live, conn.zrangebyscore(self.keys.nodes(), since, "+inf")).await
     }
 
-    pub(crate) async fn heartbeat(&self, stats: &NodeStats) -> Result<(), EngineError> {
+    async fn heartbeat(&self, stats: &NodeStats) -> Result<(), EngineError> {
         let stats = serde_json::to_string(stats).map_err(|e| EngineError::Protocol(e.to_string()))?;
         let live = self.live().await?;
         let mut conn = live.conn.clone();
@@ -542,10 +246,7 @@ impl Backplane for Redis {
     }
 
     async fn start(&self, relay: Arc<Relay>) -> Result<(), EngineError> {
-        self.inner.relay.set(relay).map_err(|_| EngineError::Protocol("engine started twice".into()))?;
-        let rx = lock(&self.inner.subscriber_rx).take().ok_or(EngineError::Protocol("engine started twice".into()))?;
-        subscriber::spawn(self.inner.clone(), rx);
-        Ok(())
+        self.inner.pubsub.start(relay)
     }
 
     async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
@@ -579,19 +280,17 @@ impl Backplane for Redis {
         let outcome = parse_publish_reply(outcome)?;
         if let (Durability::Replicated { min_replicas, timeout }, false) = (inner.config.durability, outcome.duplicate)
         {
-            self.inner.replicated(live, min_replicas, timeout).await?;
+            inner.replication.replicated(live, min_replicas, timeout).await?;
         }
         Ok(outcome)
     }
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.inner.subscriber.send(subscriber::Command::Subscribe(channel.clone(), tx));
-        herald_core::engine::subscribe_answer(sent.is_ok(), rx)
+        self.inner.pubsub.subscribe(channel)
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
-        let _ = self.inner.subscriber.send(subscriber::Command::Unsubscribe(channel.clone()));
+        self.inner.pubsub.unsubscribe(channel);
     }
 
     async fn history(
@@ -600,15 +299,15 @@ impl Backplane for Redis {
         since: Option<&Position>,
         limit: usize,
     ) -> Result<History, EngineError> {
-        self.inner.history(channel, since, limit).await
+        self.inner.channels.history(channel, since, limit).await
     }
 
     async fn top(&self, channel: &ChannelName) -> Result<Position, EngineError> {
-        Ok(self.inner.top_state(channel).await?.top)
+        Ok(self.inner.channels.top_state(channel).await?.top)
     }
 
     async fn fence(&self, channel: &ChannelName, epoch: &Epoch, seen: u64, now: u64) {
-        self.inner.fence_backwards(channel, epoch, seen, now).await;
+        self.inner.channels.fence_backwards(channel, epoch, seen, now).await;
     }
 
     async fn presence_join(&self, channel: &ChannelName, entry: PresenceEntry) -> Result<(), EngineError> {
@@ -696,11 +395,11 @@ impl Backplane for Redis {
     }
 
     fn connected(&self) -> bool {
-        self.inner.connected.load(Ordering::SeqCst) && self.inner.commands.is_connected()
+        self.inner.pubsub.is_connected() && self.inner.commands.is_connected()
     }
 
     fn reconnect(&self) {
-        let _ = self.inner.subscriber.send(subscriber::Command::Stale);
+        self.inner.pubsub.stale();
     }
 
     async fn wait_connected(&self, until: tokio::time::Instant) {
@@ -709,7 +408,7 @@ impl Backplane for Redis {
 
     async fn stop(&self) {
         let inner = &self.inner;
-        inner.stopping.store(true, Ordering::SeqCst);
+        inner.pubsub.stop();
         let Ok(live) = inner.live().await else { return };
         let mut conn = live.conn.clone();
         let _ = inner.on(&live, conn.zrem::<_, _, ()>(inner.keys.nodes(), &inner.config.node_id)).await;
@@ -719,7 +418,7 @@ impl Backplane for Redis {
     fn stats(&self) -> BackplaneStats {
         let i = &self.inner;
         BackplaneStats {
-            reconnects: i.reconnects.load(Ordering::Relaxed),
+            reconnects: i.pubsub.reconnects(),
             rollbacks: i.commands.identity_changes.load(Ordering::Relaxed),
         }
     }

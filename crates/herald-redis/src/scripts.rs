@@ -29,23 +29,25 @@ local function fence(meta, stream, epoch, gen, fresh, replid)
   return fresh, 0, gen + 1, 1
 end
 
+-- Returns epoch, offset, generation, bytes, fenced, and when the keys' expiry was last pushed back
+-- (`x`, ms; nil for a channel just made).
 local function state(meta, stream, fresh, replid)
-  local m = redis.call('HMGET', meta, 'e', 'o', 'g', 'r', 'b')
+  local m = redis.call('HMGET', meta, 'e', 'o', 'g', 'r', 'b', 'x')
   local epoch, offset, gen, bytes = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[5]) or 0
   if not epoch then
     redis.call('DEL', stream)
     redis.call('HDEL', meta, 'pe')
     redis.call('HSET', meta, 'e', fresh, 'o', 0, 'g', 0, 'r', replid, 'b', 0)
-    return fresh, 0, 0, 0, 0
+    return fresh, 0, 0, 0, 0, nil
   end
   if m[4] ~= replid or replid == '' then
     -- What was acknowledged after the surviving data may be gone, and nothing here says what: no
     -- position of the old epoch continues, so its clients get a reset.
     local e, o, g, fenced = fence(meta, stream, epoch, gen, fresh, replid)
     if gen == nil then bytes = 0 end
-    return e, o, g, bytes, fenced
+    return e, o, g, bytes, fenced, tonumber(m[6])
   end
-  return epoch, offset or 0, gen or 0, bytes, 0
+  return epoch, offset or 0, gen or 0, bytes, 0, tonumber(m[6])
 end
 "#;
 
@@ -70,21 +72,30 @@ if dedup then
     return {1, seen}
   end
 end
-local epoch, offset, gen, bytes, fenced = state(meta, stream, ARGV[11], ARGV[13])
+local epoch, offset, gen, bytes, fenced, extended = state(meta, stream, ARGV[11], ARGV[13])
 offset = offset + 1
+-- Expiry: both keys live at least the history age after the last publication. They are given the age
+-- plus twice a slack of an eighth of it, and pushed back only once the last push (by the clock of the
+-- node that pushed it) is older than the slack, instead of on every publication: two commands saved on
+-- a busy channel. The second slack covers nodes whose clocks differ by up to a slack. History reads
+-- drop entries older than the age by their stamp, so the longer life shows nowhere. A stream made anew
+-- below gets its expiry at once.
+local now, age = tonumber(ARGV[7]), tonumber(ARGV[9])
+local slack = math.floor(age / 8)
+local extend = extended == nil or now - extended >= slack or now < extended
 local envelope = '{"channel":"' .. ARGV[2] .. '","epoch":"' .. epoch .. '","offset":' .. offset ..
   ',"event":"' .. ARGV[3] .. '","data":' .. ARGV[4] .. ',"correlation_id":"' .. ARGV[5] ..
   '","published_at":"' .. ARGV[6] .. '"}'
 local size, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[14])
 if size > 0 then
   local count = redis.call('XLEN', stream)
-  if count == 0 then bytes = 0 end
+  if count == 0 then bytes, extend = 0, true end
   local added = redis.pcall('XADD', stream, gen .. '-' .. offset, 't', ARGV[7], 'p', envelope)
   if type(added) == 'table' and added.err then
     -- The stream is ahead of the hash (one restored without the other, or written by another layout):
     -- its history cannot be continued; positions are still never reused (they come from the hash).
     redis.call('DEL', stream)
-    count, bytes = 0, 0
+    count, bytes, extend = 0, 0, true
     redis.call('XADD', stream, gen .. '-' .. offset, 't', ARGV[7], 'p', envelope)
   end
   count = count + 1
@@ -105,10 +116,14 @@ if size > 0 then
     end
     redis.call('XTRIM', stream, 'MAXLEN', kept)
   end
-  redis.call('PEXPIRE', stream, ARGV[9])
+  if extend then redis.call('PEXPIRE', stream, age + 2 * slack) end
 end
-redis.call('HSET', meta, 'o', offset, 'b', bytes)
-redis.call('PEXPIRE', meta, ARGV[9])
+if extend then
+  redis.call('HSET', meta, 'o', offset, 'b', bytes, 'x', now)
+  redis.call('PEXPIRE', meta, age + 2 * slack)
+else
+  redis.call('HSET', meta, 'o', offset, 'b', bytes)
+end
 if dedup then
   redis.call('SET', dedup, epoch .. ':' .. offset .. ':' .. ARGV[5], 'EX', ARGV[10])
 end
@@ -136,6 +151,13 @@ if m[1] ~= ARGV[1] then return 0 end
 fence(KEYS[1], KEYS[2], m[1], tonumber(m[2]), ARGV[2], ARGV[3])
 return 1
 "#;
+
+/// How long a channel's keys are kept after their expiry is pushed back, for a history age of `age_ms`:
+/// the age plus twice an eighth of it, as the publish script computes it (see the comment there).
+/// Whatever else pushes the expiry back (the keeper of subscribed channels) must give at least this.
+pub fn key_life_ms(age_ms: u64) -> u64 {
+    age_ms + 2 * (age_ms / 8)
+}
 
 pub fn publish() -> String {
     format!("{FENCE}{PUBLISH_BODY}")

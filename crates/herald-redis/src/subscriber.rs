@@ -14,19 +14,22 @@
 //! The command queue from the hub is unbounded on purpose: it is fed under the hub's lock, where
 //! waiting is not allowed; its length is bounded by how fast connections join and leave channels.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::{ChannelName, EngineError};
+use herald_core::engine::SubscribeFuture;
+use herald_core::{ChannelName, EngineError, Policies, Relay};
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Inner, lock};
+use crate::connection::{Commands, lock};
+use crate::keys::Keys;
+use crate::scripts::key_life_ms;
 
-pub(crate) enum Command {
+enum Command {
     Subscribe(ChannelName, oneshot::Sender<Result<(), EngineError>>),
     Unsubscribe(ChannelName),
     /// The receiver of connection `generation` saw its stream end.
@@ -40,17 +43,88 @@ const MAX_BATCH: usize = 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-pub(crate) fn spawn(inner: Arc<Inner>, rx: mpsc::UnboundedReceiver<Command>) {
-    tokio::spawn(actor(inner.clone(), rx));
-    tokio::spawn(verifier(inner.clone()));
-    tokio::spawn(keeper(inner));
+/// The node's pub/sub side: what the engine asks of it, and what its tasks share.
+pub(crate) struct PubSub {
+    keys: Keys,
+    /// The command connection: where the primary is, and the keeper's refreshes.
+    commands: Arc<Commands>,
+    policies: Policies,
+    probe_interval: Duration,
+    /// What received messages are handed to (set once, at start).
+    relay: OnceLock<Arc<Relay>>,
+    requests: mpsc::UnboundedSender<Command>,
+    requests_rx: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    /// Channels this node subscribes to (a copy of the actor's set, for the keeper).
+    subscribed: Mutex<HashSet<ChannelName>>,
+    /// The pub/sub connection is up.
+    connected: AtomicBool,
+    reconnects: AtomicU64,
+    stopping: AtomicBool,
+}
+
+impl PubSub {
+    pub(crate) fn new(keys: Keys, commands: Arc<Commands>, policies: Policies, probe_interval: Duration) -> Self {
+        let (requests, rx) = mpsc::unbounded_channel();
+        Self {
+            keys,
+            commands,
+            policies,
+            probe_interval,
+            relay: OnceLock::new(),
+            requests,
+            requests_rx: Mutex::new(Some(rx)),
+            subscribed: Mutex::new(HashSet::new()),
+            connected: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the tasks (once): the actor, the verifier and the keeper.
+    pub(crate) fn start(self: &Arc<Self>, relay: Arc<Relay>) -> Result<(), EngineError> {
+        let twice = || EngineError::Protocol("engine started twice".into());
+        self.relay.set(relay).map_err(|_| twice())?;
+        let rx = lock(&self.requests_rx).take().ok_or_else(twice)?;
+        tokio::spawn(actor(self.clone(), rx));
+        tokio::spawn(verifier(self.clone()));
+        tokio::spawn(keeper(self.clone()));
+        Ok(())
+    }
+
+    /// As `Backplane::subscribe`: taken now, resolved once Redis confirmed the SUBSCRIBE.
+    pub(crate) fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.requests.send(Command::Subscribe(channel.clone(), tx));
+        herald_core::engine::subscribe_answer(sent.is_ok(), rx)
+    }
+
+    pub(crate) fn unsubscribe(&self, channel: &ChannelName) {
+        let _ = self.requests.send(Command::Unsubscribe(channel.clone()));
+    }
+
+    /// The relay's probe found the subscription stale: connect anew.
+    pub(crate) fn stale(&self) {
+        let _ = self.requests.send(Command::Stale);
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The tasks end at their next turn.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Channels this node subscribes to keep their epoch while idle: their stream state is refreshed three
 /// times per history age. History entries still age out (old cursors then get a reset).
-async fn keeper(inner: Arc<Inner>) {
-    let every =
-        (inner.config.policies.shortest_history_ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(60));
+async fn keeper(inner: Arc<PubSub>) {
+    let every = (inner.policies.shortest_history_ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -62,13 +136,13 @@ async fn keeper(inner: Arc<Inner>) {
     }
 }
 
-async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
+async fn actor(inner: Arc<PubSub>, mut rx: mpsc::UnboundedReceiver<Command>) {
     let mut desired: BTreeSet<ChannelName> = BTreeSet::new();
     let mut generation = 0u64;
     let mut backoff = MIN_BACKOFF;
     let mut first = true;
     loop {
-        if inner.stopping.load(Ordering::SeqCst) && inner.subscriber.is_closed() {
+        if inner.stopping.load(Ordering::SeqCst) && inner.requests.is_closed() {
             return;
         }
         // Connect and subscribe everything wanted so far.
@@ -137,8 +211,8 @@ async fn actor(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
     }
 }
 
-async fn connect(inner: &Inner, desired: &BTreeSet<ChannelName>) -> Result<(PubSubSink, PubSubStream), EngineError> {
-    let timeout = inner.config.command_timeout * 3;
+async fn connect(inner: &PubSub, desired: &BTreeSet<ChannelName>) -> Result<(PubSubSink, PubSubStream), EngineError> {
+    let timeout = inner.commands.timeout() * 3;
     let (client, _address) = inner.commands.primary_client().await?;
     let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
         .await
@@ -148,14 +222,14 @@ async fn connect(inner: &Inner, desired: &BTreeSet<ChannelName>) -> Result<(PubS
     let mut names = vec![inner.keys.own_control(), inner.keys.control_all()];
     names.extend(desired.iter().map(|c| inner.keys.pubsub(c)));
     for chunk in names.chunks(MAX_BATCH) {
-        inner.bounded(sink.subscribe(chunk)).await?;
+        inner.commands.bounded(sink.subscribe(chunk)).await?;
     }
     Ok((sink, stream))
 }
 
 /// Applies a batch of requests; Err when the connection is unusable (the actor then reconnects).
 async fn apply(
-    inner: &Inner,
+    inner: &PubSub,
     sink: &mut PubSubSink,
     desired: &mut BTreeSet<ChannelName>,
     generation: u64,
@@ -194,10 +268,10 @@ async fn apply(
     let subscribe: Vec<String> = changed.iter().filter(|(_, on)| **on).map(|(c, _)| inner.keys.pubsub(c)).collect();
     let unsubscribe: Vec<String> = changed.iter().filter(|(_, on)| !**on).map(|(c, _)| inner.keys.pubsub(c)).collect();
     let mut result = Ok(());
-    if !unsubscribe.is_empty() && inner.bounded(sink.unsubscribe(&unsubscribe)).await.is_err() {
+    if !unsubscribe.is_empty() && inner.commands.bounded(sink.unsubscribe(&unsubscribe)).await.is_err() {
         result = Err("unsubscribe failed");
     }
-    if result.is_ok() && !subscribe.is_empty() && inner.bounded(sink.subscribe(&subscribe)).await.is_err() {
+    if result.is_ok() && !subscribe.is_empty() && inner.commands.bounded(sink.subscribe(&subscribe)).await.is_err() {
         result = Err("subscribe failed");
     }
     for reply in replies {
@@ -207,7 +281,7 @@ async fn apply(
     result
 }
 
-async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, resync: Vec<ChannelName>) {
+async fn receiver(inner: Arc<PubSub>, mut stream: PubSubStream, generation: u64, resync: Vec<ChannelName>) {
     let Some(relay) = inner.relay.get().cloned() else { return };
     let mut link = relay.connected(resync).await;
     let own_control = inner.keys.own_control();
@@ -221,13 +295,13 @@ async fn receiver(inner: Arc<Inner>, mut stream: PubSubStream, generation: u64, 
             link.publication(channel, payload).await;
         }
     }
-    let _ = inner.subscriber.send(Command::Lost(generation));
+    let _ = inner.requests.send(Command::Lost(generation));
 }
 
 /// A primary turned into a replica and back keeps its connections: check who answers, every probe
 /// interval.
-async fn verifier(inner: Arc<Inner>) {
-    let mut interval = tokio::time::interval(inner.config.probe_interval);
+async fn verifier(inner: Arc<PubSub>) {
+    let mut interval = tokio::time::interval(inner.probe_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
@@ -239,18 +313,18 @@ async fn verifier(inner: Arc<Inner>) {
 }
 
 /// Extends the life of the epoch of every channel this node subscribes to.
-async fn refresh_subscribed(inner: &Inner) {
+async fn refresh_subscribed(inner: &PubSub) {
     let channels: Vec<ChannelName> = lock(&inner.subscribed).iter().cloned().collect();
     for chunk in channels.chunks(1000) {
         let mut pipe = redis::pipe();
         for channel in chunk {
-            let ttl = inner.config.policies.history(channel).ttl.as_millis() as u64;
-            pipe.pexpire(inner.keys.meta(channel), ttl as i64).ignore();
+            let ttl = inner.policies.history(channel).ttl.as_millis() as u64;
+            pipe.pexpire(inner.keys.meta(channel), key_life_ms(ttl) as i64).ignore();
         }
         let refreshed = async {
-            let live = inner.live().await?;
+            let live = inner.commands.get().await?;
             let mut conn = live.conn.clone();
-            inner.on(&live, pipe.query_async::<()>(&mut conn)).await
+            inner.commands.on(&live, pipe.query_async::<()>(&mut conn)).await
         };
         if let Err(error) = refreshed.await {
             tracing::debug!(%error, "refreshing subscribed channels failed");
