@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config().limits.max_body_bytes;
     let router = Router::new()
         .route("/", get(ops::index))
+        .route("/herald-client.js", get(ops::client_js))
         .route("/favicon.ico", get(ops::favicon))
         .route("/dashboard", get(ops::dashboard))
         .route("/v1/sse", get(sse::handler))

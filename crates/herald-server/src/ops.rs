@@ -1,5 +1,6 @@
-//! Operations endpoints (`/healthz`, `/readyz`, `/metrics`), the demo page at `/`, and the JSON
-//! answers for unknown routes and methods (errors from `error.rs`, metrics rendered by `metrics.rs`).
+//! Operations endpoints (`/healthz`, `/readyz`, `/metrics`), the demo page at `/` and the browser client
+//! it loads (`/herald-client.js`), and the JSON answers for unknown routes and methods (errors from
+//! `error.rs`, metrics rendered by `metrics.rs`).
 
 use axum::Json;
 use axum::extract::State;
@@ -12,6 +13,8 @@ use crate::state::AppState;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const DASHBOARD_HTML: &str = include_str!("../static/dashboard.html");
+/// The browser client (`clients/js`, built; its test checks the built file matches its source).
+const CLIENT_JS: &str = include_str!("../../../clients/js/dist/herald-client.js");
 
 pub async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
@@ -20,6 +23,15 @@ pub async fn index() -> Html<&'static str> {
 /// The live cluster dashboard (it polls `/v1/cluster`).
 pub async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD_HTML)
+}
+
+/// The browser client as one ES module, for the demo page and for pages that load it from a node.
+pub async fn client_js() -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static("text/javascript; charset=utf-8")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ];
+    (headers, CLIENT_JS).into_response()
 }
 
 /// No icon: an empty answer instead of a 404 in every browser console.

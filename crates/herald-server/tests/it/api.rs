@@ -231,7 +231,12 @@ async fn operations_endpoints_and_unknown_routes() {
     assert_eq!((status, error_code(&body)), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
     let page = client().get(server.url("/")).send().await.expect("GET /");
     assert_eq!(page.status(), StatusCode::OK);
-    assert!(page.text().await.expect("page").contains("EventSource"));
+    let page = page.text().await.expect("page");
+    assert!(page.contains("EventSource") && page.contains("/herald-client.js"), "{page}");
+    let script = client().get(server.url("/herald-client.js")).send().await.expect("GET /herald-client.js");
+    assert_eq!(script.status(), StatusCode::OK);
+    assert_eq!(script.headers()["content-type"], "text/javascript; charset=utf-8", "browsers load modules only so");
+    assert!(script.text().await.expect("script").contains("export"), "an ES module");
 }
 
 #[tokio::test]
