@@ -47,8 +47,26 @@ pub(crate) async fn start(inner: Arc<Inner>, rx: mpsc::UnboundedReceiver<Command
     if !inner.config.resync_interval.is_zero() {
         tokio::spawn(resync_periodically(inner.clone()));
     }
-    tokio::spawn(run(inner, rx, futures_util::stream::select(own, all).boxed()));
+    // The control task ends with the subscriber task (which holds `running`).
+    let (running, ended) = oneshot::channel::<()>();
+    let messages = futures_util::stream::select(own, all).take_until(ended).boxed();
+    tokio::spawn(control(inner.clone(), messages));
+    tokio::spawn(async move {
+        let _running = running;
+        run(inner, rx).await;
+    });
     Ok(())
+}
+
+/// Hands control messages (probes above all) to the relay, in a task of its own: the subscriber task
+/// waits on JetStream while it re-syncs channels (after a reconnect, for as long as the stream elects a
+/// leader), and a probe waiting behind that would make a healthy connection look stale, so that it is
+/// reconnected, re-synced and found stale again, for as long as the election lasts.
+async fn control(inner: Arc<Inner>, mut messages: BoxStream<'static, async_nats::Message>) {
+    let Some(relay) = inner.relay.get().cloned() else { return };
+    while let Some(message) = messages.next().await {
+        relay.control(&message.payload).await;
+    }
 }
 
 /// Re-syncs every subscribed channel every `resync_interval`.
@@ -86,11 +104,7 @@ async fn watch_leader(inner: Arc<Inner>) {
     }
 }
 
-async fn run(
-    inner: Arc<Inner>,
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    mut control: BoxStream<'static, async_nats::Message>,
-) {
+async fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Command>) {
     let Some(relay) = inner.relay.get().cloned() else { return };
     let mut link = relay.connected(Vec::new()).await;
     let mut live: SelectAll<Live> = SelectAll::new();
@@ -149,7 +163,6 @@ async fn run(
                     }
                 }
             }
-            Some(message) = control.next() => relay.control(&message.payload).await,
             Some((channel, id, message)) = live.next() => {
                 if subscribed.get(&channel).is_some_and(|(_, current)| *current == id) {
                     if message.payload.is_empty() {
