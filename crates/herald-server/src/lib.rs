@@ -48,6 +48,28 @@ pub use cors::cors_allow_origin;
 pub use error::ApiError;
 pub use state::AppState;
 
+/// Every (method, path) [`router`] serves, in the order it adds them: the list `docs/openapi.yaml` is
+/// checked against (`tests/it/openapi.rs`), and that a unit test below checks against the `.route(…)`
+/// calls of [`router`] itself. axum cannot list a router's routes, hence this list. A `get` route also
+/// answers `HEAD` (axum adds it); only `GET` is listed.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/herald-client.js"),
+    ("GET", "/favicon.ico"),
+    ("GET", "/dashboard"),
+    ("GET", "/v1/sse"),
+    ("GET", "/v1/ws"),
+    ("POST", "/v1/publish"),
+    ("POST", "/v1/broadcast"),
+    ("GET", "/v1/history"),
+    ("GET", "/v1/presence"),
+    ("POST", "/v1/disconnect"),
+    ("GET", "/v1/cluster"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+];
+
 /// Every route of the contract, for serving or for nesting into another axum application.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config().limits.max_body_bytes;
@@ -168,4 +190,61 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     }
     state.hub().engine().stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ROUTES;
+
+    /// The `(method, path)` pairs of every `.route("PATH", get(…).post(…))` call in [`super::router`],
+    /// read from this file's own source.
+    fn routes_in_router() -> Vec<(String, String)> {
+        const METHODS: &[&str] = &["get", "post", "put", "delete", "patch", "head", "options", "trace", "connect"];
+        let source = include_str!("lib.rs");
+        let start = source.find("pub fn router(").expect("router() is in lib.rs");
+        let end = start + source[start..].find("\n}\n").expect("router() ends");
+        let mut found = Vec::new();
+        for call in source[start..end].split(".route(").skip(1) {
+            let path = call.split('"').nth(1).expect("a route's path is a string literal");
+            let (_, method_router) = call.split_once("\",").expect("a path, then its method router");
+            // The method router's text outside its handlers' parentheses (`get`, `.post`, …), up to the
+            // `)` that closes `.route(`.
+            let mut depth = 0usize;
+            let mut arguments = String::new();
+            for c in method_router.chars() {
+                match c {
+                    '(' => depth += 1,
+                    ')' if depth == 0 => break,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                if depth == 0 && c != ')' {
+                    arguments.push(c);
+                }
+            }
+            let methods: Vec<&str> = arguments
+                .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .filter(|word| METHODS.contains(word))
+                .collect();
+            assert!(!methods.is_empty(), "no method router found for {path}: {arguments:?}");
+            for method in methods {
+                found.push((method.to_ascii_uppercase(), path.to_owned()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn routes_lists_exactly_what_router_serves() {
+        let mut served = routes_in_router();
+        let mut listed: Vec<(String, String)> =
+            ROUTES.iter().map(|(method, path)| ((*method).to_owned(), (*path).to_owned())).collect();
+        assert!(served.len() > 10, "the source scan found too few routes: {served:?}");
+        served.sort();
+        listed.sort();
+        let before = listed.len();
+        listed.dedup();
+        assert_eq!(before, listed.len(), "ROUTES lists a route twice");
+        assert_eq!(served, listed, "ROUTES must list exactly the (method, path) pairs router() serves");
+    }
 }
