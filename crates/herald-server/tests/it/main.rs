@@ -11,6 +11,7 @@ mod history;
 mod jetstream;
 mod lifecycle;
 mod limits;
+mod openapi;
 mod process;
 mod protocol;
 mod rollback;
