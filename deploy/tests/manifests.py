@@ -454,20 +454,51 @@ def deliver(name, subscriber, publisher, env, logs=None):
         stream.close()
 
 
-def stop_gracefully(name, proc, docs):
-    """SIGTERM as the kubelet sends it after preStop: Herald must exit 0 within the grace period left."""
+def open_stream(address, env):
+    """An SSE client of user:42 (token from the Secret's HS256 key), read up to its herald.connected."""
+    host, port = address.rsplit(":", 1)
+    stream = http.client.HTTPConnection(host, int(port), timeout=15)
+    token = hs256_token(env["HERALD_JWT_HS256_SECRET"], "42")
+    stream.request("GET", "/v1/sse?channel=user:42", headers={"Authorization": f"Bearer {token}"})
+    response = stream.getresponse()
+    while response.status == 200 and b"herald.connected" not in response.fp.readline():
+        pass
+    return stream, response
+
+
+def stop_gracefully(name, proc, address, docs):
+    """SIGTERM as the kubelet sends it after preStop, with a client connected: the client must be told
+    to reconnect (`: closed shutting_down`) within the drain window, and Herald must exit 0 within
+    shutdown_grace_secs."""
     env = config_values(docs)
-    deployment, _ = container_of(docs)
-    budget = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - 5
+    grace = int(env.get("HERALD_SHUTDOWN_GRACE_SECS", 10))
+    drain = int(env.get("HERALD_DRAIN_WINDOW_MS", 3000)) / 1000
+    stream, response = open_stream(address, env)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
+    told, told_after = False, None
     try:
-        code = proc.wait(timeout=budget)
+        while True:
+            line = response.fp.readline()
+            if not line:
+                break
+            if b"closed shutting_down" in line:
+                told, told_after = True, time.monotonic() - started
+    except (OSError, http.client.HTTPException):
+        pass
+    finally:
+        stream.close()
+    check(
+        told and told_after <= drain + 1,
+        f"{name}: on SIGTERM the connected client is told to reconnect"
+        + (f" after {told_after:.1f} s (drain window {drain:g} s)" if told else ""),
+    )
+    try:
+        code = proc.wait(timeout=grace + 5)
     except subprocess.TimeoutExpired:
         code = None
     took = time.monotonic() - started
-    grace = int(env.get("HERALD_SHUTDOWN_GRACE_SECS", 10))
-    check(code == 0 and took <= grace + 1, f"{name}: SIGTERM drains and exits 0 in {took:.1f} s (grace {grace} s)")
+    check(code == 0 and took <= grace + 1, f"{name}: then exits with status {code} after {took:.1f} s (grace {grace} s)")
 
 
 def start_redis(procs, workdir):
@@ -528,7 +559,7 @@ def run_overlay(name, docs, workdir, extra_env=None, nodes=1):
             addresses.append((proc, address))
         if extra_env is None:
             deliver(name, addresses[0][1], addresses[-1][1], env, lambda: procs.log_tail(addresses[-1][0]))
-            stop_gracefully(name, addresses[0][0], docs)
+            stop_gracefully(name, addresses[0][0], addresses[0][1], docs)
         return [a for _, a in addresses]
     finally:
         procs.stop_all()
