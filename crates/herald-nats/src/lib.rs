@@ -16,8 +16,15 @@
 //!
 //! This crate is a [`Backplane`]: ordering, gap repair, re-sync, the probe and the node-to-node
 //! protocols are herald-core's (`cluster.rs`), which this crate feeds and knows nothing else of.
+//!
+//! Modules, each knowing only those before it: `config.rs` (settings), `names.rs` (subjects, stream and
+//! bucket names), `url.rs` (engine URLs), `shared.rs` (the connection and state every part uses),
+//! `stream.rs` (publish, top, history walk, fencing) and `subscriber.rs` (live subscriptions, control
+//! messages); this file connects and ties them into the [`Backplane`] (leases, presence, heartbeat).
 
+mod config;
 mod names;
+mod shared;
 mod stream;
 mod subscriber;
 mod url;
@@ -25,9 +32,8 @@ mod url;
 pub use url::{Servers, check_url, parse_url};
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::ConnectErrorKind;
@@ -37,12 +43,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_core::engine::SubscribeFuture;
 use herald_core::{
-    Backplane, BackplaneStats, ChannelName, ClusterEngine, EngineError, Epoch, History, NodeInfo, NodeStats, Policies,
-    Position, PresenceEntry, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
+    Backplane, BackplaneStats, ChannelName, ClusterEngine, EngineError, Epoch, History, NodeInfo, NodeStats, Position,
+    PresenceEntry, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use config::NatsConfig;
 pub use names::Names;
+use shared::{Command, Inner, lock, unavailable};
 
 /// Presence entries are removed by their connection or, for a node that died, ignored once its lease
 /// expires; this bounds how long an entry of a live node whose removal failed stays.
@@ -50,63 +58,6 @@ const PRESENCE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a starting node waits for NATS to become reachable.
 pub const STARTUP_WAIT: Duration = Duration::from_secs(30);
-
-/// Settings of the NATS engine.
-#[derive(Debug, Clone)]
-pub struct NatsConfig {
-    /// `nats://[user:password@]host:4222[,host2:4222]` or `tls://…` (TLS required).
-    pub url: String,
-    /// Prefix of every subject, and (upper-cased) of the stream and bucket names.
-    pub prefix: String,
-    pub node_id: String,
-    pub policies: Policies,
-    /// Replication factor of the history stream and the KV buckets (1, 3 or 5; the NATS system needs
-    /// at least that many JetStream servers).
-    pub replicas: usize,
-    pub token: Option<String>,
-    /// File holding an NKey seed (`SU…`).
-    pub nkey_seed_file: Option<PathBuf>,
-    /// A `.creds` file (user JWT and NKey seed).
-    pub credentials_file: Option<PathBuf>,
-    /// PEM file of the certificate authority for TLS (default: the system's trust store).
-    pub tls_ca_file: Option<PathBuf>,
-    /// A node that has not heartbeated for this long is gone (with its presence).
-    pub node_ttl: Duration,
-    /// How often the node sends itself a probe through NATS.
-    pub probe_interval: Duration,
-    /// A probe not back within this time marks the subscription stale.
-    pub probe_timeout: Duration,
-    /// Bound on every NATS request.
-    pub command_timeout: Duration,
-    /// Bytes of history one read holds at most (one more entry beyond it).
-    pub max_read_bytes: usize,
-    /// How often every subscribed channel is re-synced from history (zero: never). The stream's
-    /// republish is core NATS, at most once: a message it dropped (a leader failing over between
-    /// storing and republishing) reaches subscribers at the channel's next publication, or at this.
-    pub resync_interval: Duration,
-}
-
-impl NatsConfig {
-    pub fn new(url: impl Into<String>, node_id: impl Into<String>, policies: Policies) -> Self {
-        Self {
-            url: url.into(),
-            prefix: "herald".into(),
-            node_id: node_id.into(),
-            policies,
-            replicas: 1,
-            token: None,
-            nkey_seed_file: None,
-            credentials_file: None,
-            tls_ca_file: None,
-            node_ttl: Duration::from_secs(30),
-            probe_interval: Duration::from_secs(1),
-            probe_timeout: Duration::from_secs(3),
-            command_timeout: Duration::from_secs(1),
-            max_read_bytes: 4 * 1024 * 1024,
-            resync_interval: Duration::from_secs(5),
-        }
-    }
-}
 
 /// The NATS engine as the hub uses it: [`Nats`] with herald-core's protocols on top.
 pub type NatsEngine = ClusterEngine<Nats>;
@@ -116,32 +67,6 @@ pub struct Nats {
     inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) config: NatsConfig,
-    pub(crate) names: Names,
-    pub(crate) client: async_nats::Client,
-    pub(crate) stream: jetstream::stream::Stream,
-    pub(crate) js: jetstream::Context,
-    nodes: kv::Store,
-    presence: kv::Store,
-    pub(crate) dedup: kv::Store,
-    pub(crate) relay: OnceLock<Arc<Relay>>,
-    pub(crate) subscriber: mpsc::UnboundedSender<subscriber::Command>,
-    subscriber_rx: Mutex<Option<mpsc::UnboundedReceiver<subscriber::Command>>>,
-    /// The last JetStream request (heartbeat) succeeded.
-    pub(crate) jetstream_ok: AtomicBool,
-    pub(crate) reconnects: AtomicU64,
-    /// Channels found behind what this node had seen of them (each was fenced).
-    pub(crate) rollbacks: AtomicU64,
-    pub(crate) stopping: AtomicBool,
-    /// The last message of channels this node published to: a publish tries it first.
-    pub(crate) tops: Mutex<HashMap<ChannelName, stream::Last>>,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The write found no stream for its subject (the answer JetStream gives while the stream is missing).
 fn stream_missing(error: &kv::PutError) -> bool {
     std::error::Error::source(error)
@@ -149,23 +74,7 @@ fn stream_missing(error: &kv::PutError) -> bool {
         .is_some_and(|error| error.kind() == jetstream::context::PublishErrorKind::StreamNotFound)
 }
 
-pub(crate) fn unavailable(error: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(error.to_string())
-}
-
 impl Inner {
-    /// `call`, bounded by the command timeout.
-    pub(crate) async fn bounded<T, E: std::fmt::Display>(
-        &self,
-        call: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, EngineError> {
-        match tokio::time::timeout(self.config.command_timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(unavailable(error)),
-            Err(_) => Err(EngineError::Timeout),
-        }
-    }
-
     /// Makes the history stream and the buckets where they are missing.
     async fn ensure_layout(&self) -> Result<(), EngineError> {
         layout(&self.js, &self.names, &self.config).await.map(|_| ())
@@ -238,7 +147,7 @@ async fn bucket(
 async fn client_options(
     config: &NatsConfig,
     servers: &Servers,
-    events: mpsc::UnboundedSender<subscriber::Command>,
+    events: mpsc::UnboundedSender<Command>,
 ) -> Result<async_nats::ConnectOptions, EngineError> {
     let protocol = |what: &str, e: std::io::Error| EngineError::Protocol(format!("{what}: {e}"));
     let mut options = match &config.credentials_file {
@@ -271,8 +180,8 @@ async fn client_options(
             let events = events.clone();
             async move {
                 let command = match event {
-                    async_nats::Event::Connected => subscriber::Command::Connected,
-                    async_nats::Event::Disconnected => subscriber::Command::Disconnected,
+                    async_nats::Event::Connected => Command::Connected,
+                    async_nats::Event::Disconnected => Command::Disconnected,
                     other => {
                         tracing::debug!(event = %other, "nats client event");
                         return;
@@ -392,12 +301,12 @@ impl Backplane for Nats {
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
         let (tx, rx) = oneshot::channel();
-        let sent = self.inner.subscriber.send(subscriber::Command::Subscribe(channel.clone(), tx));
+        let sent = self.inner.subscriber.send(Command::Subscribe(channel.clone(), tx));
         herald_core::engine::subscribe_answer(sent.is_ok(), rx)
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
-        let _ = self.inner.subscriber.send(subscriber::Command::Unsubscribe(channel.clone()));
+        let _ = self.inner.subscriber.send(Command::Unsubscribe(channel.clone()));
     }
 
     async fn history(
@@ -508,7 +417,7 @@ impl Backplane for Nats {
     }
 
     fn reconnect(&self) {
-        let _ = self.inner.subscriber.send(subscriber::Command::Stale);
+        let _ = self.inner.subscriber.send(Command::Stale);
     }
 
     fn ordered_links(&self) -> bool {

@@ -23,7 +23,9 @@ use bytes::Bytes;
 use herald_core::publication::now_ms;
 use herald_core::{ChannelName, EngineError, Epoch, History, Position, Publication, PublishOutcome, PublishRequest};
 
-use crate::{Inner, Names, NatsConfig, lock, unavailable};
+use crate::config::NatsConfig;
+use crate::names::Names;
+use crate::shared::{Inner, Last, lock, unavailable};
 
 const POSITION: &str = "Herald-Position";
 const PREV: &str = "Herald-Prev";
@@ -75,14 +77,6 @@ pub(crate) async fn ensure(
             Err(_) => js.get_stream(names.stream()).await.map_err(unavailable),
         },
     }
-}
-
-/// A channel's last message, as far as publishing and reading need it.
-#[derive(Debug, Clone)]
-pub(crate) struct Last {
-    pub(crate) sequence: u64,
-    pub(crate) position: Position,
-    pub(crate) replaces: Option<Epoch>,
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

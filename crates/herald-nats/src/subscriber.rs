@@ -18,22 +18,7 @@ use futures_util::stream::{BoxStream, SelectAll};
 use herald_core::{ChannelName, EngineError};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Inner;
-
-pub(crate) enum Command {
-    Subscribe(ChannelName, oneshot::Sender<Result<(), EngineError>>),
-    Unsubscribe(ChannelName),
-    /// The client (re)connected to a server.
-    Connected,
-    Disconnected,
-    /// The relay's probe found the subscription stale.
-    Stale,
-    /// Re-sync every subscribed channel: the history stream has a new leader (what the old one stored
-    /// but had not republished yet never reaches the live subjects), or a while after a reconnect.
-    ResyncAll,
-    /// A while after a channel was subscribed: re-sync it once.
-    Recheck(ChannelName),
-}
+use crate::shared::{Command, Inner};
 
 /// Messages of one live subscription, tagged with the subscription's number.
 type Live = BoxStream<'static, (ChannelName, u64, async_nats::Message)>;
