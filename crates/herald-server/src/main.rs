@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG as u8);
         }
     };
+    raise_open_file_limit(settings.config.limits.sockets());
     for name in &settings.ignored_env {
         tracing::warn!(variable = %name, "ignored: this HERALD_ environment variable names no configuration key");
     }
@@ -104,4 +105,26 @@ async fn watch_signals(shutdown: CancellationToken) {
     }
     tracing::warn!("second signal: exiting now");
     std::process::exit(1);
+}
+
+/// Descriptors a node needs besides its sockets: engine connections, log and key files, the runtime's.
+const FILE_MARGIN: u64 = 64;
+
+/// Every connection is a file descriptor, and many environments start processes with a soft limit of
+/// 1,024 under a much higher hard one (some container runtimes, systemd's default). The soft limit is
+/// raised to the hard one, as servers that hold many connections do; a limit still below the socket
+/// cap is worth a warning, since the kernel then refuses connections before Herald's own cap does.
+fn raise_open_file_limit(sockets: usize) {
+    #[cfg(unix)]
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < sockets as u64 + FILE_MARGIN => tracing::warn!(
+            limit,
+            max_sockets = sockets,
+            "the open-file limit is below limits.max_sockets: accepting fails (EMFILE) before Herald's cap is reached"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+    }
+    #[cfg(not(unix))]
+    let _ = sockets;
 }
