@@ -73,6 +73,17 @@ pub trait Backplane: Send + Sync + 'static {
     /// is the number of nodes it was handed to when the engine knows it, `None` otherwise.
     async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError>;
 
+    /// Several publishes in one round trip, each as [`Backplane::publish`] with its header, one outcome
+    /// per request in order (requests of one channel in the order given). `None` when the engine cannot:
+    /// the requests are then published one by one, channels concurrently.
+    async fn publish_batch(
+        &self,
+        requests: &[(PublishRequest, String)],
+    ) -> Option<Vec<Result<PublishOutcome, EngineError>>> {
+        let _ = requests;
+        None
+    }
+
     /// As [`Engine::subscribe`]: taken when called, resolves once live.
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture;
     /// As [`Engine::unsubscribe`].
@@ -680,6 +691,29 @@ impl<B: Backplane> Engine for ClusterEngine<B> {
             }
         }
         Ok(outcome)
+    }
+
+    /// Receipts are for single publishes: a batch's requests carry none.
+    async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Vec<Result<PublishOutcome, EngineError>> {
+        let node = self.backplane.node_id();
+        let with_headers: Vec<(PublishRequest, String)> =
+            requests.into_iter().map(|r| (Header::of(node, &r), r)).map(|(h, r)| (r, h)).collect();
+        let Some(outcomes) = self.backplane.publish_batch(&with_headers).await else {
+            let requests = with_headers.into_iter().map(|(request, _)| request).collect();
+            return crate::engine::publish_grouped(self, requests).await;
+        };
+        outcomes
+            .into_iter()
+            .zip(&with_headers)
+            .map(|(outcome, (request, _))| {
+                outcome.map(|mut outcome| {
+                    if !outcome.duplicate {
+                        outcome.correlation_id = request.correlation_id.clone();
+                    }
+                    outcome
+                })
+            })
+            .collect()
     }
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {

@@ -188,6 +188,33 @@ pub trait EngineSink: Send + Sync {
     fn stats(&self) -> crate::stats::StatsSnapshot;
 }
 
+/// [`Engine::publish_batch`]'s default: the channels concurrently, each channel's requests in order.
+pub async fn publish_grouped<E: Engine + ?Sized>(
+    engine: &E,
+    requests: Vec<PublishRequest>,
+) -> Vec<Result<PublishOutcome, EngineError>> {
+    let total = requests.len();
+    let mut by_channel: Vec<(ChannelName, Vec<(usize, PublishRequest)>)> = Vec::new();
+    for (index, request) in requests.into_iter().enumerate() {
+        match by_channel.iter_mut().find(|(channel, _)| *channel == request.channel) {
+            Some((_, group)) => group.push((index, request)),
+            None => by_channel.push((request.channel.clone(), vec![(index, request)])),
+        }
+    }
+    let groups = by_channel.into_iter().map(|(_, group)| async move {
+        let mut outcomes = Vec::with_capacity(group.len());
+        for (index, request) in group {
+            outcomes.push((index, engine.publish(request).await));
+        }
+        outcomes
+    });
+    let mut results: Vec<Option<Result<PublishOutcome, EngineError>>> = (0..total).map(|_| None).collect();
+    for (index, outcome) in futures_util::future::join_all(groups).await.into_iter().flatten() {
+        results[index] = Some(outcome);
+    }
+    results.into_iter().map(|r| r.unwrap_or_else(|| Err(EngineError::Protocol("no outcome".into())))).collect()
+}
+
 /// The coordination layer of a cluster (or of a single node).
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
@@ -200,6 +227,14 @@ pub trait Engine: Send + Sync + 'static {
     /// Atomically: deduplicate by idempotency key, assign the next position, store in history, and hand
     /// the publication to every node subscribed to the channel. Returns once the engine accepted it.
     async fn publish(&self, request: PublishRequest) -> Result<PublishOutcome, EngineError>;
+
+    /// Publishes several, each as [`Engine::publish`] would, one outcome per request in the order given;
+    /// requests of one channel are published in the order given. By default the channels run
+    /// concurrently and each channel's requests one after another; an engine that can do the lot in one
+    /// round trip does so.
+    async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Vec<Result<PublishOutcome, EngineError>> {
+        publish_grouped(self, requests).await
+    }
 
     /// Makes this node receive the channel's publications. The request is taken when this is called
     /// (the hub calls it under its lock, to order it against `unsubscribe`); the future resolves once

@@ -186,6 +186,15 @@ impl Hub {
         Ok(outcome)
     }
 
+    /// Publishes several (see [`Engine::publish_batch`]): one outcome per request, in order.
+    pub async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Vec<Result<PublishOutcome, EngineError>> {
+        let outcomes = self.shared.engine.publish_batch(requests).await;
+        for outcome in outcomes.iter().flatten() {
+            self.count_publish(outcome);
+        }
+        outcomes
+    }
+
     /// Publishes and waits up to `timeout` for the connections that receive it, on every node, to have
     /// it written.
     pub async fn publish_awaiting_delivery(

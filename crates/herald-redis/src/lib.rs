@@ -152,6 +152,7 @@ struct Inner {
     keys: Keys,
     commands: Arc<Commands>,
     publish_script: Script,
+    publish_batch_script: Script,
     channels: Channels,
     pubsub: Arc<PubSub>,
     /// Publishes waiting for replicas (`durability = replicated`).
@@ -178,6 +179,7 @@ pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
             pubsub: Arc::new(PubSub::new(keys.clone(), commands.clone(), policies, config.probe_interval)),
             replication: Arc::new(Replication::new(commands.clone())),
             publish_script: Script::new(&scripts::publish()),
+            publish_batch_script: Script::new(&scripts::publish_batch()),
             config,
             keys,
             commands,
@@ -206,6 +208,39 @@ impl Inner {
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, EngineError> {
         self.commands.on(live, call).await
+    }
+
+    /// The publish script's keys and arguments for one publication (see `scripts.rs`).
+    fn publish_arguments(
+        &self,
+        request: &PublishRequest,
+        header: &str,
+        live: &connection::Live,
+    ) -> (Vec<String>, Vec<String>) {
+        let channel = &request.channel;
+        let policy = self.config.policies.history(channel);
+        let now = now_ms();
+        let mut keys = vec![self.keys.meta(channel), self.keys.stream(channel)];
+        if let Some(key) = &request.idempotency_key {
+            keys.push(self.keys.dedup(channel, key));
+        }
+        let args = vec![
+            self.keys.pubsub(channel),
+            channel.as_str().to_owned(),
+            request.event.to_string(),
+            request.data.get().to_owned(),
+            request.correlation_id.to_string(),
+            format_timestamp(now),
+            now.to_string(),
+            policy.size.to_string(),
+            (policy.ttl.as_millis() as u64).to_string(),
+            self.config.policies.dedup_window().as_secs().to_string(),
+            Epoch::generate().as_str().to_owned(),
+            format!("{header}\n"),
+            live.identity.replid.to_string(),
+            history_max_bytes(&policy).to_string(),
+        ];
+        (keys, args)
     }
 
     /// Publishes `message` to a control channel; returns how many nodes it reached.
@@ -251,30 +286,15 @@ impl Backplane for Redis {
 
     async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
         let inner = &self.inner;
-        let channel = &request.channel;
-        let policy = inner.config.policies.history(channel);
-        let now = now_ms();
         let live = inner.live().await?;
         let mut invocation = inner.publish_script.prepare_invoke();
-        invocation.key(inner.keys.meta(channel)).key(inner.keys.stream(channel));
-        if let Some(key) = &request.idempotency_key {
-            invocation.key(inner.keys.dedup(channel, key));
+        let (keys, args) = inner.publish_arguments(request, header, &live);
+        for key in keys {
+            invocation.key(key);
         }
-        invocation
-            .arg(inner.keys.pubsub(channel))
-            .arg(channel.as_str())
-            .arg(&*request.event)
-            .arg(request.data.get())
-            .arg(&*request.correlation_id)
-            .arg(format_timestamp(now))
-            .arg(now)
-            .arg(policy.size)
-            .arg(policy.ttl.as_millis() as u64)
-            .arg(inner.config.policies.dedup_window().as_secs())
-            .arg(Epoch::generate().as_str())
-            .arg(format!("{header}\n"))
-            .arg(&*live.identity.replid)
-            .arg(history_max_bytes(&policy));
+        for arg in args {
+            invocation.arg(arg);
+        }
         let mut conn = live.conn.clone();
         let outcome = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await?;
         let outcome = parse_publish_reply(outcome)?;
@@ -283,6 +303,51 @@ impl Backplane for Redis {
             inner.replication.replicated(live, min_replicas, timeout).await?;
         }
         Ok(outcome)
+    }
+
+    /// One call of the batch script for the lot, then (with `durability = replicated`) one `WAIT`.
+    async fn publish_batch(
+        &self,
+        requests: &[(PublishRequest, String)],
+    ) -> Option<Vec<Result<PublishOutcome, EngineError>>> {
+        let inner = &self.inner;
+        let failed = |error: EngineError| Some(requests.iter().map(|_| Err(error.clone())).collect());
+        let live = match inner.live().await {
+            Ok(live) => live,
+            Err(error) => return failed(error),
+        };
+        let mut invocation = inner.publish_batch_script.prepare_invoke();
+        invocation.arg(requests.len());
+        for (request, header) in requests {
+            let (keys, args) = inner.publish_arguments(request, header, &live);
+            invocation.arg(keys.len());
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(arg);
+            }
+        }
+        let mut conn = live.conn.clone();
+        let replies = match inner.on(&live, invocation.invoke_async::<Vec<redis::Value>>(&mut conn)).await {
+            Ok(replies) if replies.len() == requests.len() => replies,
+            Ok(_) => return failed(EngineError::Protocol("unexpected batch reply: not one per publication".into())),
+            Err(error) => return failed(error),
+        };
+        let mut outcomes: Vec<Result<PublishOutcome, EngineError>> =
+            replies.into_iter().map(parse_publish_reply).collect();
+        if let Durability::Replicated { min_replicas, timeout } = inner.config.durability {
+            if outcomes.iter().any(|o| matches!(o, Ok(o) if !o.duplicate)) {
+                if let Err(error) = inner.replication.replicated(live, min_replicas, timeout).await {
+                    for outcome in &mut outcomes {
+                        if matches!(outcome, Ok(o) if !o.duplicate) {
+                            *outcome = Err(error.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Some(outcomes)
     }
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
@@ -441,6 +506,10 @@ fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineErro
         }
     };
     match items.as_slice() {
+        // A publication of a batch that failed inside the script (the others ran).
+        [redis::Value::Int(-1), error] => {
+            Err(EngineError::Unavailable(text(error).unwrap_or_else(|| "the publish script failed".into())))
+        }
         [redis::Value::Int(1), seen] => {
             let seen = text(seen).ok_or_else(|| protocol("duplicate"))?;
             let mut parts = seen.splitn(3, ':');

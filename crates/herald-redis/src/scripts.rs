@@ -61,8 +61,8 @@ end
 /// entry always stays).
 /// Returns {1, "epoch:offset:correlation"} for a duplicate, {0, epoch, offset, receivers, fenced}
 /// otherwise, where receivers is how many pub/sub connections (nodes) got the message.
-const PUBLISH_BODY: &str = r#"
-local meta, stream, dedup = KEYS[1], KEYS[2], KEYS[3]
+const PUBLISH_ONE: &str = r#"
+local function publish_one(meta, stream, dedup, ARGV)
 if dedup then
   local seen = redis.call('GET', dedup)
   if seen then
@@ -129,6 +129,38 @@ if dedup then
 end
 local receivers = redis.call('PUBLISH', ARGV[1], ARGV[12] .. envelope)
 return {0, epoch, offset, receivers, fenced}
+end
+"#;
+
+/// One publication: KEYS and ARGV as above.
+const PUBLISH_BODY: &str = r#"
+return publish_one(KEYS[1], KEYS[2], KEYS[3], ARGV)
+"#;
+
+/// Several publications in one call, each exactly as [`PUBLISH_BODY`] would run it, in order. ARGV[1]
+/// is how many; then per publication its number of keys (2, or 3 with an idempotency key) and its 14
+/// arguments, and KEYS holds each publication's keys one after another. Returns one reply per
+/// publication: as the single script's, or {-1, error} for one that failed (the others still run:
+/// a script is not rolled back, so each publication's fate is reported on its own).
+const PUBLISH_BATCH_BODY: &str = r#"
+local results, k, a = {}, 1, 2
+for i = 1, tonumber(ARGV[1]) do
+  local nkeys = tonumber(ARGV[a])
+  local args = {}
+  for j = 1, 14 do args[j] = ARGV[a + j] end
+  local dedup = nil
+  if nkeys == 3 then dedup = KEYS[k + 2] end
+  local ok, reply = pcall(publish_one, KEYS[k], KEYS[k + 1], dedup, args)
+  if ok then
+    results[i] = reply
+  elseif type(reply) == 'table' and reply.err then
+    results[i] = {-1, reply.err}
+  else
+    results[i] = {-1, tostring(reply)}
+  end
+  k, a = k + nkeys, a + 15
+end
+return results
 "#;
 
 /// The channel's top position, creating a fresh epoch when it has none and fencing it when its position
@@ -160,7 +192,11 @@ pub fn key_life_ms(age_ms: u64) -> u64 {
 }
 
 pub fn publish() -> String {
-    format!("{FENCE}{PUBLISH_BODY}")
+    format!("{FENCE}{PUBLISH_ONE}{PUBLISH_BODY}")
+}
+
+pub fn publish_batch() -> String {
+    format!("{FENCE}{PUBLISH_ONE}{PUBLISH_BATCH_BODY}")
 }
 
 pub fn top() -> String {

@@ -253,8 +253,8 @@ async fn publish_inner(
 }
 
 /// `POST /v1/publish` with `{"publications":[…]}`: each item is published as a single publish would be
-/// (the request's correlation ID on each), items of one channel one after another in the order given,
-/// channels concurrently (a networked engine pipelines them); one answer item per publication, in order,
+/// (the request's correlation ID on each), items of one channel in the order given, all in one engine
+/// round trip where the engine can (`Engine::publish_batch`); one answer item per publication, in order,
 /// an error item for each that could not be published.
 async fn publish_batch(
     state: &AppState,
@@ -269,8 +269,8 @@ async fn publish_batch(
     state.publish_limiter().take(key, items.len() as u64)?;
     let correlation = correlation_id(headers)?;
     let mut results: Vec<Option<Value>> = vec![None; items.len()];
-    // Per channel, the valid items in the order given.
-    let mut by_channel: Vec<(ChannelName, Vec<(usize, PublishRequest)>)> = Vec::new();
+    // The valid items in the order given, with their place in the answer.
+    let mut valid: Vec<(usize, ChannelName, PublishRequest)> = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
         let body = match decode_json::<PublishBody>(item.get().as_bytes()) {
             Ok(body) => body,
@@ -280,39 +280,24 @@ async fn publish_batch(
             }
         };
         let name = body.channel.clone();
-        let valid = match validate_publish(body) {
-            Ok(valid) => valid,
-            Err(error) => {
-                results[index] = Some(json!({"channel": name, "error": error.body()["error"]}));
-                continue;
-            }
-        };
-        let channel = valid.channel.clone();
-        let request = valid.into_request(correlation.clone());
-        match by_channel.iter_mut().find(|(known, _)| *known == channel) {
-            Some((_, requests)) => requests.push((index, request)),
-            None => by_channel.push((channel, vec![(index, request)])),
+        match validate_publish(body) {
+            Ok(item) => valid.push((index, item.channel.clone(), item.into_request(correlation.clone()))),
+            Err(error) => results[index] = Some(json!({"channel": name, "error": error.body()["error"]})),
         }
     }
-    let channels = by_channel.into_iter().map(|(channel, requests)| async move {
-        let mut answers = Vec::with_capacity(requests.len());
-        for (index, request) in requests {
-            let answer = match state.hub().publish(request).await {
-                Ok(outcome) => outcome_json(&channel, &outcome),
-                Err(error) => {
-                    let error = ApiError::from(error);
-                    state.metrics().refused(&error);
-                    json!({"channel": channel, "error": error.body()["error"]})
-                }
-            };
-            answers.push((index, answer));
-        }
-        answers
-    });
-    let answered: Vec<Vec<(usize, Value)>> =
-        futures_util::stream::iter(channels).buffer_unordered(BROADCAST_CONCURRENCY).collect().await;
-    for (index, answer) in answered.into_iter().flatten() {
-        results[index] = Some(answer);
+    let (places, requests): (Vec<(usize, ChannelName)>, Vec<PublishRequest>) =
+        valid.into_iter().map(|(index, channel, request)| ((index, channel), request)).unzip();
+    // One engine round trip for the lot where the engine can (one script call on Redis).
+    let outcomes = state.hub().publish_batch(requests).await;
+    for ((index, channel), outcome) in places.into_iter().zip(outcomes) {
+        results[index] = Some(match outcome {
+            Ok(outcome) => outcome_json(&channel, &outcome),
+            Err(error) => {
+                let error = ApiError::from(error);
+                state.metrics().refused(&error);
+                json!({"channel": channel, "error": error.body()["error"]})
+            }
+        });
     }
     let results: Vec<Value> = results.into_iter().map(Option::unwrap_or_default).collect();
     Ok(Json(json!({ "results": results })).into_response())

@@ -315,8 +315,42 @@ async fn the_router_serves_sse_when_embedded_in_another_axum_application() {
 #[tokio::test]
 async fn a_batch_publishes_each_item_in_order_and_answers_each() {
     let server = Server::start().await;
-    let (mut sse, _) = Sse::open(&server, "channel=a:1&channel=b:1", None).await;
-    let (status, body) = server
+    batch_items_are_single_publishes(&server, &server).await;
+    batch_refusals(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_redis_is_one_script_call_with_the_same_answers() {
+    let redis = herald_testkit::RedisServer::start();
+    let nodes = crate::cluster::cluster(&redis, 2).await;
+    let calls = |redis: &herald_testkit::RedisServer| -> u64 {
+        let stats: String = redis.query(&["INFO", "commandstats"]).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        field("evalsha") + field("eval")
+    };
+    // Published on one node, delivered on the other through Redis.
+    batch_items_are_single_publishes(&nodes[1], &nodes[0]).await;
+    let before = calls(&redis);
+    let items: Vec<Value> = (0..50).map(|i| json!({"channel": format!("c:{}", i % 5), "data": i})).collect();
+    let (status, body) = nodes[1].post("/v1/publish", json!({ "publications": items })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let offsets: Vec<u64> =
+        body["results"].as_array().map_or(Vec::new(), |r| r.iter().filter_map(|r| r["offset"].as_u64()).collect());
+    assert_eq!(offsets, (0..50).map(|i| i / 5 + 1).collect::<Vec<u64>>(), "each channel in the order given");
+    assert_eq!(calls(&redis) - before, 1, "the whole batch is one script call");
+}
+
+/// The batch of mixed items every engine must answer as single publishes would be answered.
+async fn batch_items_are_single_publishes(publisher: &Server, subscriber: &Server) {
+    let (mut sse, _) = Sse::open(subscriber, "channel=a:1&channel=b:1", None).await;
+    let (status, body) = publisher
         .post(
             "/v1/publish",
             json!({"publications": [
@@ -356,6 +390,10 @@ async fn a_batch_publishes_each_item_in_order_and_answers_each() {
             ("message".to_owned(), json!("b:1"), json!(2), json!([5])),
         ]
     );
+}
+
+/// Requests refused as a whole.
+async fn batch_refusals(server: &Server) {
     // The whole request is refused when it is not a batch at all.
     for bad in [
         json!({"publications": []}),
