@@ -1205,6 +1205,14 @@ function createClient(options = {}) {
 }
 
 // src/reconcile.ts
+var MAX_BEHIND = 3;
+function before(message) {
+  return { epoch: message.epoch, offset: message.offset - 1 };
+}
+function lacks(position, next) {
+  if (!next || next.epoch !== position.epoch || next.offset <= position.offset) return null;
+  return next;
+}
 function reconcile(options) {
   const channels = /* @__PURE__ */ new Map();
   const maxBuffered = options.maxBuffered ?? 1e4;
@@ -1213,7 +1221,19 @@ function reconcile(options) {
   function record(channel) {
     let load = channels.get(channel);
     if (!load) {
-      load = { loading: false, generation: 0, controller: null, buffer: [], again: false, failures: 0, retry: null, floor: null };
+      load = {
+        loading: false,
+        generation: 0,
+        controller: null,
+        buffer: [],
+        again: false,
+        failures: 0,
+        retry: null,
+        floor: null,
+        start: null,
+        unchecked: false,
+        behind: 0
+      };
       channels.set(channel, load);
     }
     return load;
@@ -1233,7 +1253,9 @@ function reconcile(options) {
       load.buffer = [];
       load.failures = 0;
       load.floor = null;
+      load.behind = 0;
     }
+    load.unchecked = false;
     load.loading = true;
     load.again = false;
     const generation = load.generation;
@@ -1275,6 +1297,14 @@ function reconcile(options) {
   }
   function land(channel, load, snapshot) {
     const position = snapshot && snapshot.position ? { epoch: snapshot.position.epoch, offset: snapshot.position.offset } : null;
+    const first = position ? load.buffer.find((m) => !isCovered(m, position)) : void 0;
+    const missing = position ? lacks(position, load.start) || first && lacks(position, before(first)) : null;
+    if (missing && load.behind < MAX_BEHIND) {
+      behind(channel, load, position, missing);
+      return;
+    }
+    load.behind = 0;
+    load.unchecked = !missing && position !== null && first === void 0;
     load.loading = false;
     load.failures = 0;
     load.floor = position;
@@ -1287,17 +1317,50 @@ function reconcile(options) {
     }
     for (const message of held) deliver(load, message);
   }
+  function behind(channel, load, position, missing) {
+    load.behind += 1;
+    const delay = backoffDelay(load.behind, retryDelay);
+    call(
+      options.onError,
+      new HeraldError(
+        "snapshot_behind",
+        `the state of ${channel} is at ${position.epoch}:${position.offset}, the stream goes on after ${missing.epoch}:${missing.offset}: loading it again in ${delay} ms`,
+        { channel }
+      )
+    );
+    stop(load);
+    load.loading = true;
+    load.unchecked = false;
+    const generation = load.generation;
+    load.retry = setTimeout(() => {
+      load.retry = null;
+      if (load.generation === generation) start(channel, "retry", false);
+    }, delay);
+  }
   function deliver(load, message) {
     if (isCovered(message, load.floor)) return;
+    if (load.unchecked) {
+      load.unchecked = false;
+      const missing = load.floor ? lacks(load.floor, before(message)) : null;
+      if (missing && load.behind < MAX_BEHIND) {
+        const channel = message.channel;
+        behind(channel, load, load.floor, missing);
+        load.buffer.push(message);
+        return;
+      }
+    }
     call(options.onMessage, message);
   }
   const handlers = {
     onSubscribed(channel, position) {
       call(options.onSubscribed, channel, position);
-      if (!channels.has(channel)) start(channel, "subscribed", true);
+      if (channels.has(channel)) return;
+      record(channel).start = position ? { epoch: position.epoch, offset: position.offset } : null;
+      start(channel, "subscribed", true);
     },
     onReset(channel, position, reason) {
       call(options.onReset, channel, position, reason);
+      record(channel).start = position ? { epoch: position.epoch, offset: position.offset } : null;
       start(channel, "reset", true);
     },
     onMessage(message) {

@@ -26,7 +26,11 @@ export interface ReconcileOptions<T, S> {
     onReset?(channel: string, position: Position | null, reason: ResetReason): void;
     onState?: Handlers<T>['onState'];
     onSubscribed?: Handlers<T>['onSubscribed'];
-    /** Errors of the subscription, and failed loads (code `fetch_failed`, retried with backoff). */
+    /**
+     * Errors of the subscription, failed loads (code `fetch_failed`, retried with backoff), and states
+     * that came back behind the stream (code `snapshot_behind`: loaded again with backoff, up to three
+     * times in a row, then taken as they are).
+     */
     onError?(error: HeraldError): void;
     /** Publications held back per channel before the load in flight is abandoned for a later one. Default 10000. */
     maxBuffered?: number;

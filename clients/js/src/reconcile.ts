@@ -36,7 +36,11 @@ export interface ReconcileOptions<T, S> {
   onReset?(channel: string, position: Position | null, reason: ResetReason): void;
   onState?: Handlers<T>['onState'];
   onSubscribed?: Handlers<T>['onSubscribed'];
-  /** Errors of the subscription, and failed loads (code `fetch_failed`, retried with backoff). */
+  /**
+   * Errors of the subscription, failed loads (code `fetch_failed`, retried with backoff), and states
+   * that came back behind the stream (code `snapshot_behind`: loaded again with backoff, up to three
+   * times in a row, then taken as they are).
+   */
   onError?(error: HeraldError): void;
   /** Publications held back per channel before the load in flight is abandoned for a later one. Default 10000. */
   maxBuffered?: number;
@@ -55,7 +59,19 @@ interface ChannelLoad {
   retry: ReturnType<typeof setTimeout> | null;
   /** Publications at or below this position are in the state the application holds. */
   floor: Position | null;
+  /**
+   * Where the live stream starts: publications at or below it never arrive (WebSocket `subscribed`,
+   * a reset). A state that does not reach it lacks some: it is loaded again.
+   */
+  start: Position | null;
+  /** The state landed with a position and no publication after it has been seen yet. */
+  unchecked: boolean;
+  /** Loads in a row that came back behind the stream. */
+  behind: number;
 }
+
+/** Loads in a row that may come back behind the stream before the last one is taken as it is. */
+const MAX_BEHIND = 3;
 
 /** Handlers to pass to `subscribe`, plus what the reconcile helper knows. */
 export interface ReconcileHandlers<T> extends Handlers<T> {
@@ -63,6 +79,17 @@ export interface ReconcileHandlers<T> extends Handlers<T> {
   loading(channel: string): boolean;
   /** Stops every load in flight (also done when the subscription closes). */
   dispose(): void;
+}
+
+/** The position right before `message` (where the stream was when it came). */
+function before(message: Position): Position {
+  return { epoch: message.epoch, offset: message.offset - 1 };
+}
+
+/** `next` when a state at `position` does not include it (same epoch, further on), else null. */
+function lacks(position: Position, next: Position | null | undefined): Position | null {
+  if (!next || next.epoch !== position.epoch || next.offset <= position.offset) return null;
+  return next;
 }
 
 /**
@@ -88,7 +115,19 @@ export function reconcile<T = unknown, S = unknown>(options: ReconcileOptions<T,
   function record(channel: string): ChannelLoad {
     let load = channels.get(channel);
     if (!load) {
-      load = { loading: false, generation: 0, controller: null, buffer: [], again: false, failures: 0, retry: null, floor: null };
+      load = {
+        loading: false,
+        generation: 0,
+        controller: null,
+        buffer: [],
+        again: false,
+        failures: 0,
+        retry: null,
+        floor: null,
+        start: null,
+        unchecked: false,
+        behind: 0,
+      };
       channels.set(channel, load);
     }
     return load;
@@ -111,7 +150,9 @@ export function reconcile<T = unknown, S = unknown>(options: ReconcileOptions<T,
       load.buffer = [];
       load.failures = 0;
       load.floor = null;
+      load.behind = 0;
     }
+    load.unchecked = false;
     load.loading = true;
     load.again = false;
     const generation = load.generation;
@@ -154,6 +195,17 @@ export function reconcile<T = unknown, S = unknown>(options: ReconcileOptions<T,
 
   function land(channel: string, load: ChannelLoad, snapshot: Snapshot<S>): void {
     const position = snapshot && snapshot.position ? { epoch: snapshot.position.epoch, offset: snapshot.position.offset } : null;
+    // A backend that stores the publish answer's position after Herald accepted the publication can
+    // answer with a state that misses the newest ones, which the stream started after: load again.
+    const first = position ? load.buffer.find((m) => !isCovered(m, position)) : undefined;
+    const missing = position ? lacks(position, load.start) || (first && lacks(position, before(first))) : null;
+    if (missing && load.behind < MAX_BEHIND) {
+      behind(channel, load, position as Position, missing);
+      return;
+    }
+    load.behind = 0;
+    // Taken as it is after too many loads behind; else the first publication after it checks it.
+    load.unchecked = !missing && position !== null && first === undefined;
     load.loading = false;
     load.failures = 0;
     load.floor = position;
@@ -167,18 +219,55 @@ export function reconcile<T = unknown, S = unknown>(options: ReconcileOptions<T,
     for (const message of held) deliver(load, message);
   }
 
+  /** The state at `position` lacks `missing` (where the stream is known to go on from): load again. */
+  function behind(channel: string, load: ChannelLoad, position: Position, missing: Position): void {
+    load.behind += 1;
+    const delay = backoffDelay(load.behind, retryDelay);
+    call(
+      options.onError,
+      new HeraldError(
+        'snapshot_behind',
+        `the state of ${channel} is at ${position.epoch}:${position.offset}, the stream goes on after ` +
+          `${missing.epoch}:${missing.offset}: loading it again in ${delay} ms`,
+        { channel },
+      ),
+    );
+    stop(load);
+    load.loading = true;
+    load.unchecked = false;
+    const generation = load.generation;
+    load.retry = setTimeout(() => {
+      load.retry = null;
+      if (load.generation === generation) start(channel, 'retry', false);
+    }, delay);
+  }
+
   function deliver(load: ChannelLoad, message: Message): void {
     if (isCovered(message, load.floor)) return;
+    if (load.unchecked) {
+      // The first publication after the state: it must follow it, or the state lacks those between.
+      load.unchecked = false;
+      const missing = load.floor ? lacks(load.floor, before(message)) : null;
+      if (missing && load.behind < MAX_BEHIND) {
+        const channel = message.channel;
+        behind(channel, load, load.floor as Position, missing);
+        load.buffer.push(message);
+        return;
+      }
+    }
     call(options.onMessage as ((m: Message) => void) | undefined, message);
   }
 
   const handlers: ReconcileHandlers<T> = {
     onSubscribed(channel, position) {
       call(options.onSubscribed, channel, position);
-      if (!channels.has(channel)) start(channel, 'subscribed', true);
+      if (channels.has(channel)) return;
+      record(channel).start = position ? { epoch: position.epoch, offset: position.offset } : null;
+      start(channel, 'subscribed', true);
     },
     onReset(channel, position, reason) {
       call(options.onReset, channel, position, reason);
+      record(channel).start = position ? { epoch: position.epoch, offset: position.offset } : null;
       start(channel, 'reset', true);
     },
     onMessage(message) {

@@ -335,6 +335,55 @@ describe('reconcile', () => {
     assert.deepEqual(seen, [{ snapshot: 'S3', channel: 'c', position: at('E', 3) }, 'c@E:4']);
   });
 
+  test('a state behind where the stream starts is loaded again: the publications in between would be lost', async () => {
+    const { calls, seen, handlers } = setup({ retryDelayMs: 1 });
+    // Over WebSocket the stream starts after 5: the backend had not stored 5 yet when it answered.
+    handlers.onSubscribed('c', at('E', 5));
+    handlers.onMessage(msg('c', 'E', 6));
+    calls[0].resolve({ state: 'S4', position: at('E', 4) });
+    await until('the second load', () => calls.length === 2);
+    assert.equal(calls[1].cause, 'retry');
+    assert.deepEqual(seen, [{ error: 'snapshot_behind' }], 'the state behind is not shown');
+    handlers.onMessage(msg('c', 'E', 7));
+    calls[1].resolve({ state: 'S5', position: at('E', 5) });
+    await until('the snapshot', () => seen.length > 1);
+    assert.deepEqual(seen.slice(1), [{ snapshot: 'S5', channel: 'c', position: at('E', 5) }, 'c@E:6', 'c@E:7']);
+  });
+
+  test('without a start position, the first publication after the state tells that it is behind', async () => {
+    const { calls, seen, handlers } = setup({ retryDelayMs: 1 });
+    handlers.onSubscribed('c', null); // SSE: no position
+    calls[0].resolve({ state: 'S3', position: at('E', 3) });
+    await until('the snapshot', () => seen.length > 0);
+    handlers.onMessage(msg('c', 'E', 5)); // 4 was published before the stream started
+    await until('the second load', () => calls.length === 2);
+    handlers.onMessage(msg('c', 'E', 6));
+    calls[1].resolve({ state: 'S4', position: at('E', 4) });
+    await until('the second snapshot', () => seen.length > 2);
+    assert.deepEqual(seen, [
+      { snapshot: 'S3', channel: 'c', position: at('E', 3) },
+      { error: 'snapshot_behind' },
+      { snapshot: 'S4', channel: 'c', position: at('E', 4) },
+      'c@E:5',
+      'c@E:6',
+    ]);
+    handlers.onMessage(msg('c', 'E', 7));
+    assert.equal(seen.at(-1), 'c@E:7', 'checked once: live after that');
+  });
+
+  test('a state that stays behind is taken as it is after three more loads', async () => {
+    const { calls, seen, handlers } = setup({ retryDelayMs: 1 });
+    handlers.onSubscribed('c', at('E', 9));
+    for (let load = 0; load < 4; load++) {
+      await until(`load ${load + 1}`, () => calls.length === load + 1);
+      calls[load].resolve({ state: `S${load}`, position: at('E', 2) });
+    }
+    await until('the snapshot', () => seen.some((s) => s.snapshot));
+    handlers.onMessage(msg('c', 'E', 10));
+    assert.deepEqual(seen.filter((s) => s.error).length, 3);
+    assert.deepEqual(seen.slice(3), [{ snapshot: 'S3', channel: 'c', position: at('E', 2) }, 'c@E:10']);
+  });
+
   test('channels are reconciled independently, and closing stops the loads', async () => {
     const { calls, seen, handlers } = setup();
     handlers.onSubscribed('a', null);

@@ -4,7 +4,7 @@
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
@@ -166,7 +166,12 @@ export function signToken({ sub, ttl = 600, channels } = {}) {
 
 let nodeCount = 0;
 
-/** One Herald node on a free port, on the given engine, with client tokens checked (HS256). */
+/**
+ * One Herald node on a free port, on the given engine, with client tokens checked (HS256). Its log
+ * level is `warn` unless `TEST_HERALD_LOG` says otherwise (a `HERALD_LOG` filter, for example
+ * `herald_server=debug,herald_core=debug`); with `TEST_HERALD_LOG_DIR` each node's log also goes to
+ * `<dir>/<node name>.log`, to read after a failure.
+ */
 export class Herald {
   static async start({ engine, env = {}, name } = {}) {
     const node = new Herald(engine, env, name ?? `node-js${++nodeCount}`);
@@ -198,14 +203,16 @@ export class Herald {
       HERALD_REDIS__PROBE_INTERVAL_MS: '200',
       HERALD_REDIS__PROBE_TIMEOUT_MS: '1000',
       HERALD_NAMESPACES__USER__SUBSCRIBE: 'public',
-      HERALD_LOG: 'warn',
+      HERALD_LOG: process.env.TEST_HERALD_LOG || 'warn',
       ...this.env,
     };
     const args = ['--listen', '127.0.0.1:0', '--engine', this.engine, '--node-id', this.name];
     const child = track(spawn(heraldBinary(), args, { env, stdio: ['ignore', 'pipe', 'pipe'] }));
     this.child = child;
+    const logFile = process.env.TEST_HERALD_LOG_DIR && join(process.env.TEST_HERALD_LOG_DIR, `${this.name}.log`);
     child.stderr.on('data', (chunk) => {
       this.stderr = (this.stderr + chunk).slice(-8000);
+      if (logFile) appendFileSync(logFile, chunk);
     });
     this.port = await new Promise((done, fail) => {
       let out = '';
