@@ -22,27 +22,17 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
+import { CHROMIUM, CHROMIUM_ARGS, Redis, stopChild, until } from '../../clients/js/tests/support/processes.js';
+
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = resolve(here, '..', '..');
 const { chromium } = createRequire(join(repo, 'clients', 'js', 'package.json'))('playwright-core');
 
-const CHROMIUM = '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 /** Bound of every wait for a condition (a job takes at most 5 s, a webhook retry waits at most 2 s). */
 const DEADLINE_MS = 30_000;
 
@@ -52,96 +42,9 @@ function bffBinary() {
   return join(isAbsolute(target) ? target : join(repo, target), 'debug', 'herald-example-bff');
 }
 
-/** Polls `check` (every 25 ms) until it returns something truthy, which it returns; fails at the deadline. */
-async function until(what, check, deadlineMs = DEADLINE_MS) {
-  const deadline = Date.now() + deadlineMs;
-  let last;
-  for (;;) {
-    try {
-      const value = await check();
-      if (value) return value;
-    } catch (error) {
-      last = error;
-    }
-    if (Date.now() > deadline) {
-      throw new Error(`not within ${deadlineMs} ms: ${what}${last ? ` (last error: ${last})` : ''}`);
-    }
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-/** A port nobody listens on at the moment, on 127.0.0.1. */
-function freePort() {
-  return new Promise((ok, fail) => {
-    const server = createServer();
-    server.on('error', fail);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => ok(port));
-    });
-  });
-}
-
+/** Whether `child` has exited. */
 function exited(child) {
   return child.exitCode !== null || child.signalCode !== null;
-}
-
-/** Waits (up to 10 s) for `child` to exit after `signal`, then kills it. Only ever our own child, by PID. */
-async function stopChild(child, signal) {
-  if (!child || exited(child)) return;
-  const gone = new Promise((ok) => child.once('exit', ok));
-  child.kill(signal);
-  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-  await gone;
-  clearTimeout(timer);
-}
-
-/** True when something answers Redis's PING on `port`. */
-function answersPing(port) {
-  return new Promise((ok) => {
-    const socket = connect(port, '127.0.0.1');
-    let answer = '';
-    socket.setTimeout(1000, () => socket.destroy());
-    socket.on('connect', () => socket.write('PING\r\n'));
-    socket.on('data', (chunk) => {
-      answer += chunk;
-      if (answer.includes('\r\n')) socket.end();
-    });
-    socket.on('error', () => {});
-    socket.on('close', () => ok(answer.startsWith('+PONG')));
-  });
-}
-
-/** A redis-server of this test's own: a free port, no persistence, its own folder. */
-class Redis {
-  static async start(dir) {
-    const redis = new Redis(await freePort(), dir);
-    await redis.up();
-    return redis;
-  }
-
-  constructor(port, dir) {
-    this.port = port;
-    this.dir = dir;
-    this.url = `redis://127.0.0.1:${port}/0`;
-    this.child = null;
-  }
-
-  /** Starts it (again, on the same port: empty, since nothing is persisted). */
-  async up() {
-    const args = ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'];
-    this.child = spawn('redis-server', [...args, '--dir', this.dir], { stdio: 'ignore' });
-    const child = this.child;
-    await until(`redis-server answering PING on ${this.port}`, async () => {
-      assert.ok(!exited(child), `redis-server on ${this.port} exited (${child.exitCode ?? child.signalCode})`);
-      return answersPing(this.port);
-    }, 10_000);
-  }
-
-  /** Kills it outright, as a crash would. */
-  async kill() {
-    await stopChild(this.child, 'SIGKILL');
-  }
 }
 
 /** The example's `demo` command: the balancer on a free port, its URL read from what it prints. */
@@ -329,8 +232,8 @@ const userNamed = (name) => `${name}-${Math.random().toString(36).slice(2, 8)}`;
 
 scenario('with Redis, every job the user starts turns done on the page, as in the database', async (t) => {
   const dir = folder('redis');
-  const redis = await Redis.start(dir);
-  t.defer(() => redis.kill());
+  const redis = await Redis.start();
+  t.defer(() => redis.stop());
   const demo = await demoFor(t, ['--redis', redis.url], dir);
   const user = userNamed('alice');
   const page = await openPage(t, demo, user);
@@ -424,8 +327,8 @@ scenario('naive, the page misses the results published on other replicas until i
 
 scenario('Redis restarted empty mid-run: the page gets a reset, re-fetches, and shows every job done', async (t) => {
   const dir = folder('restart');
-  const redis = await Redis.start(dir);
-  t.defer(() => redis.kill());
+  const redis = await Redis.start();
+  t.defer(() => redis.stop());
   const demo = await demoFor(t, ['--redis', redis.url], dir);
   const user = userNamed('carol');
   const page = await openPage(t, demo, user);
@@ -449,7 +352,7 @@ scenario('Redis restarted empty mid-run: the page gets a reset, re-fetches, and 
   assert.doesNotMatch(logBefore, /reset \(/, 'no reset before Redis is back');
 
   // Redis comes back with nothing in it: positions, history and idempotency keys are gone.
-  await redis.up();
+  await redis.spawn();
   await waitForLoad(page, 'reset');
   const log = await page.locator('#log').textContent();
   const reason = /reset \((\w+)\)/.exec(log)?.[1];

@@ -10,19 +10,8 @@ import { existsSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { chromium } from 'playwright-core';
 import { PageServer } from './support/page-server.js';
-import { DEADLINE_MS, Herald, Redis, until } from './support/processes.js';
+import { CHROMIUM, CHROMIUM_ARGS, DEADLINE_MS, Herald, Redis, until } from './support/processes.js';
 
-const CHROMIUM = '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 /**
  * Publications each node keeps per channel (and so replays). Herald keeps 256 by default, and a page

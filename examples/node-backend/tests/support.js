@@ -4,100 +4,27 @@
 // or NATS the machine runs for itself (6379, 4222).
 
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
-import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+
+import {
+  DEADLINE_MS,
+  Redis,
+  freePort,
+  heraldBinary,
+  stopChild,
+  track,
+  until,
+} from '../../../clients/js/tests/support/processes.js';
+
+export { DEADLINE_MS, Redis, freePort, stopChild, until };
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const example = resolve(here, '..');
-const repo = resolve(example, '../..');
-/** Longest any awaited condition may take before the test fails. */
-export const DEADLINE_MS = 20_000;
 /** The API key the test's Herald nodes accept and the service sends. */
 export const API_KEY = 'node-backend-example-test-key-0123456789';
-
-/** `TEST_HERALD_BIN`, else the debug build `cargo test` makes (a relative CARGO_TARGET_DIR is the repo's). */
-export function heraldBinary() {
-  if (process.env.TEST_HERALD_BIN) return resolve(process.env.TEST_HERALD_BIN);
-  const target = process.env.CARGO_TARGET_DIR || 'target';
-  const binary = join(isAbsolute(target) ? target : join(repo, target), 'debug', 'herald');
-  if (!existsSync(binary)) {
-    throw new Error(`no Herald binary at ${binary}: cargo build -p herald-server, or set TEST_HERALD_BIN`);
-  }
-  return binary;
-}
-
-const children = new Set();
-process.on('exit', () => {
-  for (const child of children) {
-    try {
-      process.kill(child.pid, 'SIGKILL');
-    } catch {
-      // Gone already.
-    }
-  }
-});
-
-function track(child) {
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-function exited(child) {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  return new Promise((done) => child.once('exit', () => done()));
-}
-
-/** Sends `signal` to one child by its PID, then SIGKILL if it is still there after `graceMs`. */
-export async function stopChild(child, signal = 'SIGTERM', graceMs = 5000) {
-  if (!child || child.exitCode !== null || child.signalCode !== null) return;
-  try {
-    process.kill(child.pid, signal);
-  } catch {
-    return;
-  }
-  const timer = setTimeout(() => {
-    try {
-      process.kill(child.pid, 'SIGKILL');
-    } catch {
-      // Gone meanwhile.
-    }
-  }, graceMs);
-  await exited(child);
-  clearTimeout(timer);
-}
-
-/** A free port on 127.0.0.1, as the kernel picks it. */
-export function freePort() {
-  return new Promise((done, fail) => {
-    const server = net.createServer();
-    server.once('error', fail);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => done(port));
-    });
-  });
-}
-
-/** Polls `check` until it returns something truthy, or throws once `ms` have passed. */
-export async function until(what, check, ms = DEADLINE_MS) {
-  const deadline = Date.now() + ms;
-  let last;
-  for (;;) {
-    try {
-      const value = await check();
-      if (value) return value;
-    } catch (error) {
-      last = error;
-    }
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${last.message}` : ''}`);
-    await new Promise((tick) => setTimeout(tick, 20));
-  }
-}
 
 /** Resolves with the first line of `child`'s stdout that matches `pattern` (its match). */
 function firstLine(child, pattern, what, stderr) {
@@ -117,46 +44,6 @@ function firstLine(child, pattern, what, stderr) {
     child.stdout.on('data', onData);
     child.once('exit', onExit);
   });
-}
-
-function ping(port) {
-  return new Promise((done) => {
-    const socket = net.connect({ host: '127.0.0.1', port }, () => socket.write('PING\r\n'));
-    socket.setTimeout(1000, () => socket.destroy());
-    socket.once('data', (data) => {
-      socket.destroy();
-      done(data.toString().startsWith('+PONG'));
-    });
-    socket.once('error', () => done(false));
-    socket.once('close', () => done(false));
-  });
-}
-
-/** A redis-server of the test's own: no persistence, a scratch folder, a free port. */
-export class Redis {
-  static async start() {
-    const port = await freePort();
-    const dir = mkdtempSync(join(tmpdir(), 'herald-node-backend-'));
-    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir];
-    const child = track(spawn('redis-server', args, { stdio: 'ignore' }));
-    const redis = new Redis(port, dir, child);
-    await until(`redis-server on port ${port}`, async () => {
-      if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
-      return ping(port);
-    });
-    return redis;
-  }
-
-  constructor(port, dir, child) {
-    this.port = port;
-    this.dir = dir;
-    this.child = child;
-  }
-
-  async stop() {
-    await stopChild(this.child);
-    rmSync(this.dir, { recursive: true, force: true });
-  }
 }
 
 /** One Herald node on a free port, with the test's API key, on `engine`. */

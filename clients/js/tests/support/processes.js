@@ -1,6 +1,7 @@
 // Real processes for the integration tests: a redis-server and Herald nodes of the tests' own, on free
 // loopback ports, stopped by PID (and killed if the test process exits first). Nothing here touches
-// a Redis or NATS the machine runs for itself.
+// a Redis or NATS the machine runs for itself. The process helpers are shared with the example
+// backends' tests (examples/node-backend/tests/support.js).
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
@@ -12,6 +13,19 @@ import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const repo = resolve(here, '../../../..');
+/** Debian's Chromium, and the flags it needs here: headless as root, and no background connections (this
+ * machine's closed network refuses them, many at a time). */
+export const CHROMIUM = '/usr/bin/chromium';
+export const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
 /** How long any awaited condition may take before the test fails. */
 export const DEADLINE_MS = 20_000;
 
@@ -37,7 +51,8 @@ process.on('exit', () => {
   }
 });
 
-function track(child) {
+/** Registers `child` to be killed if the test process exits before stopping it. */
+export function track(child) {
   children.add(child);
   child.once('exit', () => children.delete(child));
   return child;
@@ -138,9 +153,14 @@ export class Redis {
     });
   }
 
-  /** Stops the server (its data is gone: no persistence) and starts it again on the same port. */
+  /** Kills the server outright, as a crash would (its data is gone: no persistence). */
+  async kill() {
+    if (this.child) await stopChild(this.child, 'SIGKILL');
+  }
+
+  /** Kills the server and starts it again, empty, on the same port. */
   async restart() {
-    await stopChild(this.child, 'SIGKILL');
+    await this.kill();
     await this.spawn();
   }
 
