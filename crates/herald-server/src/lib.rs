@@ -41,7 +41,6 @@ use herald_core::{Engine, Hub, MemoryEngine};
 use herald_redis::RedisConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::{Cli, Config, EXIT_BAD_CONFIG, Settings};
 pub use cors::cors_allow_origin;
@@ -171,7 +170,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
 /// Serves `state` on `listener` until `shutdown` fires, then drains: readiness fails, clients are told
 /// to reconnect elsewhere, in-flight requests finish, bounded by the configured grace period.
 pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tracker = TaskTracker::new();
+    let tracker = state.connections().clone();
     let app = router(state.clone());
     let grace = Duration::from_secs(state.config().shutdown_grace_secs);
     let limits = serve::ConnectionLimits::from(&state.config().limits);

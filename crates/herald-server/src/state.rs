@@ -30,6 +30,9 @@ struct AppInner {
     sockets: Arc<tokio::sync::Semaphore>,
     /// One permit per `/v1/history` answer being read or sent (`limits.max_concurrent_history_reads`).
     history_reads: Arc<tokio::sync::Semaphore>,
+    /// Every connection's task (and every upgraded WebSocket's): a graceful shutdown waits for them, so
+    /// that each client gets its close (an SSE comment, a WebSocket 1001) before the process exits.
+    connections: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -51,12 +54,18 @@ impl AppState {
                 settings,
                 draining: AtomicBool::new(false),
                 metrics: Metrics::new(),
+                connections: tokio_util::task::TaskTracker::new(),
             }),
         })
     }
 
     pub fn hub(&self) -> &Hub {
         &self.inner.hub
+    }
+
+    /// The tasks of open connections (see `run`'s graceful shutdown).
+    pub fn connections(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.connections
     }
 
     pub fn settings(&self) -> &Settings {

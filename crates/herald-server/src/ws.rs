@@ -72,8 +72,10 @@ pub async fn handler(
         let expiry = identity.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
         let write_timeout = Duration::from_secs(state.config().limits.write_timeout_secs);
         // The connection runs in a task of its own, sized for what it holds: the task axum runs this in
-        // also holds the upgrade's state, and an idle connection's memory is mostly its task.
-        tokio::spawn(Connection { socket, session, state, identity, expiry, write_timeout }.run());
+        // also holds the upgrade's state, and an idle connection's memory is mostly its task. Tracked, so
+        // that a graceful shutdown waits for its close (1001) to be written.
+        let connections = state.connections().clone();
+        connections.spawn(Connection { socket, session, state, identity, expiry, write_timeout }.run());
         std::future::ready(())
     }))
 }
