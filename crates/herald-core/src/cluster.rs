@@ -696,8 +696,13 @@ impl<B: Backplane> Engine for ClusterEngine<B> {
     /// Receipts are for single publishes: a batch's requests carry none.
     async fn publish_batch(&self, requests: Vec<PublishRequest>) -> Vec<Result<PublishOutcome, EngineError>> {
         let node = self.backplane.node_id();
-        let with_headers: Vec<(PublishRequest, String)> =
-            requests.into_iter().map(|r| (Header::of(node, &r), r)).map(|(h, r)| (r, h)).collect();
+        let with_headers: Vec<(PublishRequest, String)> = requests
+            .into_iter()
+            .map(|request| {
+                let header = Header::of(node, &request);
+                (request, header)
+            })
+            .collect();
         let Some(outcomes) = self.backplane.publish_batch(&with_headers).await else {
             let requests = with_headers.into_iter().map(|(request, _)| request).collect();
             return crate::engine::publish_grouped(self, requests).await;

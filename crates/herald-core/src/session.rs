@@ -343,12 +343,10 @@ impl Session {
         None
     }
 
-    /// Where a live publication goes. Returns whether to hand it out, and how many publications were
-    /// replayed (pushed to `out`) to fill a gap before it or to reach the channel's current epoch.
+    /// Where a live publication goes when [`Session::in_order`] could not tell (another epoch, or a
+    /// gap before it). Returns whether to hand it out, and how many publications were replayed (pushed
+    /// to `out`) to fill the gap or to reach the channel's current epoch.
     async fn live(&mut self, publication: &Publication, out: &mut Vec<SessionEvent>) -> (bool, u64) {
-        if let Some(deliver) = self.in_order(publication) {
-            return (deliver, 0);
-        }
         let channel = &publication.channel;
         let Some(position) = self.positions.get(channel) else { return (false, 0) };
         let incoming = &publication.position;

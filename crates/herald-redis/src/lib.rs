@@ -210,37 +210,41 @@ impl Inner {
         self.commands.on(live, call).await
     }
 
-    /// The publish script's keys and arguments for one publication (see `scripts.rs`).
-    fn publish_arguments(
+    /// Adds one publication's keys and arguments to a publish script's invocation (see `scripts.rs`),
+    /// written straight into it; with `counted` (the batch script) its number of keys goes first.
+    fn add_publication(
         &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
         request: &PublishRequest,
         header: &str,
         live: &connection::Live,
-    ) -> (Vec<String>, Vec<String>) {
+        counted: bool,
+    ) {
         let channel = &request.channel;
         let policy = self.config.policies.history(channel);
         let now = now_ms();
-        let mut keys = vec![self.keys.meta(channel), self.keys.stream(channel)];
+        invocation.key(self.keys.meta(channel)).key(self.keys.stream(channel));
         if let Some(key) = &request.idempotency_key {
-            keys.push(self.keys.dedup(channel, key));
+            invocation.key(self.keys.dedup(channel, key));
         }
-        let args = vec![
-            self.keys.pubsub(channel),
-            channel.as_str().to_owned(),
-            request.event.to_string(),
-            request.data.get().to_owned(),
-            request.correlation_id.to_string(),
-            format_timestamp(now),
-            now.to_string(),
-            policy.size.to_string(),
-            (policy.ttl.as_millis() as u64).to_string(),
-            self.config.policies.dedup_window().as_secs().to_string(),
-            Epoch::generate().as_str().to_owned(),
-            format!("{header}\n"),
-            live.identity.replid.to_string(),
-            history_max_bytes(&policy).to_string(),
-        ];
-        (keys, args)
+        if counted {
+            invocation.arg(2 + usize::from(request.idempotency_key.is_some()));
+        }
+        invocation
+            .arg(self.keys.pubsub(channel))
+            .arg(channel.as_str())
+            .arg(&*request.event)
+            .arg(request.data.get())
+            .arg(&*request.correlation_id)
+            .arg(format_timestamp(now))
+            .arg(now)
+            .arg(policy.size)
+            .arg(policy.ttl.as_millis() as u64)
+            .arg(self.config.policies.dedup_window().as_secs())
+            .arg(Epoch::generate().as_str())
+            .arg(format!("{header}\n"))
+            .arg(&*live.identity.replid)
+            .arg(history_max_bytes(&policy));
     }
 
     /// Publishes `message` to a control channel; returns how many nodes it reached.
@@ -288,13 +292,7 @@ impl Backplane for Redis {
         let inner = &self.inner;
         let live = inner.live().await?;
         let mut invocation = inner.publish_script.prepare_invoke();
-        let (keys, args) = inner.publish_arguments(request, header, &live);
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(arg);
-        }
+        inner.add_publication(&mut invocation, request, header, &live, false);
         let mut conn = live.conn.clone();
         let outcome = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await?;
         let outcome = parse_publish_reply(outcome)?;
@@ -319,14 +317,7 @@ impl Backplane for Redis {
         let mut invocation = inner.publish_batch_script.prepare_invoke();
         invocation.arg(requests.len());
         for (request, header) in requests {
-            let (keys, args) = inner.publish_arguments(request, header, &live);
-            invocation.arg(keys.len());
-            for key in keys {
-                invocation.key(key);
-            }
-            for arg in args {
-                invocation.arg(arg);
-            }
+            inner.add_publication(&mut invocation, request, header, &live, true);
         }
         let mut conn = live.conn.clone();
         let replies = match inner.on(&live, invocation.invoke_async::<Vec<redis::Value>>(&mut conn)).await {
