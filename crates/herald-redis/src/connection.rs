@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use herald_core::EngineError;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 
 /// Locks `mutex`, also after a panic elsewhere poisoned it (every value kept under one stays valid).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,6 +50,14 @@ pub enum Target {
     Direct(String),
     /// `redis+sentinel://` or `rediss+sentinel://`: ask the sentinels which server is the primary.
     Sentinel(SentinelTarget),
+    /// `redis+cluster://` or `rediss+cluster://`: a Redis Cluster, found through these seed nodes.
+    Cluster(ClusterTarget),
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterTarget {
+    /// One `redis://` (or `rediss://`) URL per seed node, with the URL's credentials and options.
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,13 +77,16 @@ pub struct SentinelTarget {
 
 impl Target {
     /// Parses an engine URL: `redis://…`, `rediss://…`,
-    /// `redis+sentinel://[user:password@]host1:26379,host2:26379/<master>[/<db>][?options]`.
+    /// `redis+sentinel://[user:password@]host1:26379,host2:26379/<master>[/<db>][?options]`,
+    /// `redis+cluster://[user:password@]host1:7000,host2:7001[/][?options]`.
     pub fn parse(url: &str) -> Result<Self, String> {
         let (scheme, rest) = url.split_once("://").ok_or("engine URL needs a scheme")?;
         let scheme = match scheme {
             "redis" | "rediss" => return Ok(Self::Direct(url.to_owned())),
             "redis+sentinel" => "redis",
             "rediss+sentinel" => "rediss",
+            "redis+cluster" => return ClusterTarget::parse("redis", rest).map(Self::Cluster),
+            "rediss+cluster" => return ClusterTarget::parse("rediss", rest).map(Self::Cluster),
             other => return Err(format!("unknown Redis URL scheme {other:?}")),
         };
         let (rest, query) = match rest.split_once('?') {
@@ -132,7 +144,36 @@ impl Target {
         match self {
             Self::Direct(url) => url.clone(),
             Self::Sentinel(s) => s.primary_url(s.sentinels.first().map_or("localhost:6379", String::as_str)),
+            Self::Cluster(c) => c.nodes.first().cloned().unwrap_or_default(),
         }
+    }
+}
+
+impl ClusterTarget {
+    /// `rest` is what follows `redis+cluster://`.
+    fn parse(scheme: &str, rest: &str) -> Result<Self, String> {
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, format!("?{query}")),
+            None => (rest, String::new()),
+        };
+        let (userinfo, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, rest)) => (format!("{userinfo}@"), rest),
+            None => (String::new(), rest),
+        };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if !matches!(path, "" | "0") {
+            return Err("a Redis Cluster has only database 0: redis+cluster://host1:7000,host2:7001[/0]".into());
+        }
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| if h.contains(':') { h.to_owned() } else { format!("{h}:6379") })
+            .map(|h| format!("{scheme}://{userinfo}{h}/{query}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err("a Redis Cluster URL lists at least one node: redis+cluster://host1:7000,host2:7001".into());
+        }
+        Ok(Self { nodes })
     }
 }
 
@@ -156,10 +197,50 @@ pub struct Identity {
     pub address: String,
 }
 
+/// A command connection: to one server, or to a Redis Cluster (routed by key slot, following
+/// redirections and topology changes itself).
+#[derive(Clone)]
+pub enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// The replication ID passed to the scripts when the node cannot know which server runs them (Redis
+/// Cluster): the script reads the ID of the server it runs on itself (`scripts.rs`).
+pub const REPLID_OF_RUNNING_SERVER: &str = "*";
+
 /// The command connection to the current primary, with the identity read on it.
 #[derive(Clone)]
 pub struct Live {
-    pub conn: MultiplexedConnection,
+    pub conn: Conn,
     pub identity: Arc<Identity>,
     generation: u64,
 }
@@ -171,13 +252,53 @@ impl Live {
     }
 }
 
-/// Builds a client for one server (TLS settings applied).
-pub type ClientFactory = Box<dyn Fn(&str) -> Result<redis::Client, EngineError> + Send + Sync>;
+/// Builds clients with the configured TLS settings: for one server, or for a Redis Cluster.
+pub struct Connector {
+    /// PEM of the certificate authority for `rediss://` (default: the system's trust store).
+    root_cert: Option<Vec<u8>>,
+}
+
+impl Connector {
+    pub fn new(root_cert: Option<Vec<u8>>) -> Self {
+        Self { root_cert }
+    }
+
+    /// A client for the server at `url`.
+    pub fn client(&self, url: &str) -> Result<redis::Client, EngineError> {
+        let protocol = |e: redis::RedisError| EngineError::Protocol(e.to_string());
+        match &self.root_cert {
+            Some(root_cert) if url.starts_with("rediss://") => {
+                let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert.clone()) };
+                redis::Client::build_with_tls(url, certificates).map_err(protocol)
+            }
+            _ => redis::Client::open(url).map_err(protocol),
+        }
+    }
+
+    /// A client for the cluster `target` seeds; with `pushes`, over RESP3 with pub/sub messages sent
+    /// there.
+    pub fn cluster(
+        &self,
+        target: &ClusterTarget,
+        timeout: Duration,
+        pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Result<redis::cluster::ClusterClient, EngineError> {
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(target.nodes.clone()).connection_timeout(timeout).retries(3);
+        if let Some(root_cert) = &self.root_cert {
+            builder = builder.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert.clone()) });
+        }
+        if let Some(pushes) = pushes {
+            builder = builder.use_protocol(redis::ProtocolVersion::RESP3).push_sender(pushes);
+        }
+        builder.build().map_err(|e| EngineError::Protocol(e.to_string()))
+    }
+}
 
 /// The command connection, made again when it breaks.
 pub struct Commands {
     target: Target,
-    factory: ClientFactory,
+    connector: Connector,
     timeout: Duration,
     current: Mutex<Option<Live>>,
     connecting: tokio::sync::Mutex<()>,
@@ -194,10 +315,10 @@ pub struct Commands {
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl Commands {
-    pub fn new(target: Target, factory: ClientFactory, timeout: Duration) -> Self {
+    pub fn new(target: Target, connector: Connector, timeout: Duration) -> Self {
         Self {
             target,
-            factory,
+            connector,
             timeout,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -313,7 +434,8 @@ impl Commands {
     /// into a replica and back keeps connections open but starts a new history). Drops it if not.
     pub async fn verify(&self) {
         let Some(live) = lock(&self.current).clone() else { return };
-        let mut conn = live.conn.clone();
+        // In a cluster every script reads the identity of the server it runs on itself.
+        let Conn::Single(mut conn) = live.conn.clone() else { return };
         match tokio::time::timeout(self.timeout, describe(&mut conn)).await {
             Ok(Ok((role, identity))) if role == "master" && identity.replid == live.identity.replid => {}
             Ok(Ok((role, identity))) => {
@@ -329,18 +451,51 @@ impl Commands {
     pub async fn primary_client(&self) -> Result<(redis::Client, String), EngineError> {
         match &self.target {
             Target::Direct(url) => {
-                let client = (self.factory)(url)?;
+                let client = self.connector.client(url)?;
                 let address = client.get_connection_info().addr().to_string();
                 Ok((client, address))
             }
             Target::Sentinel(sentinel) => {
                 let address = self.ask_sentinels(sentinel).await?;
-                Ok(((self.factory)(&sentinel.primary_url(&address))?, address))
+                Ok((self.connector.client(&sentinel.primary_url(&address))?, address))
             }
+            Target::Cluster(_) => Err(EngineError::Protocol("a Redis Cluster has no single primary".into())),
         }
     }
 
+    /// The cluster this connects to, when it is one.
+    pub fn cluster(&self) -> Option<&ClusterTarget> {
+        match &self.target {
+            Target::Cluster(cluster) => Some(cluster),
+            _ => None,
+        }
+    }
+
+    /// Builds clients with the configured TLS settings.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// A connection to the whole cluster: the scripts read each server's identity themselves.
+    async fn connect_cluster(&self, target: &ClusterTarget) -> Result<Live, EngineError> {
+        let client = self.connector.cluster(target, self.timeout, None)?;
+        let conn = tokio::time::timeout(self.timeout * 2, client.get_async_connection())
+            .await
+            .map_err(|_| EngineError::Timeout)?
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        let identity = Arc::new(Identity {
+            replid: Arc::from(REPLID_OF_RUNNING_SERVER),
+            run_id: String::new(),
+            address: target.nodes.join(","),
+        });
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Live { conn: Conn::Cluster(conn), identity, generation })
+    }
+
     async fn connect(&self) -> Result<Live, EngineError> {
+        if let Target::Cluster(target) = &self.target {
+            return self.connect_cluster(target).await;
+        }
         let (client, address) = self.primary_client().await?;
         // Every call is bounded by the engine itself (the command timeout, or a `WAIT`'s own, longer one),
         // so the connection sets no response timeout of its own.
@@ -381,7 +536,7 @@ impl Commands {
             );
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Live { conn, identity, generation })
+        Ok(Live { conn: Conn::Single(conn), identity, generation })
     }
 
     async fn ask_sentinels(&self, target: &SentinelTarget) -> Result<String, EngineError> {
@@ -402,7 +557,7 @@ impl Commands {
     }
 
     async fn ask_sentinel(&self, target: &SentinelTarget, sentinel: &str) -> Result<Option<String>, EngineError> {
-        let client = (self.factory)(&target.sentinel_url(sentinel))?;
+        let client = self.connector.client(&target.sentinel_url(sentinel))?;
         let ask = async {
             let mut conn = client.get_multiplexed_async_connection().await?;
             redis::cmd("SENTINEL")
@@ -456,6 +611,14 @@ mod tests {
         assert_eq!((s.db, s.query.as_str(), s.sentinel_password.as_deref()), (0, "", Some("x")));
         assert_eq!(s.sentinel_url("a:1"), "rediss://:x@a:1");
         assert!(matches!(Target::parse("redis://localhost:6379/0"), Ok(Target::Direct(_))));
+        let Ok(Target::Cluster(c)) = Target::parse("rediss+cluster://u:pw@h1:7000,h2/?protocol=resp3") else {
+            panic!("a cluster URL")
+        };
+        assert_eq!(c.nodes, ["rediss://u:pw@h1:7000/?protocol=resp3", "rediss://u:pw@h2:6379/?protocol=resp3"]);
+        assert!(matches!(Target::parse("redis+cluster://h1:7000/0"), Ok(Target::Cluster(_))));
+        for bad in ["redis+cluster://", "redis+cluster://h1:7000/2", "redis+cluster://,/"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
         for bad in
             ["redis+sentinel://h1", "redis+sentinel://h1/", "redis+sentinel:///m", "redis+sentinel://h/m/x", "foo://x"]
         {

@@ -1,6 +1,16 @@
 //! Redis key and pub/sub channel names. Everything lives under one configurable prefix, so several
 //! Herald clusters can share a Redis. Per-channel keys carry the channel in a hash tag (`{…}`; channel
 //! names cannot contain braces), so a channel's keys share one slot should Redis Cluster be used.
+//!
+//! In a Redis Cluster (`sharded`) the names that are not a channel's are placed by hash tags too:
+//! - a channel's pub/sub channel is a shard channel with the channel's tag, so `SPUBLISH` from the
+//!   publish script stays on the channel's shard;
+//! - each node's control channel is a shard channel tagged with the node's name, so nodes' control
+//!   traffic (probes, replies) spreads over the shards by node;
+//! - the node registry and the nodes' counters share the tag `{nodes}`: one shard holds them, written
+//!   and read about once per second per node (a small, fixed load whatever the traffic);
+//! - the control channel for every node stays a classic pub/sub channel (a cluster broadcasts those
+//!   to every server), used only for rare requests (disconnect a user).
 
 use herald_core::ChannelName;
 
@@ -8,11 +18,18 @@ use herald_core::ChannelName;
 pub struct Keys {
     prefix: String,
     node: String,
+    sharded: bool,
 }
 
 impl Keys {
-    pub fn new(prefix: &str, node: &str) -> Self {
-        Self { prefix: prefix.to_owned(), node: node.to_owned() }
+    /// `sharded`: the names of a Redis Cluster (see the module documentation).
+    pub fn new(prefix: &str, node: &str, sharded: bool) -> Self {
+        Self { prefix: prefix.to_owned(), node: node.to_owned(), sharded }
+    }
+
+    /// Whether these are a Redis Cluster's names.
+    pub fn sharded(&self) -> bool {
+        self.sharded
     }
 
     /// Hash of the channel's epoch (`e`) and last offset (`o`).
@@ -37,23 +54,32 @@ impl Keys {
 
     /// The pub/sub channel that carries the channel's publications.
     pub fn pubsub(&self, channel: &ChannelName) -> String {
-        format!("{}:c:{}", self.prefix, channel)
+        if self.sharded {
+            format!("{}:{{{}}}:c", self.prefix, channel)
+        } else {
+            format!("{}:c:{}", self.prefix, channel)
+        }
     }
 
     /// The Herald channel of a pub/sub channel name, if it is one of ours.
     pub fn channel_of(&self, pubsub: &str) -> Option<ChannelName> {
-        let name = pubsub.strip_prefix(&self.prefix)?.strip_prefix(":c:")?;
+        let rest = pubsub.strip_prefix(&self.prefix)?;
+        let name = if self.sharded { rest.strip_prefix(":{")?.strip_suffix("}:c")? } else { rest.strip_prefix(":c:")? };
         ChannelName::parse(name).ok()
     }
 
     /// Sorted set of live nodes, scored by their last heartbeat (Unix milliseconds).
     pub fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
+        if self.sharded { format!("{}:{{nodes}}", self.prefix) } else { format!("{}:nodes", self.prefix) }
     }
 
     /// A node's last reported counters (JSON), expiring with the node.
     pub fn node_stats(&self, node: &str) -> String {
-        format!("{}:node:{}", self.prefix, node)
+        if self.sharded {
+            format!("{}:{{nodes}}:{}", self.prefix, node)
+        } else {
+            format!("{}:node:{}", self.prefix, node)
+        }
     }
 
     /// Control messages for every node (disconnect requests).
@@ -63,7 +89,7 @@ impl Keys {
 
     /// Control messages for one node (probes, replies).
     pub fn control(&self, node: &str) -> String {
-        format!("{}:ctl:{}", self.prefix, node)
+        if self.sharded { format!("{}:{{ctl:{}}}", self.prefix, node) } else { format!("{}:ctl:{}", self.prefix, node) }
     }
 
     pub fn own_control(&self) -> String {

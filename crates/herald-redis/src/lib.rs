@@ -30,7 +30,7 @@ mod subscriber;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -118,8 +118,8 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Makes clients for one server URL with the configured TLS settings.
-fn client_factory(config: &RedisConfig) -> Result<connection::ClientFactory, EngineError> {
+/// Makes clients with the configured TLS settings.
+fn connector(config: &RedisConfig) -> Result<connection::Connector, EngineError> {
     install_crypto_provider();
     let root_cert = match &config.tls_ca_file {
         Some(path) => {
@@ -127,16 +127,7 @@ fn client_factory(config: &RedisConfig) -> Result<connection::ClientFactory, Eng
         }
         None => None,
     };
-    Ok(Box::new(move |url: &str| {
-        let protocol = |e: redis::RedisError| EngineError::Protocol(e.to_string());
-        match &root_cert {
-            Some(root_cert) if url.starts_with("rediss://") => {
-                let certificates = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert.clone()) };
-                redis::Client::build_with_tls(url, certificates).map_err(protocol)
-            }
-            _ => redis::Client::open(url).map_err(protocol),
-        }
-    }))
+    Ok(connection::Connector::new(root_cert))
 }
 
 /// The Redis engine as the hub uses it: [`Redis`] with herald-core's protocols on top.
@@ -157,15 +148,25 @@ struct Inner {
     pubsub: Arc<PubSub>,
     /// Publishes waiting for replicas (`durability = replicated`).
     replication: Arc<Replication>,
+    /// Channels a publish script fenced on a cluster, where the node sees no server's identity (each
+    /// script reads its own server's): the cluster's count of rollbacks.
+    fenced: AtomicU64,
 }
 
 /// Connects the command connection, waiting up to [`STARTUP_WAIT`] for Redis (or, with Sentinel, for a
 /// primary) to be reachable.
 pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
     let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
-    let commands = Arc::new(Commands::new(target, client_factory(&config)?, config.command_timeout));
+    let commands = Arc::new(Commands::new(target, connector(&config)?, config.command_timeout));
     commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
-    let keys = Keys::new(&config.prefix, &config.node_id);
+    let sharded = commands.cluster().is_some();
+    if sharded && config.durability != Durability::None {
+        return Err(EngineError::Protocol(
+            "durability = \"replicated\" is not supported on a Redis Cluster yet (each shard would need its own WAIT)"
+                .into(),
+        ));
+    }
+    let keys = Keys::new(&config.prefix, &config.node_id, sharded);
     let relay = RelayConfig {
         probe_interval: config.probe_interval,
         probe_timeout: config.probe_timeout,
@@ -178,11 +179,12 @@ pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
             channels: Channels::new(keys.clone(), commands.clone(), policies.clone(), config.max_read_bytes),
             pubsub: Arc::new(PubSub::new(keys.clone(), commands.clone(), policies, config.probe_interval)),
             replication: Arc::new(Replication::new(commands.clone())),
-            publish_script: Script::new(&scripts::publish()),
-            publish_batch_script: Script::new(&scripts::publish_batch()),
+            publish_script: Script::new(&scripts::publish(sharded)),
+            publish_batch_script: Script::new(&scripts::publish_batch(sharded)),
             config,
             keys,
             commands,
+            fenced: AtomicU64::new(0),
         }),
     };
     Ok(ClusterEngine::new(redis, relay))
@@ -247,11 +249,30 @@ impl Inner {
             .arg(history_max_bytes(&policy));
     }
 
-    /// Publishes `message` to a control channel; returns how many nodes it reached.
-    async fn send_control(&self, target: String, message: String) -> Result<usize, EngineError> {
+    /// Publishes `message` to a control channel; returns how many nodes it reached. On a cluster a
+    /// node's own channel is a shard channel (`SPUBLISH`); the channel for every node is a classic one,
+    /// whose count only covers the server it was published on, so the live nodes are counted instead.
+    async fn send_control(&self, to: Recipient<'_>, message: String) -> Result<usize, EngineError> {
         let live = self.live().await?;
         let mut conn = live.conn.clone();
-        self.on(&live, conn.publish(target, message)).await
+        match (to, self.keys.sharded()) {
+            (Recipient::Node(node), false) => self.on(&live, conn.publish(self.keys.control(node), message)).await,
+            (Recipient::All, false) => self.on(&live, conn.publish(self.keys.control_all(), message)).await,
+            (Recipient::Node(node), true) => self.on(&live, conn.spublish(self.keys.control(node), message)).await,
+            (Recipient::All, true) => {
+                self.on(&live, conn.publish::<_, _, usize>(self.keys.control_all(), message)).await?;
+                Ok(self.live_nodes().await?.len())
+            }
+        }
+    }
+
+    /// A publish reply's outcome, counting a fence.
+    fn outcome(&self, parsed: Result<(PublishOutcome, bool), EngineError>) -> Result<PublishOutcome, EngineError> {
+        let (outcome, fenced) = parsed?;
+        if fenced {
+            self.fenced.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(outcome)
     }
 
     async fn live_nodes(&self) -> Result<Vec<String>, EngineError> {
@@ -295,7 +316,7 @@ impl Backplane for Redis {
         inner.add_publication(&mut invocation, request, header, &live, false);
         let mut conn = live.conn.clone();
         let outcome = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await?;
-        let outcome = parse_publish_reply(outcome)?;
+        let outcome = inner.outcome(parse_publish_reply(outcome))?;
         if let (Durability::Replicated { min_replicas, timeout }, false) = (inner.config.durability, outcome.duplicate)
         {
             inner.replication.replicated(live, min_replicas, timeout).await?;
@@ -326,7 +347,7 @@ impl Backplane for Redis {
             Err(error) => return failed(error),
         };
         let mut outcomes: Vec<Result<PublishOutcome, EngineError>> =
-            replies.into_iter().map(parse_publish_reply).collect();
+            replies.into_iter().map(|reply| inner.outcome(parse_publish_reply(reply))).collect();
         if let Durability::Replicated { min_replicas, timeout } = inner.config.durability {
             if outcomes.iter().any(|o| matches!(o, Ok(o) if !o.duplicate)) {
                 if let Err(error) = inner.replication.replicated(live, min_replicas, timeout).await {
@@ -443,11 +464,7 @@ impl Backplane for Redis {
     }
 
     async fn send(&self, to: Recipient<'_>, message: String) -> Result<usize, EngineError> {
-        let target = match to {
-            Recipient::Node(node) => self.inner.keys.control(node),
-            Recipient::All => self.inner.keys.control_all(),
-        };
-        self.inner.send_control(target, message).await
+        self.inner.send_control(to, message).await
     }
 
     fn connected(&self) -> bool {
@@ -475,7 +492,11 @@ impl Backplane for Redis {
         let i = &self.inner;
         BackplaneStats {
             reconnects: i.pubsub.reconnects(),
-            rollbacks: i.commands.identity_changes.load(Ordering::Relaxed),
+            rollbacks: if i.keys.sharded() {
+                i.fenced.load(Ordering::Relaxed)
+            } else {
+                i.commands.identity_changes.load(Ordering::Relaxed)
+            },
         }
     }
 }
@@ -485,7 +506,8 @@ fn history_max_bytes(policy: &herald_core::HistoryPolicy) -> u64 {
     policy.max_bytes as u64
 }
 
-fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineError> {
+/// The outcome, and whether the script fenced the channel first.
+fn parse_publish_reply(reply: redis::Value) -> Result<(PublishOutcome, bool), EngineError> {
     let protocol = |what: &str| EngineError::Protocol(format!("unexpected publish reply: {what}"));
     let redis::Value::Array(items) = reply else { return Err(protocol("not an array")) };
     let text = |value: &redis::Value| -> Option<String> {
@@ -509,29 +531,35 @@ fn parse_publish_reply(reply: redis::Value) -> Result<PublishOutcome, EngineErro
             };
             let epoch = Epoch::parse(epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
             let offset = offset.parse().map_err(|_| protocol("offset"))?;
-            Ok(PublishOutcome {
-                position: Position::new(epoch, offset),
-                correlation_id: Arc::from(correlation),
-                duplicate: true,
-                receivers: None,
-            })
+            Ok((
+                PublishOutcome {
+                    position: Position::new(epoch, offset),
+                    correlation_id: Arc::from(correlation),
+                    duplicate: true,
+                    receivers: None,
+                },
+                false,
+            ))
         }
         [
             redis::Value::Int(0),
             epoch,
             redis::Value::Int(offset),
             redis::Value::Int(receivers),
-            redis::Value::Int(_fenced),
+            redis::Value::Int(fenced),
         ] => {
             let epoch = text(epoch).ok_or_else(|| protocol("epoch"))?;
             let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
-            Ok(PublishOutcome {
-                position: Position::new(epoch, (*offset).max(0) as u64),
-                // The caller's correlation ID; filled in by the caller.
-                correlation_id: Arc::from(""),
-                duplicate: false,
-                receivers: Some((*receivers).max(0) as usize),
-            })
+            Ok((
+                PublishOutcome {
+                    position: Position::new(epoch, (*offset).max(0) as u64),
+                    // The caller's correlation ID; filled in by the caller.
+                    correlation_id: Arc::from(""),
+                    duplicate: false,
+                    receivers: Some((*receivers).max(0) as usize),
+                },
+                *fenced == 1,
+            ))
         }
         _ => Err(protocol("shape")),
     }

@@ -13,10 +13,26 @@
 //! (`engine_rollback`): publications acknowledged after what survived are gone, and nothing tells which.
 //! The new epoch records the old one (`pe`), so that a client returning with a position in it is told
 //! why. The old epoch's entries stay in the stream (other generation) until trimmed or expired.
+//!
+//! In a Redis Cluster the node cannot know which server a script will run on (the cluster client
+//! follows redirections), so it passes `*` instead of an ID and the script reads the ID of the server
+//! it runs on (`INFO replication`, once per call): each shard's channels are fenced by their own
+//! primary's history. Fan-out there uses sharded pub/sub (`SPUBLISH`), whose channel carries the same
+//! hash tag as the channel's keys, so a publication passes only through its shard.
 
 /// Shared by the scripts: moves a channel to a new epoch recording the old one. Returns the new epoch,
 /// offset (0), generation and 1.
 const FENCE: &str = r#"
+-- '*': the replication ID of the server running this script (Redis Cluster), read once per call.
+local running_replid = nil
+local function own_replid(replid)
+  if replid ~= '*' then return replid end
+  if not running_replid then
+    running_replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  end
+  return running_replid
+end
+
 local function fence(meta, stream, epoch, gen, fresh, replid)
   if gen == nil then
     -- History written before generations existed cannot be continued.
@@ -32,6 +48,7 @@ end
 -- Returns epoch, offset, generation, bytes, fenced, and when the keys' expiry was last pushed back
 -- (`x`, ms; nil for a channel just made).
 local function state(meta, stream, fresh, replid)
+  replid = own_replid(replid)
   local m = redis.call('HMGET', meta, 'e', 'o', 'g', 'r', 'b', 'x')
   local epoch, offset, gen, bytes = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[5]) or 0
   if not epoch then
@@ -180,7 +197,7 @@ return {epoch, offset, gen, fenced, redis.call('HGET', KEYS[1], 'pe') or ''}
 const FENCE_BODY: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'e', 'g')
 if m[1] ~= ARGV[1] then return 0 end
-fence(KEYS[1], KEYS[2], m[1], tonumber(m[2]), ARGV[2], ARGV[3])
+fence(KEYS[1], KEYS[2], m[1], tonumber(m[2]), ARGV[2], own_replid(ARGV[3]))
 return 1
 "#;
 
@@ -191,12 +208,17 @@ pub fn key_life_ms(age_ms: u64) -> u64 {
     age_ms + 2 * (age_ms / 8)
 }
 
-pub fn publish() -> String {
-    format!("{FENCE}{PUBLISH_ONE}{PUBLISH_BODY}")
+/// The publish script; `sharded` (Redis Cluster) fans out with `SPUBLISH`.
+pub fn publish(sharded: bool) -> String {
+    fan_out(format!("{FENCE}{PUBLISH_ONE}{PUBLISH_BODY}"), sharded)
 }
 
-pub fn publish_batch() -> String {
-    format!("{FENCE}{PUBLISH_ONE}{PUBLISH_BATCH_BODY}")
+pub fn publish_batch(sharded: bool) -> String {
+    fan_out(format!("{FENCE}{PUBLISH_ONE}{PUBLISH_BATCH_BODY}"), sharded)
+}
+
+fn fan_out(script: String, sharded: bool) -> String {
+    if sharded { script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") } else { script }
 }
 
 pub fn top() -> String {

@@ -1,4 +1,12 @@
-//! The node's one pub/sub connection and the tasks around it.
+//! The node's pub/sub connection and the tasks around it.
+//!
+//! On one Redis (or behind Sentinel) the connection is one classic pub/sub connection. On a Redis
+//! Cluster it is a cluster client subscribed with sharded pub/sub (`SSUBSCRIBE`): one connection per
+//! shard primary, each channel subscribed at the primary serving its slot. When a slot moves, that
+//! server unsubscribes its channels itself (`sunsubscribe` arrives unasked); the actor subscribes them
+//! again (the client finds the new owner through the redirection) and the receiver re-syncs a channel
+//! whenever it is confirmed again, since messages may have passed meanwhile. A shard's connection that
+//! closes makes the actor connect anew and re-sync everything, as on one Redis.
 //!
 //! - The **actor** owns the subscription set. Requests arrive in the order the hub's channel
 //!   memberships changed (it sends them under its lock), are applied in batches (one SUBSCRIBE or
@@ -23,15 +31,18 @@ use futures_util::StreamExt;
 use herald_core::engine::SubscribeFuture;
 use herald_core::{ChannelName, EngineError, Policies, Relay};
 use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::{Commands, lock};
+use crate::connection::{ClusterTarget, Commands, lock};
 use crate::keys::Keys;
 use crate::scripts::key_life_ms;
 
 enum Command {
     Subscribe(ChannelName, oneshot::Sender<Result<(), EngineError>>),
     Unsubscribe(ChannelName),
+    /// The server dropped the channel's subscription itself (its slot moved to another shard).
+    Resubscribe(ChannelName),
     /// The receiver of connection `generation` saw its stream end.
     Lost(u64),
     /// The prober found the subscription stale.
@@ -166,7 +177,7 @@ async fn actor(inner: Arc<PubSub>, mut rx: mpsc::UnboundedReceiver<Command>) {
                             lock(&inner.subscribed).remove(&channel);
                             desired.remove(&channel);
                         }
-                        Command::Lost(_) | Command::Stale => {}
+                        Command::Resubscribe(_) | Command::Lost(_) | Command::Stale => {}
                     }
                 }
                 continue;
@@ -211,26 +222,102 @@ async fn actor(inner: Arc<PubSub>, mut rx: mpsc::UnboundedReceiver<Command>) {
     }
 }
 
-async fn connect(inner: &PubSub, desired: &BTreeSet<ChannelName>) -> Result<(PubSubSink, PubSubStream), EngineError> {
+/// Where subscriptions are asked for.
+enum Sink {
+    Classic(PubSubSink),
+    /// Sharded pub/sub on a cluster: one channel per call (a call's channels must share a slot).
+    Sharded(ClusterConnection),
+}
+
+/// Where messages arrive.
+enum Source {
+    Classic(PubSubStream),
+    Sharded(mpsc::UnboundedReceiver<redis::PushInfo>),
+}
+
+/// Calls of a batch in flight at once on a cluster.
+const SHARDED_CONCURRENCY: usize = 64;
+
+impl Sink {
+    async fn subscribe(&mut self, names: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Classic(sink) => sink.subscribe(names).await,
+            Sink::Sharded(conn) => each(conn, names, true).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, names: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Classic(sink) => sink.unsubscribe(names).await,
+            Sink::Sharded(conn) => each(conn, names, false).await,
+        }
+    }
+}
+
+/// `SSUBSCRIBE` (or `SUNSUBSCRIBE`) each of `names` on its own, several at once.
+async fn each(conn: &ClusterConnection, names: &[String], subscribe: bool) -> redis::RedisResult<()> {
+    // Collected first: a stream over a borrowing closure would not be `Send` for every lifetime.
+    let calls: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let (mut conn, name) = (conn.clone(), name.clone());
+            async move { if subscribe { conn.ssubscribe(name).await } else { conn.sunsubscribe(name).await } }
+        })
+        .collect();
+    let mut results = futures_util::stream::iter(calls).buffer_unordered(SHARDED_CONCURRENCY);
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+async fn connect(inner: &PubSub, desired: &BTreeSet<ChannelName>) -> Result<(Sink, Source), EngineError> {
     let timeout = inner.commands.timeout() * 3;
+    if let Some(cluster) = inner.commands.cluster() {
+        return connect_sharded(inner, cluster, desired).await;
+    }
     let (client, _address) = inner.commands.primary_client().await?;
     let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
         .await
         .map_err(|_| EngineError::Timeout)?
         .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-    let (mut sink, stream) = pubsub.split();
+    let (sink, stream) = pubsub.split();
+    let mut sink = Sink::Classic(sink);
     let mut names = vec![inner.keys.own_control(), inner.keys.control_all()];
     names.extend(desired.iter().map(|c| inner.keys.pubsub(c)));
     for chunk in names.chunks(MAX_BATCH) {
         inner.commands.bounded(sink.subscribe(chunk)).await?;
     }
-    Ok((sink, stream))
+    Ok((sink, Source::Classic(stream)))
+}
+
+async fn connect_sharded(
+    inner: &PubSub,
+    cluster: &ClusterTarget,
+    desired: &BTreeSet<ChannelName>,
+) -> Result<(Sink, Source), EngineError> {
+    let timeout = inner.commands.timeout() * 3;
+    let (pushes, source) = mpsc::unbounded_channel();
+    let client = inner.commands.connector().cluster(cluster, inner.commands.timeout(), Some(pushes))?;
+    let mut conn = tokio::time::timeout(timeout, client.get_async_connection())
+        .await
+        .map_err(|_| EngineError::Timeout)?
+        .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    // Requests for every node go to all servers: a classic channel, which a cluster broadcasts.
+    inner.commands.bounded(conn.subscribe(inner.keys.control_all())).await?;
+    let mut sink = Sink::Sharded(conn);
+    let mut names = vec![inner.keys.own_control()];
+    names.extend(desired.iter().map(|c| inner.keys.pubsub(c)));
+    for chunk in names.chunks(MAX_BATCH) {
+        inner.commands.bounded(sink.subscribe(chunk)).await?;
+    }
+    Ok((sink, Source::Sharded(source)))
 }
 
 /// Applies a batch of requests; Err when the connection is unusable (the actor then reconnects).
 async fn apply(
     inner: &PubSub,
-    sink: &mut PubSubSink,
+    sink: &mut Sink,
     desired: &mut BTreeSet<ChannelName>,
     generation: u64,
     batch: &mut Vec<Command>,
@@ -238,6 +325,7 @@ async fn apply(
     let mut replies = Vec::new();
     let mut changed: HashMap<ChannelName, bool> = HashMap::new();
     let mut lost = false;
+    let mut again = Vec::new();
     for command in batch.drain(..) {
         match command {
             Command::Subscribe(channel, reply) => {
@@ -254,6 +342,11 @@ async fn apply(
                     changed.insert(channel, false);
                 }
             }
+            Command::Resubscribe(channel) => {
+                if desired.contains(&channel) && !changed.contains_key(&channel) {
+                    again.push(inner.keys.pubsub(&channel));
+                }
+            }
             Command::Lost(of) if of == generation => lost = true,
             Command::Stale => lost = true,
             Command::Lost(_) => {}
@@ -265,7 +358,8 @@ async fn apply(
         }
         return Err("stream ended or probe stale");
     }
-    let subscribe: Vec<String> = changed.iter().filter(|(_, on)| **on).map(|(c, _)| inner.keys.pubsub(c)).collect();
+    let mut subscribe: Vec<String> = changed.iter().filter(|(_, on)| **on).map(|(c, _)| inner.keys.pubsub(c)).collect();
+    subscribe.extend(again);
     let unsubscribe: Vec<String> = changed.iter().filter(|(_, on)| !**on).map(|(c, _)| inner.keys.pubsub(c)).collect();
     let mut result = Ok(());
     if !unsubscribe.is_empty() && inner.commands.bounded(sink.unsubscribe(&unsubscribe)).await.is_err() {
@@ -281,18 +375,69 @@ async fn apply(
     result
 }
 
-async fn receiver(inner: Arc<PubSub>, mut stream: PubSubStream, generation: u64, resync: Vec<ChannelName>) {
+async fn receiver(inner: Arc<PubSub>, source: Source, generation: u64, resync: Vec<ChannelName>) {
     let Some(relay) = inner.relay.get().cloned() else { return };
     let mut link = relay.connected(resync).await;
     let own_control = inner.keys.own_control();
     let control_all = inner.keys.control_all();
-    while let Some(message) = stream.next().await {
-        let name = message.get_channel_name();
-        let payload = message.get_payload_bytes();
-        if name == own_control || name == control_all {
-            relay.control(payload).await;
-        } else if let Some(channel) = inner.keys.channel_of(name) {
-            link.publication(channel, payload).await;
+    match source {
+        Source::Classic(mut stream) => {
+            while let Some(message) = stream.next().await {
+                let name = message.get_channel_name();
+                let payload = message.get_payload_bytes();
+                if name == own_control || name == control_all {
+                    relay.control(payload).await;
+                } else if let Some(channel) = inner.keys.channel_of(name) {
+                    link.publication(channel, payload).await;
+                }
+            }
+        }
+        Source::Sharded(mut pushes) => {
+            // Shard channels confirmed on this connection: one confirmed again was subscribed anew
+            // (after its slot moved, or after the client reconnected to its shard), so what passed
+            // between is read from history.
+            let mut confirmed: HashSet<String> = HashSet::new();
+            while let Some(push) = pushes.recv().await {
+                let mut data = push.data.into_iter();
+                let name = match data.next() {
+                    Some(redis::Value::BulkString(name)) => String::from_utf8(name).unwrap_or_default(),
+                    _ => String::new(),
+                };
+                match push.kind {
+                    redis::PushKind::Message | redis::PushKind::SMessage => {
+                        let Some(redis::Value::BulkString(payload)) = data.next() else { continue };
+                        if name == own_control || name == control_all {
+                            relay.control(&payload).await;
+                        } else if let Some(channel) = inner.keys.channel_of(&name) {
+                            link.publication(channel, &payload).await;
+                        }
+                    }
+                    redis::PushKind::SSubscribe if !confirmed.insert(name.clone()) => {
+                        if let Some(channel) = inner.keys.channel_of(&name) {
+                            relay.recheck(&channel).await;
+                        }
+                    }
+                    redis::PushKind::SUnsubscribe => match inner.keys.channel_of(&name) {
+                        // Still wanted: the server dropped it (its slot moved). Keep it confirmed, so the
+                        // confirmation at the new owner re-syncs it.
+                        Some(channel) if lock(&inner.subscribed).contains(&channel) => {
+                            tracing::debug!(%channel, "shard dropped the subscription; subscribing again");
+                            let _ = inner.requests.send(Command::Resubscribe(channel));
+                        }
+                        _ if name == own_control => {
+                            let _ = inner.requests.send(Command::Stale);
+                        }
+                        _ => {
+                            confirmed.remove(&name);
+                        }
+                    },
+                    redis::PushKind::Disconnection => {
+                        tracing::warn!("a redis cluster connection closed; subscribing anew");
+                        break;
+                    }
+                    _ => {}
+                }
+            }
         }
     }
     let _ = inner.requests.send(Command::Lost(generation));
@@ -315,6 +460,9 @@ async fn verifier(inner: Arc<PubSub>) {
 /// Extends the life of the epoch of every channel this node subscribes to.
 async fn refresh_subscribed(inner: &PubSub) {
     let channels: Vec<ChannelName> = lock(&inner.subscribed).iter().cloned().collect();
+    if inner.keys.sharded() {
+        return refresh_each(inner, &channels).await;
+    }
     for chunk in channels.chunks(1000) {
         let mut pipe = redis::pipe();
         for channel in chunk {
@@ -327,6 +475,32 @@ async fn refresh_subscribed(inner: &PubSub) {
             inner.commands.on(&live, pipe.query_async::<()>(&mut conn)).await
         };
         if let Err(error) = refreshed.await {
+            tracing::debug!(%error, "refreshing subscribed channels failed");
+            return;
+        }
+    }
+}
+
+/// As [`refresh_subscribed`] on a cluster, where one pipeline may not span slots: a command per
+/// channel, several at once.
+async fn refresh_each(inner: &PubSub, channels: &[ChannelName]) {
+    let Ok(live) = inner.commands.get().await else { return };
+    let commands = inner.commands.clone();
+    let calls: Vec<_> = channels
+        .iter()
+        .map(|channel| {
+            let (live, commands) = (live.clone(), commands.clone());
+            let ttl = inner.policies.history(channel).ttl.as_millis() as u64;
+            let command = redis::cmd("PEXPIRE").arg(inner.keys.meta(channel)).arg(key_life_ms(ttl)).to_owned();
+            async move {
+                let mut conn = live.conn.clone();
+                commands.on(&live, command.query_async::<()>(&mut conn)).await
+            }
+        })
+        .collect();
+    let mut results = futures_util::stream::iter(calls).buffer_unordered(SHARDED_CONCURRENCY);
+    while let Some(result) = results.next().await {
+        if let Err(error) = result {
             tracing::debug!(%error, "refreshing subscribed channels failed");
             return;
         }

@@ -33,8 +33,8 @@ pub struct Cli {
     /// Address to listen on (HERALD_LISTEN; default 127.0.0.1:8080). Port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Engine URL: `memory` (default), `redis://…`, `rediss://…`, `redis+sentinel://…`, `nats://…`,
-    /// `tls://…` (HERALD_ENGINE).
+    /// Engine URL: `memory` (default), `redis://…`, `rediss://…`, `redis+sentinel://…`,
+    /// `redis+cluster://…`, `nats://…`, `tls://…` (HERALD_ENGINE).
     #[arg(long, value_name = "URL")]
     pub engine: Option<String>,
     /// TOML configuration file (HERALD_CONFIG).
@@ -538,6 +538,13 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
     check_engine(&config.engine, &mut problems);
     check_redis(&config.redis, &mut problems);
+    if config.engine.contains("+cluster://") && config.redis.durability != "none" {
+        problems.push(
+            "redis.durability = \"replicated\" is not supported with redis+cluster:// yet (each shard would need \
+             its own WAIT)"
+                .to_owned(),
+        );
+    }
     check_nats(&config.nats, &mut problems);
     check_names(&config, &mut problems);
     check_limits(&config, &mut problems);

@@ -34,7 +34,14 @@ impl EngineKind {
 pub const MEMORY: EngineKind = EngineKind { name: "memory", schemes: &[], section: None, check: |_| Ok(()) };
 pub const REDIS: EngineKind = EngineKind {
     name: "redis",
-    schemes: &["redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://"],
+    schemes: &[
+        "redis://",
+        "rediss://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ],
     section: Some("redis"),
     check: herald_redis::check_url,
 };
@@ -60,6 +67,7 @@ mod tests {
         assert_eq!(kind_of("memory"), Some(MEMORY));
         assert_eq!(kind_of("redis://127.0.0.1:6379/0"), Some(REDIS));
         assert_eq!(kind_of("redis+sentinel://h:26379/m"), Some(REDIS));
+        assert_eq!(kind_of("redis+cluster://h:7000,h:7001"), Some(REDIS));
         assert_eq!(kind_of("nats://127.0.0.1:4222"), Some(NATS));
         assert_eq!(kind_of("tls://h:4222"), Some(NATS));
         assert_eq!(kind_of("memcached://h"), None);

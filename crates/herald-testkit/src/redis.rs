@@ -64,7 +64,11 @@ impl RedisServer {
     /// Starts with `extra` arguments; with `persistent`, in a data folder of its own (see
     /// [`RedisServer::start_persistent`]), else with nothing on disk.
     pub fn try_start(extra: &[&str], persistent: bool) -> anyhow::Result<RedisServer> {
-        let port = try_free_port()?;
+        Self::try_start_on(try_free_port()?, extra, persistent)
+    }
+
+    /// As [`RedisServer::try_start`], on `port`.
+    pub fn try_start_on(port: u16, extra: &[&str], persistent: bool) -> anyhow::Result<RedisServer> {
         let mut args: Vec<String> = vec!["--save".into(), String::new()];
         let dir = scratch_dir("herald-redis")?;
         args.extend(["--dir".to_owned(), dir.display().to_string()]);
@@ -188,6 +192,12 @@ impl RedisServer {
     /// A field of an `INFO` section (`replication`, `persistence`, …).
     pub fn info(&self, section: &str, field: &str) -> Option<String> {
         let info: String = self.query(&["INFO", section]).ok()?;
+        info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(|v| v.trim().to_owned())
+    }
+
+    /// A field of `CLUSTER INFO`.
+    pub fn info_cluster(&self, field: &str) -> Option<String> {
+        let info: String = self.query(&["CLUSTER", "INFO"]).ok()?;
         info.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(|v| v.trim().to_owned())
     }
 

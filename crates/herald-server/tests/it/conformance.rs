@@ -1,6 +1,8 @@
-//! The engine conformance suite: one set of tests every engine must pass, run against the memory, Redis
-//! and NATS engines (each test with a `redis-server` or `nats-server -js` of its own). Tests that need
-//! more than one node, or a node that dies, run on the distributed engines only.
+//! The engine conformance suite: one set of tests every engine must pass, run against the memory, Redis,
+//! Redis Cluster and NATS engines (each test with a `redis-server`, a Redis Cluster or a
+//! `nats-server -js` of its own). Tests that need more than one node, or a node that dies, run on the
+//! distributed engines only; the engine faults of a Redis Cluster (a shard failed over, a slot moved)
+//! have tests of their own (`redis_cluster.rs`).
 //!
 //! Adding an engine: a variant of [`Backend`], its line in [`Under::configure`], and a module in the
 //! `conformance!` calls at the end.
@@ -12,7 +14,7 @@ use herald_server::config::{Config, NamespaceConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use herald_testkit::{NatsServer, Proxy, RedisServer};
+use herald_testkit::{NatsServer, Proxy, RedisCluster, RedisServer};
 
 use crate::harness::{Server, Sse, TIMEOUT, client};
 use crate::process::Node;
@@ -20,6 +22,7 @@ use crate::process::Node;
 pub enum Backend {
     Memory,
     Redis(RedisServer),
+    RedisCluster(RedisCluster),
     Nats(NatsServer),
 }
 
@@ -39,6 +42,11 @@ impl Under {
         Under { backend: Backend::Redis(RedisServer::start_persistent(&[])), prefix: prefix() }
     }
 
+    /// Three primaries without replicas.
+    pub fn redis_cluster() -> Under {
+        Under { backend: Backend::RedisCluster(RedisCluster::start(3, 0)), prefix: prefix() }
+    }
+
     pub fn nats() -> Under {
         Under { backend: Backend::Nats(NatsServer::start()), prefix: prefix() }
     }
@@ -51,8 +59,8 @@ impl Under {
     fn configure(&self, config: &mut Config) {
         match &self.backend {
             Backend::Memory => {}
-            Backend::Redis(redis) => {
-                config.engine = redis.url();
+            Backend::Redis(_) | Backend::RedisCluster(_) => {
+                config.engine = self.url().unwrap_or_default();
                 config.redis.prefix = self.prefix.clone();
                 config.redis.probe_interval_ms = 100;
                 config.redis.probe_timeout_ms = 1000;
@@ -71,10 +79,20 @@ impl Under {
         }
     }
 
-    /// The engine's URL and port, for engines reached over the network.
-    fn address(&self) -> Option<(String, u16)> {
+    /// The engine's URL.
+    fn url(&self) -> Option<String> {
         match &self.backend {
             Backend::Memory => None,
+            Backend::Redis(redis) => Some(redis.url()),
+            Backend::RedisCluster(cluster) => Some(cluster.url()),
+            Backend::Nats(nats) => Some(nats.url()),
+        }
+    }
+
+    /// The engine's URL and port, for engines reached over the network at one address.
+    fn address(&self) -> Option<(String, u16)> {
+        match &self.backend {
+            Backend::Memory | Backend::RedisCluster(_) => None,
             Backend::Redis(redis) => Some((redis.url(), redis.port())),
             Backend::Nats(nats) => Some((nats.url(), nats.port())),
         }
@@ -85,6 +103,7 @@ impl Under {
         let (url, section) = match &self.backend {
             Backend::Memory => return Vec::new(),
             Backend::Redis(redis) => (redis.url(), "REDIS"),
+            Backend::RedisCluster(cluster) => (cluster.url(), "REDIS"),
             Backend::Nats(nats) => (nats.url(), "NATS"),
         };
         vec![
@@ -342,7 +361,7 @@ async fn a_rolled_back_engine_fences_the_channel(mut under: Under) {
     }
     sse.expect_offsets("back:1", 0, 3).await;
     let backup = match &mut under.backend {
-        Backend::Memory => return,
+        Backend::Memory | Backend::RedisCluster(_) => return,
         Backend::Redis(redis) => {
             assert_eq!(redis.query::<String>(&["SAVE"]).expect("SAVE"), "OK");
             None
@@ -358,7 +377,7 @@ async fn a_rolled_back_engine_fences_the_channel(mut under: Under) {
     let old_epoch = publish_eventually(publisher, "back:1", json!(5)).await["epoch"].clone();
     assert_eq!(sse.expect_offsets("back:1", 3, 2).await, vec![json!(4), json!(5)]);
     match &mut under.backend {
-        Backend::Memory => return,
+        Backend::Memory | Backend::RedisCluster(_) => return,
         Backend::Redis(redis) => {
             redis.stop();
             redis.restart();
@@ -407,7 +426,7 @@ async fn engine_data_lost_means_reset(mut under: Under) {
     nodes[nodes.len() - 1].publish("lost:1", json!(1)).await;
     sse.expect_offsets("lost:1", 0, 1).await;
     match &mut under.backend {
-        Backend::Memory => return,
+        Backend::Memory | Backend::RedisCluster(_) => return,
         Backend::Redis(redis) => {
             redis.stop();
             redis.restart();
@@ -492,6 +511,10 @@ conformance!(redis: order_and_offsets_without_holes, idempotency_within_the_wind
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
     a_dead_node_leaves_no_ghosts, a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history,
     a_rolled_back_engine_fences_the_channel, engine_data_lost_means_reset);
+conformance!(redis_cluster: order_and_offsets_without_holes, idempotency_within_the_window,
+    a_trimmed_position_gets_a_reset, an_expired_position_gets_a_reset, presence_follows_connections,
+    receipts_from_every_node, disconnect_on_every_node, a_dead_node_leaves_no_ghosts,
+    a_lost_live_message_is_repaired_from_history);
 conformance!(nats: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
     a_dead_node_leaves_no_ghosts, a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history,

@@ -1,0 +1,214 @@
+//! A Redis Cluster of the caller's own: `redis-server --cluster-enabled yes` processes on free loopback
+//! ports, joined with `redis-cli --cluster create`, with slots moved and primaries failed over on
+//! request. Each server keeps its cluster state (`nodes.conf`) in its own folder, so a restarted server
+//! rejoins as the same node (with no data).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::process::{try_free_port, wait_until};
+use crate::redis::RedisServer;
+
+/// How long the cluster gets to agree on its slots after a change.
+const SETTLE_TIME: Duration = Duration::from_secs(30);
+/// A primary silent for this long is failed over by its replicas.
+const NODE_TIMEOUT_MS: u64 = 1000;
+
+/// A Redis Cluster stopped by PID on drop. Servers `0..primaries` start as primaries, each followed by
+/// its replicas in the order `redis-cli` assigns them.
+pub struct RedisCluster {
+    pub servers: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `primaries` shards (at least 3, as `redis-cli --cluster create` demands), each with `replicas`.
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        Self::try_start(primaries, replicas).expect("redis-server and redis-cli must be installed (scripts/test)")
+    }
+
+    pub fn try_start(primaries: usize, replicas: usize) -> anyhow::Result<RedisCluster> {
+        let count = primaries * (1 + replicas);
+        let mut servers = Vec::with_capacity(count);
+        for _ in 0..count {
+            // The cluster bus listens on the port plus 10000: both must be free.
+            let port = cluster_port()?;
+            let timeout = NODE_TIMEOUT_MS.to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                &timeout,
+                // A replica that lost its primary long ago may still take over (tests kill primaries).
+                "--cluster-replica-validity-factor",
+                "0",
+                "--appendonly",
+                "no",
+            ];
+            servers.push(RedisServer::try_start_on(port, &args, false)?);
+        }
+        let addresses: Vec<String> = servers.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !output.status.success() {
+            bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
+        }
+        let cluster = RedisCluster { servers };
+        cluster.wait_settled()?;
+        Ok(cluster)
+    }
+
+    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…` (every server as a seed).
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.servers.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    pub fn server(&self, i: usize) -> &RedisServer {
+        &self.servers[i]
+    }
+
+    /// Indices of the servers that are primaries now (running ones only).
+    pub fn primaries(&self) -> Vec<usize> {
+        (0..self.servers.len())
+            .filter(|i| {
+                self.servers[*i].pid().is_some() && self.servers[*i].replication("role").as_deref() == Some("master")
+            })
+            .collect()
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`, asked of any running server).
+    pub fn slot_of(&self, key: &str) -> anyhow::Result<u16> {
+        let server = self.running().context("no server runs")?;
+        let slot: i64 = server.query(&["CLUSTER", "KEYSLOT", key])?;
+        Ok(slot as u16)
+    }
+
+    /// The index of the primary serving `slot`, as the running servers see it.
+    pub fn owner_of(&self, slot: u16) -> anyhow::Result<usize> {
+        let server = self.running().context("no server runs")?;
+        let nodes: String = server.query(&["CLUSTER", "NODES"])?;
+        let port = owner_in_nodes(&nodes, slot).with_context(|| format!("no primary serves slot {slot}"))?;
+        self.servers.iter().position(|s| s.port == port).with_context(|| format!("port {port} is not ours"))
+    }
+
+    /// The node ID of server `i`.
+    pub fn node_id(&self, i: usize) -> anyhow::Result<String> {
+        self.servers[i].query(&["CLUSTER", "MYID"])
+    }
+
+    /// Moves `slot` with its keys from its current primary to primary `to`, the way `redis-cli
+    /// --cluster reshard` does: importing/migrating marks, `MIGRATE` in batches, then the new owner
+    /// announced to every primary.
+    pub fn migrate_slot(&self, slot: u16, to: usize) -> anyhow::Result<()> {
+        let from = self.owner_of(slot)?;
+        if from == to {
+            return Ok(());
+        }
+        let slot_text = slot.to_string();
+        let from_id = self.node_id(from)?;
+        let to_id = self.node_id(to)?;
+        self.servers[to].query::<String>(&["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id])?;
+        self.servers[from].query::<String>(&["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id])?;
+        let to_port = self.servers[to].port.to_string();
+        loop {
+            let keys: Vec<String> = self.servers[from].query(&["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"])?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "REPLACE", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            self.servers[from].query::<String>(&args)?;
+        }
+        for i in self.primaries() {
+            self.servers[i].query::<String>(&["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id])?;
+        }
+        self.wait_settled()
+    }
+
+    /// Kills server `i` (SIGKILL, like a crash).
+    pub fn kill(&mut self, i: usize) {
+        self.servers[i].stop();
+    }
+
+    /// Starts server `i` again on its port (with no data; it keeps its cluster identity).
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.servers[i].try_restart()
+    }
+
+    /// Waits until every running server says the cluster is ok and they agree on which primary
+    /// serves every slot, each of them a running server (after a kill: until a replica took over).
+    pub fn wait_settled(&self) -> anyhow::Result<()> {
+        wait_until("the redis cluster did not settle", SETTLE_TIME, || self.settled())
+    }
+
+    fn settled(&self) -> bool {
+        let running: Vec<u16> = self.servers.iter().filter(|s| s.pid().is_some()).map(|s| s.port).collect();
+        let mut views = Vec::new();
+        for server in self.servers.iter().filter(|s| s.pid().is_some()) {
+            let Some(state) = server.info_cluster("cluster_state") else { return false };
+            if state != "ok" {
+                return false;
+            }
+            let Ok(nodes) = server.query::<String>(&["CLUSTER", "NODES"]) else { return false };
+            let owners = slot_owners(&nodes);
+            if owners.iter().any(|(_, port)| !running.contains(port)) {
+                return false;
+            }
+            views.push(owners);
+        }
+        views.windows(2).all(|pair| pair[0] == pair[1]) && views.first().is_some_and(|v| v.len() == 16384)
+    }
+
+    fn running(&self) -> Option<&RedisServer> {
+        self.servers.iter().find(|s| s.pid().is_some())
+    }
+}
+
+/// Picks a free port whose cluster bus port (plus 10000) is free too.
+fn cluster_port() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let port = try_free_port()?;
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("found no free port pair for a cluster node")
+}
+
+/// Slot -> port of the primary serving it, from `CLUSTER NODES` (connected primaries only).
+fn slot_owners(nodes: &str) -> Vec<(u16, u16)> {
+    let mut owners = Vec::with_capacity(16384);
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            continue;
+        }
+        let Some(port) = fields[1].split('@').next().and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok()) else {
+            continue;
+        };
+        for range in &fields[8..] {
+            if range.starts_with('[') {
+                continue;
+            }
+            let (low, high) = range.split_once('-').unwrap_or((range, range));
+            let (Ok(low), Ok(high)) = (low.parse::<u16>(), high.parse::<u16>()) else { continue };
+            owners.extend((low..=high).map(|slot| (slot, port)));
+        }
+    }
+    owners.sort_unstable();
+    owners
+}
+
+fn owner_in_nodes(nodes: &str, slot: u16) -> Option<u16> {
+    slot_owners(nodes).into_iter().find(|(s, _)| *s == slot).map(|(_, port)| port)
+}
