@@ -1,11 +1,11 @@
-//! Cluster benchmarks: an engine (a `redis-server`, or `nats-server -js`: one, or three with an R3
-//! stream) and several `herald` nodes started by this tool, subscribers on node 0, publications sent to
+//! Cluster benchmarks: an engine (a `redis-server`, a Redis Cluster, or `nats-server -js`: one, or three
+//! with an R3 stream) and several `herald` nodes started by this tool, subscribers on node 0, publications sent to
 //! the other nodes, so every delivery crosses nodes through the engine.
 
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use herald_testkit::{NatsCluster, NatsServer, RedisServer, Sentinels};
+use herald_testkit::{NatsCluster, NatsServer, RedisCluster, RedisServer, Sentinels};
 use serde_json::json;
 
 use crate::clients::{SseFleet, publish_client};
@@ -56,6 +56,8 @@ pub enum Engine {
         /// With durable publishing: the replica every publish waits for (its CPU is not counted).
         replica: Option<RedisServer>,
     },
+    /// A Redis Cluster; the CPU and commands of its primaries are counted, shard by shard.
+    RedisCluster(RedisCluster),
     /// One JetStream server (stream R1).
     Nats(NatsServer),
     /// Three JetStream servers (stream R3); the CPU of all three is counted.
@@ -97,6 +99,44 @@ impl Cluster {
         Ok(Cluster { engine: Engine::Redis { redis, replica }, nodes })
     }
 
+    /// On a Redis Cluster of `primaries` shards with `replicas` each.
+    pub async fn start_redis_cluster(
+        herald: &str,
+        size: usize,
+        primaries: usize,
+        replicas: usize,
+    ) -> anyhow::Result<Cluster> {
+        let cluster = RedisCluster::try_start(primaries, replicas)?;
+        let url = cluster.url();
+        let env = [("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")];
+        let mut nodes = Vec::new();
+        for _ in 0..size.max(2) {
+            nodes.push(Node::start(herald, &env).await?);
+        }
+        Ok(Cluster { engine: Engine::RedisCluster(cluster), nodes })
+    }
+
+    /// The primaries of a Redis Cluster (servers by index), empty for other engines.
+    fn shards(&self) -> Vec<usize> {
+        match &self.engine {
+            Engine::RedisCluster(cluster) => cluster.primaries(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// CPU seconds and commands so far of each shard's primary.
+    fn shard_usage(&self) -> anyhow::Result<Vec<(f64, u64)>> {
+        let Engine::RedisCluster(cluster) = &self.engine else { return Ok(Vec::new()) };
+        let missing = || anyhow::anyhow!("a cluster server is not running");
+        self.shards()
+            .into_iter()
+            .map(|i| {
+                let server = cluster.server(i);
+                Ok((cpu_seconds_of(server.pid().ok_or_else(missing)?)?, server.total_calls()?))
+            })
+            .collect()
+    }
+
     /// On NATS JetStream: one server (`servers = 1`, stream R1) or a cluster of three (stream R3).
     pub async fn start_nats(herald: &str, size: usize, servers: usize) -> anyhow::Result<Cluster> {
         let (engine, url) = if servers >= 3 {
@@ -123,6 +163,11 @@ impl Cluster {
         let missing = || anyhow::anyhow!("an engine process is not running");
         Ok(match &self.engine {
             Engine::Redis { redis, .. } => vec![redis.pid().ok_or_else(missing)?],
+            Engine::RedisCluster(cluster) => self
+                .shards()
+                .into_iter()
+                .map(|i| cluster.server(i).pid().ok_or_else(missing))
+                .collect::<Result<_, _>>()?,
             Engine::Nats(server) => vec![server.pid().ok_or_else(missing)?],
             Engine::NatsReplicated(cluster) => {
                 (0..cluster.len()).map(|i| cluster.server(i).pid().ok_or_else(missing)).collect::<Result<_, _>>()?
@@ -145,8 +190,16 @@ impl Cluster {
 
     /// Starts counting Redis commands (nothing for NATS).
     fn reset_engine_stats(&self) -> anyhow::Result<()> {
-        if let Engine::Redis { redis, .. } = &self.engine {
-            redis.query::<String>(&["CONFIG", "RESETSTAT"])?;
+        match &self.engine {
+            Engine::Redis { redis, .. } => {
+                redis.query::<String>(&["CONFIG", "RESETSTAT"])?;
+            }
+            Engine::RedisCluster(cluster) => {
+                for i in self.shards() {
+                    cluster.server(i).query::<String>(&["CONFIG", "RESETSTAT"])?;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -155,6 +208,7 @@ impl Cluster {
     fn engine_calls(&self) -> anyhow::Result<Option<u64>> {
         match &self.engine {
             Engine::Redis { redis, .. } => Ok(Some(redis.total_calls()?)),
+            Engine::RedisCluster(_) => Ok(Some(self.shard_usage()?.iter().map(|(_, calls)| calls).sum())),
             _ => Ok(None),
         }
     }
@@ -173,6 +227,8 @@ pub struct Run {
     /// Redis commands during the run (`None` on NATS).
     pub redis_calls: Option<u64>,
     pub received_by_node: Vec<u64>,
+    /// On a Redis Cluster, per shard primary: CPU seconds and commands during the run.
+    pub shards: Vec<(f64, u64)>,
 }
 
 /// Publishes at `rate` for `seconds` to nodes 1.. (round robin), `channels` channels with `per_channel`
@@ -187,11 +243,12 @@ pub async fn run(
     batch: usize,
 ) -> anyhow::Result<Run> {
     let batch = batch.max(1) as u64;
-    let names: Vec<String> = (0..channels).map(|i| format!("bench:{i}")).collect();
+    let names: Vec<String> = (0..channels).map(|i| format!("user:{i}")).collect();
     let fleet = SseFleet::connect(cluster.nodes[0].addr, &names, channels * per_channel, true).await?;
     let before_received = received(cluster).await?;
     cluster.reset_engine_stats()?;
     let cpu_before = cluster.cpu_seconds()?;
+    let shards_before = cluster.shard_usage()?;
     let total = (rate * seconds).div_ceil(batch) * batch;
     let requests = total / batch;
     let publishers = 32u64;
@@ -205,7 +262,9 @@ pub async fn run(
             let mut k = p;
             let mut failures = 0u64;
             while k < requests {
-                let due = clock + Duration::from_nanos(k * batch * 1_000_000_000 / rate);
+                // Paced from the start of publishing (connecting many subscribers takes a while after the
+                // fleet's clock started); send times are read on the fleet's clock, as its latencies are.
+                let due = started + Duration::from_nanos(k * batch * 1_000_000_000 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let sent = clock.elapsed().as_nanos() as u64;
                 let url = &targets[(k as usize) % targets.len()];
@@ -235,6 +294,13 @@ pub async fn run(
     fleet.wait_for(total * per_channel as u64, Duration::from_secs(30)).await?;
     let cpu_seconds = cluster.cpu_seconds()?.iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
     let redis_calls = cluster.engine_calls()?;
+    // Commands were counted from the reset; CPU from the reading before the run.
+    let shards = cluster
+        .shard_usage()?
+        .iter()
+        .zip(&shards_before)
+        .map(|((cpu, calls), (cpu_before, _))| (cpu - cpu_before, *calls))
+        .collect();
     let after_received = received(cluster).await?;
     let histogram = fleet.latencies();
     let run = Run {
@@ -247,6 +313,7 @@ pub async fn run(
         cpu_seconds,
         redis_calls,
         received_by_node: after_received.iter().zip(&before_received).map(|(a, b)| a - b).collect(),
+        shards,
     };
     fleet.close();
     Ok(run)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use herald_bench::clients::{SseFleet, Transport, publish_client};
 use herald_bench::node::Node;
@@ -62,9 +62,13 @@ enum Command {
     /// Cross-node latency, CPU per delivery and Redis commands per publication on a cluster of nodes
     /// on one engine.
     Cluster {
-        /// `redis`, `nats` (one JetStream server, stream R1) or `nats-r3` (three servers, stream R3).
+        /// `redis`, `redis-cluster` (a Redis Cluster of `--primaries` shards), `nats` (one JetStream
+        /// server, stream R1) or `nats-r3` (three servers, stream R3).
         #[arg(long, default_value = "redis")]
         engine: String,
+        /// Shards of `--engine redis-cluster`.
+        #[arg(long, default_value_t = 3)]
+        primaries: usize,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         #[arg(long, default_value_t = 5000)]
@@ -109,6 +113,15 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
+    /// How channels of realistic names spread over Redis Cluster's 16,384 slots and over shards that
+    /// split the slots evenly (as `redis-cli --cluster create` does). No process is started.
+    Slots {
+        #[arg(long, default_value_t = 10_000)]
+        channels: usize,
+        /// Shard counts to report, comma-separated.
+        #[arg(long, default_value = "3,6,12")]
+        shards: String,
+    },
     /// Resident memory per idle connection (SSE, or WebSocket with `--transport ws`).
     Memory {
         #[arg(long, default_value_t = 10_000)]
@@ -130,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
         Command::Memory { connections, transport } => memory(&herald, connections, transport).await,
         Command::Broadcast { channels, rounds } => broadcast(&herald, channels, rounds).await,
+        Command::Slots { channels, shards } => slots(channels, &shards),
         Command::Churn { cycles, slow_readers, settle_secs } => {
             churn(&herald, cycles, slow_readers, Duration::from_secs(settle_secs)).await
         }
@@ -148,8 +162,20 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cluster { engine, nodes, rate, seconds, channels, subscribers, find_max, durability, batch } => {
-            let settings = ClusterSettings { engine, nodes, channels, subscribers, find_max, durability, batch };
+        Command::Cluster {
+            engine,
+            primaries,
+            nodes,
+            rate,
+            seconds,
+            channels,
+            subscribers,
+            find_max,
+            durability,
+            batch,
+        } => {
+            let settings =
+                ClusterSettings { engine, primaries, nodes, channels, subscribers, find_max, durability, batch };
             cluster_bench(&herald, rate, seconds, settings).await
         }
     }
@@ -418,6 +444,7 @@ async fn churn(herald: &str, cycles: usize, readers: usize, settle: Duration) ->
 /// The shape of a cluster benchmark.
 struct ClusterSettings {
     engine: String,
+    primaries: usize,
     nodes: usize,
     channels: usize,
     subscribers: usize,
@@ -427,7 +454,7 @@ struct ClusterSettings {
 }
 
 async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterSettings) -> anyhow::Result<()> {
-    let ClusterSettings { engine, nodes, channels, subscribers, find_max, durability, batch } = settings;
+    let ClusterSettings { engine, primaries, nodes, channels, subscribers, find_max, durability, batch } = settings;
     let replicated = match durability.as_str() {
         "none" => false,
         "replicated" => true,
@@ -435,10 +462,12 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
     };
     let cluster = match engine.as_str() {
         "redis" => cluster::Cluster::start_with(herald, nodes, replicated).await?,
+        "redis-cluster" if !replicated => cluster::Cluster::start_redis_cluster(herald, nodes, primaries, 0).await?,
+        "redis-cluster" => anyhow::bail!("--durability replicated is not supported on a Redis Cluster yet"),
         "nats" if !replicated => cluster::Cluster::start_nats(herald, nodes, 1).await?,
         "nats-r3" if !replicated => cluster::Cluster::start_nats(herald, nodes, 3).await?,
         "nats" | "nats-r3" => anyhow::bail!("--durability is a Redis setting; use --engine nats-r3 for replicas"),
-        other => anyhow::bail!("--engine {other:?}: use redis, nats or nats-r3"),
+        other => anyhow::bail!("--engine {other:?}: use redis, redis-cluster, nats or nats-r3"),
     };
     let report = |run: &cluster::Run, rate: u64, seconds: u64| {
         let per_delivery = |seconds: f64| round3(seconds * 1e6 / run.delivered.max(1) as f64);
@@ -456,6 +485,7 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
             },
             "redis_commands_per_publication": run.redis_calls.map(|calls| round3(calls as f64 / run.published.max(1) as f64)),
             "backplane_messages_received_by_node": run.received_by_node,
+            "shards": shard_report(run),
         })
     };
     let run = cluster::run(&cluster, rate, seconds, channels, subscribers, batch).await?;
@@ -482,6 +512,90 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
     Ok(())
 }
 
+/// Redis Cluster's slot of a key: CRC16 (XMODEM) of its hash tag, or of the whole key without one.
+/// Herald's keys of a channel carry the channel name as their tag.
+fn slot_of(channel: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(channel.as_bytes()) % 16384
+}
+
+fn slots(channels: usize, shards: &str) -> anyhow::Result<()> {
+    let shard_counts: Vec<usize> = shards
+        .split(',')
+        .map(|n| n.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--shards: {e}"))?;
+    type Naming = fn(usize) -> String;
+    let patterns: [(&str, Naming); 3] = [
+        ("user:<id>", |i| format!("user:{i}")),
+        ("org:<id>:feed", |i| format!("org:{i}:feed")),
+        ("user:<uuid-like>", |i| format!("user:{:08x}-{:04x}", i.wrapping_mul(2_654_435_761) as u32, i % 65_536)),
+    ];
+    for (pattern, name) in patterns {
+        let mut per_slot = vec![0u32; 16384];
+        for i in 0..channels {
+            per_slot[slot_of(&name(i)) as usize] += 1;
+        }
+        let used = per_slot.iter().filter(|n| **n > 0).count();
+        let busiest = per_slot.iter().copied().max().unwrap_or(0);
+        for &count in &shard_counts {
+            let count = count.max(1);
+            let mut per_shard = vec![0u64; count];
+            for (slot, channels) in per_slot.iter().enumerate() {
+                // The shard owning the slot when the slots are split into `count` even ranges.
+                per_shard[(slot * count / 16384).min(count - 1)] += u64::from(*channels);
+            }
+            let mean = channels as f64 / count as f64;
+            let worst = per_shard.iter().map(|n| (*n as f64 / mean - 1.0).abs()).fold(0.0, f64::max);
+            println!(
+                "{}",
+                json!({
+                    "bench": "slots", "pattern": pattern, "channels": channels, "shards": count,
+                    "channels_per_shard": per_shard, "largest_deviation_from_mean": round3(worst),
+                    "slots_used": used, "most_channels_in_one_slot": busiest,
+                })
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Per shard of a Redis Cluster: CPU per publication, commands, and its share of all commands against
+/// an even share (1.0 = exactly the mean).
+fn shard_report(run: &cluster::Run) -> Value {
+    if run.shards.is_empty() {
+        return Value::Null;
+    }
+    let total: u64 = run.shards.iter().map(|(_, calls)| calls).sum();
+    let mean = total as f64 / run.shards.len() as f64;
+    let shards: Vec<Value> = run
+        .shards
+        .iter()
+        .map(|(cpu, calls)| {
+            json!({
+                "cpu_us_per_publication": round3(cpu * 1e6 / run.published.max(1) as f64),
+                "commands": calls,
+                "load_vs_mean": round3(*calls as f64 / mean.max(1.0)),
+                // Its CPU over the publications that passed through it (by its share of commands).
+                "cpu_us_per_own_publication": round3(
+                    cpu * 1e6 / (run.published as f64 * *calls as f64 / total.max(1) as f64).max(1.0)
+                ),
+            })
+        })
+        .collect();
+    let worst = run.shards.iter().map(|(_, calls)| (*calls as f64 / mean.max(1.0) - 1.0).abs()).fold(0.0, f64::max);
+    json!({"per_shard": shards, "largest_deviation_from_mean": round3(worst)})
+}
+
 fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slots_are_redis_clusters() {
+        // Values from Redis's documentation of CLUSTER KEYSLOT.
+        assert_eq!(super::slot_of("somekey"), 11058);
+        assert_eq!(super::slot_of("hash_tag"), 2515);
+    }
 }

@@ -7,8 +7,9 @@
 //! it, so the report can say, per update: delivered live, recovered on resume, covered by a reset, or
 //! lost silently (published with 200, never delivered, never announced). Faults can be injected while
 //! it runs. `--engine naive` runs every node with its own in-memory engine (no coordination): the design
-//! that loses updates; `--engine redis` starts a `redis-server` of its own for the fixed design, `--engine
-//! nats` a JetStream cluster of three `nats-server`s with a replicated (R3) stream.
+//! that loses updates; `--engine redis` starts a `redis-server` of its own for the fixed design,
+//! `--engine redis-cluster` a Redis Cluster of three primaries with a replica each, `--engine nats` a
+//! JetStream cluster of three `nats-server`s with a replicated (R3) stream.
 //!
 //! Over 600 lines on purpose: the scenario's steps (engine, nodes, browsers, faults, jobs, drain) and its
 //! accounting share the private types of one run (`Ack`, `ClientLog`, `ClientControl`), and reading the
@@ -29,7 +30,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use herald_testkit::{NatsCluster, RedisServer};
+use herald_testkit::{NatsCluster, RedisCluster, RedisServer};
 
 use crate::cluster::Sentineled;
 use crate::node::Node;
@@ -49,8 +50,9 @@ pub struct ScenarioArgs {
     /// Seconds over which the jobs finish.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// `naive` (each node alone), `redis` (a redis-server of the tool's own), `nats` (three JetStream
-    /// servers of the tool's own, R3), or a `redis://` / `nats://` URL.
+    /// `naive` (each node alone), `redis` (a redis-server of the tool's own), `redis-cluster` (a Redis
+    /// Cluster of the tool's own: three primaries, a replica each), `nats` (three JetStream servers of
+    /// the tool's own, R3), or a `redis://` / `nats://` URL.
     #[arg(long, default_value = "redis")]
     pub engine: String,
     /// SIGKILL one node at 30% of the run and start it again.
@@ -68,9 +70,15 @@ pub struct ScenarioArgs {
     pub rollback_engine: bool,
     /// Fail Redis over to a replica that lags: a primary with one replica and three sentinels (the nodes
     /// use `redis+sentinel://`); at 50% the replica is stopped and cut off, the primary takes writes
-    /// alone for 500 ms and is killed, and the sentinels promote the replica (engine `redis`).
+    /// alone for 500 ms and is killed, and the sentinels promote the replica (engine `redis`). With
+    /// `redis-cluster`: the primary of the first users' shard is killed at 50% and its replica takes
+    /// over; the old primary comes back (as a replica) at 70%.
     #[arg(long)]
     pub failover_engine: bool,
+    /// Move the slots of the first 16 users' channels (which every run publishes to) to the next
+    /// primary, one after another, from 40% of the run (engine `redis-cluster`).
+    #[arg(long)]
+    pub reshard: bool,
     /// Kill one NATS server (SIGKILL) at 40% of the run and start it again at 70% (engine `nats`).
     #[arg(long)]
     pub kill_engine_server: bool,
@@ -269,6 +277,7 @@ pub async fn run(herald: &str, args: &ScenarioArgs) -> anyhow::Result<Report> {
 /// The Redis processes this tool started (none for `naive` or a given URL), shared with the faults.
 struct Engines {
     redis: Arc<Mutex<Option<RedisServer>>>,
+    cluster: Arc<Mutex<Option<RedisCluster>>>,
     nats: Arc<Mutex<Option<NatsCluster>>>,
     sentineled: Arc<Mutex<Option<Sentineled>>>,
 }
@@ -278,8 +287,15 @@ fn start_engine(args: &ScenarioArgs) -> anyhow::Result<(String, Engines)> {
     let mut redis = None;
     let mut sentineled = None;
     let mut nats = None;
+    let mut cluster = None;
     let engine_url = match args.engine.as_str() {
         "naive" => "memory".to_owned(),
+        "redis-cluster" => {
+            let started = RedisCluster::try_start(3, 1)?;
+            let url = started.url();
+            cluster = Some(started);
+            url
+        }
         "redis" if args.failover_engine => {
             let set = Sentineled::start()?;
             let url = set.url();
@@ -299,22 +315,27 @@ fn start_engine(args: &ScenarioArgs) -> anyhow::Result<(String, Engines)> {
             url
         }
         url if url.starts_with("redis://") || url.starts_with("nats://") => url.to_owned(),
-        other => bail!("unknown engine {other:?}: use naive, redis, nats or a redis:// or nats:// URL"),
+        other => bail!("unknown engine {other:?}: use naive, redis, redis-cluster, nats or a redis:// or nats:// URL"),
     };
+    if args.reshard && args.engine != "redis-cluster" {
+        bail!("--reshard needs --engine redis-cluster (a Redis Cluster this tool started)");
+    }
     if args.kill_engine_server && args.engine != "nats" {
         bail!("--kill-engine-server needs --engine nats (a NATS cluster this tool started)");
     }
     let own_redis = args.engine == "redis";
-    if (args.restart_engine || args.rollback_engine || args.failover_engine) && !own_redis {
-        bail!(
-            "--restart-engine, --rollback-engine and --failover-engine need --engine redis (a Redis this tool started)"
-        );
+    if (args.restart_engine || args.rollback_engine) && !own_redis {
+        bail!("--restart-engine and --rollback-engine need --engine redis (a Redis this tool started)");
+    }
+    if args.failover_engine && !own_redis && args.engine != "redis-cluster" {
+        bail!("--failover-engine needs --engine redis or redis-cluster (started by this tool)");
     }
     if args.failover_engine && (args.restart_engine || args.rollback_engine) {
         bail!("--failover-engine replaces the single Redis that --restart-engine and --rollback-engine act on");
     }
     let engines = Engines {
         redis: Arc::new(Mutex::new(redis)),
+        cluster: Arc::new(Mutex::new(cluster)),
         nats: Arc::new(Mutex::new(nats)),
         sentineled: Arc::new(Mutex::new(sentineled)),
     };
@@ -528,7 +549,39 @@ fn engine_faults(args: &ScenarioArgs, run_for: Duration, engines: &Engines, faul
             .await?
         }));
     }
-    if args.failover_engine {
+    if args.reshard {
+        faults.names.push("reshard".to_owned());
+        let cluster = engines.cluster.clone();
+        faults.tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(run_for.mul_f64(0.4)).await;
+            tokio::task::spawn_blocking(move || match cluster.lock() {
+                Ok(guard) => guard.as_ref().map_or(Ok(()), reshard_first_users),
+                Err(_) => Ok(()),
+            })
+            .await?
+        }));
+    }
+    if args.failover_engine && engines.cluster.lock().is_ok_and(|c| c.is_some()) {
+        faults.names.push("failover-engine".to_owned());
+        let cluster = engines.cluster.clone();
+        faults.tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(run_for.mul_f64(0.5)).await;
+            let victim = {
+                let cluster = cluster.clone();
+                tokio::task::spawn_blocking(move || match cluster.lock() {
+                    Ok(mut guard) => guard.as_mut().map_or(Ok(None), kill_first_users_primary),
+                    Err(_) => Ok(None),
+                })
+                .await??
+            };
+            tokio::time::sleep(run_for.mul_f64(0.2)).await;
+            tokio::task::spawn_blocking(move || match (cluster.lock(), victim) {
+                (Ok(mut guard), Some(victim)) => guard.as_mut().map_or(Ok(()), |c| c.restart(victim)),
+                _ => Ok(()),
+            })
+            .await?
+        }));
+    } else if args.failover_engine {
         faults.names.push("failover-engine".to_owned());
         let sentineled = engines.sentineled.clone();
         faults.tasks.push(tokio::spawn(async move {
@@ -542,6 +595,26 @@ fn engine_faults(args: &ScenarioArgs, run_for: Duration, engines: &Engines, faul
             .await?
         }));
     }
+}
+
+/// Moves the slot of each of the first 16 users' channels to the next primary.
+fn reshard_first_users(cluster: &RedisCluster) -> anyhow::Result<()> {
+    for user in 0..16 {
+        let slot = cluster.slot_of(&format!("{{user:{user}}}"))?;
+        let primaries = cluster.primaries();
+        let owner = cluster.owner_of(slot)?;
+        let next = primaries.iter().position(|p| *p == owner).map_or(0, |i| (i + 1) % primaries.len());
+        cluster.migrate_slot(slot, primaries[next])?;
+    }
+    Ok(())
+}
+
+/// Kills the primary serving user 0's channel and waits until its replica took over; returns it.
+fn kill_first_users_primary(cluster: &mut RedisCluster) -> anyhow::Result<Option<usize>> {
+    let victim = cluster.owner_of(cluster.slot_of("{user:0}")?)?;
+    cluster.kill(victim);
+    cluster.wait_settled()?;
+    Ok(Some(victim))
 }
 
 /// `--drop-connections` (every 3 s while the returned flag holds) and `--slow-clients` (named only: the
@@ -842,7 +915,9 @@ fn account(
     let mut report = Report {
         design: match args.engine.as_str() {
             "naive" => "naive".into(),
+            "redis-cluster" => "redis-cluster".into(),
             url if url.starts_with("nats") => "nats".into(),
+            url if url.contains("+cluster://") => "redis-cluster".into(),
             _ => "redis".into(),
         },
         nodes: args.nodes,

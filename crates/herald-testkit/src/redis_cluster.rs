@@ -23,7 +23,8 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// `primaries` shards (at least 3, as `redis-cli --cluster create` demands), each with `replicas`.
+    /// `primaries` shards, each with `replicas` (with fewer than 3 primaries, which `redis-cli --cluster
+    /// create` refuses, the slots are assigned directly and there are no replicas).
     pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
         Self::try_start(primaries, replicas).expect("redis-server and redis-cli must be installed (scripts/test)")
     }
@@ -50,6 +51,15 @@ impl RedisCluster {
             ];
             servers.push(RedisServer::try_start_on(port, &args, false)?);
         }
+        if primaries < 3 {
+            if replicas > 0 {
+                bail!("a cluster of fewer than 3 primaries is made without replicas here");
+            }
+            let cluster = RedisCluster { servers };
+            cluster.assign_slots()?;
+            cluster.wait_settled()?;
+            return Ok(cluster);
+        }
         let addresses: Vec<String> = servers.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
         let output = Command::new("redis-cli")
             .arg("--cluster")
@@ -65,6 +75,22 @@ impl RedisCluster {
         let cluster = RedisCluster { servers };
         cluster.wait_settled()?;
         Ok(cluster)
+    }
+
+    /// Splits the slots evenly over the servers (all primaries) and introduces them to each other.
+    fn assign_slots(&self) -> anyhow::Result<()> {
+        let count = self.servers.len() as u32;
+        for (i, server) in self.servers.iter().enumerate() {
+            let (low, high) = (16384 * i as u32 / count, 16384 * (i as u32 + 1) / count - 1);
+            server.query::<String>(&["CLUSTER", "ADDSLOTSRANGE", &low.to_string(), &high.to_string()])?;
+            // Distinct epochs, so the servers agree on the slots at once.
+            server.query::<String>(&["CLUSTER", "SET-CONFIG-EPOCH", &(i + 1).to_string()])?;
+            if i > 0 {
+                let port = self.servers[0].port.to_string();
+                server.query::<String>(&["CLUSTER", "MEET", "127.0.0.1", &port])?;
+            }
+        }
+        Ok(())
     }
 
     /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…` (every server as a seed).

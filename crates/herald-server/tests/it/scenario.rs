@@ -1,6 +1,6 @@
 //! The scaling scenario, small: several `herald` processes, browsers behind a balancer, callbacks to
-//! random nodes. The naive design loses updates silently; the Redis and NATS designs lose none, under each
-//! fault and under all of them at once.
+//! random nodes. The naive design loses updates silently; the Redis, Redis Cluster and NATS designs lose
+//! none, under each fault and under all of them at once.
 
 use herald_bench::scenario::{self, Report, ScenarioArgs};
 
@@ -16,6 +16,7 @@ fn args(engine: &str) -> ScenarioArgs {
         restart_engine: false,
         rollback_engine: false,
         failover_engine: false,
+        reshard: false,
         kill_engine_server: false,
         drop_connections: 0.0,
         offline_ms: None,
@@ -70,6 +71,11 @@ async fn the_nats_design_loses_nothing_under_every_fault_and_a_nats_server_kille
     })
     .await;
     assert_eq!((report.lost_silently, report.positions_reused), (0, 0), "{}", report.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_silent_loss_on_a_redis_cluster_with_slots_moved_and_a_shard_failed_over() {
+    no_silent_loss(ScenarioArgs { reshard: true, failover_engine: true, ..args("redis-cluster") }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
