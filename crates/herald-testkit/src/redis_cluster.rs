@@ -161,6 +161,38 @@ impl RedisCluster {
         self.wait_settled()
     }
 
+    /// Starts one more server, introduces it to the cluster as a primary without slots, and returns its
+    /// index (move slots to it with [`RedisCluster::migrate_slot`]).
+    pub fn add_primary(&mut self) -> anyhow::Result<usize> {
+        let port = cluster_port()?;
+        let timeout = NODE_TIMEOUT_MS.to_string();
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &timeout,
+            "--appendonly",
+            "no",
+        ];
+        let server = RedisServer::try_start_on(port, &args, false)?;
+        let seed = self.running().context("no server runs")?.port.to_string();
+        server.query::<String>(&["CLUSTER", "MEET", "127.0.0.1", &seed])?;
+        self.servers.push(server);
+        let index = self.servers.len() - 1;
+        let id = self.node_id(index)?;
+        // Known to every server, and knowing every slot's owner itself.
+        wait_until("the new server did not join the cluster", SETTLE_TIME, || {
+            self.servers
+                .iter()
+                .filter(|s| s.pid().is_some())
+                .all(|s| s.query::<String>(&["CLUSTER", "NODES"]).is_ok_and(|nodes| nodes.contains(&id)))
+                && self.settled()
+        })?;
+        Ok(index)
+    }
+
     /// Kills server `i` (SIGKILL, like a crash).
     pub fn kill(&mut self, i: usize) {
         self.servers[i].stop();

@@ -287,3 +287,30 @@ async fn a_shard_failover_resets_only_that_shards_channels() {
         assert!(on_victim.contains(&channel), "{channel} is not on the failed shard but was reset: {resets:?}");
     }
 }
+
+/// A primary is added to the Redis Cluster and a busy channel's slot is moved onto it: the nodes find
+/// the new server through the redirection, with no restart, and nothing is lost silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_added_to_the_cluster_takes_a_busy_slot() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let nodes = nodes(&cluster, 2, 100).await;
+    let channel = "org:7:feed";
+    let (mut sse, _) = Sse::open(&nodes[0], &format!("channel={channel}"), None).await;
+    let mut acked: HashMap<String, Vec<Value>> = HashMap::new();
+    for i in 1..=5 {
+        acked.entry(channel.to_owned()).or_default().push(nodes[1].publish(channel, json!(i)).await);
+    }
+    let added = cluster.add_primary().expect("a new primary");
+    let the_slot = slot(&cluster, channel);
+    let cluster = tokio::task::spawn_blocking(move || cluster.migrate_slot(the_slot, added).map(|_| cluster))
+        .await
+        .expect("moving")
+        .expect("the slot moved to the new primary");
+    assert_eq!(cluster.owner_of(the_slot).expect("owner"), added);
+    for i in 6..=10 {
+        acked.entry(channel.to_owned()).or_default().push(publish_eventually(&nodes[1], channel, json!(i)).await);
+    }
+    expect_covered(&mut sse, &acked).await;
+    let keys: i64 = cluster.server(added).query(&["DBSIZE"]).expect("DBSIZE");
+    assert!(keys >= 2, "the channel's keys live on the new primary now ({keys} keys)");
+}
