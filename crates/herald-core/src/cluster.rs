@@ -464,8 +464,11 @@ impl Relay {
             let now = now_us();
             let last = self.last_probe_us.load(Ordering::Relaxed).max(started);
             let fresh = now.saturating_sub(last) <= stale_after_us;
-            let was_fresh = self.probe_fresh.swap(fresh, Ordering::SeqCst);
-            if was_fresh && !fresh && backplane.connected() {
+            self.probe_fresh.store(fresh, Ordering::SeqCst);
+            // Also when the engine was still reconnecting as the probe went stale: once it says it is
+            // connected, a subscription that still brings no probe back is made anew (at most once per
+            // probe timeout, see below).
+            if !fresh && backplane.connected() {
                 tracing::warn!(
                     silent_ms = now.saturating_sub(last) / 1000,
                     "engine subscription is stale; reconnecting"

@@ -6,7 +6,9 @@
 //! - a channel's pub/sub channel is a shard channel with the channel's tag, so `SPUBLISH` from the
 //!   publish script stays on the channel's shard;
 //! - each node's control channel is a shard channel tagged with the node's name, so nodes' control
-//!   traffic (probes, replies) spreads over the shards by node;
+//!   traffic (replies, receipts) spreads over the shards by node;
+//! - each node's probe goes through one shard channel per shard (a tag picked to land on a slot of that
+//!   shard), so a silent subscription on any shard is noticed;
 //! - the node registry and the nodes' counters share the tag `{nodes}`: one shard holds them, written
 //!   and read about once per second per node (a small, fixed load whatever the traffic);
 //! - the control channel for every node stays a classic pub/sub channel (a cluster broadcasts those
@@ -90,6 +92,19 @@ impl Keys {
     /// Control messages for one node (probes, replies).
     pub fn control(&self, node: &str) -> String {
         if self.sharded { format!("{}:{{ctl:{}}}", self.prefix, node) } else { format!("{}:ctl:{}", self.prefix, node) }
+    }
+
+    /// A shard channel that carries this node's probe through the shard serving `tag`'s slot (Redis
+    /// Cluster: one per shard, so every shard's subscription is checked).
+    pub fn probe(&self, tag: &str) -> String {
+        format!("{}:{{{}}}:probe:{}", self.prefix, tag, self.node)
+    }
+
+    /// Whether `name` is one of this node's probe channels.
+    pub fn is_probe(&self, name: &str) -> bool {
+        name.strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_suffix(&self.node))
+            .is_some_and(|rest| rest.starts_with(":{") && rest.ends_with("}:probe:"))
     }
 
     pub fn own_control(&self) -> String {

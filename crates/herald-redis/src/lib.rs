@@ -16,7 +16,8 @@
 
 //!
 //! Modules, each knowing only those below it: `connection.rs` (where the primary is; the command
-//! connection), `keys.rs` (key names), `scripts.rs` (the Lua scripts), and on top of them
+//! connection), `keys.rs` (key names), `scripts.rs` (the Lua scripts), `topology.rs` (a cluster's
+//! shards, for the probe), and on top of them
 //! `channels.rs` (positions and history reads), `durable.rs` (waiting for replicas) and `subscriber.rs`
 //! (the pub/sub connection and its tasks). This file ties them into the [`Backplane`], with presence and
 //! cluster state, which are a command or two each.
@@ -27,6 +28,7 @@ mod durable;
 mod keys;
 mod scripts;
 mod subscriber;
+mod topology;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -465,6 +467,26 @@ impl Backplane for Redis {
 
     async fn send(&self, to: Recipient<'_>, message: String) -> Result<usize, EngineError> {
         self.inner.send_control(to, message).await
+    }
+
+    /// On a cluster the probe goes through every shard (one shard channel on a slot of each primary)
+    /// and counts as back once every copy came back, so a silent subscription on any shard is noticed.
+    async fn probe(&self, message: String) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        if !inner.keys.sharded() {
+            return inner.send_control(Recipient::Node(&inner.config.node_id), message).await.map(|_| ());
+        }
+        let live = inner.live().await?;
+        let slots = topology::primary_slots(&inner.commands, &live).await?;
+        let channels: Vec<String> =
+            slots.into_iter().map(|slot| inner.keys.probe(&topology::tag_for_slot(slot))).collect();
+        inner.pubsub.probe_through(&channels).await?;
+        inner.pubsub.expect_probe(message.as_bytes(), channels.len());
+        for channel in channels {
+            let mut conn = live.conn.clone();
+            inner.on(&live, conn.spublish::<_, _, usize>(channel, &message)).await?;
+        }
+        Ok(())
     }
 
     fn connected(&self) -> bool {

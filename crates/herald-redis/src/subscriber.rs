@@ -22,7 +22,7 @@
 //! The command queue from the hub is unbounded on purpose: it is fed under the hub's lock, where
 //! waiting is not allowed; its length is bounded by how fast connections join and leave channels.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -47,6 +47,19 @@ enum Command {
     Lost(u64),
     /// The prober found the subscription stale.
     Stale,
+    /// Subscribe to these probe channels (Redis Cluster: one per shard) instead of the ones before.
+    ProbeChannels(Vec<String>, oneshot::Sender<Result<(), EngineError>>),
+}
+
+/// Probe rounds kept waiting for their copies at most (older ones are given up).
+const PROBE_ROUNDS: usize = 8;
+
+/// A cluster's probes: the channels they go through (one per shard), and the rounds whose copies have
+/// not all come back.
+#[derive(Default)]
+struct Probes {
+    channels: Vec<String>,
+    awaiting: VecDeque<(Vec<u8>, usize)>,
 }
 
 /// Most requests applied in one batch.
@@ -67,6 +80,8 @@ pub(crate) struct PubSub {
     requests_rx: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
     /// Channels this node subscribes to (a copy of the actor's set, for the keeper).
     subscribed: Mutex<HashSet<ChannelName>>,
+    /// On a cluster: the probe channels and the rounds under way.
+    probes: Mutex<Probes>,
     /// The pub/sub connection is up.
     connected: AtomicBool,
     reconnects: AtomicU64,
@@ -85,6 +100,7 @@ impl PubSub {
             requests,
             requests_rx: Mutex::new(Some(rx)),
             subscribed: Mutex::new(HashSet::new()),
+            probes: Mutex::new(Probes::default()),
             connected: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -116,6 +132,41 @@ impl PubSub {
     /// The relay's probe found the subscription stale: connect anew.
     pub(crate) fn stale(&self) {
         let _ = self.requests.send(Command::Stale);
+    }
+
+    /// Makes sure the probe goes through `channels` (one per shard), subscribing to them first when
+    /// they changed.
+    pub(crate) async fn probe_through(&self, channels: &[String]) -> Result<(), EngineError> {
+        if lock(&self.probes).channels == channels {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(Command::ProbeChannels(channels.to_vec(), tx)).is_err() {
+            return Err(EngineError::Unavailable("redis pub/sub stopped".into()));
+        }
+        rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())))
+    }
+
+    /// A probe round is sent as `payload` through `copies` shards.
+    pub(crate) fn expect_probe(&self, payload: &[u8], copies: usize) {
+        let mut probes = lock(&self.probes);
+        if probes.awaiting.len() >= PROBE_ROUNDS {
+            probes.awaiting.pop_front();
+        }
+        probes.awaiting.push_back((payload.to_vec(), copies));
+    }
+
+    /// A copy of a probe came back; true once every shard's copy of its round did.
+    fn probe_copy(&self, payload: &[u8]) -> bool {
+        let mut probes = lock(&self.probes);
+        let Some(index) = probes.awaiting.iter().position(|(p, _)| p == payload) else { return false };
+        let remaining = &mut probes.awaiting[index].1;
+        *remaining = remaining.saturating_sub(1);
+        if *remaining > 0 {
+            return false;
+        }
+        probes.awaiting.remove(index);
+        true
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -176,6 +227,10 @@ async fn actor(inner: Arc<PubSub>, mut rx: mpsc::UnboundedReceiver<Command>) {
                         Command::Unsubscribe(channel) => {
                             lock(&inner.subscribed).remove(&channel);
                             desired.remove(&channel);
+                        }
+                        Command::ProbeChannels(channels, reply) => {
+                            lock(&inner.probes).channels = channels;
+                            let _ = reply.send(Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())));
                         }
                         Command::Resubscribe(_) | Command::Lost(_) | Command::Stale => {}
                     }
@@ -307,6 +362,7 @@ async fn connect_sharded(
     inner.commands.bounded(conn.subscribe(inner.keys.control_all())).await?;
     let mut sink = Sink::Sharded(conn);
     let mut names = vec![inner.keys.own_control()];
+    names.extend(lock(&inner.probes).channels.iter().cloned());
     names.extend(desired.iter().map(|c| inner.keys.pubsub(c)));
     for chunk in names.chunks(MAX_BATCH) {
         inner.commands.bounded(sink.subscribe(chunk)).await?;
@@ -326,6 +382,7 @@ async fn apply(
     let mut changed: HashMap<ChannelName, bool> = HashMap::new();
     let mut lost = false;
     let mut again = Vec::new();
+    let mut probe_change = None;
     for command in batch.drain(..) {
         match command {
             Command::Subscribe(channel, reply) => {
@@ -347,6 +404,11 @@ async fn apply(
                     again.push(inner.keys.pubsub(&channel));
                 }
             }
+            Command::ProbeChannels(channels, reply) => {
+                if let Some((_, earlier)) = probe_change.replace((channels, reply)) {
+                    let _ = earlier.send(Ok(()));
+                }
+            }
             Command::Lost(of) if of == generation => lost = true,
             Command::Stale => lost = true,
             Command::Lost(_) => {}
@@ -356,7 +418,28 @@ async fn apply(
         for reply in replies {
             let _ = reply.send(Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())));
         }
+        if let Some((channels, reply)) = probe_change {
+            lock(&inner.probes).channels = channels;
+            let _ = reply.send(Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())));
+        }
         return Err("stream ended or probe stale");
+    }
+    if let Some((channels, reply)) = probe_change {
+        let before = std::mem::replace(&mut lock(&inner.probes).channels, channels.clone());
+        let added: Vec<String> = channels.iter().filter(|c| !before.contains(c)).cloned().collect();
+        let gone: Vec<String> = before.into_iter().filter(|c| !channels.contains(c)).collect();
+        let mut changed = Ok(());
+        if !added.is_empty() {
+            changed = inner.commands.bounded(sink.subscribe(&added)).await;
+        }
+        if changed.is_ok() && !gone.is_empty() {
+            changed = inner.commands.bounded(sink.unsubscribe(&gone)).await;
+        }
+        let failed = changed.is_err();
+        let _ = reply.send(changed);
+        if failed {
+            return Err("probe subscription failed");
+        }
     }
     let mut subscribe: Vec<String> = changed.iter().filter(|(_, on)| **on).map(|(c, _)| inner.keys.pubsub(c)).collect();
     subscribe.extend(again);
@@ -406,7 +489,12 @@ async fn receiver(inner: Arc<PubSub>, source: Source, generation: u64, resync: V
                 match push.kind {
                     redis::PushKind::Message | redis::PushKind::SMessage => {
                         let Some(redis::Value::BulkString(payload)) = data.next() else { continue };
-                        if name == own_control || name == control_all {
+                        if inner.keys.is_probe(&name) {
+                            // Handed on once every shard returned its copy of the round.
+                            if inner.probe_copy(&payload) {
+                                relay.control(&payload).await;
+                            }
+                        } else if name == own_control || name == control_all {
                             relay.control(&payload).await;
                         } else if let Some(channel) = inner.keys.channel_of(&name) {
                             link.publication(channel, &payload).await;

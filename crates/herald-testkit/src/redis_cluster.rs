@@ -20,6 +20,8 @@ const NODE_TIMEOUT_MS: u64 = 1000;
 /// its replicas in the order `redis-cli` assigns them.
 pub struct RedisCluster {
     pub servers: Vec<RedisServer>,
+    /// Servers stopped with SIGSTOP: alive, connections open, answering nothing.
+    paused: Vec<usize>,
 }
 
 impl RedisCluster {
@@ -55,7 +57,7 @@ impl RedisCluster {
             if replicas > 0 {
                 bail!("a cluster of fewer than 3 primaries is made without replicas here");
             }
-            let cluster = RedisCluster { servers };
+            let cluster = RedisCluster { servers, paused: Vec::new() };
             cluster.assign_slots()?;
             cluster.wait_settled()?;
             return Ok(cluster);
@@ -72,7 +74,7 @@ impl RedisCluster {
         if !output.status.success() {
             bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
         }
-        let cluster = RedisCluster { servers };
+        let cluster = RedisCluster { servers, paused: Vec::new() };
         cluster.wait_settled()?;
         Ok(cluster)
     }
@@ -193,6 +195,20 @@ impl RedisCluster {
         Ok(index)
     }
 
+    /// Stops server `i` with SIGSTOP: its connections stay open and silent (a hung server, or a network
+    /// that drops everything), and the cluster fails it over once the node timeout passes.
+    pub fn pause(&mut self, i: usize) -> anyhow::Result<()> {
+        self.servers[i].signal("STOP")?;
+        self.paused.push(i);
+        Ok(())
+    }
+
+    /// Wakes a server [`RedisCluster::pause`]d.
+    pub fn resume(&mut self, i: usize) -> anyhow::Result<()> {
+        self.paused.retain(|p| *p != i);
+        self.servers[i].signal("CONT")
+    }
+
     /// Kills server `i` (SIGKILL, like a crash).
     pub fn kill(&mut self, i: usize) {
         self.servers[i].stop();
@@ -210,9 +226,11 @@ impl RedisCluster {
     }
 
     fn settled(&self) -> bool {
-        let running: Vec<u16> = self.servers.iter().filter(|s| s.pid().is_some()).map(|s| s.port).collect();
+        let answering =
+            || self.servers.iter().enumerate().filter(|(i, s)| s.pid().is_some() && !self.paused.contains(i));
+        let running: Vec<u16> = answering().map(|(_, s)| s.port).collect();
         let mut views = Vec::new();
-        for server in self.servers.iter().filter(|s| s.pid().is_some()) {
+        for (_, server) in answering() {
             let Some(state) = server.info_cluster("cluster_state") else { return false };
             if state != "ok" {
                 return false;
@@ -228,7 +246,7 @@ impl RedisCluster {
     }
 
     fn running(&self) -> Option<&RedisServer> {
-        self.servers.iter().find(|s| s.pid().is_some())
+        self.servers.iter().enumerate().find(|(i, s)| s.pid().is_some() && !self.paused.contains(i)).map(|(_, s)| s)
     }
 }
 

@@ -314,3 +314,30 @@ async fn a_primary_added_to_the_cluster_takes_a_busy_slot() {
     let keys: i64 = cluster.server(added).query(&["DBSIZE"]).expect("DBSIZE");
     assert!(keys >= 2, "the channel's keys live on the new primary now ({keys} keys)");
 }
+
+/// A shard's primary hangs (SIGSTOP: its connections stay open, silent) and its replica takes over. The
+/// node's subscription on that shard is silent, not closed: the probe, which goes through every shard,
+/// finds it stale, and the node subscribes anew and re-syncs, so a publication made meanwhile arrives
+/// without waiting for a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_shard_is_found_by_the_probe_and_nothing_waits_for_a_later_publication() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let nodes = nodes(&cluster, 2, 100).await;
+    let channel = "user:5";
+    let (mut sse, _) = Sse::open(&nodes[0], &format!("channel={channel}"), None).await;
+    nodes[1].publish(channel, json!(1)).await;
+    sse.expect_offsets(channel, 0, 1).await;
+    let victim = cluster.owner_of(slot(&cluster, channel)).expect("owner");
+    cluster.pause(victim).expect("SIGSTOP");
+    let cluster = tokio::task::spawn_blocking(move || cluster.wait_settled().map(|_| cluster))
+        .await
+        .expect("waiting")
+        .expect("a replica took over");
+    let answer = publish_eventually(&nodes[1], channel, json!(2)).await;
+    // No later publication: this one (or a reset covering it) must arrive on its own.
+    let mut acked = HashMap::new();
+    acked.insert(channel.to_owned(), vec![answer]);
+    expect_covered(&mut sse, &acked).await;
+    let mut cluster = cluster;
+    cluster.resume(victim).expect("SIGCONT");
+}
