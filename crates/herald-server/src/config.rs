@@ -120,6 +120,19 @@ pub struct NamespaceConfig {
     pub history_max_bytes: Option<usize>,
     /// Who may subscribe when client authentication is on (`owner`, `claim`, `authenticated`, `public`).
     pub subscribe: Option<SubscribeRule>,
+    /// `stream` (the default): a subscriber without a position starts at the top. `latest`: it gets the
+    /// channel's latest publication first.
+    pub mode: Option<NamespaceMode>,
+}
+
+/// How a namespace's channels start a subscriber that brings no position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NamespaceMode {
+    /// Only what is published from now on.
+    Stream,
+    /// The latest publication still in history first, then what is published from now on.
+    Latest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -363,6 +376,11 @@ fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
 }
 
 impl Config {
+    /// Whether `channel`'s namespace is a latest-value one (`namespaces.<ns>.mode = "latest"`).
+    pub fn is_latest(&self, channel: &herald_core::ChannelName) -> bool {
+        self.namespaces.get(channel.namespace()).and_then(|ns| ns.mode) == Some(NamespaceMode::Latest)
+    }
+
     /// Where the keys of client tokens come from.
     pub fn key_sources(&self) -> KeySources<'_> {
         KeySources {

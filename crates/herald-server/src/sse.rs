@@ -91,8 +91,20 @@ pub async fn open(
     let mut start = Vec::with_capacity(channels.len());
     for (index, channel) in channels.iter().enumerate() {
         let from = since.as_ref().map(|positions| positions[index].clone());
-        let position = session.subscribe(channel.clone(), from.clone(), &mut initial).await?;
-        start.push(from.unwrap_or(position));
+        let before = initial.len();
+        let position = if state.config().is_latest(channel) {
+            session.subscribe_latest(channel.clone(), from.clone(), &mut initial).await?
+        } else {
+            session.subscribe(channel.clone(), from.clone(), &mut initial).await?
+        };
+        // A latest value handed out to a client without a cursor: `herald.connected` carries the
+        // position just before it, so a client that drops before reading it gets it again on resume.
+        let latest_handed_out = from.is_none() && initial.len() > before;
+        start.push(match from {
+            Some(from) => from,
+            None if latest_handed_out => Position::new(position.epoch.clone(), position.offset.saturating_sub(1)),
+            None => position,
+        });
     }
     let encoder = CursorEncoder::new(&channels);
     let config = &state.config().sse;

@@ -360,7 +360,12 @@ impl Connection {
             return self.send(api_error_frame(id, &error)).await;
         }
         let mut events = Vec::new();
-        match self.session.subscribe(channel.clone(), since, &mut events).await {
+        let subscribed = if self.state.config().is_latest(&channel) {
+            self.session.subscribe_latest(channel.clone(), since, &mut events).await
+        } else {
+            self.session.subscribe(channel.clone(), since, &mut events).await
+        };
+        match subscribed {
             Ok(position) => {
                 if let Flow::Stop = self.send_all(&mut events).await {
                     return Flow::Stop;
