@@ -19,6 +19,11 @@ use tokio::time::Sleep;
 
 use crate::error::ApiError;
 
+/// The address a request's TCP connection comes from, put in each request's extensions by the accept
+/// loop (what the connect and subscribe proxies tell the backend as `remote_addr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// A socket whose first reads return bytes already taken from it (the request head read above).
 pub struct Prefixed {
     prefix: Vec<u8>,

@@ -14,6 +14,7 @@ mod limits;
 mod openapi;
 mod process;
 mod protocol;
+mod proxy;
 mod rollback;
 mod scenario;
 mod sse;
