@@ -214,8 +214,12 @@ impl Proxy {
         &self.stats
     }
 
-    /// What the backend is told about the client of `headers`, connected from `peer`.
+    /// What the backend is told about the client of `headers`, connected from `peer` (nothing, at no
+    /// cost, when no proxy is configured).
     pub fn forwarded(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Forwarded {
+        if self.connect_url.is_none() && self.subscribe_url.is_none() {
+            return Forwarded::default();
+        }
         let mut forwarded = BTreeMap::new();
         for name in &self.forward_headers {
             let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
