@@ -31,6 +31,9 @@ use herald_core::ChannelName;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+/// The header types of [`cache_time`], for callers without an `http` dependency (the fuzz targets).
+pub use axum::http::{HeaderMap as ProxyHeaderMap, HeaderValue};
+
 use crate::auth::Identity;
 use crate::config::ProxySection;
 use crate::error::ApiError;
@@ -448,8 +451,8 @@ impl Failure {
 }
 
 /// A connect answer checked: a user of 1 to 256 bytes, a list of channel names or prefixes ending in
-/// `*`, an `expires_at` (Unix seconds) in the future if any.
-fn connect_identity(body: &[u8]) -> Result<Identity, String> {
+/// `*`, an `expires_at` (Unix seconds) in the future if any. Public for fuzzing (`fuzz/`).
+pub fn connect_identity(body: &[u8]) -> Result<Identity, String> {
     let answer: ConnectAnswer = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     if answer.user.is_empty() || answer.user.len() > MAX_USER_BYTES {
         return Err(format!("user must be 1 to {MAX_USER_BYTES} bytes"));
@@ -474,8 +477,8 @@ fn connect_identity(body: &[u8]) -> Result<Identity, String> {
 }
 
 /// How long a 200 may be reused: its `Cache-Control: max-age` (at most [`MAX_CACHE_TIME`]), unless
-/// `no-store` or `no-cache` is there too; `None` without a `max-age` above 0.
-fn cache_time(headers: &HeaderMap) -> Option<Duration> {
+/// `no-store` or `no-cache` is there too; `None` without a `max-age` above 0. Public for fuzzing.
+pub fn cache_time(headers: &HeaderMap) -> Option<Duration> {
     let mut max_age = None;
     for value in headers.get_all(header::CACHE_CONTROL) {
         let Ok(text) = value.to_str() else { return None };

@@ -13,7 +13,7 @@ use axum::body::{Body, Bytes};
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::position::CursorEncoder;
@@ -38,10 +38,11 @@ pub async fn handler(
     State(state): State<AppState>,
     kill: Option<Extension<Arc<KillSwitch>>>,
     peer: Option<Extension<ClientAddr>>,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let peer = peer.map(|Extension(ClientAddr(peer))| peer);
+    let peer = crate::socket::peer_of(peer, connect_info);
     let stream = open(&state, kill.map(|Extension(kill)| kill), &headers, query, peer).await?;
     let body = Body::from_stream(futures_util::stream::unfold(stream, |mut stream| async move {
         stream.next_chunk().await.map(|chunk| (Ok::<_, Infallible>(chunk), stream))

@@ -20,13 +20,14 @@
 //! A `refresh` re-checks every subscription against the fresh token's grants; those no longer allowed
 //! end with `{"type":"unsubscribed","channel":…,"reason":"permission_revoked"}`.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
@@ -56,6 +57,7 @@ pub const CLOSE_HANDSHAKE_TIME: Duration = Duration::from_secs(1);
 pub async fn handler(
     State(state): State<AppState>,
     peer: Option<Extension<ClientAddr>>,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -66,7 +68,7 @@ pub async fn handler(
     let upgrade = upgrade.map_err(upgrade_error)?;
     let pairs = crate::input::query_pairs(&query);
     let token = crate::input::single(&pairs, "token")?;
-    let forwarded = state.proxy().forwarded(&headers, peer.map(|Extension(ClientAddr(peer))| peer));
+    let forwarded = state.proxy().forwarded(&headers, crate::socket::peer_of(peer, connect_info));
     // A WebSocket names its channels later, one `subscribe` at a time: the connect proxy is asked with none.
     let identity = state.identify(&headers, token, &[], &forwarded).await?;
     // Kept for the subscribe proxy, which later subscribes ask (boxed: most connections never need it).

@@ -392,3 +392,29 @@ async fn an_expired_grant_closes_the_stream_as_an_expired_token_does() {
     let mut ws = ws_with_cookie(&server, Some("session=alice")).await.expect("upgrade");
     assert_eq!(ws.close_frame().await, (4003, "token_expired".to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_application_tells_the_client_address_when_it_serves_with_connect_info() {
+    let (backend, address) = backend(sessions()).await;
+    let server = node(address, |_| {}).await;
+    for with_connect_info in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let embedded = listener.local_addr().expect("address");
+        let app = herald_server::router(server.state.clone());
+        if with_connect_info {
+            let service = app.into_make_service_with_connect_info::<SocketAddr>();
+            tokio::spawn(async move { axum::serve(listener, service).await });
+        } else {
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        let url = format!("http://{embedded}/v1/sse?channel=chat:1");
+        let mut sse = Sse::connect_with(&url, &[("cookie", "session=alice")]).await.expect("SSE through axum");
+        assert_eq!(sse.next().await.0, "herald.connected");
+        let remote = backend.last_connect().0["remote_addr"].clone();
+        if with_connect_info {
+            assert!(remote.as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{remote}");
+        } else {
+            assert_eq!(remote, Value::Null, "unknown without connect info");
+        }
+    }
+}
