@@ -5,5 +5,6 @@
 
 pub mod clients;
 pub mod cluster;
+pub mod connect;
 pub mod node;
 pub mod scenario;

@@ -4,8 +4,9 @@
 //! Subcommands: `fanout` (deliveries per second and CPU per delivery), `latency` (publish-to-socket
 //! latency at a fixed rate), `cluster` (cross-node latency, CPU and Redis commands per publication),
 //! `scenario` (the scaling story with faults, every update accounted for), `churn` (memory after a
-//! connection storm and slow readers), `broadcast` (time per broadcast on Redis) and `memory` (resident
-//! memory per idle connection). Every run is bounded in connections, publications and time, and targets
+//! connection storm and slow readers), `broadcast` (time per broadcast on Redis), `memory` (resident
+//! memory per idle connection) and `connect` (connections opened per second, anonymous, with a token and
+//! through the connect proxy). Every run is bounded in connections, publications and time, and targets
 //! loopback only.
 
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 
 use herald_bench::clients::{SseFleet, Transport, publish_client};
 use herald_bench::node::Node;
-use herald_bench::{cluster, scenario};
+use herald_bench::{cluster, connect, scenario};
 
 #[derive(Parser)]
 #[command(name = "herald-bench", about = "Benchmarks for Herald (loopback only)")]
@@ -122,6 +123,18 @@ enum Command {
         #[arg(long, default_value = "3,6,12")]
         shards: String,
     },
+    /// Connections opened per second (to `herald.connected`, then closed), by how clients
+    /// authenticate: anonymous, a token, the connect proxy (a backend in this process).
+    Connect {
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// The ways to run, one JSON line each.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "none,token,proxy")]
+        auth: Vec<connect::Auth>,
+    },
     /// Resident memory per idle connection (SSE, or WebSocket with `--transport ws`).
     Memory {
         #[arg(long, default_value_t = 10_000)]
@@ -142,6 +155,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Latency { rate, seconds, channels } => latency(&herald, rate, seconds, channels).await,
         Command::Memory { connections, transport } => memory(&herald, connections, transport).await,
+        Command::Connect { connections, concurrency, auth } => {
+            for auth in auth {
+                println!("{}", connect::run(&herald, auth, connections, concurrency).await?);
+            }
+            Ok(())
+        }
         Command::Broadcast { channels, rounds } => broadcast(&herald, channels, rounds).await,
         Command::Slots { channels, shards } => slots(channels, &shards),
         Command::Churn { cycles, slow_readers, settle_secs } => {

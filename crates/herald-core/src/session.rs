@@ -61,6 +61,16 @@ impl ResetReason {
     }
 }
 
+/// Where a new subscription starts.
+enum Start {
+    /// At the channel's top: only what is published from now on.
+    Top,
+    /// At the channel's latest publication (a latest-value channel), then what follows.
+    Latest,
+    /// Right after the client's position (replayed, or a reset).
+    Since(Position),
+}
+
 /// What the transport writes to the client, in order.
 #[derive(Debug)]
 pub enum SessionEvent {
@@ -156,6 +166,35 @@ impl Session {
         since: Option<Position>,
         out: &mut Vec<SessionEvent>,
     ) -> Result<Position, HubError> {
+        let start = match since {
+            Some(since) => Start::Since(since),
+            None => Start::Top,
+        };
+        self.subscribe_from(channel, start, out).await
+    }
+
+    /// Subscribes to a latest-value channel: as [`Session::subscribe`], except that without `since` the
+    /// channel's latest publication still in history (if any) is appended to `out` first, and the
+    /// client holds its position (so live publications follow it in order, none twice).
+    pub async fn subscribe_latest(
+        &mut self,
+        channel: ChannelName,
+        since: Option<Position>,
+        out: &mut Vec<SessionEvent>,
+    ) -> Result<Position, HubError> {
+        let start = match since {
+            Some(since) => Start::Since(since),
+            None => Start::Latest,
+        };
+        self.subscribe_from(channel, start, out).await
+    }
+
+    async fn subscribe_from(
+        &mut self,
+        channel: ChannelName,
+        start: Start,
+        out: &mut Vec<SessionEvent>,
+    ) -> Result<Position, HubError> {
         if self.positions.contains_key(&channel) {
             return Err(HubError::AlreadySubscribed(channel));
         }
@@ -164,7 +203,7 @@ impl Session {
             return Err(HubError::TooManyChannels(max));
         }
         let live = self.shared.join(&channel, self.id, self.tx.clone(), self.control.clone());
-        match self.start_position(&channel, live, since, out).await {
+        match self.start_position(&channel, live, start, out).await {
             Ok(position) => {
                 self.positions.insert(channel, position.clone());
                 Ok(position)
@@ -182,7 +221,7 @@ impl Session {
         &mut self,
         channel: &ChannelName,
         live: crate::engine::SubscribeFuture,
-        since: Option<Position>,
+        start: Start,
         out: &mut Vec<SessionEvent>,
     ) -> Result<Position, HubError> {
         let engine = self.shared.engine.clone();
@@ -195,13 +234,34 @@ impl Session {
             connected_at: self.connected_at.clone(),
         };
         engine.presence_join(channel, entry).await?;
-        let Some(since) = since else {
-            return Ok(engine.top(channel).await?);
+        let since = match start {
+            Start::Since(since) => since,
+            Start::Top => return Ok(engine.top(channel).await?),
+            Start::Latest => return self.latest(channel, out).await,
         };
         match self.history(channel, &since, self.shared.config.max_replay).await? {
             History::Covered { publications, .. } => Ok(self.replay(channel, since, publications, out)),
             History::Gone { top, rolled_back } => self.reset_on_resume(channel, top, rolled_back, out).await,
         }
+    }
+
+    /// The channel's latest publication, handed out when it is still the top (one trimmed or expired
+    /// from history while the channel's offset stayed is not: the client then starts at the top with
+    /// nothing, as any subscriber without a position). Returns the position the client holds. Read after
+    /// joining, like any replay: live publications queued meanwhile follow it, and [`Session::resolve`]
+    /// drops those at or below it.
+    async fn latest(&self, channel: &ChannelName, out: &mut Vec<SessionEvent>) -> Result<Position, HubError> {
+        let top = match self.shared.engine.history(channel, None, 1).await? {
+            History::Covered { top, publications } => {
+                if let Some(latest) = publications.into_iter().last().filter(|p| p.position == top) {
+                    out.push(SessionEvent::Publication { publication: latest, recovered: true });
+                    self.shared.stats.recovered.fetch_add(1, Ordering::Relaxed);
+                }
+                top
+            }
+            History::Gone { top, .. } => top,
+        };
+        Ok(top)
     }
 
     /// Hands out the publications that follow `since`; returns the position reached.

@@ -15,7 +15,10 @@
 //!   in `*`);
 //! - each namespace has a subscribe rule (`namespaces.<ns>.subscribe`): `owner` (the part after the
 //!   namespace is the user: the default for `user`), `claim` (only through the `channels` claim: the
-//!   default elsewhere), `authenticated` (any valid token) or `public` (anyone, even without a token).
+//!   default elsewhere), `authenticated` (any valid token), `public` (anyone, even without a token) or
+//!   `proxy` (the subscribe proxy asks the backend, `proxy.rs`).
+//! - with a connect proxy, a client without a token gets its identity (user, granted channels, expiry)
+//!   from the backend instead (`proxy.rs`); a token, when present, wins.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -64,9 +67,19 @@ struct Claims {
     channels: Vec<String>,
 }
 
+/// Whether a channel's subscription is decided here or by the application's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Granted,
+    /// The namespace's rule is `proxy`: the subscribe proxy decides (see `proxy.rs`).
+    AskBackend,
+}
+
 /// Client authentication as configured.
 pub struct ClientAuth {
     keys: ClientKeys,
+    /// A connect or subscribe proxy is configured: clients are authorized even without token keys.
+    proxied: bool,
     audience: Option<String>,
     issuer: Option<String>,
     /// Allowed clock difference for `nbf` and `iat`, in seconds.
@@ -132,6 +145,7 @@ impl ClientAuth {
     pub fn new(keys: ClientKeys, config: &Config) -> Self {
         Self {
             keys,
+            proxied: config.proxy.connect_url.is_some() || config.proxy.subscribe_url.is_some(),
             audience: config.jwt_audience.clone(),
             issuer: config.jwt_issuer.clone(),
             leeway: config.jwt_leeway_secs,
@@ -144,8 +158,15 @@ impl ClientAuth {
         Ok(Self::new(ClientKeys::load(&config.key_sources())?, config))
     }
 
+    /// Whether clients are authenticated and channels authorized (token keys or a proxy configured).
     pub fn enabled(&self) -> bool {
-        !self.keys.is_empty()
+        !self.keys.is_empty() || self.proxied
+    }
+
+    /// Whether the request brings a token (in `Authorization` or `?token=`), valid or not: with a
+    /// connect proxy configured, a token wins and the proxy is not asked.
+    pub fn has_token(headers: &HeaderMap, query_token: Option<&str>) -> bool {
+        query_token.is_some() || headers.contains_key(header::AUTHORIZATION)
     }
 
     /// The identity of a request: anonymous without a token, 401 with a bad one, 400 with a token both in
@@ -179,6 +200,9 @@ impl ClientAuth {
     }
 
     fn verify(&self, token: &str) -> Result<Identity, ApiError> {
+        if self.keys.is_empty() {
+            return Err(ApiError::Unauthenticated("this server accepts no client tokens".into()));
+        }
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(ApiError::Unauthenticated("token is empty or too long".into()));
         }
@@ -239,10 +263,17 @@ fn identity_of(claims: Claims) -> Result<Identity, ApiError> {
 }
 
 impl ClientAuth {
-    /// Whether `identity` may subscribe to `channel` (403 if not; 401 if it should bring a token).
+    /// Whether `identity` may hold `channel` (403 if not; 401 if it should bring a token), where a
+    /// channel the subscribe proxy decides counts as allowed (it was asked when it was subscribed).
     pub fn authorize(&self, config: &Config, identity: &Identity, channel: &ChannelName) -> Result<(), ApiError> {
+        self.access(config, identity, channel).map(|_| ())
+    }
+
+    /// Whether `identity` may subscribe to `channel`, or whether the backend must be asked (403 if not;
+    /// 401 if it should bring a token).
+    pub fn access(&self, config: &Config, identity: &Identity, channel: &ChannelName) -> Result<Access, ApiError> {
         if !self.enabled() {
-            return Ok(());
+            return Ok(Access::Granted);
         }
         let namespace = channel.namespace();
         let rule = config.namespaces.get(namespace).and_then(|n| n.subscribe).unwrap_or(if namespace == "user" {
@@ -250,8 +281,10 @@ impl ClientAuth {
         } else {
             SubscribeRule::Claim
         });
-        if rule == SubscribeRule::Public {
-            return Ok(());
+        match rule {
+            SubscribeRule::Public => return Ok(Access::Granted),
+            SubscribeRule::Proxy => return Ok(Access::AskBackend),
+            _ => {}
         }
         let Some(user) = &identity.user else {
             return Err(ApiError::Unauthenticated(format!("channel {channel} needs a token")));
@@ -264,8 +297,12 @@ impl ClientAuth {
             || match rule {
                 SubscribeRule::Owner => channel.as_str().split_once(':').is_some_and(|(_, id)| id == user),
                 SubscribeRule::Authenticated => true,
-                SubscribeRule::Claim | SubscribeRule::Public => false,
+                SubscribeRule::Claim | SubscribeRule::Public | SubscribeRule::Proxy => false,
             };
-        if allowed { Ok(()) } else { Err(ApiError::Forbidden(format!("channel {channel} is not permitted"))) }
+        if allowed {
+            Ok(Access::Granted)
+        } else {
+            Err(ApiError::Forbidden(format!("channel {channel} is not permitted")))
+        }
     }
 }

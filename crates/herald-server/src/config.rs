@@ -92,6 +92,9 @@ pub struct Config {
     pub sse: SseConfig,
     pub redis: RedisSection,
     pub nats: NatsSection,
+    /// The connect and subscribe proxies: the application's backend decides who a client is and what
+    /// it may subscribe to (`proxy.rs`).
+    pub proxy: ProxySection,
     /// How long an idempotency key is remembered, in seconds.
     pub dedup_window_secs: u64,
     /// Longest a graceful shutdown may take before the process exits anyway, in seconds.
@@ -120,6 +123,19 @@ pub struct NamespaceConfig {
     pub history_max_bytes: Option<usize>,
     /// Who may subscribe when client authentication is on (`owner`, `claim`, `authenticated`, `public`).
     pub subscribe: Option<SubscribeRule>,
+    /// `stream` (the default): a subscriber without a position starts at the top. `latest`: it gets the
+    /// channel's latest publication first.
+    pub mode: Option<NamespaceMode>,
+}
+
+/// How a namespace's channels start a subscriber that brings no position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NamespaceMode {
+    /// Only what is published from now on.
+    Stream,
+    /// The latest publication still in history first, then what is published from now on.
+    Latest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +259,38 @@ pub struct NatsSection {
     pub resync_interval_ms: u64,
 }
 
+/// The connect and subscribe proxies (docs/config.md, "Connect and subscribe proxies").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    /// `http://…` the backend that identifies a client without a token, once per connection.
+    pub connect_url: Option<String>,
+    /// `http://…` the backend that decides each subscription to a namespace with `subscribe = "proxy"`.
+    pub subscribe_url: Option<String>,
+    /// Milliseconds a call may take, its whole answer included, before the client is refused (504).
+    pub timeout_ms: u64,
+    /// Request headers sent to the backend besides the cookies (case-insensitive names).
+    #[serde(deserialize_with = "string_or_list")]
+    pub forward_headers: Vec<String>,
+    /// Calls in flight at once on this node (both proxies); beyond, clients get 429 at once.
+    pub max_concurrent: usize,
+    /// Largest answer body read from the backend, in bytes (a longer one refuses the client: 502).
+    pub max_response_bytes: usize,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            connect_url: None,
+            subscribe_url: None,
+            timeout_ms: 2000,
+            forward_headers: Vec::new(),
+            max_concurrent: 256,
+            max_response_bytes: 64 * 1024,
+        }
+    }
+}
+
 impl Default for NatsSection {
     fn default() -> Self {
         Self {
@@ -302,6 +350,7 @@ impl Default for Config {
             sse: SseConfig::default(),
             redis: RedisSection::default(),
             nats: NatsSection::default(),
+            proxy: ProxySection::default(),
             dedup_window_secs: 24 * 60 * 60,
             shutdown_grace_secs: 10,
             drain_window_ms: 3000,
@@ -363,6 +412,11 @@ fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
 }
 
 impl Config {
+    /// Whether `channel`'s namespace is a latest-value one (`namespaces.<ns>.mode = "latest"`).
+    pub fn is_latest(&self, channel: &herald_core::ChannelName) -> bool {
+        self.namespaces.get(channel.namespace()).and_then(|ns| ns.mode) == Some(NamespaceMode::Latest)
+    }
+
     /// Where the keys of client tokens come from.
     pub fn key_sources(&self) -> KeySources<'_> {
         KeySources {
@@ -549,10 +603,11 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     check_names(&config, &mut problems);
     check_limits(&config, &mut problems);
     check_namespaces(&config.namespaces, &mut problems);
+    check_proxy(&config, &mut problems);
     check_http(&config, &mut problems);
     let client_keys = check_credentials(&config, &mut problems);
     if let (Ok(address), Some(keys)) = (&listen, &client_keys) {
-        let open = config.api_keys.is_empty() && keys.is_empty();
+        let open = config.api_keys.is_empty() && keys.is_empty() && config.proxy.connect_url.is_none();
         if !address.ip().is_loopback() && open && !config.insecure {
             problems.push(format!(
                 "listen: {address} is reachable from other machines but no authentication is configured; \
@@ -695,6 +750,47 @@ fn check_namespaces(namespaces: &BTreeMap<String, NamespaceConfig>, problems: &m
     }
 }
 
+/// The proxies: `http://` URLs, sane bounds, header names, and a subscribe URL exactly when some
+/// namespace asks it.
+fn check_proxy(config: &Config, problems: &mut Vec<String>) {
+    let proxy = &config.proxy;
+    for (key, url) in [("proxy.connect_url", &proxy.connect_url), ("proxy.subscribe_url", &proxy.subscribe_url)] {
+        let Some(url) = url else { continue };
+        match axum::http::Uri::try_from(url.as_str()) {
+            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()) => {}
+            Ok(uri) if uri.scheme_str() == Some("https") => problems.push(format!(
+                "{key}: {url:?}: https is not supported in this build; reach the backend over http:// on a private network"
+            )),
+            _ => problems.push(format!("{key}: {url:?} must be an http:// URL with a host")),
+        }
+    }
+    if !(1..=60_000).contains(&proxy.timeout_ms) {
+        problems.push("proxy.timeout_ms must be 1 to 60000".to_owned());
+    }
+    if proxy.max_concurrent == 0 {
+        problems.push("proxy.max_concurrent must be greater than 0".to_owned());
+    }
+    if !(2..=16 * 1024 * 1024).contains(&proxy.max_response_bytes) {
+        problems.push("proxy.max_response_bytes must be 2 to 16777216".to_owned());
+    }
+    for name in &proxy.forward_headers {
+        if axum::http::HeaderName::from_bytes(name.trim().as_bytes()).is_err() {
+            problems.push(format!("proxy.forward_headers: {name:?} is not a header name"));
+        }
+    }
+    let asking: Vec<&String> =
+        config.namespaces.iter().filter(|(_, ns)| ns.subscribe == Some(SubscribeRule::Proxy)).map(|(n, _)| n).collect();
+    match (&proxy.subscribe_url, asking.is_empty()) {
+        (None, false) => problems
+            .push(format!("namespaces {asking:?} have subscribe = \"proxy\" but proxy.subscribe_url is not set")),
+        (Some(_), true) => problems.push(
+            "proxy.subscribe_url is set but no namespace has subscribe = \"proxy\" (it would never be asked)"
+                .to_owned(),
+        ),
+        _ => {}
+    }
+}
+
 /// Allowed browser origins and the trace collector.
 fn check_http(config: &Config, problems: &mut Vec<String>) {
     for origin in &config.cors_allowed_origins {
@@ -808,6 +904,46 @@ mod tests {
         let problems =
             load(&Cli::default(), &env(&[("HERALD_NAMESPACES__CHAT__HISTORY_MAX_BYTES", "0")])).expect_err("zero");
         assert!(problems[0].contains("history_max_bytes"), "{problems:?}");
+    }
+
+    #[test]
+    fn proxy_settings_come_from_the_environment_and_are_checked() {
+        let e = env(&[
+            ("HERALD_PROXY__CONNECT_URL", "http://127.0.0.1:3000/herald/connect"),
+            ("HERALD_PROXY__FORWARD_HEADERS", "user-agent, X-Forwarded-For"),
+            ("HERALD_PROXY__TIMEOUT_MS", "500"),
+            ("HERALD_NAMESPACES__PRICE__MODE", "latest"),
+        ]);
+        let settings = load(&Cli::default(), &e).expect("valid");
+        assert!(settings.ignored_env.is_empty(), "{:?}", settings.ignored_env);
+        let proxy = &settings.config.proxy;
+        assert_eq!(proxy.connect_url.as_deref(), Some("http://127.0.0.1:3000/herald/connect"));
+        assert_eq!((proxy.forward_headers.len(), proxy.timeout_ms), (2, 500));
+        assert!(settings.config.is_latest(&herald_core::ChannelName::parse("price:eur").expect("channel")));
+        let cases: [(&[(&str, &str)], &str); 7] = [
+            (&[("HERALD_PROXY__CONNECT_URL", "https://auth.internal/connect")], "https is not supported"),
+            (&[("HERALD_PROXY__CONNECT_URL", "ftp://auth.internal/connect")], "http:// URL"),
+            (&[("HERALD_PROXY__TIMEOUT_MS", "0")], "proxy.timeout_ms"),
+            (&[("HERALD_PROXY__MAX_CONCURRENT", "0")], "proxy.max_concurrent"),
+            (&[("HERALD_PROXY__FORWARD_HEADERS", "bad header")], "not a header name"),
+            (&[("HERALD_NAMESPACES__TEAM__SUBSCRIBE", "proxy")], "proxy.subscribe_url is not set"),
+            (&[("HERALD_PROXY__SUBSCRIBE_URL", "http://127.0.0.1:3000/s")], "no namespace has subscribe"),
+        ];
+        for (pairs, problem) in cases {
+            let problems = load(&Cli::default(), &env(pairs)).expect_err(problem);
+            assert!(problems.iter().any(|p| p.contains(problem)), "{problem}: {problems:?}");
+        }
+        let both = env(&[
+            ("HERALD_PROXY__SUBSCRIBE_URL", "http://127.0.0.1:3000/s"),
+            ("HERALD_NAMESPACES__TEAM__SUBSCRIBE", "proxy"),
+        ]);
+        assert!(load(&Cli::default(), &both).is_ok());
+        // A connect proxy authenticates clients: a non-loopback address is not open.
+        let exposed = env(&[("HERALD_LISTEN", "0.0.0.0:8080")]);
+        assert!(load(&Cli::default(), &exposed).is_err(), "no client authentication at all");
+        let mut proxied = exposed.clone();
+        proxied.extend(env(&[("HERALD_PROXY__CONNECT_URL", "http://10.0.0.2/connect")]));
+        assert!(load(&Cli::default(), &proxied).is_ok());
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub enum SubscribeRule {
     Authenticated,
     /// Anyone, with or without a token.
     Public,
+    /// The backend at `proxy.subscribe_url` decides, for every subscription to the namespace.
+    Proxy,
 }
 
 /// An `api_keys` entry: `name=secret` (name of letters, digits, `_` and `-`) or a bare secret, named by

@@ -64,6 +64,13 @@ pub enum ApiError {
     /// Written, but not to as many replicas as `redis.durability` requires.
     #[error("not durable")]
     NotDurable(String),
+    /// The connect or subscribe proxy's backend could not be reached, answered an unexpected status or
+    /// an answer that is not the contract's JSON (the detail goes to the log).
+    #[error("proxy unavailable")]
+    ProxyUnavailable(String),
+    /// The connect or subscribe proxy's backend did not answer within `proxy.timeout_ms`.
+    #[error("proxy timeout")]
+    ProxyTimeout(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -89,6 +96,8 @@ impl ApiError {
             Self::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::NotDurable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ProxyUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::ProxyTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +124,8 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::Unavailable(_) => "engine_unavailable",
             Self::NotDurable(_) => "not_durable",
+            Self::ProxyUnavailable(_) => "proxy_unavailable",
+            Self::ProxyTimeout(_) => "proxy_timeout",
             Self::Internal(_) => "internal",
         }
     }
@@ -126,9 +137,22 @@ impl ApiError {
             Self::NotDurable(_) => "the publication was accepted but not replicated as required; it may or may not be \
                                     delivered and kept; retry with the same idempotency_key"
                 .to_owned(),
+            Self::ProxyUnavailable(_) => {
+                "the backend that authorizes clients could not decide; nothing was granted; retry later".to_owned()
+            }
+            Self::ProxyTimeout(_) => {
+                "the backend that authorizes clients did not answer in time; nothing was granted; retry later"
+                    .to_owned()
+            }
             Self::Internal(_) => "internal error".to_owned(),
             other => other.to_string(),
         }
+    }
+
+    /// Whether the answer carries `Retry-After: 1` (a limit, or a failure that passes: 429, 502, 503,
+    /// 504).
+    pub fn retry_after(&self) -> bool {
+        matches!(self.status().as_u16(), 429 | 502 | 503 | 504)
     }
 
     /// The JSON body, also used for WebSocket error frames.
@@ -242,14 +266,18 @@ impl IntoResponse for ApiError {
         let status = self.status();
         if status.is_server_error() {
             match &self {
-                Self::Unavailable(detail) | Self::NotDurable(detail) | Self::Internal(detail) => {
+                Self::Unavailable(detail)
+                | Self::NotDurable(detail)
+                | Self::ProxyUnavailable(detail)
+                | Self::ProxyTimeout(detail)
+                | Self::Internal(detail) => {
                     tracing::warn!(%status, detail, "request failed")
                 }
                 _ => tracing::warn!(%status, "request failed"),
             }
         }
         let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UPGRADE_REQUIRED {

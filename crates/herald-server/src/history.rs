@@ -26,7 +26,8 @@ const HISTORY_READ_WAIT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HISTORY_LIMIT: usize = 100;
 pub const MAX_HISTORY_LIMIT: usize = 10_000;
 
-/// `GET /v1/history?channel=…&since_epoch=…&since_offset=…&limit=…`
+/// `GET /v1/history?channel=…&since_epoch=…&since_offset=…&limit=…`, or `?channel=…&latest=1` for the
+/// latest publication alone (what a latest-value subscriber gets first).
 ///
 /// The answer is bounded in bytes as well as by `limit`: publications go in oldest first and stop
 /// before the one that would take it over `limits.max_history_response_bytes` (the first always goes
@@ -41,7 +42,13 @@ pub async fn history(
     api_key_name(&state.config().api_keys, &headers)?;
     let pairs = query_pairs(&query);
     let channel = channel_param(&pairs)?;
-    let limit: usize = number(&pairs, "limit")?.unwrap_or(DEFAULT_HISTORY_LIMIT);
+    let latest = match single(&pairs, "latest")? {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => return Err(ApiError::BadRequest(format!("latest must be 1 or 0, not {other:?}"))),
+    };
+    let asked_limit: Option<usize> = number(&pairs, "limit")?;
+    let limit = asked_limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
     if limit == 0 || limit > MAX_HISTORY_LIMIT {
         return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_HISTORY_LIMIT}")));
     }
@@ -50,6 +57,11 @@ pub async fn history(
         (Some(epoch), Some(offset)) => Some(Position::new(Epoch::parse(epoch)?, offset)),
         _ => return Err(ApiError::BadRequest("since_epoch and since_offset go together".into())),
     };
+    if latest && (since.is_some() || asked_limit.is_some()) {
+        return Err(ApiError::BadRequest("latest=1 asks for the latest publication alone: no since or limit".into()));
+    }
+    // The newest publication still kept is the channel's latest value (none when history holds none).
+    let limit = if latest { 1 } else { limit };
     // Held until the answer is sent: a bounded number of answers hold memory at once.
     let permit = tokio::time::timeout(HISTORY_READ_WAIT, state.history_reads().clone().acquire_owned())
         .await

@@ -6,7 +6,8 @@
 //! know how an engine stores or moves publications (it only names one by URL in [`build_engine`]).
 //!
 //! Modules depend one way: `error`, `env`, `credentials` and `socket` need nothing of the crate;
-//! `config` is plain data (with `credentials` and `env`); `state` holds what handlers share; the
+//! `config` is plain data (with `credentials` and `env`); `auth` and `proxy` (the connect and
+//! subscribe proxies) decide who a client is and what it may hold; `state` holds what handlers share; the
 //! handlers (`api`, `history`, `sse`, `ws`, `ops`) and the accept loop (`serve`, with `head`) sit on
 //! top. Only this file ties them together, and no module imports it.
 
@@ -24,6 +25,7 @@ pub mod input;
 pub mod limiter;
 pub mod metrics;
 pub mod ops;
+pub mod proxy;
 pub mod serve;
 pub mod socket;
 pub mod sse;

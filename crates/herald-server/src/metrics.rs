@@ -7,6 +7,7 @@ use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::error::ApiError;
+use crate::proxy::{Kind, Outcome, ProxyStats};
 
 /// This node's metrics registry plus counters the server itself keeps.
 pub struct Metrics {
@@ -39,8 +40,9 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text of this node: the hub's counters, whether it is `ready`, its open sockets.
-    pub fn render(&self, hub: &Hub, ready: bool, open_sockets: usize) -> String {
+    /// The Prometheus text of this node: the hub's counters, whether it is `ready`, its open sockets,
+    /// and the calls of the connect and subscribe proxies.
+    pub fn render(&self, hub: &Hub, ready: bool, open_sockets: usize, proxy: &ProxyStats) -> String {
         let s = hub.stats();
         let refused = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
         let connections_refused = self.connections_refused.lock().map(|r| r.clone()).unwrap_or_default();
@@ -70,6 +72,12 @@ impl Metrics {
             counter!("herald_engine_gaps_repaired_total").absolute(engine.gaps_repaired);
             counter!("herald_engine_messages_received_total").absolute(engine.messages_received);
             counter!("herald_engine_rollbacks_total").absolute(engine.rollbacks);
+            for kind in Kind::ALL {
+                for outcome in Outcome::ALL {
+                    counter!("herald_proxy_requests_total", "proxy" => kind.as_str(), "outcome" => outcome.as_str())
+                        .absolute(proxy.outcomes(kind, outcome));
+                }
+            }
             if let Some(rtt) = engine.probe_rtt_us {
                 gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);
             }
@@ -81,6 +89,7 @@ impl Metrics {
         self.handle.run_upkeep();
         let mut text = self.handle.render();
         render_latency(&mut text, hub.latency());
+        render_proxy_latency(&mut text, proxy);
         text
     }
 }
@@ -110,4 +119,27 @@ fn render_latency(text: &mut String, (counts, sum_us): ([u64; 15], u64)) {
     let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
     let _ = writeln!(text, "{name}_sum {}", sum_us as f64 / 1e6);
     let _ = writeln!(text, "{name}_count {cumulative}");
+}
+
+/// Appends the latency of the proxies' calls (those made, not answers reused), one histogram series
+/// per proxy.
+fn render_proxy_latency(text: &mut String, proxy: &ProxyStats) {
+    use crate::proxy::LATENCY_BUCKETS_US;
+    use std::fmt::Write;
+    let name = "herald_proxy_duration_seconds";
+    let _ = writeln!(text, "# HELP {name} Time from sending a connect or subscribe proxy call to its whole answer.");
+    let _ = writeln!(text, "# TYPE {name} histogram");
+    for kind in Kind::ALL {
+        let (counts, sum_us) = proxy.latency(kind);
+        let label = kind.as_str();
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS_US.iter().zip(&counts) {
+            cumulative += count;
+            let _ = writeln!(text, "{name}_bucket{{proxy=\"{label}\",le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        cumulative += counts[LATENCY_BUCKETS_US.len()];
+        let _ = writeln!(text, "{name}_bucket{{proxy=\"{label}\",le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(text, "{name}_sum{{proxy=\"{label}\"}} {}", sum_us as f64 / 1e6);
+        let _ = writeln!(text, "{name}_count{{proxy=\"{label}\"}} {cumulative}");
+    }
 }

@@ -19,6 +19,7 @@
 //! (the caller bounds the wait).
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ use tower::ServiceExt;
 
 use crate::error::{ApiError, SOCKET_CAP_REASON};
 use crate::head::{Head, Request, classify, read_head};
-use crate::socket::{GuardedIo, KillSwitch, Prefixed};
+use crate::socket::{ClientAddr, GuardedIo, KillSwitch, Prefixed};
 use crate::sse;
 use crate::state::AppState;
 
@@ -92,8 +93,8 @@ pub async fn accept_loop(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok((stream, peer)) => (stream, peer),
             Err(error) => {
                 // Typically EMFILE: back off briefly instead of spinning.
                 tracing::warn!(%error, "accept failed");
@@ -115,7 +116,7 @@ pub async fn accept_loop(
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         };
-        tracker.spawn(connection.serve(stream, permit));
+        tracker.spawn(connection.serve(stream, permit, peer));
     }
 }
 
@@ -152,8 +153,8 @@ struct Connection {
 impl Connection {
     /// Reads the first request head, then serves the connection: an event stream by itself, anything
     /// else through hyper, a bad or slow head with the contract's error. Holds `permit` (one of
-    /// `limits.max_sockets`) until the connection ends.
-    async fn serve(self, stream: TcpStream, permit: OwnedSemaphorePermit) {
+    /// `limits.max_sockets`) until the connection ends. `peer` is the client's address.
+    async fn serve(self, stream: TcpStream, permit: OwnedSemaphorePermit, peer: SocketAddr) {
         let limits = self.limits;
         let kill = Arc::new(KillSwitch::default());
         let mut guarded = GuardedIo::new(stream, kill.clone(), limits.write_timeout);
@@ -167,7 +168,7 @@ impl Connection {
             Ok(Ok(Head::Complete)) => match classify(&head, limits.max_body_bytes) {
                 Ok(Request::Sse(headers, query)) => {
                     drop(head);
-                    if let Some((io, stream)) = start_sse(&self.state, guarded, kill, headers, query).await {
+                    if let Some((io, stream)) = start_sse(&self.state, guarded, kill, headers, query, peer).await {
                         // The running stream gets a task of its own, sized for what it holds: this
                         // task's state (the start, the hyper path's) is freed when it returns, and an
                         // idle stream's memory is mostly its task.
@@ -201,7 +202,7 @@ impl Connection {
             return;
         }
         // Boxed so that the (larger) hyper state is not part of every connection task's size.
-        Box::pin(serve_hyper(self.app, Prefixed::new(head, guarded), kill, limits, self.shutdown)).await;
+        Box::pin(serve_hyper(self.app, Prefixed::new(head, guarded), kill, peer, limits, self.shutdown)).await;
     }
 }
 
@@ -228,7 +229,7 @@ fn configure(stream: &TcpStream, limits: &ConnectionLimits) {
 async fn write_error(io: &mut GuardedIo, error: &ApiError, cors: &str) {
     let status = error.status();
     let body = error.body().to_string();
-    let retry = if matches!(status.as_u16(), 429 | 503) { "retry-after: 1\r\n" } else { "" };
+    let retry = if error.retry_after() { "retry-after: 1\r\n" } else { "" };
     let response = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{cors}connection: close\r\n\r\n{body}",
         status.as_u16(),
@@ -250,11 +251,13 @@ async fn serve_hyper(
     app: Router,
     io: Prefixed,
     kill: Arc<KillSwitch>,
+    peer: SocketAddr,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
+        request.extensions_mut().insert(ClientAddr(peer));
         app.clone().oneshot(request)
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -290,12 +293,13 @@ async fn start_sse(
     kill: Arc<KillSwitch>,
     headers: HeaderMap,
     query: Option<String>,
+    peer: SocketAddr,
 ) -> Option<(GuardedIo, sse::SseStream)> {
     let origin = headers.get("origin").and_then(|v| v.to_str().ok());
     let cors = crate::cors::cors_allow_origin(state.config(), origin)
         .map(|allowed| format!("access-control-allow-origin: {allowed}\r\nvary: origin\r\n"))
         .unwrap_or_default();
-    let stream = match sse::open(state, Some(kill), &headers, query).await {
+    let stream = match sse::open(state, Some(kill), &headers, query, Some(peer)).await {
         Ok(stream) => stream,
         Err(error) => {
             write_error(&mut io, &error, &cors).await;

@@ -19,6 +19,23 @@ use tokio::time::Sleep;
 
 use crate::error::ApiError;
 
+/// The address a request's TCP connection comes from, put in each request's extensions by the accept
+/// loop (what the connect and subscribe proxies tell the backend as `remote_addr`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The client's address: the accept loop's [`ClientAddr`], else axum's `ConnectInfo` (an application
+/// that embeds the router and serves it with `into_make_service_with_connect_info::<SocketAddr>()`),
+/// else unknown.
+pub fn peer_of(
+    accepted: Option<axum::Extension<ClientAddr>>,
+    connect_info: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+) -> Option<std::net::SocketAddr> {
+    accepted
+        .map(|axum::Extension(ClientAddr(peer))| peer)
+        .or(connect_info.map(|axum::Extension(axum::extract::ConnectInfo(peer))| peer))
+}
+
 /// A socket whose first reads return bytes already taken from it (the request head read above).
 pub struct Prefixed {
     prefix: Vec<u8>,

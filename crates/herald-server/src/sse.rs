@@ -7,12 +7,13 @@
 //! exactly where the client stopped. The first event (`herald.connected`) carries the starting cursor.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 
 use axum::body::{Body, Bytes};
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::position::CursorEncoder;
@@ -22,7 +23,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::error::ApiError;
 use crate::input::query_pairs;
-use crate::socket::KillSwitch;
+use crate::socket::{ClientAddr, KillSwitch};
 use crate::state::AppState;
 
 /// Most queued publications taken from the queue at once.
@@ -36,10 +37,13 @@ pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 pub async fn handler(
     State(state): State<AppState>,
     kill: Option<Extension<Arc<KillSwitch>>>,
+    peer: Option<Extension<ClientAddr>>,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let stream = open(&state, kill.map(|Extension(kill)| kill), &headers, query).await?;
+    let peer = crate::socket::peer_of(peer, connect_info);
+    let stream = open(&state, kill.map(|Extension(kill)| kill), &headers, query, peer).await?;
     let body = Body::from_stream(futures_util::stream::unfold(stream, |mut stream| async move {
         stream.next_chunk().await.map(|chunk| (Ok::<_, Infallible>(chunk), stream))
     }));
@@ -52,12 +56,14 @@ pub async fn handler(
 }
 
 /// Checks an SSE request and subscribes its connection: either the stream to write (its first chunk is
-/// `herald.connected` and any replayed events) or the error to answer with.
+/// `herald.connected` and any replayed events) or the error to answer with. `peer` is the client's
+/// address (told to the proxies' backend), when known.
 pub async fn open(
     state: &AppState,
     kill: Option<Arc<KillSwitch>>,
     headers: &HeaderMap,
     query: Option<String>,
+    peer: Option<SocketAddr>,
 ) -> Result<SseStream, ApiError> {
     if state.draining() {
         return Err(ApiError::Unavailable("node is draining".into()));
@@ -73,10 +79,12 @@ pub async fn open(
     };
     let since: Option<Vec<Position>> = cursor.map(|c| decode_cursor(&c, &channels)).transpose()?;
 
-    let identity = state.auth().authenticate(headers, token)?;
-    for channel in &channels {
-        state.auth().authorize(state.config(), &identity, channel)?;
-    }
+    let forwarded = state.proxy().forwarded(headers, peer);
+    let identity = state.identify(headers, token, &channels, &forwarded).await?;
+    // Every channel must be allowed (only the channels asked for are subscribed, whatever a grant
+    // holds); those the subscribe proxy decides are asked at once.
+    futures_util::future::try_join_all(channels.iter().map(|channel| state.authorize(&identity, channel, &forwarded)))
+        .await?;
     let mut session = state.hub().open_session(Transport::Sse, identity.user.clone())?;
     if let Some(kill) = kill {
         // A client too slow to keep up must go now, even while hyper is blocked writing to it; it resumes
@@ -91,8 +99,20 @@ pub async fn open(
     let mut start = Vec::with_capacity(channels.len());
     for (index, channel) in channels.iter().enumerate() {
         let from = since.as_ref().map(|positions| positions[index].clone());
-        let position = session.subscribe(channel.clone(), from.clone(), &mut initial).await?;
-        start.push(from.unwrap_or(position));
+        let before = initial.len();
+        let position = if state.config().is_latest(channel) {
+            session.subscribe_latest(channel.clone(), from.clone(), &mut initial).await?
+        } else {
+            session.subscribe(channel.clone(), from.clone(), &mut initial).await?
+        };
+        // A latest value handed out to a client without a cursor: `herald.connected` carries the
+        // position just before it, so a client that drops before reading it gets it again on resume.
+        let latest_handed_out = from.is_none() && initial.len() > before;
+        start.push(match from {
+            Some(from) => from,
+            None if latest_handed_out => Position::new(position.epoch.clone(), position.offset.saturating_sub(1)),
+            None => position,
+        });
     }
     let encoder = CursorEncoder::new(&channels);
     let config = &state.config().sse;

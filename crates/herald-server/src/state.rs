@@ -1,17 +1,21 @@
-//! [`AppState`]: what every handler of one node shares (hub, settings, client authentication, the
-//! publish limiter, metrics, the socket and history-read caps, the draining flag). Handlers depend on
-//! it; it depends on no handler.
+//! [`AppState`]: what every handler of one node shares (hub, settings, client authentication and the
+//! proxies, the publish limiter, metrics, the socket and history-read caps, the draining flag), and the
+//! two steps every transport takes through them: who the client is ([`AppState::identify`]) and
+//! whether it may subscribe ([`AppState::authorize`]). Handlers depend on it; it depends on no handler.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use herald_core::{CloseReason, Hub};
+use axum::http::HeaderMap;
+use herald_core::{ChannelName, CloseReason, Hub};
 
-use crate::auth::ClientAuth;
+use crate::auth::{Access, ClientAuth, Identity};
 use crate::config::{Config, Settings};
+use crate::error::ApiError;
 use crate::limiter::PublishLimiter;
 use crate::metrics::Metrics;
+use crate::proxy::{Forwarded, Proxy};
 
 /// Shared state of one running node. Cheap to clone.
 #[derive(Clone)]
@@ -25,6 +29,7 @@ struct AppInner {
     draining: AtomicBool,
     metrics: Metrics,
     auth: ClientAuth,
+    proxy: Proxy,
     publish_limiter: PublishLimiter,
     /// One permit per open TCP connection (`limits.max_sockets`), taken by the accept loop.
     sockets: Arc<tokio::sync::Semaphore>,
@@ -37,16 +42,17 @@ struct AppInner {
 
 impl AppState {
     /// The state of a node serving `hub` with `settings` (whose key files were read when they were
-    /// validated; nothing is read again here). Never fails today; the `Result` leaves room for state
-    /// that needs checking.
+    /// validated; nothing is read again here). Fails only when the proxies' HTTP client cannot be made.
     pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
         let auth = ClientAuth::new(settings.client_keys.clone(), &settings.config);
+        let proxy = Proxy::new(&settings.config.proxy).map_err(|e| anyhow::anyhow!(e))?;
         let publish_limiter = PublishLimiter::new(settings.config.limits.publish_rate_per_key);
         let sockets = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.sockets()));
         let history_reads = Arc::new(tokio::sync::Semaphore::new(settings.config.limits.max_concurrent_history_reads));
         Ok(Self {
             inner: Arc::new(AppInner {
                 auth,
+                proxy,
                 sockets,
                 history_reads,
                 publish_limiter,
@@ -86,6 +92,39 @@ impl AppState {
 
     pub fn auth(&self) -> &ClientAuth {
         &self.inner.auth
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        &self.inner.proxy
+    }
+
+    /// Who the client of a connection is: from its token when it brings one (a token wins), else from
+    /// the connect proxy when one is configured, else anonymous.
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+        channels: &[ChannelName],
+        forwarded: &Forwarded,
+    ) -> Result<Identity, ApiError> {
+        if self.proxy().connect_enabled() && !ClientAuth::has_token(headers, query_token) {
+            return self.proxy().connect(channels, forwarded).await;
+        }
+        self.auth().authenticate(headers, query_token)
+    }
+
+    /// Whether `identity` may subscribe to `channel`: by the namespace's rule, or by the subscribe proxy
+    /// for a namespace whose rule is `proxy`.
+    pub async fn authorize(
+        &self,
+        identity: &Identity,
+        channel: &ChannelName,
+        forwarded: &Forwarded,
+    ) -> Result<(), ApiError> {
+        match self.auth().access(self.config(), identity, channel)? {
+            Access::Granted => Ok(()),
+            Access::AskBackend => self.proxy().subscribe(identity, channel, forwarded).await,
+        }
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -20,12 +20,14 @@
 //! A `refresh` re-checks every subscription against the fresh token's grants; those no longer allowed
 //! end with `{"type":"unsubscribed","channel":…,"reason":"permission_revoked"}`.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
@@ -36,6 +38,8 @@ use tokio::time::{MissedTickBehavior, Sleep};
 
 use crate::auth::Identity;
 use crate::error::{ApiError, FrameError, WsClose};
+use crate::proxy::Forwarded;
+use crate::socket::ClientAddr;
 use crate::state::AppState;
 
 /// Most queued publications handled per wake-up.
@@ -52,6 +56,8 @@ pub const CLOSE_HANDSHAKE_TIME: Duration = Duration::from_secs(1);
 /// `GET /v1/ws`
 pub async fn handler(
     State(state): State<AppState>,
+    peer: Option<Extension<ClientAddr>>,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -62,7 +68,11 @@ pub async fn handler(
     let upgrade = upgrade.map_err(upgrade_error)?;
     let pairs = crate::input::query_pairs(&query);
     let token = crate::input::single(&pairs, "token")?;
-    let identity = state.auth().authenticate(&headers, token)?;
+    let forwarded = state.proxy().forwarded(&headers, crate::socket::peer_of(peer, connect_info));
+    // A WebSocket names its channels later, one `subscribe` at a time: the connect proxy is asked with none.
+    let identity = state.identify(&headers, token, &[], &forwarded).await?;
+    // Kept for the subscribe proxy, which later subscribes ask (boxed: most connections never need it).
+    let forwarded = state.config().proxy.subscribe_url.is_some().then(|| Box::new(forwarded));
     let session = state.hub().open_session(Transport::Ws, identity.user.clone())?;
     let limit = state.config().limits.ws_max_message_bytes;
     // tungstenite reserves its whole read buffer per connection up front (128 KiB by default): most of
@@ -75,7 +85,7 @@ pub async fn handler(
         // also holds the upgrade's state, and an idle connection's memory is mostly its task. Tracked, so
         // that a graceful shutdown waits for its close (1001) to be written.
         let connections = state.connections().clone();
-        connections.spawn(Connection { socket, session, state, identity, expiry, write_timeout }.run());
+        connections.spawn(Connection { socket, session, state, identity, forwarded, expiry, write_timeout }.run());
         std::future::ready(())
     }))
 }
@@ -146,7 +156,9 @@ struct Connection {
     session: Session,
     state: AppState,
     identity: Identity,
-    /// Fires when the token expires; replaced on `refresh`.
+    /// What the subscribe proxy is told about the client (only when a subscribe proxy is configured).
+    forwarded: Option<Box<Forwarded>>,
+    /// Fires when the token (or the connect proxy's grant) expires; replaced on `refresh`.
     expiry: Option<Pin<Box<Sleep>>>,
     /// Longest a write (or a batch of them) may take before the client counts as too slow.
     write_timeout: Duration,
@@ -356,11 +368,18 @@ impl Connection {
             Ok(since) => since,
             Err(error) => return self.send(api_error_frame(id, &ApiError::from(error))).await,
         };
-        if let Err(error) = self.state.auth().authorize(self.state.config(), &self.identity, &channel) {
+        let nothing = Forwarded::default();
+        let forwarded = self.forwarded.as_deref().unwrap_or(&nothing);
+        if let Err(error) = self.state.authorize(&self.identity, &channel, forwarded).await {
             return self.send(api_error_frame(id, &error)).await;
         }
         let mut events = Vec::new();
-        match self.session.subscribe(channel.clone(), since, &mut events).await {
+        let subscribed = if self.state.config().is_latest(&channel) {
+            self.session.subscribe_latest(channel.clone(), since, &mut events).await
+        } else {
+            self.session.subscribe(channel.clone(), since, &mut events).await
+        };
+        match subscribed {
             Ok(position) => {
                 if let Flow::Stop = self.send_all(&mut events).await {
                     return Flow::Stop;

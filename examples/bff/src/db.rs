@@ -1,4 +1,5 @@
-//! The app's own source of truth: a `jobs` table in one SQLite file that every replica opens.
+//! The app's own source of truth: a `jobs` table in one SQLite file that every replica opens, and the
+//! `sessions` table its login cookie names (so a session made on one replica is known on all).
 //!
 //! Each replica holds one connection (WAL mode, so readers and the one writer at a time do not block
 //! each other for long; a busy writer is waited for up to five seconds). Calls run on tokio's blocking
@@ -40,6 +41,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user, created_ms);
+CREATE TABLE IF NOT EXISTS sessions (
+    id         TEXT PRIMARY KEY,
+    user       TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 ";
 
 const COLUMNS: &str = "id, user, status, result, started_by, finished_by, created_ms, finished_ms";
@@ -156,5 +162,31 @@ impl Db {
 
     pub async fn jobs_of(&self, user: String) -> anyhow::Result<Vec<Job>> {
         self.call(move |c| jobs_of(c, &user)).await
+    }
+
+    /// Records a login: session `id` is `user` until `expires_at` (Unix seconds).
+    pub async fn create_session(&self, id: String, user: String, expires_at: u64) -> anyhow::Result<()> {
+        let expires_at = i64::try_from(expires_at)?;
+        self.call(move |c| {
+            c.execute("INSERT INTO sessions (id, user, expires_at) VALUES (?1, ?2, ?3)", params![id, user, expires_at])
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The user of session `id` and when it ends, if it exists and has not ended.
+    pub async fn session(&self, id: String) -> anyhow::Result<Option<(String, u64)>> {
+        let now = now_ms() / 1000;
+        let found = self
+            .call(move |c| {
+                c.query_row(
+                    "SELECT user, expires_at FROM sessions WHERE id = ?1 AND expires_at > ?2",
+                    params![id, now],
+                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(found.map(|(user, expires_at)| (user, u64::try_from(expires_at).unwrap_or(0))))
     }
 }

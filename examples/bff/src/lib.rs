@@ -90,14 +90,12 @@ impl Demo {
             Coordination::Redis(url) => url.clone(),
             Coordination::Naive => "memory".to_owned(),
         };
-        let jwt_secret = random_id(48);
         let mut replicas = Vec::new();
         for (i, listener) in replica_listeners.into_iter().enumerate() {
             let config = replica::ReplicaConfig {
                 name: format!("replica-{}", i + 1),
                 engine: engine.clone(),
                 database: options.database.clone(),
-                jwt_secret: jwt_secret.clone(),
                 external_url: format!("http://{}", external.addr),
             };
             replicas.push(replica::start(config, listener).await?);

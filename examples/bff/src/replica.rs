@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! GET  /                       the page
-//! GET  /api/herald-token?user= a Herald client token for that user (sub = user, 10 minutes)
+//! POST /api/session {"user"}   the demo's login: a session in SQLite and its cookie (`bff_session`)
+//! POST /internal/herald/connect  Herald's connect proxy call: the session cookie's user, or 401
 //! GET  /api/jobs?user=         the user's jobs, from SQLite (what the page loads on every reset)
 //! POST /api/jobs {"user"}      records a pending job and hands it to the external system
 //! POST /webhooks/job-finished  the external system's callback: persist the result, publish to user:<id>
@@ -11,7 +12,9 @@
 //! ```
 //!
 //! The replica publishes in process (`Hub::publish`), so Herald's HTTP publish API is not needed: it is
-//! locked with an API key nobody outside the process knows.
+//! locked with an API key nobody outside the process knows. Clients bring no token: Herald's connect
+//! proxy (`proxy.connect_url`, this replica's own `/internal/herald/connect`) asks the app who the
+//! session cookie belongs to, and Herald's default rule for `user:` lets that user read `user:<id>` only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use anyhow::anyhow;
 use axum::Json;
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use herald_core::{ChannelName, PublishRequest};
@@ -38,8 +41,11 @@ use crate::db::{Db, Job};
 const PAGE: &str = include_str!("page.html");
 /// The event name of a finished job's publication.
 pub const JOB_FINISHED: &str = "job.finished";
-/// Lifetime of a client token.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(600);
+/// Lifetime of a login session (Herald's grant ends with it: the stream then closes as for an expired
+/// token, and the page logs in again).
+const SESSION_LIFETIME: Duration = Duration::from_secs(3600);
+/// The login cookie.
+pub const SESSION_COOKIE: &str = "bff_session";
 
 /// What a replica is started with.
 #[derive(Clone)]
@@ -49,8 +55,6 @@ pub struct ReplicaConfig {
     /// Herald's engine: `memory` (naive: no coordination) or a `redis://` URL.
     pub engine: String,
     pub database: std::path::PathBuf,
-    /// Shared by every replica: each verifies tokens any of them minted.
-    pub jwt_secret: String,
     /// Where jobs are handed to the external system (`http://127.0.0.1:P`).
     pub external_url: String,
 }
@@ -59,7 +63,6 @@ struct Ctx {
     name: String,
     db: Db,
     herald: AppState,
-    jwt: jsonwebtoken::EncodingKey,
     external_url: String,
     http: reqwest::Client,
 }
@@ -73,36 +76,38 @@ pub struct Replica {
     task: JoinHandle<()>,
 }
 
-/// Herald's settings for one replica: its engine, its node id, client tokens signed with the shared
-/// secret, and a random API key that closes the HTTP publish API (the app publishes in process).
-fn herald_settings(config: &ReplicaConfig) -> anyhow::Result<Settings> {
+/// Herald's settings for one replica: its engine, its node id, the connect proxy (this replica's own
+/// `/internal/herald/connect` at `addr`: clients are identified by their session cookie, no token), and
+/// a random API key that closes the HTTP publish API (the app publishes in process).
+fn herald_settings(config: &ReplicaConfig, addr: SocketAddr) -> anyhow::Result<Settings> {
     let api_key: String = crate::random_id(32);
-    let herald = Config {
+    let mut herald = Config {
         engine: config.engine.clone(),
         node_id: Some(config.name.clone()),
-        jwt_hs256_secret: Some(config.jwt_secret.clone()),
         api_keys: vec![api_key],
         ..Config::default()
     };
+    herald.proxy.connect_url = Some(format!("http://{addr}/internal/herald/connect"));
+    herald.proxy.timeout_ms = 1000;
     Settings::from_config(herald).map_err(|problems| anyhow!("herald settings: {}", problems.join("; ")))
 }
 
 /// Starts a replica serving `listener`.
 pub async fn start(config: ReplicaConfig, listener: TcpListener) -> anyhow::Result<Replica> {
     let addr = listener.local_addr()?;
-    let herald = herald_server::start(herald_settings(&config)?).await?;
+    let herald = herald_server::start(herald_settings(&config, addr)?).await?;
     let ctx = Arc::new(Ctx {
         name: config.name.clone(),
         db: Db::open(&config.database)?,
         herald: herald.clone(),
-        jwt: jsonwebtoken::EncodingKey::from_secret(config.jwt_secret.as_bytes()),
         external_url: config.external_url.clone(),
         http: reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build()?,
     });
     let app = Router::new()
         .route("/", get(page))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .route("/api/herald-token", get(token))
+        .route("/api/session", post(login))
+        .route("/internal/herald/connect", post(herald_connect))
         .route("/api/jobs", get(list_jobs).post(start_job))
         .route("/webhooks/job-finished", post(job_finished))
         .with_state(ctx)
@@ -154,17 +159,44 @@ async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
-/// The demo's stand-in for a login: the user named in the query. A real app takes it from its session.
-async fn token(State(ctx): State<Arc<Ctx>>, Query(q): Query<UserQuery>) -> Response {
-    if !valid_user(&q.user) {
+/// The demo's stand-in for a login: the user named in the body, no password. It makes a session in
+/// SQLite (every replica sees it) and sets its cookie; Herald learns the user from that cookie through
+/// the connect proxy.
+async fn login(State(ctx): State<Arc<Ctx>>, Json(body): Json<UserQuery>) -> Response {
+    if !valid_user(&body.user) {
         return error(StatusCode::BAD_REQUEST, "user: 1 to 64 of A-Z a-z 0-9 - _");
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let claims = json!({ "sub": q.user, "iat": now.as_secs(), "exp": (now + TOKEN_LIFETIME).as_secs() });
-    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    match jsonwebtoken::encode(&header, &claims, &ctx.jwt) {
-        Ok(token) => token.into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    let session = crate::random_id(32);
+    let expires_at = (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + SESSION_LIFETIME).as_secs();
+    if let Err(e) = ctx.db.create_session(session.clone(), body.user.clone(), expires_at).await {
+        return internal(e);
+    }
+    let cookie =
+        format!("{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}", SESSION_LIFETIME.as_secs());
+    ([(header::SET_COOKIE, cookie)], Json(json!({ "user": body.user, "expires_at": expires_at }))).into_response()
+}
+
+/// What Herald's connect proxy sends (the fields this app uses).
+#[derive(Deserialize)]
+struct HeraldConnect {
+    cookies: String,
+}
+
+/// Herald's connect proxy: the user of the session cookie, with no extra channels (Herald's `owner`
+/// rule for `user:` already lets a user read `user:<own id>` and nothing else), until the session ends;
+/// 401 without a live session.
+async fn herald_connect(State(ctx): State<Arc<Ctx>>, Json(call): Json<HeraldConnect>) -> Response {
+    let session = call.cookies.split(';').find_map(|cookie| {
+        let (name, value) = cookie.trim().split_once('=')?;
+        (name == SESSION_COOKIE).then(|| value.to_owned())
+    });
+    let Some(session) = session else { return StatusCode::UNAUTHORIZED.into_response() };
+    match ctx.db.session(session).await {
+        Ok(Some((user, expires_at))) => {
+            Json(json!({ "user": user, "channels": [], "expires_at": expires_at })).into_response()
+        }
+        Ok(None) => StatusCode::UNAUTHORIZED.into_response(),
+        Err(e) => internal(e),
     }
 }
 

@@ -40,26 +40,33 @@ enum Seen {
     Reset { reason: String },
 }
 
-/// A browser-like subscriber of `user:<user>` through the balancer: a token from the app, then the
-/// event stream of the nested Herald router. Events arrive on the receiver; dropping the handle's
-/// task (abort) closes the stream.
-async fn subscribe(demo: &Demo, user: &str) -> (mpsc::UnboundedReceiver<Seen>, tokio::task::JoinHandle<()>) {
-    let base = demo.url();
-    let token = http()
-        .get(format!("{base}api/herald-token?user={user}"))
+/// Logs `user` in through the balancer: the `Cookie` header value of its session.
+async fn login(demo: &Demo, user: &str) -> String {
+    let answer = http()
+        .post(format!("{}api/session", demo.url()))
+        .json(&serde_json::json!({ "user": user }))
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)
-        .expect("a token")
-        .text()
-        .await
-        .expect("the token's text");
-    let url = format!("{base}herald/v1/sse?channel=user:{user}&token={token}");
+        .expect("a session");
+    let set_cookie = answer.headers().get("set-cookie").and_then(|v| v.to_str().ok()).expect("a session cookie");
+    assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
+    set_cookie.split(';').next().expect("name=value").to_owned()
+}
+
+/// A browser-like subscriber of `user:<user>` through the balancer: a login (the session cookie), then
+/// the event stream of the nested Herald router, which asks the app who the cookie is (Herald's connect
+/// proxy; no token). Events arrive on the receiver; dropping the handle's task (abort) closes the
+/// stream.
+async fn subscribe(demo: &Demo, user: &str) -> (mpsc::UnboundedReceiver<Seen>, tokio::task::JoinHandle<()>) {
+    let cookie = login(demo, user).await;
+    let url = format!("{}herald/v1/sse?channel=user:{user}", demo.url());
     let response = reqwest::Client::builder()
         .no_proxy()
         .build()
         .expect("an HTTP client")
         .get(url)
+        .header("cookie", cookie)
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)
@@ -163,6 +170,23 @@ async fn with_redis_every_result_arrives_live_and_is_in_sqlite() {
     let module = client.get(format!("{}herald/herald-client.js", demo.url())).send().await.expect("the module");
     assert!(module.status().is_success());
     assert!(module.text().await.expect("its text").contains("reconcile"));
+
+    // No session, or one the app never made: Herald's connect proxy asks the app, which says 401.
+    let sse = format!("{}herald/v1/sse?channel=user:alice", demo.url());
+    for cookie in [None, Some("bff_session=made-up")] {
+        let mut request = client.get(&sse);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        let answer = request.send().await.expect("an answer");
+        assert_eq!(answer.status(), reqwest::StatusCode::UNAUTHORIZED, "{cookie:?}");
+        let body: Value = answer.json().await.expect("Herald's JSON error");
+        assert_eq!(body["error"]["code"], "unauthenticated", "{body}");
+    }
+    // A session is one user's: not another user's channel.
+    let cookie = login(&demo, "mallory").await;
+    let answer = client.get(&sse).header("cookie", cookie).send().await.expect("an answer");
+    assert_eq!(answer.status(), reqwest::StatusCode::FORBIDDEN);
 
     let (mut rx, reader) = subscribe(&demo, "alice").await;
     let node = connected(&mut rx).await;

@@ -344,3 +344,41 @@ async fn publications_of_a_channel_left_are_not_handed_out() {
     assert_eq!(seen(&drain(&mut session).await.expect("open")), vec![]);
     assert_eq!(node.hub.channel_count(), 0, "the last member out removes the channel's entry");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_latest_value_subscriber_gets_the_latest_publication_first_then_live_ones() {
+    let node = Node::default().await;
+    let a = channel("a");
+    let mut session = node.session();
+    let mut out = Vec::new();
+    assert_eq!(session.subscribe_latest(a.clone(), None, &mut out).await.expect("subscribe").offset, 0);
+    assert!(out.is_empty(), "a channel without publications has no latest value");
+    let first = node.publish(&a).await;
+    node.publish(&a).await;
+    node.publish(&a).await;
+    let mut late = node.session();
+    let mut out = Vec::new();
+    let at = late.subscribe_latest(a.clone(), None, &mut out).await.expect("subscribe");
+    assert_eq!((seen(&out), at.offset), (vec![Recovered(3)], 3), "only the latest, and the client holds it");
+    // A live copy of the latest, queued while it was read, is not handed out twice; the next one is.
+    node.sink().deliver(node.stored(&a, &Position::new(first.epoch.clone(), 3)).await);
+    node.publish(&a).await;
+    assert_eq!(seen(&drain(&mut late).await.expect("open")), vec![Live(4)]);
+    let mut resumed = node.session();
+    let mut out = Vec::new();
+    resumed.subscribe_latest(a.clone(), Some(first), &mut out).await.expect("subscribe");
+    assert_eq!(seen(&out), vec![Recovered(2), Recovered(3), Recovered(4)], "a position replays as ever");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_latest_value_gone_from_history_is_not_handed_out() {
+    let node = Node::with_history(history(10, 5)).await;
+    let a = channel("a");
+    node.publish(&a).await;
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let mut session = node.session();
+    let mut out = Vec::new();
+    let at = session.subscribe_latest(a.clone(), None, &mut out).await.expect("subscribe");
+    assert!(out.is_empty(), "an expired value is not the latest any more: {:?}", seen(&out));
+    assert_eq!(at, node.top(&a).await);
+}

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use herald_server::config::{Config, NamespaceConfig};
+use herald_server::config::{Config, NamespaceConfig, NamespaceMode};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -238,6 +238,60 @@ async fn an_expired_position_gets_a_reset(under: Under) {
     let (mut resumed, _) = Sse::open(&nodes[0], "channel=brief:1", Some(&cursor)).await;
     let (event, reset) = resumed.next().await;
     assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("history_gone")), "{reset}");
+}
+
+/// A latest-value namespace: a subscriber without a position, on another node than the publisher,
+/// gets the channel's latest publication first, then live ones (SSE and WebSocket), and
+/// `/v1/history?latest=1` answers it alone.
+async fn a_latest_value_reaches_a_subscriber_on_another_node(under: Under) {
+    let nodes = under
+        .nodes(|config: &mut Config| {
+            let latest = NamespaceConfig { mode: Some(NamespaceMode::Latest), ..Default::default() };
+            config.namespaces.insert("price".into(), latest);
+        })
+        .await;
+    let (publisher, subscriber) = (&nodes[0], &nodes[nodes.len() - 1]);
+    let (mut empty, _) = Sse::open(subscriber, "channel=price:empty", None).await;
+    publisher.publish("price:empty", json!("first")).await;
+    assert_eq!(empty.expect_offsets("price:empty", 0, 1).await, vec![json!("first")], "nothing came before it");
+    for value in 1..=3 {
+        publisher.publish("price:eur", json!(value)).await;
+    }
+    let (mut sse, _) = Sse::open(subscriber, "channel=price:eur&channel=other:1", None).await;
+    assert_eq!(sse.expect_offsets("price:eur", 2, 1).await, vec![json!(3)], "the latest value first");
+    let after_latest = sse.last_id.clone();
+    publisher.publish("price:eur", json!(4)).await;
+    assert_eq!(sse.expect_offsets("price:eur", 3, 1).await, vec![json!(4)], "then live ones");
+    // Another namespace keeps starting at the top.
+    publisher.publish("other:2", json!("x")).await;
+    let (mut plain, _) = Sse::open(subscriber, "channel=other:2", None).await;
+    publisher.publish("other:2", json!("y")).await;
+    assert_eq!(plain.expect_offsets("other:2", 1, 1).await, vec![json!("y")]);
+    // A cursor resumes as in any namespace: what followed it, not the latest again.
+    let (mut resumed, _) = Sse::open(subscriber, "channel=price:eur&channel=other:1", Some(&after_latest)).await;
+    assert_eq!(resumed.expect_offsets("price:eur", 3, 1).await, vec![json!(4)]);
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", subscriber.addr)).await.expect("WS");
+    use futures_util::{SinkExt, StreamExt};
+    let op = json!({"op": "subscribe", "id": 1, "channel": "price:eur"}).to_string();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(op)).await.expect("send");
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let frame = tokio::time::timeout(TIMEOUT, ws.next()).await.expect("a frame").expect("open").expect("read");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = frame {
+            frames.push(serde_json::from_str::<Value>(text.as_str()).expect("JSON"));
+        }
+    }
+    assert_eq!((frames[0]["type"].as_str(), frames[0]["offset"].as_u64()), (Some("message"), Some(4)), "{frames:?}");
+    assert_eq!((frames[1]["type"].as_str(), frames[1]["offset"].as_u64()), (Some("subscribed"), Some(4)), "{frames:?}");
+
+    let latest = history(subscriber, "channel=price:eur&latest=1").await;
+    assert_eq!((offsets(&latest), latest["offset"].as_u64()), (vec![4], Some(4)), "{latest}");
+    assert_eq!(offsets(&history(subscriber, "channel=price:none&latest=1").await), Vec::<u64>::new());
+    for bad in ["latest=2", "latest=1&limit=5", "latest=1&since_epoch=abc&since_offset=1"] {
+        let (status, answer) = subscriber.get(&format!("/v1/history?channel=price:eur&{bad}")).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")), "{bad}");
+    }
 }
 
 /// Presence is seen from every node and leaves with its connection.
@@ -504,18 +558,19 @@ macro_rules! conformance {
     };
 }
 
-conformance!(memory: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
+conformance!(memory: order_and_offsets_without_holes, a_latest_value_reaches_a_subscriber_on_another_node, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
     a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history);
-conformance!(redis: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
+conformance!(redis: order_and_offsets_without_holes, a_latest_value_reaches_a_subscriber_on_another_node, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
     a_dead_node_leaves_no_ghosts, a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history,
     a_rolled_back_engine_fences_the_channel, engine_data_lost_means_reset);
-conformance!(redis_cluster: order_and_offsets_without_holes, idempotency_within_the_window,
+conformance!(redis_cluster: order_and_offsets_without_holes, a_latest_value_reaches_a_subscriber_on_another_node,
+    idempotency_within_the_window,
     a_trimmed_position_gets_a_reset, an_expired_position_gets_a_reset, presence_follows_connections,
     receipts_from_every_node, disconnect_on_every_node, a_dead_node_leaves_no_ghosts,
     a_lost_live_message_is_repaired_from_history);
-conformance!(nats: order_and_offsets_without_holes, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
+conformance!(nats: order_and_offsets_without_holes, a_latest_value_reaches_a_subscriber_on_another_node, idempotency_within_the_window, a_trimmed_position_gets_a_reset,
     an_expired_position_gets_a_reset, presence_follows_connections, receipts_from_every_node, disconnect_on_every_node,
     a_dead_node_leaves_no_ghosts, a_cut_engine_connection_is_resynced, a_lost_live_message_is_repaired_from_history,
     a_rolled_back_engine_fences_the_channel, engine_data_lost_means_reset, engine_restart_with_data_kept_continues);

@@ -147,9 +147,15 @@ impl Sse {
 
     /// Connects to a full SSE URL (for nodes running as processes).
     pub async fn connect_url(url: &str, last_event_id: Option<&str>) -> Result<Sse, (StatusCode, Value)> {
+        let headers: Vec<(&str, &str)> = last_event_id.map(|id| ("last-event-id", id)).into_iter().collect();
+        Self::connect_with(url, &headers).await
+    }
+
+    /// Connects to a full SSE URL with these request headers (cookies, a correlation ID, …).
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Sse, (StatusCode, Value)> {
         let mut request = client().get(url);
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let response = request.send().await.expect("GET /v1/sse");
         if response.status() != StatusCode::OK {

@@ -14,6 +14,7 @@ mod limits;
 mod openapi;
 mod process;
 mod protocol;
+mod proxy;
 mod redis_cluster;
 mod rollback;
 mod scenario;

@@ -128,6 +128,8 @@ fn api_error_codes() -> BTreeSet<&'static str> {
         ApiError::NotFound,
         ApiError::Unavailable(String::new()),
         ApiError::NotDurable(String::new()),
+        ApiError::ProxyUnavailable(String::new()),
+        ApiError::ProxyTimeout(String::new()),
         ApiError::Internal(String::new()),
     ];
     for error in &every {
@@ -152,6 +154,8 @@ fn api_error_codes() -> BTreeSet<&'static str> {
             | ApiError::NotFound
             | ApiError::Unavailable(_)
             | ApiError::NotDurable(_)
+            | ApiError::ProxyUnavailable(_)
+            | ApiError::ProxyTimeout(_)
             | ApiError::Internal(_) => {}
         }
     }
