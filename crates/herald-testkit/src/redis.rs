@@ -15,9 +15,23 @@ const START_TIME: Duration = Duration::from_secs(10);
 /// Bound of one command (connecting, writing, reading).
 const COMMAND_TIME: Duration = Duration::from_secs(2);
 
-/// Runs one command against the server on `port`.
-fn query<T: ::redis::FromRedisValue>(port: u16, args: &[&str]) -> anyhow::Result<T> {
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+/// Runs one command against the server on `port` (authenticated with `password` when given; over TLS,
+/// trusting the authority in `tls_ca`, when given).
+fn query<T: ::redis::FromRedisValue>(
+    port: u16,
+    password: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<T> {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let client = match tls_ca {
+        Some(ca) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let certificates = ::redis::TlsCertificates { client_tls: None, root_cert: Some(std::fs::read(ca)?) };
+            ::redis::Client::build_with_tls(format!("rediss://{auth}127.0.0.1:{port}/"), certificates)?
+        }
+        None => ::redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/"))?,
+    };
     let mut connection = client.get_connection_with_timeout(COMMAND_TIME)?;
     connection.set_read_timeout(Some(COMMAND_TIME))?;
     connection.set_write_timeout(Some(COMMAND_TIME))?;
@@ -29,8 +43,8 @@ fn query<T: ::redis::FromRedisValue>(port: u16, args: &[&str]) -> anyhow::Result
     Ok(command.query(&mut connection)?)
 }
 
-fn answers_ping(port: u16) -> bool {
-    query::<String>(port, &["PING"]).is_ok_and(|pong| pong == "PONG")
+fn answers_ping(port: u16, password: Option<&str>, tls_ca: Option<&std::path::Path>) -> bool {
+    query::<String>(port, password, tls_ca, &["PING"]).is_ok_and(|pong| pong == "PONG")
 }
 
 /// A `redis-server` stopped by PID on drop (its folders removed).
@@ -47,6 +61,8 @@ pub struct RedisServer {
     persistent: bool,
     /// Arguments of every start.
     args: Vec<String>,
+    /// The server's `requirepass`, which [`RedisServer::query`] authenticates with.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -76,8 +92,49 @@ impl RedisServer {
             args.extend(["--appendonly".to_owned(), "no".to_owned()]);
         }
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        let mut server =
-            RedisServer { process: None, port, tls_ca: None, tls_dir: None, data_dir: Some(dir), persistent, args };
+        // A `--requirepass` among the arguments is the password the helpers authenticate with.
+        let password = extra.windows(2).find(|pair| pair[0] == "--requirepass").map(|pair| pair[1].to_owned());
+        let mut server = RedisServer {
+            process: None,
+            port,
+            tls_ca: None,
+            tls_dir: None,
+            data_dir: Some(dir),
+            persistent,
+            args,
+            password,
+        };
+        server.try_restart()?;
+        Ok(server)
+    }
+
+    /// Starts on `port` accepting only TLS (also between servers: replication and a cluster's bus), with
+    /// the certificates [`make_certificates`] wrote into `certificates`; `extra` as for
+    /// [`RedisServer::try_start`].
+    pub fn try_start_tls_on(port: u16, extra: &[&str], certificates: &std::path::Path) -> anyhow::Result<RedisServer> {
+        let file = |name: &str| certificates.join(name).display().to_string();
+        let (cert, key, ca) = (file("server.crt"), file("server.key"), file("ca.crt"));
+        let port_text = port.to_string();
+        let mut args: Vec<&str> = vec!["--port", "0", "--tls-port", &port_text];
+        args.extend(["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-ca-cert-file", &ca]);
+        args.extend(["--tls-auth-clients", "no", "--tls-replication", "yes", "--tls-cluster", "yes"]);
+        args.extend(extra);
+        let mut server = RedisServer {
+            process: None,
+            port,
+            tls_ca: Some(certificates.join("ca.crt")),
+            tls_dir: None,
+            data_dir: Some(scratch_dir("herald-redis")?),
+            persistent: false,
+            args: Vec::new(),
+            password: None,
+        };
+        let mut all: Vec<String> = vec!["--save".into(), String::new(), "--appendonly".into(), "no".into()];
+        if let Some(dir) = &server.data_dir {
+            all.extend(["--dir".to_owned(), dir.display().to_string()]);
+        }
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        server.args = all;
         server.try_restart()?;
         Ok(server)
     }
@@ -116,6 +173,7 @@ impl RedisServer {
             data_dir: None,
             persistent: false,
             args: Vec::new(),
+            password: None,
         })
     }
 
@@ -157,8 +215,10 @@ impl RedisServer {
             "redis-server",
         )?;
         self.process = Some(process);
-        let port = self.port;
-        wait_until(&format!("redis-server on port {port} did not answer PING"), START_TIME, || answers_ping(port))
+        let (port, password, tls_ca) = (self.port, self.password.clone(), self.tls_ca.clone());
+        wait_until(&format!("redis-server on port {port} did not answer PING"), START_TIME, || {
+            answers_ping(port, password.as_deref(), tls_ca.as_deref())
+        })
     }
 
     /// Kills the server (SIGKILL, like a crash; a stopped one is woken first) and waits for it to exit.
@@ -186,7 +246,7 @@ impl RedisServer {
     /// Runs one command and converts its answer (`String` for a status or bulk string, `i64` for an
     /// integer, `redis::Value` for anything).
     pub fn query<T: ::redis::FromRedisValue>(&self, args: &[&str]) -> anyhow::Result<T> {
-        query(self.port, args)
+        query(self.port, self.password.as_deref(), self.tls_ca.as_deref(), args)
     }
 
     /// A field of an `INFO` section (`replication`, `persistence`, …).
@@ -327,7 +387,9 @@ impl Sentinels {
             sentinels.ports.push(port);
         }
         for port in &sentinels.ports {
-            wait_until(&format!("sentinel on port {port} did not answer PING"), START_TIME, || answers_ping(*port))?;
+            wait_until(&format!("sentinel on port {port} did not answer PING"), START_TIME, || {
+                answers_ping(*port, None, None)
+            })?;
         }
         Ok(sentinels)
     }

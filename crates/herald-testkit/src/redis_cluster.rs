@@ -13,8 +13,8 @@ use crate::redis::RedisServer;
 
 /// How long the cluster gets to agree on its slots after a change.
 const SETTLE_TIME: Duration = Duration::from_secs(30);
-/// A primary silent for this long is failed over by its replicas.
-const NODE_TIMEOUT_MS: u64 = 1000;
+/// A primary silent for this long (milliseconds) is failed over by its replicas.
+const NODE_TIMEOUT: &str = "1000";
 
 /// A Redis Cluster stopped by PID on drop. Servers `0..primaries` start as primaries, each followed by
 /// its replicas in the order `redis-cli` assigns them.
@@ -22,6 +22,10 @@ pub struct RedisCluster {
     pub servers: Vec<RedisServer>,
     /// Servers stopped with SIGSTOP: alive, connections open, answering nothing.
     paused: Vec<usize>,
+    /// Every server's `requirepass` (and `masterauth`), when the cluster has one.
+    password: Option<String>,
+    /// The certificates of a cluster that speaks only TLS (`ca.crt` signs every server's).
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 impl RedisCluster {
@@ -32,38 +36,58 @@ impl RedisCluster {
     }
 
     pub fn try_start(primaries: usize, replicas: usize) -> anyhow::Result<RedisCluster> {
+        Self::try_start_with(primaries, replicas, None)
+    }
+
+    /// As [`RedisCluster::try_start`], every server requiring `password` (clients and replicas alike).
+    pub fn try_start_with(primaries: usize, replicas: usize, password: Option<&str>) -> anyhow::Result<RedisCluster> {
+        Self::start_servers(primaries, replicas, password, None)
+    }
+
+    /// A cluster of at least 3 primaries that speaks only TLS, to clients and between its servers (the
+    /// authority is [`RedisCluster::tls_ca`]).
+    pub fn try_start_tls(primaries: usize, replicas: usize) -> anyhow::Result<RedisCluster> {
+        let dir = crate::process::scratch_dir("herald-cluster-tls")?;
+        crate::redis::make_certificates(&dir)?;
+        Self::start_servers(primaries.max(3), replicas, None, Some(dir))
+    }
+
+    fn start_servers(
+        primaries: usize,
+        replicas: usize,
+        password: Option<&str>,
+        tls_dir: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<RedisCluster> {
         let count = primaries * (1 + replicas);
         let mut servers = Vec::with_capacity(count);
         for _ in 0..count {
             // The cluster bus listens on the port plus 10000: both must be free.
             let port = cluster_port()?;
-            let timeout = NODE_TIMEOUT_MS.to_string();
-            let args = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                &timeout,
-                // A replica that lost its primary long ago may still take over (tests kill primaries).
-                "--cluster-replica-validity-factor",
-                "0",
-                "--appendonly",
-                "no",
-            ];
-            servers.push(RedisServer::try_start_on(port, &args, false)?);
+            let args = server_args(password);
+            servers.push(match &tls_dir {
+                Some(dir) => RedisServer::try_start_tls_on(port, &args, dir)?,
+                None => RedisServer::try_start_on(port, &args, false)?,
+            });
         }
         if primaries < 3 {
             if replicas > 0 {
                 bail!("a cluster of fewer than 3 primaries is made without replicas here");
             }
-            let cluster = RedisCluster { servers, paused: Vec::new() };
+            let cluster =
+                RedisCluster { servers, paused: Vec::new(), password: password.map(str::to_owned), tls_dir: None };
             cluster.assign_slots()?;
             cluster.wait_settled()?;
             return Ok(cluster);
         }
         let addresses: Vec<String> = servers.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
-        let output = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(password) = password {
+            create.args(["-a", password, "--no-auth-warning"]);
+        }
+        if let Some(dir) = &tls_dir {
+            create.arg("--tls").arg("--cacert").arg(dir.join("ca.crt"));
+        }
+        let output = create
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
@@ -74,7 +98,7 @@ impl RedisCluster {
         if !output.status.success() {
             bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
         }
-        let cluster = RedisCluster { servers, paused: Vec::new() };
+        let cluster = RedisCluster { servers, paused: Vec::new(), password: password.map(str::to_owned), tls_dir };
         cluster.wait_settled()?;
         Ok(cluster)
     }
@@ -95,10 +119,17 @@ impl RedisCluster {
         Ok(())
     }
 
-    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…` (every server as a seed).
+    /// `redis+cluster://[:<password>@]127.0.0.1:<p1>,127.0.0.1:<p2>,…` (every server as a seed).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.servers.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let auth = self.password.as_ref().map(|p| format!(":{p}@")).unwrap_or_default();
+        let scheme = if self.tls_dir.is_some() { "rediss+cluster" } else { "redis+cluster" };
+        format!("{scheme}://{auth}{}", hosts.join(","))
+    }
+
+    /// The certificate authority of a TLS cluster.
+    pub fn tls_ca(&self) -> Option<std::path::PathBuf> {
+        self.tls_dir.as_ref().map(|dir| dir.join("ca.crt"))
     }
 
     pub fn server(&self, i: usize) -> &RedisServer {
@@ -153,7 +184,11 @@ impl RedisCluster {
             if keys.is_empty() {
                 break;
             }
-            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "REPLACE", "KEYS"];
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "REPLACE"];
+            if let Some(password) = &self.password {
+                args.extend(["AUTH", password.as_str()]);
+            }
+            args.push("KEYS");
             args.extend(keys.iter().map(String::as_str));
             self.servers[from].query::<String>(&args)?;
         }
@@ -167,18 +202,7 @@ impl RedisCluster {
     /// index (move slots to it with [`RedisCluster::migrate_slot`]).
     pub fn add_primary(&mut self) -> anyhow::Result<usize> {
         let port = cluster_port()?;
-        let timeout = NODE_TIMEOUT_MS.to_string();
-        let args = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            &timeout,
-            "--appendonly",
-            "no",
-        ];
-        let server = RedisServer::try_start_on(port, &args, false)?;
+        let server = RedisServer::try_start_on(port, &server_args(self.password.as_deref()), false)?;
         let seed = self.running().context("no server runs")?.port.to_string();
         server.query::<String>(&["CLUSTER", "MEET", "127.0.0.1", &seed])?;
         self.servers.push(server);
@@ -250,6 +274,27 @@ impl RedisCluster {
     }
 }
 
+/// The arguments of every server of a cluster.
+fn server_args(password: Option<&str>) -> Vec<&str> {
+    let mut args = vec![
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        NODE_TIMEOUT,
+        // A replica that lost its primary long ago may still take over (tests kill primaries).
+        "--cluster-replica-validity-factor",
+        "0",
+        "--appendonly",
+        "no",
+    ];
+    if let Some(password) = password {
+        args.extend(["--requirepass", password, "--masterauth", password]);
+    }
+    args
+}
+
 /// Picks a free port whose cluster bus port (plus 10000) is free too.
 fn cluster_port() -> anyhow::Result<u16> {
     for _ in 0..100 {
@@ -287,4 +332,13 @@ fn slot_owners(nodes: &str) -> Vec<(u16, u16)> {
 
 fn owner_in_nodes(nodes: &str, slot: u16) -> Option<u16> {
     slot_owners(nodes).into_iter().find(|(s, _)| *s == slot).map(|(_, port)| port)
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.servers.clear();
+        if let Some(dir) = self.tls_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }

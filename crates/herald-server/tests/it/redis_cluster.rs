@@ -176,6 +176,58 @@ async fn a_publication_passes_only_through_its_shard_and_reaches_every_node() {
     assert_eq!((status, view["nodes"].as_array().map(Vec::len)), (StatusCode::OK, Some(3)), "{view}");
 }
 
+/// Every server requires a password, given in the URL as for `redis://`: commands, the sharded
+/// subscriptions and a slot's move all work with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_requires_a_password_is_used_with_it() {
+    let cluster = RedisCluster::try_start_with(3, 0, Some("s3cret-pw")).expect("a cluster with a password");
+    assert!(cluster.url().starts_with("redis+cluster://:s3cret-pw@"));
+    let nodes = nodes(&cluster, 2, 100).await;
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=user:1", None).await;
+    nodes[1].publish("user:1", json!("with a password")).await;
+    assert_eq!(sse.expect_offsets("user:1", 0, 1).await, vec![json!("with a password")]);
+    let the_slot = slot(&cluster, "user:1");
+    let to = (cluster.owner_of(the_slot).expect("owner") + 1) % 3;
+    let cluster = tokio::task::spawn_blocking(move || cluster.migrate_slot(the_slot, to).map(|_| cluster))
+        .await
+        .expect("moving")
+        .expect("the slot moved");
+    let answer = publish_eventually(&nodes[1], "user:1", json!("after the move")).await;
+    let mut acked = HashMap::new();
+    acked.insert("user:1".to_owned(), vec![answer]);
+    expect_covered(&mut sse, &acked).await;
+    drop(cluster);
+}
+
+/// A cluster that speaks only TLS (`rediss+cluster://`, trusting `redis.tls_ca_file`), to clients and
+/// between its servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_speaks_only_tls_is_used_over_tls() {
+    let cluster = RedisCluster::try_start_tls(3, 0).expect("a TLS cluster (redis-server, redis-cli, openssl)");
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    let prefix = prefix();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, prefix, ca) = (cluster.url(), prefix.clone(), cluster.tls_ca());
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.redis.prefix = prefix;
+                config.redis.tls_ca_file = ca;
+                config.redis.probe_interval_ms = 100;
+            })
+            .await,
+        );
+    }
+    let channels: Vec<String> = (1..=6).map(|i| format!("user:{i}")).collect();
+    let query: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let (mut sse, _) = Sse::open(&nodes[0], &query.join("&"), None).await;
+    for channel in &channels {
+        nodes[1].publish(channel, json!("over tls")).await;
+        assert_eq!(sse.expect_offsets(channel, 0, 1).await, vec![json!("over tls")]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     let cluster = RedisCluster::start(3, 0);
