@@ -147,6 +147,11 @@ impl PubSub {
         rx.await.unwrap_or_else(|_| Err(EngineError::Unavailable("redis pub/sub is reconnecting".into())))
     }
 
+    /// The probe channels of the last round (Redis Cluster).
+    pub(crate) fn probe_channels(&self) -> Vec<String> {
+        lock(&self.probes).channels.clone()
+    }
+
     /// A probe round is sent as `payload` through `copies` shards.
     pub(crate) fn expect_probe(&self, payload: &[u8], copies: usize) {
         let mut probes = lock(&self.probes);

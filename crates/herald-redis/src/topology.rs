@@ -7,7 +7,9 @@ use std::sync::{Mutex, OnceLock};
 
 use herald_core::EngineError;
 
-use crate::connection::{Commands, Live, lock};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+
+use crate::connection::{Commands, Conn, Live, lock};
 
 /// Slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
@@ -30,10 +32,15 @@ pub(crate) fn tag_for_slot(slot: u16) -> String {
     tag
 }
 
-/// The first slot of each shard's primary (`CLUSTER SLOTS`), one per primary, in slot order.
+/// The first slot of each shard's primary (`CLUSTER SLOTS`, asked of a primary: a hung replica must not
+/// stall the probe), one per primary, in slot order.
 pub(crate) async fn primary_slots(commands: &Commands, live: &Live) -> Result<Vec<u16>, EngineError> {
-    let mut conn = live.conn.clone();
-    let answer: redis::Value = commands.on(live, redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn)).await?;
+    let Conn::Cluster(mut conn) = live.conn.clone() else {
+        return Err(EngineError::Protocol("not a Redis Cluster".into()));
+    };
+    let command = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+    let to_a_primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+    let answer = commands.on(live, conn.route_command(command, to_a_primary)).await?;
     let protocol = || EngineError::Protocol("unexpected CLUSTER SLOTS answer".into());
     let redis::Value::Array(ranges) = answer else { return Err(protocol()) };
     let mut first: HashMap<String, u16> = HashMap::new();
