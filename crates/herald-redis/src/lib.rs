@@ -268,6 +268,55 @@ impl Inner {
         }
     }
 
+    /// One call of the batch script for `items`: one outcome each, in order.
+    async fn batch_call(
+        &self,
+        live: &connection::Live,
+        items: &[&(PublishRequest, String)],
+    ) -> Vec<Result<PublishOutcome, EngineError>> {
+        let failed = |error: EngineError| items.iter().map(|_| Err(error.clone())).collect();
+        let mut invocation = self.publish_batch_script.prepare_invoke();
+        invocation.arg(items.len());
+        for (request, header) in items {
+            self.add_publication(&mut invocation, request, header, live, true);
+        }
+        let mut conn = live.conn.clone();
+        match self.on(live, invocation.invoke_async::<Vec<redis::Value>>(&mut conn)).await {
+            Ok(replies) if replies.len() == items.len() => {
+                replies.into_iter().map(|reply| self.outcome(parse_publish_reply(reply))).collect()
+            }
+            Ok(_) => failed(EngineError::Protocol("unexpected batch reply: not one per publication".into())),
+            Err(error) => failed(error),
+        }
+    }
+
+    /// A batch on a cluster: a call of the batch script per slot, all at once, the outcomes put back in
+    /// the order of `requests`.
+    async fn batch_by_slot(
+        &self,
+        live: &connection::Live,
+        requests: &[(PublishRequest, String)],
+    ) -> Vec<Result<PublishOutcome, EngineError>> {
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
+        for (index, (request, _)) in requests.iter().enumerate() {
+            by_slot.entry(topology::slot_of(request.channel.as_str())).or_default().push(index);
+        }
+        let calls = by_slot.into_values().map(|indices| async move {
+            let items: Vec<&(PublishRequest, String)> = indices.iter().map(|i| &requests[*i]).collect();
+            (indices.clone(), self.batch_call(live, &items).await)
+        });
+        let mut outcomes: Vec<Option<Result<PublishOutcome, EngineError>>> = requests.iter().map(|_| None).collect();
+        for (indices, results) in futures_util::future::join_all(calls).await {
+            for (index, result) in indices.into_iter().zip(results) {
+                outcomes[index] = Some(result);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(EngineError::Protocol("a batch item got no outcome".into()))))
+            .collect()
+    }
+
     /// A publish reply's outcome, counting a fence.
     fn outcome(&self, parsed: Result<(PublishOutcome, bool), EngineError>) -> Result<PublishOutcome, EngineError> {
         let (outcome, fenced) = parsed?;
@@ -326,7 +375,9 @@ impl Backplane for Redis {
         Ok(outcome)
     }
 
-    /// One call of the batch script for the lot, then (with `durability = replicated`) one `WAIT`.
+    /// One call of the batch script for the lot, then (with `durability = replicated`) one `WAIT`. On a
+    /// cluster, one call per slot among the lot (a script's keys must share one), all at once; a
+    /// channel's publications share its slot, so they keep their order.
     async fn publish_batch(
         &self,
         requests: &[(PublishRequest, String)],
@@ -337,19 +388,11 @@ impl Backplane for Redis {
             Ok(live) => live,
             Err(error) => return failed(error),
         };
-        let mut invocation = inner.publish_batch_script.prepare_invoke();
-        invocation.arg(requests.len());
-        for (request, header) in requests {
-            inner.add_publication(&mut invocation, request, header, &live, true);
+        if inner.keys.sharded() {
+            return Some(inner.batch_by_slot(&live, requests).await);
         }
-        let mut conn = live.conn.clone();
-        let replies = match inner.on(&live, invocation.invoke_async::<Vec<redis::Value>>(&mut conn)).await {
-            Ok(replies) if replies.len() == requests.len() => replies,
-            Ok(_) => return failed(EngineError::Protocol("unexpected batch reply: not one per publication".into())),
-            Err(error) => return failed(error),
-        };
-        let mut outcomes: Vec<Result<PublishOutcome, EngineError>> =
-            replies.into_iter().map(|reply| inner.outcome(parse_publish_reply(reply))).collect();
+        let all: Vec<&(PublishRequest, String)> = requests.iter().collect();
+        let mut outcomes = inner.batch_call(&live, &all).await;
         if let Durability::Replicated { min_replicas, timeout } = inner.config.durability {
             if outcomes.iter().any(|o| matches!(o, Ok(o) if !o.duplicate)) {
                 if let Err(error) = inner.replication.replicated(live, min_replicas, timeout).await {

@@ -14,8 +14,9 @@ use crate::connection::{Commands, Conn, Live, lock};
 /// Slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
 
-/// Redis Cluster's slot of a hash tag (CRC16/XMODEM modulo the slot count).
-fn slot_of(tag: &str) -> u16 {
+/// Redis Cluster's slot of a hash tag (CRC16/XMODEM modulo the slot count); a channel's keys carry the
+/// channel name as their tag.
+pub(crate) fn slot_of(tag: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % SLOTS
 }
 

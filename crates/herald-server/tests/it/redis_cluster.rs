@@ -228,6 +228,38 @@ async fn a_cluster_that_speaks_only_tls_is_used_over_tls() {
     }
 }
 
+/// A batch spanning every shard: one script call per slot (a script's keys must share one), each
+/// channel's publications in the order given, one answer per publication in the request's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_across_every_shard_is_published_in_order() {
+    let cluster = RedisCluster::start(3, 0);
+    let nodes = nodes(&cluster, 2, 100).await;
+    let channels: Vec<String> = (1..=12).map(|i| format!("user:{i}")).collect();
+    let query: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+    let (mut sse, _) = Sse::open(&nodes[0], &query.join("&"), None).await;
+    let publications: Vec<Value> =
+        (0..3).flat_map(|round| channels.iter().map(move |c| json!({"channel": c, "data": round}))).collect();
+    let (status, answer) = nodes[1].post("/v1/publish", json!({"publications": publications})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let results = answer["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 36, "{answer}");
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result["channel"], json!(channels[i % 12]), "{result}");
+        assert_eq!(result["offset"], json!(i / 12 + 1), "the channel's publications in the order given: {result}");
+    }
+    let mut seen: HashMap<String, Vec<Value>> = HashMap::new();
+    for _ in 0..36 {
+        let (event, envelope) = sse.next().await;
+        assert_eq!(event, "message", "{envelope}");
+        seen.entry(envelope["channel"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(envelope["data"].clone());
+    }
+    for channel in &channels {
+        assert_eq!(seen.get(channel), Some(&vec![json!(0), json!(1), json!(2)]), "{channel}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     let cluster = RedisCluster::start(3, 0);
