@@ -99,16 +99,20 @@ impl Cluster {
         Ok(Cluster { engine: Engine::Redis { redis, replica }, nodes })
     }
 
-    /// On a Redis Cluster of `primaries` shards with `replicas` each.
+    /// On a Redis Cluster of `primaries` shards; with `replicated`, each gets a replica and the nodes
+    /// publish with `durability = "replicated"` (the replicas' CPU is not counted).
     pub async fn start_redis_cluster(
         herald: &str,
         size: usize,
         primaries: usize,
-        replicas: usize,
+        replicated: bool,
     ) -> anyhow::Result<Cluster> {
-        let cluster = RedisCluster::try_start(primaries, replicas)?;
+        let cluster = RedisCluster::try_start(primaries, usize::from(replicated))?;
         let url = cluster.url();
-        let env = [("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")];
+        let mut env = vec![("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")];
+        if replicated {
+            env.push(("HERALD_REDIS__DURABILITY", "replicated"));
+        }
         let mut nodes = Vec::new();
         for _ in 0..size.max(2) {
             nodes.push(Node::start(herald, &env).await?);

@@ -481,8 +481,7 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
     };
     let cluster = match engine.as_str() {
         "redis" => cluster::Cluster::start_with(herald, nodes, replicated).await?,
-        "redis-cluster" if !replicated => cluster::Cluster::start_redis_cluster(herald, nodes, primaries, 0).await?,
-        "redis-cluster" => anyhow::bail!("--durability replicated is not supported on a Redis Cluster yet"),
+        "redis-cluster" => cluster::Cluster::start_redis_cluster(herald, nodes, primaries, replicated).await?,
         "nats" if !replicated => cluster::Cluster::start_nats(herald, nodes, 1).await?,
         "nats-r3" if !replicated => cluster::Cluster::start_nats(herald, nodes, 3).await?,
         "nats" | "nats-r3" => anyhow::bail!("--durability is a Redis setting; use --engine nats-r3 for replicas"),

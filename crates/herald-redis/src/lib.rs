@@ -42,6 +42,7 @@ use herald_core::{
     Backplane, BackplaneStats, ChannelName, ClusterEngine, EngineError, Epoch, History, NodeInfo, NodeStats, Policies,
     Position, PresenceEntry, PublishOutcome, PublishRequest, Recipient, Relay, RelayConfig,
 };
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncCommands, Script};
 
 use channels::Channels;
@@ -162,12 +163,6 @@ pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
     let commands = Arc::new(Commands::new(target, connector(&config)?, config.command_timeout));
     commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
     let sharded = commands.cluster().is_some();
-    if sharded && config.durability != Durability::None {
-        return Err(EngineError::Protocol(
-            "durability = \"replicated\" is not supported on a Redis Cluster yet (each shard would need its own WAIT)"
-                .into(),
-        ));
-    }
     let keys = Keys::new(&config.prefix, &config.node_id, sharded);
     let relay = RelayConfig {
         probe_interval: config.probe_interval,
@@ -268,6 +263,62 @@ impl Inner {
         }
     }
 
+    /// A publish with `durability = replicated` on a cluster: the script and a `WAIT` in one pipeline on
+    /// the connection to the channel's primary, since `WAIT` counts the writes of the connection it is
+    /// sent on (the cluster client may make a connection anew between two calls). The script goes as
+    /// `EVAL` (a server that does not hold it yet needs no second round).
+    async fn publish_replicated_on_shard(
+        &self,
+        live: &connection::Live,
+        invocation: &redis::ScriptInvocation<'_>,
+        channel: &ChannelName,
+        min_replicas: u32,
+        timeout: Duration,
+    ) -> Result<PublishOutcome, EngineError> {
+        let connection::Conn::Cluster(mut conn) = live.conn.clone() else {
+            return Err(EngineError::Protocol("not a Redis Cluster".into()));
+        };
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation).cmd("WAIT").arg(min_replicas).arg(timeout.as_millis() as u64);
+        let route =
+            SingleNodeRoutingInfo::SpecificNode(Route::new(topology::slot_of(channel.as_str()), SlotAddr::Master));
+        let mut loaded = false;
+        let (reply, count) = loop {
+            let sent = conn.route_pipeline(pipe.clone(), 0, 2, route.clone());
+            let replies = match tokio::time::timeout(timeout + self.commands.timeout(), sent).await {
+                Ok(Ok(replies)) => replies,
+                Ok(Err(error)) => return Err(EngineError::Unavailable(error.to_string())),
+                // The publication may have been written: the caller retries with its idempotency key.
+                Err(_) => return Err(EngineError::NotDurable("waiting for replicas timed out".into())),
+            };
+            let mut replies = replies.into_iter();
+            let (Some(reply), Some(count)) = (replies.next(), replies.next()) else {
+                return Err(EngineError::Protocol("unexpected reply to a durable publish".into()));
+            };
+            match &reply {
+                // The shard's primary does not hold the script yet (it ran nothing): load it, once.
+                redis::Value::ServerError(error)
+                    if error.kind() == Some(redis::ServerErrorKind::NoScript) && !loaded =>
+                {
+                    loaded = true;
+                    self.on(live, invocation.load_async(&mut conn)).await?;
+                }
+                redis::Value::ServerError(error) => {
+                    return Err(EngineError::Unavailable(format!("the publish script failed: {error:?}")));
+                }
+                _ => break (reply, count),
+            }
+        };
+        let outcome = self.outcome(parse_publish_reply(reply))?;
+        match count {
+            redis::Value::Int(count) if count >= i64::from(min_replicas) => Ok(outcome),
+            redis::Value::Int(count) => Err(EngineError::NotDurable(format!(
+                "{count} of the {min_replicas} replicas required acknowledged the publication in time"
+            ))),
+            other => Err(EngineError::NotDurable(format!("waiting for replicas failed: {other:?}"))),
+        }
+    }
+
     /// One call of the batch script for `items`: one outcome each, in order.
     async fn batch_call(
         &self,
@@ -365,6 +416,13 @@ impl Backplane for Redis {
         let live = inner.live().await?;
         let mut invocation = inner.publish_script.prepare_invoke();
         inner.add_publication(&mut invocation, request, header, &live, false);
+        if let (Durability::Replicated { min_replicas, timeout }, true) =
+            (inner.config.durability, inner.keys.sharded())
+        {
+            return inner
+                .publish_replicated_on_shard(&live, &invocation, &request.channel, min_replicas, timeout)
+                .await;
+        }
         let mut conn = live.conn.clone();
         let outcome = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await?;
         let outcome = inner.outcome(parse_publish_reply(outcome))?;
@@ -389,6 +447,11 @@ impl Backplane for Redis {
             Err(error) => return failed(error),
         };
         if inner.keys.sharded() {
+            if inner.config.durability != Durability::None {
+                // One by one (channels at once, each channel in order), each with its own WAIT on its
+                // shard's connection.
+                return None;
+            }
             return Some(inner.batch_by_slot(&live, requests).await);
         }
         let all: Vec<&(PublishRequest, String)> = requests.iter().collect();

@@ -592,13 +592,6 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         config.listen.parse::<SocketAddr>().map_err(|e| format!("listen: {:?} is not an address: {e}", config.listen));
     check_engine(&config.engine, &mut problems);
     check_redis(&config.redis, &mut problems);
-    if config.engine.contains("+cluster://") && config.redis.durability != "none" {
-        problems.push(
-            "redis.durability = \"replicated\" is not supported with redis+cluster:// yet (each shard would need \
-             its own WAIT)"
-                .to_owned(),
-        );
-    }
     check_nats(&config.nats, &mut problems);
     check_names(&config, &mut problems);
     check_limits(&config, &mut problems);

@@ -244,7 +244,8 @@ impl RedisCluster {
     }
 
     /// Waits until every running server says the cluster is ok and they agree on which primary
-    /// serves every slot, each of them a running server (after a kill: until a replica took over).
+    /// serves every slot, each of them a running server (after a kill: until a replica took over), and
+    /// every replica follows its primary.
     pub fn wait_settled(&self) -> anyhow::Result<()> {
         wait_until("the redis cluster did not settle", SETTLE_TIME, || self.settled())
     }
@@ -257,6 +258,12 @@ impl RedisCluster {
         for (_, server) in answering() {
             let Some(state) = server.info_cluster("cluster_state") else { return false };
             if state != "ok" {
+                return false;
+            }
+            // A replica counts once it follows its primary.
+            if server.replication("role").as_deref() == Some("slave")
+                && server.replication("master_link_status").as_deref() != Some("up")
+            {
                 return false;
             }
             let Ok(nodes) = server.query::<String>(&["CLUSTER", "NODES"]) else { return false };

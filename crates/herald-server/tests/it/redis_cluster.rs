@@ -260,6 +260,64 @@ async fn a_batch_across_every_shard_is_published_in_order() {
     }
 }
 
+/// `durability = "replicated"` on a cluster: a publish is answered 200 once its shard's replica holds it,
+/// and 503 `not_durable` when that replica cannot acknowledge in time; other shards are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_publishing_waits_for_the_replica_of_the_channels_shard() {
+    let cluster = RedisCluster::start(3, 1);
+    let prefix = prefix();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, prefix) = (cluster.url(), prefix.clone());
+        nodes.push(
+            Server::with(move |config| {
+                config.engine = url;
+                config.redis.prefix = prefix;
+                config.redis.probe_interval_ms = 100;
+                config.redis.durability = "replicated".into();
+                config.redis.min_replicas = 1;
+                config.redis.replication_timeout_ms = 300;
+                config.redis.command_timeout_ms = 2000;
+            })
+            .await,
+        );
+    }
+    let (mut sse, _) = Sse::open(&nodes[0], "channel=user:1", None).await;
+    let answer = nodes[1].publish("user:1", json!("kept twice")).await;
+    assert_eq!(answer["offset"], 1, "{answer}");
+    assert_eq!(sse.expect_offsets("user:1", 0, 1).await, vec![json!("kept twice")]);
+    let (status, batch) = nodes[1]
+        .post(
+            "/v1/publish",
+            json!({"publications": [{"channel": "user:1", "data": 2}, {"channel": "user:2", "data": 1}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{batch}");
+    assert!(batch["results"].as_array().is_some_and(|r| r.iter().all(|r| r["offset"].is_u64())), "{batch}");
+
+    // The replica of user:1's shard stops acknowledging (stopped, and cut off from its primary).
+    let primary = cluster.owner_of(slot(&cluster, "user:1")).expect("owner");
+    let primary_port = cluster.server(primary).port.to_string();
+    let replica = (0..cluster.servers.len())
+        .find(|i| cluster.server(*i).replication("master_port").as_deref() == Some(primary_port.as_str()))
+        .expect("the shard's replica");
+    cluster.server(replica).signal("STOP").expect("SIGSTOP");
+    let _: i64 = cluster.server(primary).query(&["CLIENT", "KILL", "TYPE", "replica"]).expect("CLIENT KILL");
+    let (status, refused) = nodes[1].post("/v1/publish", json!({"channel": "user:1", "data": 3})).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("not_durable")),
+        "{refused}"
+    );
+    // A channel of another shard is not held up.
+    let other =
+        (3..=40).map(|i| format!("user:{i}")).find(|c| cluster.owner_of(slot(&cluster, c)).ok() != Some(primary));
+    let other = other.expect("a channel on another shard");
+    let (status, kept) = nodes[1].post("/v1/publish", json!({"channel": other, "data": "elsewhere"})).await;
+    assert_eq!(status, StatusCode::OK, "{kept}");
+    cluster.server(replica).signal("CONT").expect("SIGCONT");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     let cluster = RedisCluster::start(3, 0);
