@@ -7,7 +7,8 @@
 //!
 //! Modules depend one way: `error`, `env`, `credentials` and `socket` need nothing of the crate;
 //! `config` is plain data (with `credentials` and `env`); `auth` and `proxy` (the connect and
-//! subscribe proxies) decide who a client is and what it may hold; `state` holds what handlers share; the
+//! subscribe proxies) decide who a client is and what it may hold; `hooks` sends the lifecycle webhooks
+//! (with `config` only); `state` holds what handlers share; the
 //! handlers (`api`, `history`, `sse`, `ws`, `ops`) and the accept loop (`serve`, with `head`) sit on
 //! top. Only this file ties them together, and no module imports it.
 
@@ -21,6 +22,7 @@ mod env;
 pub mod error;
 mod head;
 pub mod history;
+pub mod hooks;
 pub mod input;
 pub mod limiter;
 pub mod metrics;
@@ -190,6 +192,7 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
         tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period; exiting anyway");
     }
     state.hub().engine().stop().await;
+    state.stop_background();
     Ok(())
 }
 

@@ -1,0 +1,316 @@
+//! Lifecycle webhooks (`[hooks]`): `channel.occupied`, `channel.vacated`, `presence.joined` and
+//! `presence.left`, POSTed as JSON to `hooks.url`, signed the Standard Webhooks way
+//! (<https://www.standardwebhooks.com/>: `webhook-id`, `webhook-timestamp` in Unix seconds, and
+//! `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">` keyed with the decoded
+//! `whsec_` secret), retried with exponential backoff, in order, one event at a time.
+//!
+//! Two tasks per node: the recorder applies the hub's transitions (queued under the hub's locks) to the
+//! engine's [`LifecycleStore`] and ticks it so that graces end; the deliverer, while the store says this
+//! node leads, sends the store's pending events oldest first and acknowledges each once it is sent or
+//! given up. Delivery is at least once: an event whose acknowledgement is lost is sent again with the
+//! same `webhook-id`, on which the backend dedups.
+//!
+//! Rule every edit must keep: an event is acknowledged only after a 2xx, or after it was given up (a
+//! refusal that retrying cannot change, or `hooks.max_attempts` used up), and counted as `dropped` then.
+//! Depends on `config.rs`; no handler.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use herald_core::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, LifecycleStore, MemoryLifecycle};
+use herald_core::publication::{format_timestamp, now_ms};
+use herald_core::{ChannelName, Hub};
+use hmac::{Hmac, Mac};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// How often the recorder ends graces that are due.
+const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the deliverer waits before looking again when nothing is pending (or it does not lead).
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Events the deliverer reads from the store at once.
+const BATCH: usize = 64;
+
+/// The HMAC key of a `whsec_<base64>` secret, or why it is not one.
+pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
+    let Some(encoded) = secret.strip_prefix("whsec_") else {
+        return Err("must start with whsec_ (then the base64 of 24 to 64 random bytes)".to_owned());
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| "the part after whsec_ is not base64".to_owned())?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(format!("the key must be 24 to 64 bytes once decoded, not {}", key.len()));
+    }
+    Ok(key)
+}
+
+/// The `webhook-signature` value of one attempt: `v1,<base64 HMAC-SHA256("<id>.<timestamp>.<body>")>`.
+pub fn signature(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(key) else { return String::new() };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// The JSON body of an event: `{"type","channel","user","timestamp"}` (`user` is null for channel
+/// events; `timestamp` is when the cluster's state changed, RFC 3339 UTC).
+pub fn body(event: &LifecycleEvent) -> Vec<u8> {
+    serde_json::json!({
+        "type": event.kind.as_str(),
+        "channel": event.channel.as_str(),
+        "user": event.user,
+        "timestamp": format_timestamp(event.at_ms),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// What happened to deliveries on this node (`herald_hooks_*`).
+#[derive(Debug, Default)]
+pub struct HookStats {
+    /// Events this node took up for delivery, by [`EventKind::ALL`]'s order.
+    events: [AtomicU64; 4],
+    /// Events the backend acknowledged (2xx).
+    sent: AtomicU64,
+    /// Attempts that got no 2xx (a connection error, a timeout or another status).
+    failed: AtomicU64,
+    /// Attempts after an event's first.
+    retried: AtomicU64,
+    /// Events given up (a status retrying cannot change, attempts used up, or a full store).
+    dropped: AtomicU64,
+}
+
+/// The counters of [`HookStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HookCounts {
+    pub events: [u64; 4],
+    pub sent: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub dropped: u64,
+}
+
+/// The running webhooks of one node: their counters and the store (for what it dropped).
+#[derive(Clone)]
+pub struct Hooks {
+    stats: Arc<HookStats>,
+    store: Arc<dyn LifecycleStore>,
+}
+
+impl Hooks {
+    pub fn counts(&self) -> HookCounts {
+        let s = &self.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        HookCounts {
+            events: [load(&s.events[0]), load(&s.events[1]), load(&s.events[2]), load(&s.events[3])],
+            sent: load(&s.sent),
+            failed: load(&s.failed),
+            retried: load(&s.retried),
+            dropped: load(&s.dropped) + self.store.overflowed(),
+        }
+    }
+}
+
+/// Starts the webhooks of `hub` when `config` has `hooks.url`: installs the hub's lifecycle sink and
+/// spawns the recorder and the deliverer, which stop when `stop` is cancelled.
+pub fn start(hub: &Hub, config: &Config, stop: CancellationToken) -> Result<Option<Hooks>, String> {
+    let hooks = &config.hooks;
+    let (Some(url), Some(secret)) = (&hooks.url, &hooks.secret) else { return Ok(None) };
+    let key = secret_key(secret).map_err(|e| format!("hooks.secret: {e}"))?;
+    // Validation refuses other engines (their stores are not built yet).
+    let store: Arc<dyn LifecycleStore> = Arc::new(MemoryLifecycle::new(Duration::from_millis(hooks.vacated_grace_ms)));
+    let client = reqwest::Client::builder()
+        // The backend is the operator's own service: no environment proxy, no redirects (a 3xx is not
+        // an acknowledgement).
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("hooks: cannot make the HTTP client: {e}"))?;
+    let stats = Arc::new(HookStats::default());
+    let namespaces = config.namespaces.clone();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    hub.set_lifecycle(LifecycleSink::new(tx, move |channel: &ChannelName| {
+        namespaces.get(channel.namespace()).and_then(|ns| ns.hooks).unwrap_or(true)
+    }));
+    tokio::spawn(record(store.clone(), rx, stop.clone()));
+    let sender = Sender {
+        client,
+        url: url.clone(),
+        key,
+        timeout: Duration::from_millis(hooks.timeout_ms),
+        max_attempts: hooks.max_attempts.max(1),
+        retry_initial: Duration::from_millis(hooks.retry_initial_ms),
+        retry_max: Duration::from_millis(hooks.retry_max_ms),
+        stats: stats.clone(),
+    };
+    tokio::spawn(deliver(store.clone(), sender, stop));
+    Ok(Some(Hooks { stats, store }))
+}
+
+/// Applies the hub's transitions to the store, in order, and ends due graces.
+async fn record(
+    store: Arc<dyn LifecycleStore>,
+    mut transitions: tokio::sync::mpsc::UnboundedReceiver<herald_core::Transition>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(TICK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            transition = transitions.recv() => {
+                let Some(transition) = transition else { return };
+                if let Err(error) = store.apply(transition, now_ms()).await {
+                    tracing::warn!(%error, "hooks: a lifecycle transition could not be recorded");
+                }
+            }
+            _ = tick.tick() => {
+                if let Err(error) = store.tick(now_ms()).await {
+                    tracing::warn!(%error, "hooks: due lifecycle events could not be emitted");
+                }
+            }
+        }
+    }
+}
+
+/// While this node leads, sends pending events oldest first, acknowledging each when done with.
+async fn deliver(store: Arc<dyn LifecycleStore>, sender: Sender, stop: CancellationToken) {
+    loop {
+        let batch = match store.lead().await {
+            Ok(true) => store.pending(BATCH).await.unwrap_or_else(|error| {
+                tracing::warn!(%error, "hooks: pending events could not be read");
+                Vec::new()
+            }),
+            Ok(false) => Vec::new(),
+            Err(error) => {
+                tracing::warn!(%error, "hooks: the delivery lease could not be checked");
+                Vec::new()
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(IDLE_POLL) => continue,
+            }
+        }
+        for event in batch {
+            if let Some(index) = EventKind::ALL.iter().position(|kind| *kind == event.kind) {
+                sender.stats.events[index].fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = sender.send(&event) => {}
+            }
+            if let Err(error) = store.ack(&event.id).await {
+                tracing::warn!(%error, id = %event.id, "hooks: a delivered event could not be acknowledged");
+            }
+        }
+    }
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Sent,
+    /// Worth another attempt: no answer, a timeout, a 5xx or a 429.
+    Retry(String),
+    /// An answer retrying cannot change (another 4xx, a 3xx).
+    GiveUp(String),
+}
+
+struct Sender {
+    client: reqwest::Client,
+    url: String,
+    key: Vec<u8>,
+    timeout: Duration,
+    max_attempts: u32,
+    retry_initial: Duration,
+    retry_max: Duration,
+    stats: Arc<HookStats>,
+}
+
+impl Sender {
+    /// Sends one event until it is sent or given up (counted either way).
+    async fn send(&self, event: &LifecycleEvent) {
+        let body = body(event);
+        let mut delay = self.retry_initial;
+        for attempt in 1..=self.max_attempts {
+            if attempt > 1 {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(self.retry_max);
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            }
+            match self.attempt(event, &body).await {
+                Attempt::Sent => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Attempt::Retry(why) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(id = %event.id, attempt, %why, "hooks: attempt failed, retrying");
+                }
+                Attempt::GiveUp(why) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(id = %event.id, kind = event.kind.as_str(), %why, "hooks: event dropped");
+                    return;
+                }
+            }
+        }
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(id = %event.id, kind = event.kind.as_str(), attempts = self.max_attempts,
+            "hooks: event dropped after its last attempt");
+    }
+
+    async fn attempt(&self, event: &LifecycleEvent, body: &[u8]) -> Attempt {
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let request = self
+            .client
+            .post(&self.url)
+            .timeout(self.timeout)
+            .header("content-type", "application/json")
+            .header("webhook-id", &event.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature(&self.key, &event.id, timestamp, body))
+            .body(body.to_vec());
+        match request.send().await {
+            Ok(answer) if answer.status().is_success() => Attempt::Sent,
+            Ok(answer) if answer.status().is_server_error() || answer.status().as_u16() == 429 => {
+                Attempt::Retry(format!("status {}", answer.status().as_u16()))
+            }
+            Ok(answer) => Attempt::GiveUp(format!("status {}", answer.status().as_u16())),
+            Err(error) => Attempt::Retry(error.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signs_as_the_standard_webhooks_example() {
+        // The example of the Standard Webhooks specification (its reference libraries' test vector).
+        let key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("valid secret");
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn secrets_are_checked() {
+        assert!(secret_key("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(secret_key("whsec_***").is_err());
+        assert!(secret_key("whsec_c2hvcnQ=").is_err(), "5 bytes is too short");
+    }
+}

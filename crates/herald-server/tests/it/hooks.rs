@@ -1,0 +1,260 @@
+//! Lifecycle webhooks against a real backend: a small axum application each test starts on a free
+//! loopback port, which records every request and answers with the statuses the test scripts. Every
+//! signature is checked with an independent implementation (Python's `hmac`, in a subprocess).
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode as AxumStatus};
+use axum::routing::post;
+use herald_server::Config;
+use herald_server::config::NamespaceConfig;
+use herald_server::credentials::SubscribeRule;
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::harness::{Server, Sse, client, eventually};
+
+const JWT_SECRET: &str = "a-secret-of-at-least-32-bytes-for-hs256";
+/// 32 random bytes, base64.
+const HOOK_SECRET: &str = "whsec_q9Yb0Ns2JmCw7uMEq1v3qK9oWc3iKdGQm6b7HrZ3xdo=";
+
+/// One request the backend received.
+#[derive(Debug, Clone)]
+struct Received {
+    id: String,
+    timestamp: String,
+    signature: String,
+    content_type: String,
+    body: String,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("body is not JSON: {:?}", self.body))
+    }
+
+    /// `(type, channel, user)` of the event.
+    fn event(&self) -> (String, String, Option<String>) {
+        let event = self.json();
+        let text = |key: &str| event[key].as_str().map(str::to_owned);
+        (text("type").unwrap_or_default(), text("channel").unwrap_or_default(), text("user"))
+    }
+}
+
+/// The test's backend: what it received, and the statuses of its next answers (then 200).
+#[derive(Default)]
+struct Backend {
+    received: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<u16>>,
+}
+
+impl Backend {
+    fn count(&self) -> usize {
+        self.received.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("lock").clone()
+    }
+}
+
+async fn hook(State(backend): State<Arc<Backend>>, headers: HeaderMap, body: String) -> AxumStatus {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    backend.received.lock().expect("lock").push(Received {
+        id: header("webhook-id"),
+        timestamp: header("webhook-timestamp"),
+        signature: header("webhook-signature"),
+        content_type: header("content-type"),
+        body,
+    });
+    let status = backend.script.lock().expect("lock").pop_front().unwrap_or(200);
+    AxumStatus::from_u16(status).expect("status")
+}
+
+async fn start_backend(script: &[u16]) -> (Arc<Backend>, SocketAddr) {
+    let backend = Arc::new(Backend::default());
+    backend.script.lock().expect("lock").extend(script);
+    let app = axum::Router::new().route("/hooks", post(hook)).with_state(backend.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let addr = listener.local_addr().expect("backend address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (backend, addr)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn token(sub: &str) -> String {
+    let claims = json!({"sub": sub, "exp": now() + 600});
+    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(JWT_SECRET.as_bytes())).expect("token")
+}
+
+/// How many of `received` do NOT carry a valid Standard Webhooks signature, by Python's `hmac`.
+fn invalid_signatures(received: &[Received]) -> usize {
+    use std::io::Write;
+    const VERIFY: &str = r#"
+import base64, hashlib, hmac, json, sys
+key = base64.b64decode(sys.argv[1][len("whsec_"):])
+bad = 0
+for r in json.load(sys.stdin):
+    signed = (r["id"] + "." + r["timestamp"] + ".").encode() + r["body"].encode()
+    expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    if not any(hmac.compare_digest(expected, s) for s in r["signature"].split(" ")):
+        bad += 1
+print(bad)
+"#;
+    let input: Vec<Value> = received
+        .iter()
+        .map(|r| json!({"id": r.id, "timestamp": r.timestamp, "signature": r.signature, "body": r.body}))
+        .collect();
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", VERIFY, HOOK_SECRET])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (it verifies the signatures independently)");
+    child.stdin.take().expect("stdin").write_all(Value::Array(input).to_string().as_bytes()).expect("write");
+    let output = child.wait_with_output().expect("python3 output");
+    assert!(output.status.success(), "python3 failed");
+    String::from_utf8_lossy(&output.stdout).trim().parse().expect("a count")
+}
+
+fn hooked(backend: SocketAddr, grace_ms: u64) -> impl FnOnce(&mut Config) {
+    move |config: &mut Config| {
+        config.hooks.url = Some(format!("http://{backend}/hooks"));
+        config.hooks.secret = Some(HOOK_SECRET.into());
+        config.hooks.vacated_grace_ms = grace_ms;
+        config.hooks.retry_initial_ms = 20;
+        config.hooks.retry_max_ms = 100;
+        config.jwt_hs256_secret = Some(JWT_SECRET.into());
+        for (name, hooks) in [("room", None), ("quiet", Some(false))] {
+            let namespace =
+                NamespaceConfig { subscribe: Some(SubscribeRule::Authenticated), hooks, ..NamespaceConfig::default() };
+            config.namespaces.insert(name.into(), namespace);
+        }
+    }
+}
+
+async fn open(server: &Server, channel: &str, user: &str) -> Sse {
+    Sse::open(server, &format!("channel={channel}&token={}", token(user)), None).await.0
+}
+
+async fn wait_for(backend: &Backend, count: usize) {
+    eventually(&format!("{count} webhook requests"), || backend.count() >= count).await;
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} is not in the metrics:\n{text}"))
+}
+
+#[tokio::test]
+async fn channel_and_presence_events_come_once_each_in_order_and_signed() {
+    let (backend, addr) = start_backend(&[]).await;
+    let server = Server::with(hooked(addr, 300)).await;
+
+    // A namespace with hooks off makes no event at all (were it to, its events would come first).
+    let quiet = open(&server, "quiet:1", "alice").await;
+    let alice = open(&server, "room:1", "alice").await;
+    wait_for(&backend, 2).await;
+    let alice_again = open(&server, "room:1", "alice").await; // the same user again: no event
+    let bob = open(&server, "room:1", "bob").await;
+    wait_for(&backend, 3).await;
+    drop(quiet);
+    drop(bob);
+    wait_for(&backend, 4).await;
+    drop(alice_again);
+    drop(alice);
+    wait_for(&backend, 6).await;
+    // A last event after everything: delivery is in order, so any event sent twice, or sent for the
+    // quiet namespace, would have come before it.
+    let _carol = open(&server, "room:2", "carol").await;
+    wait_for(&backend, 8).await;
+
+    let received = backend.received();
+    let events: Vec<(String, String, Option<String>)> = received.iter().map(Received::event).collect();
+    let user = |name: &str| Some(name.to_owned());
+    assert_eq!(
+        events,
+        vec![
+            ("channel.occupied".into(), "room:1".into(), None),
+            ("presence.joined".into(), "room:1".into(), user("alice")),
+            ("presence.joined".into(), "room:1".into(), user("bob")),
+            ("presence.left".into(), "room:1".into(), user("bob")),
+            ("presence.left".into(), "room:1".into(), user("alice")),
+            ("channel.vacated".into(), "room:1".into(), None),
+            ("channel.occupied".into(), "room:2".into(), None),
+            ("presence.joined".into(), "room:2".into(), user("carol")),
+        ]
+    );
+    let ids: HashSet<&str> = received.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), received.len(), "every event has its own webhook-id");
+    for r in &received {
+        assert!(r.id.starts_with("msg_"), "{r:?}");
+        assert_eq!(r.content_type, "application/json");
+        let sent_at: u64 = r.timestamp.parse().expect("webhook-timestamp is Unix seconds");
+        assert!(sent_at.abs_diff(now()) < 300, "{r:?}");
+        let body = r.json();
+        assert!(body["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+        assert_eq!(body.as_object().map(|o| o.len()), Some(4), "type, channel, user, timestamp: {body}");
+    }
+    assert_eq!(invalid_signatures(&received), 0, "every signature verifies");
+    let mut tampered = received[0].clone();
+    tampered.body = tampered.body.replace("room:1", "room:X");
+    assert_eq!(invalid_signatures(&[tampered]), 1, "the independent check does catch a bad signature");
+
+    let text = client().get(server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert_eq!(metric(&text, r#"herald_hooks_events_total{type="presence.joined"}"#), 3);
+    assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="sent"}"#), 8);
+    assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="dropped"}"#), 0);
+}
+
+#[tokio::test]
+async fn an_event_is_retried_after_503_and_one_refused_with_400_is_dropped() {
+    // occupied: 503, 503, then 200; joined: 200; left: 400 (dropped, not retried); then 200s.
+    let (backend, addr) = start_backend(&[503, 503, 200, 200, 400]).await;
+    let server = Server::with(hooked(addr, 0)).await;
+
+    let first = open(&server, "room:9", "dora").await;
+    // occupied x3 (two 503s, then 200), then joined.
+    wait_for(&backend, 4).await;
+    let received = backend.received();
+    assert_eq!(received[0].event().0, "channel.occupied");
+    assert!(received[..3].iter().all(|r| r.id == received[0].id && r.body == received[0].body), "{received:?}");
+    assert_eq!(received[3].event().0, "presence.joined");
+    assert_ne!(received[3].id, received[0].id);
+    drop(first);
+    // left: 400, dropped; vacated: 200.
+    wait_for(&backend, 6).await;
+    let _again = open(&server, "room:9", "dora").await;
+    wait_for(&backend, 8).await;
+    let received = backend.received();
+    let kinds: Vec<String> = received.iter().map(|r| r.event().0).collect();
+    assert_eq!(
+        kinds,
+        [
+            "channel.occupied",
+            "channel.occupied",
+            "channel.occupied",
+            "presence.joined",
+            "presence.left",
+            "channel.vacated",
+            "channel.occupied",
+            "presence.joined"
+        ]
+    );
+    assert_eq!(invalid_signatures(&received), 0, "retries are signed too (with their own timestamp)");
+
+    let text = client().get(server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="sent"}"#), 5);
+    assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="failed"}"#), 3);
+    assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="retried"}"#), 2);
+    assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="dropped"}"#), 1);
+    assert_eq!(metric(&text, r#"herald_hooks_events_total{type="channel.occupied"}"#), 2);
+}
