@@ -105,6 +105,9 @@ pub struct LifecycleEvent {
     pub user: Option<String>,
     /// When the cluster's state changed, in Unix milliseconds.
     pub at_ms: u64,
+    /// Where the store keeps it (a stream entry's ID; empty in memory): opaque to the deliverer, which
+    /// hands the event back to [`LifecycleStore::ack`].
+    pub seq: String,
 }
 
 /// The cluster-wide side of lifecycle events: applies each node's transitions, decides when the
@@ -120,8 +123,8 @@ pub trait LifecycleStore: Send + Sync {
     async fn lead(&self) -> Result<bool, EngineError>;
     /// Up to `max` undelivered events, oldest first.
     async fn pending(&self, max: usize) -> Result<Vec<LifecycleEvent>, EngineError>;
-    /// `id` (the oldest pending event) is done with: delivered or given up.
-    async fn ack(&self, id: &str) -> Result<(), EngineError>;
+    /// `event` (the oldest pending one) is done with: delivered or given up.
+    async fn ack(&self, event: &LifecycleEvent) -> Result<(), EngineError>;
     /// Events dropped unsent because the store was full.
     fn overflowed(&self) -> u64;
 }
@@ -156,7 +159,7 @@ impl MemoryLifecycle {
             state.events.pop_front();
             self.overflowed.fetch_add(1, Ordering::Relaxed);
         }
-        state.events.push_back(LifecycleEvent { id: new_event_id(), kind, channel, user, at_ms });
+        state.events.push_back(LifecycleEvent { id: new_event_id(), kind, channel, user, at_ms, seq: String::new() });
     }
 
     fn arrive(&self, kind: EventKind, channel: ChannelName, user: Option<String>, now_ms: u64) {
@@ -212,9 +215,9 @@ impl LifecycleStore for MemoryLifecycle {
         Ok(lock(&self.state).events.iter().take(max).cloned().collect())
     }
 
-    async fn ack(&self, id: &str) -> Result<(), EngineError> {
+    async fn ack(&self, event: &LifecycleEvent) -> Result<(), EngineError> {
         let mut state = lock(&self.state);
-        if state.events.front().is_some_and(|event| event.id == id) {
+        if state.events.front().is_some_and(|front| front.id == event.id) {
             state.events.pop_front();
         }
         Ok(())
@@ -236,7 +239,7 @@ mod tests {
     async fn kinds(store: &MemoryLifecycle) -> Vec<(EventKind, String, Option<String>)> {
         let events = store.pending(100).await.expect("pending");
         for event in &events {
-            store.ack(&event.id).await.expect("ack");
+            store.ack(event).await.expect("ack");
         }
         events.into_iter().map(|e| (e.kind, e.channel.as_str().to_owned(), e.user)).collect()
     }
@@ -291,9 +294,9 @@ mod tests {
         let events = store.pending(10).await.expect("pending");
         assert_eq!(events.len(), 2);
         assert_ne!(events[0].id, events[1].id);
-        store.ack(&events[1].id).await.expect("ack");
+        store.ack(&events[1]).await.expect("ack");
         assert_eq!(store.pending(10).await.expect("pending").len(), 2, "not the oldest: nothing moves");
-        store.ack(&events[0].id).await.expect("ack");
+        store.ack(&events[0]).await.expect("ack");
         assert_eq!(store.pending(10).await.expect("pending"), vec![events[1].clone()]);
     }
 }

@@ -879,10 +879,13 @@ fn check_hooks(config: &Config, problems: &mut Vec<String>) {
     if hooks.retry_max_ms < hooks.retry_initial_ms || hooks.retry_max_ms > 3_600_000 {
         problems.push("hooks.retry_max_ms must be at least hooks.retry_initial_ms and at most 3600000".to_owned());
     }
-    if config.engine != "memory" {
+    let supported = config.engine == "memory"
+        || (crate::engines::kind_of(&config.engine) == Some(crate::engines::REDIS)
+            && !config.engine.contains("+cluster://"));
+    if !supported {
         problems.push(format!(
             "hooks: lifecycle webhooks are not supported on this engine yet ({:?}); this build has them with \
-             engine = \"memory\" only",
+             engine = \"memory\", redis://, rediss:// and redis+sentinel:// (not Redis Cluster, not NATS)",
             config.engine
         ));
     }
@@ -1073,7 +1076,8 @@ mod tests {
             (with(&[("HERALD_HOOKS__TIMEOUT_MS", "0")]), "hooks.timeout_ms"),
             (with(&[("HERALD_HOOKS__MAX_ATTEMPTS", "0")]), "hooks.max_attempts"),
             (with(&[("HERALD_HOOKS__RETRY_MAX_MS", "10")]), "hooks.retry_max_ms"),
-            (with(&[("HERALD_ENGINE", "redis://127.0.0.1:6379")]), "not supported on this engine yet"),
+            (with(&[("HERALD_ENGINE", "redis+cluster://127.0.0.1:7000")]), "not supported on this engine yet"),
+            (with(&[("HERALD_ENGINE", "nats://127.0.0.1:4222")]), "not supported on this engine yet"),
             (env(&[("HERALD_HOOKS__SECRET", SECRET)]), "hooks.url is not"),
             (env(&[("HERALD_NAMESPACES__ROOM__HOOKS", "true")]), "hooks.url is not set"),
         ];

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use herald_core::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, LifecycleStore, MemoryLifecycle};
+use herald_core::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, LifecycleStore};
 use herald_core::publication::{format_timestamp, now_ms};
 use herald_core::{ChannelName, Hub};
 use hmac::{Hmac, Mac};
@@ -31,6 +31,8 @@ use crate::config::Config;
 const TICK_INTERVAL: Duration = Duration::from_millis(100);
 /// How long the deliverer waits before looking again when nothing is pending (or it does not lead).
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Longest wait between two attempts to record a transition while the engine is unreachable.
+const APPLY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Events the deliverer reads from the store at once.
 const BATCH: usize = 64;
 
@@ -98,14 +100,21 @@ pub struct HookCounts {
     pub dropped: u64,
 }
 
-/// The running webhooks of one node: their counters and the store (for what it dropped).
+/// The running webhooks of one node: their counters, the store (for what it dropped), and what stops
+/// their tasks.
 #[derive(Clone)]
 pub struct Hooks {
     stats: Arc<HookStats>,
     store: Arc<dyn LifecycleStore>,
+    stop: CancellationToken,
 }
 
 impl Hooks {
+    /// Stops the recorder and the deliverer (undelivered events stay in the store).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     pub fn counts(&self) -> HookCounts {
         let s = &self.stats;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -119,14 +128,13 @@ impl Hooks {
     }
 }
 
-/// Starts the webhooks of `hub` when `config` has `hooks.url`: installs the hub's lifecycle sink and
-/// spawns the recorder and the deliverer, which stop when `stop` is cancelled.
-pub fn start(hub: &Hub, config: &Config, stop: CancellationToken) -> Result<Option<Hooks>, String> {
+/// Starts the webhooks of `hub` over the engine's `store` when `config` has `hooks.url`: installs the
+/// hub's lifecycle sink and spawns the recorder and the deliverer (until [`Hooks::stop`]).
+pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Result<Option<Hooks>, String> {
     let hooks = &config.hooks;
     let (Some(url), Some(secret)) = (&hooks.url, &hooks.secret) else { return Ok(None) };
     let key = secret_key(secret).map_err(|e| format!("hooks.secret: {e}"))?;
-    // Validation refuses other engines (their stores are not built yet).
-    let store: Arc<dyn LifecycleStore> = Arc::new(MemoryLifecycle::new(Duration::from_millis(hooks.vacated_grace_ms)));
+    let stop = CancellationToken::new();
     let client = reqwest::Client::builder()
         // The backend is the operator's own service: no environment proxy, no redirects (a 3xx is not
         // an acknowledgement).
@@ -152,8 +160,8 @@ pub fn start(hub: &Hub, config: &Config, stop: CancellationToken) -> Result<Opti
         retry_max: Duration::from_millis(hooks.retry_max_ms),
         stats: stats.clone(),
     };
-    tokio::spawn(deliver(store.clone(), sender, stop));
-    Ok(Some(Hooks { stats, store }))
+    tokio::spawn(deliver(store.clone(), sender, stop.clone()));
+    Ok(Some(Hooks { stats, store, stop }))
 }
 
 /// Applies the hub's transitions to the store, in order, and ends due graces.
@@ -169,16 +177,35 @@ async fn record(
             _ = stop.cancelled() => return,
             transition = transitions.recv() => {
                 let Some(transition) = transition else { return };
-                if let Err(error) = store.apply(transition, now_ms()).await {
-                    tracing::warn!(%error, "hooks: a lifecycle transition could not be recorded");
+                if !apply(store.as_ref(), transition, &stop).await {
+                    return;
                 }
             }
             _ = tick.tick() => {
                 if let Err(error) = store.tick(now_ms()).await {
-                    tracing::warn!(%error, "hooks: due lifecycle events could not be emitted");
+                    // Every tick while the engine is unreachable (the engine itself warns of that).
+                    tracing::debug!(%error, "hooks: due lifecycle events could not be emitted");
                 }
             }
         }
+    }
+}
+
+/// Applies one transition, retrying (with backoff, up to [`APPLY_RETRY_MAX`] apart) while the engine
+/// is unreachable: the next transitions wait, so each channel's stay in order. False once `stop` fired.
+async fn apply(store: &dyn LifecycleStore, transition: herald_core::Transition, stop: &CancellationToken) -> bool {
+    let at = now_ms();
+    let mut delay = TICK_INTERVAL;
+    loop {
+        match store.apply(transition.clone(), at).await {
+            Ok(()) => return true,
+            Err(error) => tracing::warn!(%error, "hooks: a lifecycle transition could not be recorded; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(APPLY_RETRY_MAX);
     }
 }
 
@@ -210,7 +237,7 @@ async fn deliver(store: Arc<dyn LifecycleStore>, sender: Sender, stop: Cancellat
                 _ = stop.cancelled() => return,
                 () = sender.send(&event) => {}
             }
-            if let Err(error) = store.ack(&event.id).await {
+            if let Err(error) = store.ack(&event).await {
                 tracing::warn!(%error, id = %event.id, "hooks: a delivered event could not be acknowledged");
             }
         }

@@ -41,7 +41,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use herald_core::{Engine, Hub, MemoryEngine};
+use herald_core::{Engine, Hub, LifecycleStore, MemoryEngine, MemoryLifecycle};
 use herald_redis::RedisConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -130,25 +130,49 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         return Ok(Arc::new(engine));
     }
     if kind == Some(engines::REDIS) {
-        let r = &config.redis;
-        let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
-        redis.prefix = r.prefix.clone();
-        redis.probe_interval = Duration::from_millis(r.probe_interval_ms);
-        redis.probe_timeout = Duration::from_millis(r.probe_timeout_ms);
-        redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
-        redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
-        redis.tls_ca_file = r.tls_ca_file.clone();
-        redis.max_read_bytes = config.limits.max_history_response_bytes;
-        if r.durability == "replicated" {
-            redis.durability = herald_redis::Durability::Replicated {
-                min_replicas: r.min_replicas,
-                timeout: Duration::from_millis(r.replication_timeout_ms),
-            };
-        }
-        let engine = herald_redis::connect(redis).await.map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
+        let engine = herald_redis::connect(redis_config(settings))
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
         return Ok(Arc::new(engine));
     }
     anyhow::bail!("unsupported engine {:?}", config.engine)
+}
+
+/// The Redis engine's settings from the configuration.
+fn redis_config(settings: &Settings) -> RedisConfig {
+    let config = &settings.config;
+    let r = &config.redis;
+    let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
+    redis.prefix = r.prefix.clone();
+    redis.probe_interval = Duration::from_millis(r.probe_interval_ms);
+    redis.probe_timeout = Duration::from_millis(r.probe_timeout_ms);
+    redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
+    redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
+    redis.tls_ca_file = r.tls_ca_file.clone();
+    redis.max_read_bytes = config.limits.max_history_response_bytes;
+    if r.durability == "replicated" {
+        redis.durability = herald_redis::Durability::Replicated {
+            min_replicas: r.min_replicas,
+            timeout: Duration::from_millis(r.replication_timeout_ms),
+        };
+    }
+    redis
+}
+
+/// The lifecycle store of the configured engine, for the lifecycle webhooks (validation refused the
+/// engines that have none).
+async fn lifecycle_store(settings: &Settings) -> anyhow::Result<Arc<dyn LifecycleStore>> {
+    let grace = Duration::from_millis(settings.config.hooks.vacated_grace_ms);
+    if settings.config.engine == "memory" {
+        return Ok(Arc::new(MemoryLifecycle::new(grace)));
+    }
+    if engines::kind_of(&settings.config.engine) == Some(engines::REDIS) {
+        let store = herald_redis::lifecycle(&redis_config(settings), grace)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to redis for the lifecycle webhooks: {e}"))?;
+        return Ok(Arc::new(store));
+    }
+    anyhow::bail!("lifecycle webhooks are not supported on engine {:?} yet", settings.config.engine)
 }
 
 /// Starts the hub and the engine for `settings`.
@@ -168,7 +192,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
             }
         }));
     }
-    AppState::new(hub, settings)
+    let hooks = match settings.config.hooks.url {
+        Some(_) => {
+            hooks::start(&hub, &settings.config, lifecycle_store(&settings).await?).map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => None,
+    };
+    AppState::new(hub, settings, hooks)
 }
 
 /// Serves `state` on `listener` until `shutdown` fires, then drains: readiness fails, clients are told

@@ -41,17 +41,13 @@ struct AppInner {
     connections: tokio_util::task::TaskTracker,
     /// The lifecycle webhooks, when `hooks.url` is set.
     hooks: Option<Hooks>,
-    /// Stops the node's background tasks (the webhooks' recorder and deliverer) once `run` is done.
-    background: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
     /// The state of a node serving `hub` with `settings` (whose key files were read when they were
-    /// validated; nothing is read again here), with its lifecycle webhooks started when configured (so it
-    /// must run inside a Tokio runtime). Fails only when an HTTP client cannot be made.
-    pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
-        let background = tokio_util::sync::CancellationToken::new();
-        let hooks = crate::hooks::start(&hub, &settings.config, background.clone()).map_err(|e| anyhow::anyhow!(e))?;
+    /// validated; nothing is read again here), and its lifecycle webhooks when they run. Fails only when
+    /// the proxies' HTTP client cannot be made.
+    pub fn new(hub: Hub, settings: Settings, hooks: Option<Hooks>) -> anyhow::Result<Self> {
         let auth = ClientAuth::new(settings.client_keys.clone(), &settings.config);
         let proxy = Proxy::new(&settings.config.proxy).map_err(|e| anyhow::anyhow!(e))?;
         let publish_limiter = PublishLimiter::new(settings.config.limits.publish_rate_per_key);
@@ -70,7 +66,6 @@ impl AppState {
                 metrics: Metrics::new(),
                 connections: tokio_util::task::TaskTracker::new(),
                 hooks,
-                background,
             }),
         })
     }
@@ -144,7 +139,9 @@ impl AppState {
 
     /// Stops the background tasks (after a graceful shutdown, or when embedding ends the node).
     pub fn stop_background(&self) {
-        self.inner.background.cancel();
+        if let Some(hooks) = &self.inner.hooks {
+            hooks.stop();
+        }
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

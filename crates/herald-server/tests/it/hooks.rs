@@ -258,3 +258,101 @@ async fn an_event_is_retried_after_503_and_one_refused_with_400_is_dropped() {
     assert_eq!(metric(&text, r#"herald_hooks_deliveries_total{outcome="dropped"}"#), 1);
     assert_eq!(metric(&text, r#"herald_hooks_events_total{type="channel.occupied"}"#), 2);
 }
+
+/// Waits up to `bound` for `count` requests (a dead node's events wait for its lease to expire).
+async fn wait_long(backend: &Backend, count: usize, bound: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + bound;
+    while backend.count() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {count} webhook requests; got {:?}",
+            backend.received().iter().map(Received::event).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_redis_send_each_event_once_also_when_a_node_is_killed() {
+    let (backend, addr) = start_backend(&[]).await;
+    let redis = herald_testkit::RedisServer::start();
+    let prefix = format!("t{:08x}", rand::random::<u32>());
+    let in_process = |url: String, prefix: String| {
+        let hooks = hooked(addr, 300);
+        move |config: &mut Config| {
+            hooks(config);
+            config.engine = url;
+            config.redis.prefix = prefix;
+            config.redis.probe_interval_ms = 100;
+            config.redis.probe_timeout_ms = 1000;
+            config.redis.node_ttl_secs = 3;
+        }
+    };
+    let a = Server::with(in_process(redis.url(), prefix.clone())).await;
+    let b = Server::with(in_process(redis.url(), prefix.clone())).await;
+    let hook_url = format!("http://{addr}/hooks");
+    let redis_url = redis.url();
+    let c = crate::process::Node::spawn(&[
+        ("HERALD_ENGINE", redis_url.as_str()),
+        ("HERALD_REDIS__PREFIX", prefix.as_str()),
+        ("HERALD_REDIS__PROBE_INTERVAL_MS", "100"),
+        ("HERALD_REDIS__PROBE_TIMEOUT_MS", "1000"),
+        ("HERALD_REDIS__NODE_TTL_SECS", "3"),
+        ("HERALD_HOOKS__URL", hook_url.as_str()),
+        ("HERALD_HOOKS__SECRET", HOOK_SECRET),
+        ("HERALD_HOOKS__VACATED_GRACE_MS", "300"),
+        ("HERALD_JWT_HS256_SECRET", JWT_SECRET),
+        ("HERALD_NAMESPACES__ROOM__SUBSCRIBE", "authenticated"),
+    ]);
+    let open_on_c = |channel: &str, user: &str| {
+        let url = c.url(&format!("/v1/sse?channel={channel}&token={}", token(user)));
+        async move {
+            let mut sse = Sse::connect_url(&url, None).await.expect("SSE on the process node");
+            assert_eq!(sse.next().await.0, "herald.connected");
+            sse
+        }
+    };
+
+    let alice = open(&a, "room:1", "alice").await;
+    wait_for(&backend, 2).await;
+    let bob = open(&b, "room:1", "bob").await;
+    wait_for(&backend, 3).await;
+    let alice_on_c = open_on_c("room:1", "alice").await; // alice on a second node: no event
+    let carol_on_c = open_on_c("room:1", "carol").await;
+    wait_for(&backend, 4).await;
+    drop(alice); // still connected on c: no event
+    drop(bob);
+    wait_for(&backend, 5).await;
+
+    // Only the process node holds room:1 now. Killed, it says nothing: its users and the channel are
+    // released once its lease expires (node_ttl_secs), then vacated after the grace, by whichever
+    // node delivers.
+    c.signal("KILL");
+    drop((alice_on_c, carol_on_c));
+    wait_long(&backend, 8, std::time::Duration::from_secs(30)).await;
+    // A last event after everything: anything sent twice would have come before it.
+    let _dave = open(&b, "room:2", "dave").await;
+    wait_for(&backend, 10).await;
+
+    let received = backend.received();
+    let events: Vec<(String, String, Option<String>)> = received.iter().map(Received::event).collect();
+    let user = |name: &str| Some(name.to_owned());
+    assert_eq!(
+        events,
+        vec![
+            ("channel.occupied".into(), "room:1".into(), None),
+            ("presence.joined".into(), "room:1".into(), user("alice")),
+            ("presence.joined".into(), "room:1".into(), user("bob")),
+            ("presence.joined".into(), "room:1".into(), user("carol")),
+            ("presence.left".into(), "room:1".into(), user("bob")),
+            ("presence.left".into(), "room:1".into(), user("alice")),
+            ("presence.left".into(), "room:1".into(), user("carol")),
+            ("channel.vacated".into(), "room:1".into(), None),
+            ("channel.occupied".into(), "room:2".into(), None),
+            ("presence.joined".into(), "room:2".into(), user("dave")),
+        ]
+    );
+    let ids: HashSet<&str> = received.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), received.len(), "every event once, each with its own webhook-id");
+    assert_eq!(invalid_signatures(&received), 0, "every signature verifies");
+}
