@@ -288,11 +288,12 @@ async fn three_nodes_on_redis_send_each_event_once_also_when_a_node_is_killed() 
             config.redis.node_ttl_secs = 3;
         }
     };
-    let a = Server::with(in_process(redis.url(), prefix.clone())).await;
-    let b = Server::with(in_process(redis.url(), prefix.clone())).await;
+    // The process node starts first, so it is also the one that delivers (it holds the lease): killing
+    // it kills the delivering node too, and another must take over.
     let hook_url = format!("http://{addr}/hooks");
     let redis_url = redis.url();
     let c = crate::process::Node::spawn(&[
+        ("HERALD_NODE_ID", "hooks-c"),
         ("HERALD_ENGINE", redis_url.as_str()),
         ("HERALD_REDIS__PREFIX", prefix.as_str()),
         ("HERALD_REDIS__PROBE_INTERVAL_MS", "100"),
@@ -304,6 +305,11 @@ async fn three_nodes_on_redis_send_each_event_once_also_when_a_node_is_killed() 
         ("HERALD_JWT_HS256_SECRET", JWT_SECRET),
         ("HERALD_NAMESPACES__ROOM__SUBSCRIBE", "authenticated"),
     ]);
+    let leader = format!("{prefix}:hooks:leader");
+    let holder = || redis.query::<Option<String>>(&["GET", &leader]).ok().flatten();
+    eventually("the process node holds the delivery lease", || holder().as_deref() == Some("hooks-c")).await;
+    let a = Server::with(in_process(redis.url(), prefix.clone())).await;
+    let b = Server::with(in_process(redis.url(), prefix.clone())).await;
     let open_on_c = |channel: &str, user: &str| {
         let url = c.url(&format!("/v1/sse?channel={channel}&token={}", token(user)));
         async move {
@@ -323,6 +329,17 @@ async fn three_nodes_on_redis_send_each_event_once_also_when_a_node_is_killed() 
     drop(alice); // still connected on c: no event
     drop(bob);
     wait_for(&backend, 5).await;
+    // Every event so far acknowledged (the cursor at the stream's last entry), so that none is sent
+    // again by the next leader (delivery is at least once: one in flight at the kill would be).
+    let (stream, cursor) = (format!("{prefix}:hooks"), format!("{prefix}:hooks:cursor"));
+    let last_entry = || {
+        redis
+            .query::<Vec<(String, Vec<String>)>>(&["XREVRANGE", &stream, "+", "-", "COUNT", "1"])
+            .ok()
+            .and_then(|entries| entries.into_iter().next().map(|(id, _)| id))
+    };
+    let acknowledged = || redis.query::<Option<String>>(&["GET", &cursor]).ok().flatten();
+    eventually("every event acknowledged", || last_entry().is_some() && last_entry() == acknowledged()).await;
 
     // Only the process node holds room:1 now. Killed, it says nothing: its users and the channel are
     // released once its lease expires (node_ttl_secs), then vacated after the grace, by whichever
@@ -330,6 +347,7 @@ async fn three_nodes_on_redis_send_each_event_once_also_when_a_node_is_killed() 
     c.signal("KILL");
     drop((alice_on_c, carol_on_c));
     wait_long(&backend, 8, std::time::Duration::from_secs(30)).await;
+    assert_ne!(holder().as_deref(), Some("hooks-c"), "another node delivers now");
     // A last event after everything: anything sent twice would have come before it.
     let _dave = open(&b, "room:2", "dave").await;
     wait_for(&backend, 10).await;
