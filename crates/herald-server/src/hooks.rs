@@ -282,7 +282,7 @@ impl Sender {
                 }
                 Attempt::Retry(why) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(id = %event.id, attempt, %why, "hooks: attempt failed, retrying");
+                    tracing::warn!(id = %event.id, attempt, %why, "hooks: attempt failed, retrying");
                 }
                 Attempt::GiveUp(why) => {
                     self.stats.failed.fetch_add(1, Ordering::Relaxed);
