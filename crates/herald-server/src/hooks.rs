@@ -11,7 +11,8 @@
 //! same `webhook-id`, on which the backend dedups.
 //!
 //! Rule every edit must keep: an event is acknowledged only after a 2xx, or after it was given up (a
-//! refusal that retrying cannot change, or `hooks.max_attempts` used up), and counted as `dropped` then.
+//! refusal that retrying cannot change, `hooks.max_attempts` used up, or older than
+//! `hooks.max_event_age_secs`), and counted as `dropped` then.
 //! Depends on `config.rs`; no handler.
 
 use std::sync::Arc;
@@ -158,6 +159,7 @@ pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Resu
         max_attempts: hooks.max_attempts.max(1),
         retry_initial: Duration::from_millis(hooks.retry_initial_ms),
         retry_max: Duration::from_millis(hooks.retry_max_ms),
+        max_age_ms: hooks.max_event_age_secs.saturating_mul(1000),
         stats: stats.clone(),
     };
     tokio::spawn(deliver(store.clone(), sender, stop.clone()));
@@ -261,6 +263,8 @@ struct Sender {
     max_attempts: u32,
     retry_initial: Duration,
     retry_max: Duration,
+    /// An event older than this (from its change) is dropped instead of attempted.
+    max_age_ms: u64,
     stats: Arc<HookStats>,
 }
 
@@ -273,6 +277,15 @@ impl Sender {
             if attempt > 1 {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(self.retry_max);
+            }
+            let age_ms = now_ms().saturating_sub(event.at_ms);
+            if age_ms > self.max_age_ms {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %event.id, kind = event.kind.as_str(), age_ms,
+                    "hooks: event dropped unsent, older than hooks.max_event_age_secs");
+                return;
+            }
+            if attempt > 1 {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
             }
             match self.attempt(event, &body).await {

@@ -50,6 +50,8 @@ impl Received {
 struct Backend {
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<u16>>,
+    /// Events of this channel are always answered 503.
+    down_for: Mutex<Option<String>>,
 }
 
 impl Backend {
@@ -71,6 +73,11 @@ async fn hook(State(backend): State<Arc<Backend>>, headers: HeaderMap, body: Str
         content_type: header("content-type"),
         body,
     });
+    let down_for = backend.down_for.lock().expect("lock").clone();
+    let received = backend.received.lock().expect("lock").last().map(Received::event);
+    if down_for.is_some() && received.map(|(_, channel, _)| channel) == down_for {
+        return AxumStatus::SERVICE_UNAVAILABLE;
+    }
     let status = backend.script.lock().expect("lock").pop_front().unwrap_or(200);
     AxumStatus::from_u16(status).expect("status")
 }
@@ -373,4 +380,46 @@ async fn three_nodes_on_redis_send_each_event_once_also_when_a_node_is_killed() 
     let ids: HashSet<&str> = received.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids.len(), received.len(), "every event once, each with its own webhook-id");
     assert_eq!(invalid_signatures(&received), 0, "every signature verifies");
+}
+
+#[tokio::test]
+async fn an_event_past_its_age_limit_is_dropped_with_attempts_left_and_delivery_moves_on() {
+    let (backend, addr) = start_backend(&[]).await;
+    *backend.down_for.lock().expect("lock") = Some("room:7".into());
+    let hooks = hooked(addr, 0);
+    let server = Server::with(|config: &mut Config| {
+        hooks(config);
+        config.hooks.max_attempts = 100;
+        config.hooks.retry_initial_ms = 100;
+        config.hooks.retry_max_ms = 200;
+        config.hooks.max_event_age_secs = 1;
+    })
+    .await;
+    let metrics = || async {
+        let text = client().get(server.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        metric(&text, r#"herald_hooks_deliveries_total{outcome="dropped"}"#)
+    };
+
+    let _doomed = open(&server, "room:7", "erin").await;
+    // Its occupied and joined events are answered 503 until they are a second old, then dropped.
+    let deadline = tokio::time::Instant::now() + crate::harness::TIMEOUT;
+    while metrics().await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the old events were never dropped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _fresh = open(&server, "room:8", "erin").await;
+    wait_for(&backend, backend.count() + 2).await;
+    let received = backend.received();
+    let attempts_on_7 = received.iter().filter(|r| r.event().1 == "room:7").count();
+    assert!((1..100).contains(&attempts_on_7), "dropped for age, long before 100 attempts: {attempts_on_7}");
+    let tail: Vec<(String, String, Option<String>)> =
+        received[received.len() - 2..].iter().map(Received::event).collect();
+    assert_eq!(
+        tail,
+        [
+            ("channel.occupied".into(), "room:8".into(), None),
+            ("presence.joined".into(), "room:8".into(), Some("erin".into()))
+        ]
+    );
+    assert_eq!(metrics().await, 2);
 }
