@@ -108,12 +108,26 @@ pub struct Hooks {
     stats: Arc<HookStats>,
     store: Arc<dyn LifecycleStore>,
     stop: CancellationToken,
+    /// The recorder's task, awaited by [`Hooks::shutdown`].
+    recorder: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Hooks {
     /// Stops the recorder and the deliverer (undelivered events stay in the store).
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Stops them, waiting up to `bound` for the recorder to record the transitions already queued (a
+    /// graceful shutdown, once every connection is closed).
+    pub async fn shutdown(&self, bound: Duration) {
+        self.stop.cancel();
+        let recorder = self.recorder.lock().ok().and_then(|mut recorder| recorder.take());
+        if let Some(recorder) = recorder {
+            if tokio::time::timeout(bound, recorder).await.is_err() {
+                tracing::warn!("hooks: lifecycle transitions still unrecorded at shutdown; the engine releases them");
+            }
+        }
     }
 
     pub fn counts(&self) -> HookCounts {
@@ -150,7 +164,7 @@ pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Resu
     hub.set_lifecycle(LifecycleSink::new(tx, move |channel: &ChannelName| {
         namespaces.get(channel.namespace()).and_then(|ns| ns.hooks).unwrap_or(true)
     }));
-    tokio::spawn(record(store.clone(), rx, stop.clone()));
+    let recorder = tokio::spawn(record(store.clone(), rx, stop.clone()));
     let sender = Sender {
         client,
         url: url.clone(),
@@ -163,7 +177,7 @@ pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Resu
         stats: stats.clone(),
     };
     tokio::spawn(deliver(store.clone(), sender, stop.clone()));
-    Ok(Some(Hooks { stats, store, stop }))
+    Ok(Some(Hooks { stats, store, stop, recorder: Arc::new(std::sync::Mutex::new(Some(recorder))) }))
 }
 
 /// Applies the hub's transitions to the store, in order, and ends due graces.
@@ -176,7 +190,17 @@ async fn record(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                // What the node's last connections left behind (a graceful shutdown closed them before
+                // this): recorded now, once each, so that their channels are vacated after the grace
+                // rather than once the node's lease expires. Bounded by the caller (`Hooks::shutdown`).
+                while let Ok(transition) = transitions.try_recv() {
+                    if let Err(error) = store.apply(transition, now_ms()).await {
+                        tracing::warn!(%error, "hooks: a lifecycle transition could not be recorded at shutdown");
+                    }
+                }
+                return;
+            }
             transition = transitions.recv() => {
                 let Some(transition) = transition else { return };
                 if !apply(store.as_ref(), transition, &stop).await {

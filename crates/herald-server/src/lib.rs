@@ -201,6 +201,9 @@ pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
     AppState::new(hub, settings, hooks)
 }
 
+/// Longest a graceful shutdown waits for the lifecycle webhooks to record the last connections' leaving.
+const HOOKS_FLUSH_BOUND: Duration = Duration::from_secs(2);
+
 /// Serves `state` on `listener` until `shutdown` fires, then drains: readiness fails, clients are told
 /// to reconnect elsewhere, in-flight requests finish, bounded by the configured grace period.
 pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -221,8 +224,10 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
         tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period; exiting anyway");
     }
+    // The connections are closed: their lifecycle transitions are all queued (bounded: a stopping node
+    // must not hang on an unreachable engine; what is left is released when its lease expires).
+    state.shutdown_background(HOOKS_FLUSH_BOUND).await;
     state.hub().engine().stop().await;
-    state.stop_background();
     Ok(())
 }
 

@@ -144,6 +144,14 @@ impl AppState {
         }
     }
 
+    /// Stops the background tasks once every connection is closed, letting the lifecycle webhooks
+    /// record what the last connections left (up to `bound`).
+    pub async fn shutdown_background(&self, bound: Duration) {
+        if let Some(hooks) = &self.inner.hooks {
+            hooks.shutdown(bound).await;
+        }
+    }
+
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

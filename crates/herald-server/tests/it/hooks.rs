@@ -423,3 +423,55 @@ async fn an_event_past_its_age_limit_is_dropped_with_attempts_left_and_delivery_
     );
     assert_eq!(metrics().await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_gracefully_records_its_leaving_at_once() {
+    let (backend, addr) = start_backend(&[]).await;
+    let redis = herald_testkit::RedisServer::start();
+    let prefix = format!("t{:08x}", rand::random::<u32>());
+    // Leases of ten minutes: a channel vacated within the test was recorded by the stopping node itself,
+    // not released by the others after its lease.
+    let (url, hooks, node_prefix) = (redis.url(), hooked(addr, 300), prefix.clone());
+    let a = Server::with(move |config: &mut Config| {
+        hooks(config);
+        config.engine = url;
+        config.redis.prefix = node_prefix;
+        config.redis.node_ttl_secs = 600;
+    })
+    .await;
+    let leader = format!("{prefix}:hooks:leader");
+    let node_a = a.state.settings().node_id.clone();
+    let holder = || redis.query::<Option<String>>(&["GET", &leader]).ok().flatten();
+    eventually("the in-process node delivers", || holder().as_deref() == Some(node_a.as_str())).await;
+    let (hook_url, redis_url) = (format!("http://{addr}/hooks"), redis.url());
+    let mut c = crate::process::Node::spawn(&[
+        ("HERALD_ENGINE", redis_url.as_str()),
+        ("HERALD_REDIS__PREFIX", prefix.as_str()),
+        ("HERALD_REDIS__NODE_TTL_SECS", "600"),
+        ("HERALD_HOOKS__URL", hook_url.as_str()),
+        ("HERALD_HOOKS__SECRET", HOOK_SECRET),
+        ("HERALD_HOOKS__VACATED_GRACE_MS", "300"),
+        ("HERALD_JWT_HS256_SECRET", JWT_SECRET),
+        ("HERALD_NAMESPACES__ROOM__SUBSCRIBE", "authenticated"),
+        ("HERALD_DRAIN_WINDOW_MS", "100"),
+    ]);
+    let url = c.url(&format!("/v1/sse?channel=room:3&token={}", token("frank")));
+    let mut frank = Sse::connect_url(&url, None).await.expect("SSE on the process node");
+    assert_eq!(frank.next().await.0, "herald.connected");
+    wait_for(&backend, 2).await;
+
+    c.signal("TERM");
+    assert_eq!(c.wait_exit(std::time::Duration::from_secs(10)), Some(0));
+    drop(frank);
+    wait_for(&backend, 4).await;
+    let events: Vec<(String, String, Option<String>)> = backend.received().iter().map(Received::event).collect();
+    assert_eq!(
+        events,
+        [
+            ("channel.occupied".into(), "room:3".into(), None),
+            ("presence.joined".into(), "room:3".into(), Some("frank".into())),
+            ("presence.left".into(), "room:3".into(), Some("frank".into())),
+            ("channel.vacated".into(), "room:3".into(), None),
+        ]
+    );
+}
