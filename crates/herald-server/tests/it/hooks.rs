@@ -475,3 +475,33 @@ async fn a_node_stopped_gracefully_records_its_leaving_at_once() {
         ]
     );
 }
+
+#[tokio::test]
+async fn through_sentinel_too() {
+    let (backend, addr) = start_backend(&[]).await;
+    let primary = herald_testkit::RedisServer::start();
+    let sentinels = herald_testkit::Sentinels::start("herald", primary.port);
+    let (url, hooks) = (sentinels.url("herald"), hooked(addr, 0));
+    let server = Server::with(move |config: &mut Config| {
+        hooks(config);
+        config.engine = url;
+        config.redis.prefix = format!("t{:08x}", rand::random::<u32>());
+    })
+    .await;
+    let gus = open(&server, "room:4", "gus").await;
+    wait_for(&backend, 2).await;
+    drop(gus);
+    wait_for(&backend, 4).await;
+    let events: Vec<(String, String, Option<String>)> = backend.received().iter().map(Received::event).collect();
+    assert_eq!(
+        events,
+        [
+            ("channel.occupied".into(), "room:4".into(), None),
+            ("presence.joined".into(), "room:4".into(), Some("gus".into())),
+            ("presence.left".into(), "room:4".into(), Some("gus".into())),
+            ("channel.vacated".into(), "room:4".into(), None),
+        ]
+    );
+    let stream = format!("{}:hooks", server.state.config().redis.prefix);
+    assert_eq!(primary.query::<i64>(&["XLEN", &stream]).ok(), Some(4), "the events went through the primary's stream");
+}
