@@ -4,8 +4,9 @@
 //! `webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">` keyed with the decoded
 //! `whsec_` secret), retried with exponential backoff, in order, one event at a time.
 //!
-//! Two tasks per node: the recorder applies the hub's transitions (queued under the hub's locks) to the
-//! engine's [`LifecycleStore`] and ticks it so that graces end; the deliverer, while the store says this
+//! Two tasks per node: the recorder applies the hub's transitions (queued under the hub's locks, taken
+//! at once into a [`Backlog`] of net changes) to the engine's [`LifecycleStore`], retrying while the
+//! engine is unreachable, and ticks it so that graces end; the deliverer, while the store says this
 //! node leads, sends the store's pending events oldest first and acknowledges each once it is sent or
 //! given up. Delivery is at least once: an event whose acknowledgement is lost is sent again with the
 //! same `webhook-id`, on which the backend dedups.
@@ -22,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use herald_core::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, LifecycleStore};
 use herald_core::publication::{format_timestamp, now_ms};
-use herald_core::{ChannelName, Hub};
+use herald_core::{ChannelName, Hub, Transition};
 use hmac::{Hmac, Mac};
 use tokio_util::sync::CancellationToken;
 
@@ -180,22 +181,44 @@ pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Resu
     Ok(Some(Hooks { stats, store, stop, recorder: Arc::new(std::sync::Mutex::new(Some(recorder))) }))
 }
 
-/// Applies the hub's transitions to the store, in order, and ends due graces.
+/// Applies the hub's transitions to the store, in order, and ends due graces. Transitions are taken
+/// from the hub's queue as they come, into a [`Backlog`], so that while the engine is unreachable the
+/// queue does not grow with every reconnect attempt: what waits is at most one entry per channel and
+/// per user in a channel.
 async fn record(
     store: Arc<dyn LifecycleStore>,
-    mut transitions: tokio::sync::mpsc::UnboundedReceiver<herald_core::Transition>,
+    mut transitions: tokio::sync::mpsc::UnboundedReceiver<Transition>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(TICK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut backlog = Backlog::default();
+    let mut last_tick = tokio::time::Instant::now();
     loop {
+        while let Ok(transition) = transitions.try_recv() {
+            backlog.push(transition, now_ms());
+        }
+        if last_tick.elapsed() >= TICK_INTERVAL {
+            last_tick = tokio::time::Instant::now();
+            if let Err(error) = store.tick(now_ms()).await {
+                // Every tick while the engine is unreachable (the engine itself warns of that).
+                tracing::debug!(%error, "hooks: due lifecycle events could not be emitted");
+            }
+        }
+        if let Some((transition, at)) = backlog.pop() {
+            if !apply(store.as_ref(), &transition, at, &mut transitions, &mut backlog, &stop).await {
+                return;
+            }
+            continue;
+        }
         tokio::select! {
             _ = stop.cancelled() => {
                 // What the node's last connections left behind (a graceful shutdown closed them before
                 // this): recorded now, once each, so that their channels are vacated after the grace
                 // rather than once the node's lease expires. Bounded by the caller (`Hooks::shutdown`).
                 while let Ok(transition) = transitions.try_recv() {
-                    if let Err(error) = store.apply(transition, now_ms()).await {
+                    backlog.push(transition, now_ms());
+                }
+                while let Some((transition, at)) = backlog.pop() {
+                    if let Err(error) = store.apply(transition, at).await {
                         tracing::warn!(%error, "hooks: a lifecycle transition could not be recorded at shutdown");
                     }
                 }
@@ -203,35 +226,100 @@ async fn record(
             }
             transition = transitions.recv() => {
                 let Some(transition) = transition else { return };
-                if !apply(store.as_ref(), transition, &stop).await {
-                    return;
-                }
+                backlog.push(transition, now_ms());
             }
-            _ = tick.tick() => {
-                if let Err(error) = store.tick(now_ms()).await {
-                    // Every tick while the engine is unreachable (the engine itself warns of that).
-                    tracing::debug!(%error, "hooks: due lifecycle events could not be emitted");
-                }
-            }
+            _ = tokio::time::sleep_until(last_tick + TICK_INTERVAL) => {}
         }
     }
 }
 
-/// Applies one transition, retrying (with backoff, up to [`APPLY_RETRY_MAX`] apart) while the engine
-/// is unreachable: the next transitions wait, so each channel's stay in order. False once `stop` fired.
-async fn apply(store: &dyn LifecycleStore, transition: herald_core::Transition, stop: &CancellationToken) -> bool {
-    let at = now_ms();
+/// Applies one transition (that happened at `at`), retrying (with backoff, up to [`APPLY_RETRY_MAX`]
+/// apart) while the engine is unreachable, and meanwhile taking what the hub queues into `backlog`:
+/// the next transitions wait, so each channel's stay in order. False once `stop` fired.
+async fn apply(
+    store: &dyn LifecycleStore,
+    transition: &Transition,
+    at: u64,
+    transitions: &mut tokio::sync::mpsc::UnboundedReceiver<Transition>,
+    backlog: &mut Backlog,
+    stop: &CancellationToken,
+) -> bool {
     let mut delay = TICK_INTERVAL;
     loop {
         match store.apply(transition.clone(), at).await {
             Ok(()) => return true,
             Err(error) => tracing::warn!(%error, "hooks: a lifecycle transition could not be recorded; retrying"),
         }
-        tokio::select! {
-            _ = stop.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+        let retry_at = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep_until(retry_at) => break,
+                next = transitions.recv() => match next {
+                    Some(next) => backlog.push(next, now_ms()),
+                    None => return false,
+                },
+            }
         }
         delay = (delay * 2).min(APPLY_RETRY_MAX);
+    }
+}
+
+/// Transitions waiting to be recorded, reduced to their net effect: per channel (and per user in a
+/// channel) the transitions alternate (occupied, vacated, occupied, …), so an even number of them
+/// changes nothing and an odd number is the last one. They come out in the order of each key's last
+/// transition, which is the order they happened: a channel vacated at the end had every user leave
+/// before, and one occupied at the end was occupied before any user that is joined at the end joined.
+#[derive(Default)]
+pub struct Backlog {
+    /// The push number of each key's last transition -> the key.
+    order: std::collections::BTreeMap<u64, BacklogKey>,
+    /// Key -> its last transition, when it happened, whether the count so far is odd, its push number.
+    net: std::collections::HashMap<BacklogKey, NetTransition>,
+    pushed: u64,
+}
+
+/// A channel, or a user in a channel.
+type BacklogKey = (ChannelName, Option<String>);
+/// A key's last transition, when it happened, whether the count so far is odd, its push number.
+type NetTransition = (Transition, u64, bool, u64);
+
+impl Backlog {
+    pub fn push(&mut self, transition: Transition, at: u64) {
+        let key = match &transition {
+            Transition::Occupied(channel) | Transition::Vacated(channel) => (channel.clone(), None),
+            Transition::Joined(channel, user) | Transition::Left(channel, user) => {
+                (channel.clone(), Some(user.clone()))
+            }
+        };
+        self.pushed += 1;
+        let odd = match self.net.get(&key) {
+            Some((_, _, odd, seq)) => {
+                self.order.remove(seq);
+                !odd
+            }
+            None => true,
+        };
+        self.order.insert(self.pushed, key.clone());
+        self.net.insert(key, (transition, at, odd, self.pushed));
+    }
+
+    /// The oldest transition that still changes something, and when it happened.
+    pub fn pop(&mut self) -> Option<(Transition, u64)> {
+        while let Some((_, key)) = self.order.pop_first() {
+            if let Some((transition, at, true, _)) = self.net.remove(&key) {
+                return Some((transition, at));
+            }
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.net.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.net.is_empty()
     }
 }
 
@@ -369,6 +457,126 @@ mod tests {
             signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn the_backlog_keeps_only_net_changes_in_order() {
+        let room = ChannelName::parse("room:1").expect("channel");
+        let other = ChannelName::parse("room:2").expect("channel");
+        let mut backlog = Backlog::default();
+        // Flapping while the engine was away: room:1 ends occupied with ana, room:2 comes and goes.
+        for (at, transition) in [
+            (1, Transition::Occupied(room.clone())),
+            (2, Transition::Joined(room.clone(), "ana".into())),
+            (3, Transition::Occupied(other.clone())),
+            (4, Transition::Left(room.clone(), "ana".into())),
+            (5, Transition::Vacated(room.clone())),
+            (6, Transition::Vacated(other.clone())),
+            (7, Transition::Occupied(room.clone())),
+            (8, Transition::Joined(room.clone(), "ana".into())),
+        ] {
+            backlog.push(transition, at);
+        }
+        assert_eq!(backlog.len(), 3, "one entry per key, however many reconnects");
+        assert_eq!(backlog.pop(), Some((Transition::Occupied(room.clone()), 7)));
+        assert_eq!(backlog.pop(), Some((Transition::Joined(room.clone(), "ana".into()), 8)));
+        assert_eq!(backlog.pop(), None, "room:2 came and went: nothing to record");
+        assert!(backlog.is_empty());
+        backlog.push(Transition::Left(room.clone(), "ana".into()), 9);
+        backlog.push(Transition::Vacated(room.clone()), 9);
+        assert_eq!(backlog.pop(), Some((Transition::Left(room.clone(), "ana".into()), 9)));
+        assert_eq!(backlog.pop(), Some((Transition::Vacated(room.clone()), 9)));
+        // Users who left and joined while the channel stayed occupied come out in the order they did.
+        backlog.push(Transition::Joined(room.clone(), "bo".into()), 10);
+        backlog.push(Transition::Left(room.clone(), "bo".into()), 11);
+        backlog.push(Transition::Left(room.clone(), "cy".into()), 12);
+        backlog.push(Transition::Joined(room.clone(), "bo".into()), 13);
+        assert_eq!(backlog.pop(), Some((Transition::Left(room.clone(), "cy".into()), 12)));
+        assert_eq!(backlog.pop(), Some((Transition::Joined(room, "bo".into()), 13)));
+    }
+
+    /// A store that fails its first `failures` applies (an unreachable engine) and records the rest.
+    #[derive(Default)]
+    struct Flaky {
+        failures: std::sync::atomic::AtomicUsize,
+        applied: std::sync::Mutex<Vec<Transition>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LifecycleStore for Flaky {
+        async fn apply(&self, transition: Transition, _at: u64) -> Result<(), herald_core::EngineError> {
+            let failing = self.failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err(herald_core::EngineError::Unavailable("down".into()));
+            }
+            self.applied.lock().expect("lock").push(transition);
+            Ok(())
+        }
+        async fn tick(&self, _now: u64) -> Result<(), herald_core::EngineError> {
+            Ok(())
+        }
+        async fn lead(&self) -> Result<bool, herald_core::EngineError> {
+            Ok(false)
+        }
+        async fn pending(&self, _max: usize) -> Result<Vec<LifecycleEvent>, herald_core::EngineError> {
+            Ok(Vec::new())
+        }
+        async fn ack(&self, _event: &LifecycleEvent) -> Result<(), herald_core::EngineError> {
+            Ok(())
+        }
+        fn overflowed(&self) -> u64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn while_the_engine_is_away_transitions_wait_in_order_and_flaps_cancel_out() {
+        let store = Arc::new(Flaky::default());
+        store.failures.store(3, Ordering::SeqCst);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let recorder = tokio::spawn(record(store.clone(), rx, stop.clone()));
+        let channel = |name: &str| ChannelName::parse(name).expect("channel");
+        tx.send(Transition::Occupied(channel("a:1"))).expect("send");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.failures.load(Ordering::SeqCst) == 3 {
+            assert!(tokio::time::Instant::now() < deadline, "never tried");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The engine is away now; the recorder waits to retry while these come.
+        let sent = [
+            // A client reconnecting over and over.
+            Transition::Occupied(channel("b:1")),
+            Transition::Vacated(channel("b:1")),
+            Transition::Occupied(channel("b:1")),
+            Transition::Vacated(channel("b:1")),
+            Transition::Joined(channel("a:1"), "u".into()),
+        ];
+        for transition in sent {
+            tx.send(transition).expect("send");
+        }
+        let applied = || store.applied.lock().map(|a| a.clone()).unwrap_or_default();
+        while applied().len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never recorded: {:?}", applied());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A last one: anything of b:1 would have come before it.
+        tx.send(Transition::Occupied(channel("c:1"))).expect("send");
+        while applied().len() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "never recorded: {:?}", applied());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            applied(),
+            [
+                Transition::Occupied(channel("a:1")),
+                Transition::Joined(channel("a:1"), "u".into()),
+                Transition::Occupied(channel("c:1"))
+            ]
+        );
+        assert_eq!(store.failures.load(Ordering::SeqCst), 0, "the first one was retried until recorded");
+        stop.cancel();
+        recorder.await.expect("the recorder ends");
     }
 
     #[test]
