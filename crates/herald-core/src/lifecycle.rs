@@ -123,7 +123,7 @@ pub trait LifecycleStore: Send + Sync {
     async fn lead(&self) -> Result<bool, EngineError>;
     /// Up to `max` undelivered events, oldest first.
     async fn pending(&self, max: usize) -> Result<Vec<LifecycleEvent>, EngineError>;
-    /// `event` (the oldest pending one) is done with: delivered or given up.
+    /// `event` and every pending one before it are done with: delivered or given up.
     async fn ack(&self, event: &LifecycleEvent) -> Result<(), EngineError>;
     /// Events dropped unsent because the store was full.
     fn overflowed(&self) -> u64;
@@ -217,8 +217,9 @@ impl LifecycleStore for MemoryLifecycle {
 
     async fn ack(&self, event: &LifecycleEvent) -> Result<(), EngineError> {
         let mut state = lock(&self.state);
-        if state.events.front().is_some_and(|front| front.id == event.id) {
-            state.events.pop_front();
+        // Not found: already acknowledged, or dropped from a full queue; nothing moves.
+        if let Some(position) = state.events.iter().position(|pending| pending.id == event.id) {
+            state.events.drain(..=position);
         }
         Ok(())
     }
@@ -287,16 +288,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ids_are_unique_and_ack_only_moves_past_the_oldest() {
+    async fn ids_are_unique_and_ack_moves_past_the_event_and_those_before() {
         let store = MemoryLifecycle::new(Duration::ZERO);
         store.apply(Transition::Occupied(channel("a:1")), 1).await.expect("apply");
         store.apply(Transition::Occupied(channel("a:2")), 1).await.expect("apply");
         let events = store.pending(10).await.expect("pending");
         assert_eq!(events.len(), 2);
         assert_ne!(events[0].id, events[1].id);
+        store.apply(Transition::Occupied(channel("a:3")), 1).await.expect("apply");
         store.ack(&events[1]).await.expect("ack");
-        assert_eq!(store.pending(10).await.expect("pending").len(), 2, "not the oldest: nothing moves");
-        store.ack(&events[0]).await.expect("ack");
-        assert_eq!(store.pending(10).await.expect("pending"), vec![events[1].clone()]);
+        let left = store.pending(10).await.expect("pending");
+        assert_eq!(left.len(), 1, "the first two are done with: {left:?}");
+        assert_eq!(left[0].channel.as_str(), "a:3");
+        store.ack(&events[0]).await.expect("ack an event already done with");
+        assert_eq!(store.pending(10).await.expect("pending"), left, "nothing moves");
     }
 }

@@ -305,6 +305,9 @@ pub struct HooksSection {
     /// Seconds after its change an event is still worth sending; an older one is dropped unsent (a
     /// backend back after a long outage gets what is still news, not a flood of stale events).
     pub max_event_age_secs: u64,
+    /// Channels whose events are sent side by side (each channel's stay in order); 1: one event at a
+    /// time, all in order.
+    pub max_concurrent: usize,
 }
 
 impl Default for HooksSection {
@@ -318,6 +321,7 @@ impl Default for HooksSection {
             retry_initial_ms: 500,
             retry_max_ms: 60_000,
             max_event_age_secs: 3600,
+            max_concurrent: 16,
         }
     }
 }
@@ -883,6 +887,9 @@ fn check_hooks(config: &Config, problems: &mut Vec<String>) {
     if hooks.retry_max_ms < hooks.retry_initial_ms || hooks.retry_max_ms > 3_600_000 {
         problems.push("hooks.retry_max_ms must be at least hooks.retry_initial_ms and at most 3600000".to_owned());
     }
+    if !(1..=256).contains(&hooks.max_concurrent) {
+        problems.push("hooks.max_concurrent must be 1 to 256".to_owned());
+    }
     if !(1..=7 * 24 * 3600).contains(&hooks.max_event_age_secs) {
         problems.push("hooks.max_event_age_secs must be 1 to 604800".to_owned());
     }
@@ -1084,6 +1091,7 @@ mod tests {
             (with(&[("HERALD_HOOKS__MAX_ATTEMPTS", "0")]), "hooks.max_attempts"),
             (with(&[("HERALD_HOOKS__RETRY_MAX_MS", "10")]), "hooks.retry_max_ms"),
             (with(&[("HERALD_HOOKS__MAX_EVENT_AGE_SECS", "0")]), "hooks.max_event_age_secs"),
+            (with(&[("HERALD_HOOKS__MAX_CONCURRENT", "0")]), "hooks.max_concurrent"),
             (with(&[("HERALD_ENGINE", "redis+cluster://127.0.0.1:7000")]), "not supported on this engine yet"),
             (with(&[("HERALD_ENGINE", "nats://127.0.0.1:4222")]), "not supported on this engine yet"),
             (env(&[("HERALD_HOOKS__SECRET", SECRET)]), "hooks.url is not"),

@@ -7,8 +7,9 @@
 //! Two tasks per node: the recorder applies the hub's transitions (queued under the hub's locks, taken
 //! at once into a [`Backlog`] of net changes) to the engine's [`LifecycleStore`], retrying while the
 //! engine is unreachable, and ticks it so that graces end; the deliverer, while the store says this
-//! node leads, sends the store's pending events oldest first and acknowledges each once it is sent or
-//! given up. Delivery is at least once: an event whose acknowledgement is lost is sent again with the
+//! node leads, sends the store's pending events in batches, each channel's in order and up to
+//! `hooks.max_concurrent` channels side by side, and acknowledges a batch once each of its events is
+//! sent or given up. Delivery is at least once: an event whose acknowledgement is lost is sent again with the
 //! same `webhook-id`, on which the backend dedups.
 //!
 //! Rule every edit must keep: an event is acknowledged only after a 2xx, or after it was given up (a
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use futures_util::StreamExt;
 use herald_core::lifecycle::{EventKind, LifecycleEvent, LifecycleSink, LifecycleStore};
 use herald_core::publication::{format_timestamp, now_ms};
 use herald_core::{ChannelName, Hub, Transition};
@@ -35,8 +37,8 @@ const TICK_INTERVAL: Duration = Duration::from_millis(100);
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Longest wait between two attempts to record a transition while the engine is unreachable.
 const APPLY_RETRY_MAX: Duration = Duration::from_secs(2);
-/// Events the deliverer reads from the store at once.
-const BATCH: usize = 64;
+/// Events the deliverer reads from the store at once (the next batch starts once all are done with).
+const BATCH: usize = 256;
 
 /// The HMAC key of a `whsec_<base64>` secret, or why it is not one.
 pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
@@ -114,6 +116,11 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    /// The engine's lifecycle store (what is pending, for operators and tests).
+    pub fn store(&self) -> &Arc<dyn LifecycleStore> {
+        &self.store
+    }
+
     /// Stops the recorder and the deliverer (undelivered events stay in the store).
     pub fn stop(&self) {
         self.stop.cancel();
@@ -175,6 +182,7 @@ pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Resu
         retry_initial: Duration::from_millis(hooks.retry_initial_ms),
         retry_max: Duration::from_millis(hooks.retry_max_ms),
         max_age_ms: hooks.max_event_age_secs.saturating_mul(1000),
+        max_concurrent: hooks.max_concurrent.max(1),
         stats: stats.clone(),
     };
     tokio::spawn(deliver(store.clone(), sender, stop.clone()));
@@ -323,12 +331,14 @@ impl Backlog {
     }
 }
 
-/// While this node leads, sends pending events oldest first, acknowledging each when done with.
+/// While this node leads, sends pending events (per channel in order, channels concurrently),
+/// acknowledging each batch once all of it is done with.
 async fn deliver(store: Arc<dyn LifecycleStore>, sender: Sender, stop: CancellationToken) {
     loop {
         let batch = match store.lead().await {
             Ok(true) => store.pending(BATCH).await.unwrap_or_else(|error| {
-                tracing::warn!(%error, "hooks: pending events could not be read");
+                // Every poll while the engine is unreachable (the engine itself warns of that).
+                tracing::debug!(%error, "hooks: pending events could not be read");
                 Vec::new()
             }),
             Ok(false) => Vec::new(),
@@ -343,16 +353,37 @@ async fn deliver(store: Arc<dyn LifecycleStore>, sender: Sender, stop: Cancellat
                 _ = tokio::time::sleep(IDLE_POLL) => continue,
             }
         }
-        for event in batch {
+        for event in &batch {
             if let Some(index) = EventKind::ALL.iter().position(|kind| *kind == event.kind) {
                 sender.stats.events[index].fetch_add(1, Ordering::Relaxed);
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                () = sender.send(&event) => {}
+        }
+        // Each channel's events one after the other, in order; channels side by side.
+        let mut channels: Vec<Vec<&LifecycleEvent>> = Vec::new();
+        let mut index: std::collections::HashMap<&ChannelName, usize> = std::collections::HashMap::new();
+        for event in &batch {
+            let slot = *index.entry(&event.channel).or_insert_with(|| {
+                channels.push(Vec::new());
+                channels.len() - 1
+            });
+            channels[slot].push(event);
+        }
+        let sending = futures_util::stream::iter(channels).for_each_concurrent(sender.max_concurrent, |events| {
+            let sender = &sender;
+            async move {
+                for event in events {
+                    sender.send(event).await;
+                }
             }
-            if let Err(error) = store.ack(&event).await {
-                tracing::warn!(%error, id = %event.id, "hooks: a delivered event could not be acknowledged");
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = sending => {}
+        }
+        // Every event of the batch is done with: the store moves past the last one.
+        if let Some(last) = batch.last() {
+            if let Err(error) = store.ack(last).await {
+                tracing::warn!(%error, id = %last.id, "hooks: delivered events could not be acknowledged");
             }
         }
     }
@@ -377,6 +408,8 @@ struct Sender {
     retry_max: Duration,
     /// An event older than this (from its change) is dropped instead of attempted.
     max_age_ms: u64,
+    /// Channels whose events are sent side by side.
+    max_concurrent: usize,
     stats: Arc<HookStats>,
 }
 

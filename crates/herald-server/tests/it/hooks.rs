@@ -52,6 +52,21 @@ struct Backend {
     script: Mutex<VecDeque<u16>>,
     /// Events of this channel are always answered 503.
     down_for: Mutex<Option<String>>,
+    /// Events of these channels get no answer until the gate opens (recorded as they arrive).
+    gates: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Backend {
+    fn close_gate(&self, channel: &str) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        self.gates.lock().expect("lock").insert(channel.to_owned(), gate);
+    }
+
+    fn open_gate(&self, channel: &str) {
+        if let Some(gate) = self.gates.lock().expect("lock").remove(channel) {
+            gate.add_permits(1_000);
+        }
+    }
 }
 
 impl Backend {
@@ -75,6 +90,11 @@ async fn hook(State(backend): State<Arc<Backend>>, headers: HeaderMap, body: Str
     });
     let down_for = backend.down_for.lock().expect("lock").clone();
     let received = backend.received.lock().expect("lock").last().map(Received::event);
+    let channel = received.as_ref().map(|(_, channel, _)| channel.clone()).unwrap_or_default();
+    let gate = backend.gates.lock().expect("lock").get(&channel).cloned();
+    if let Some(gate) = gate {
+        let _ = gate.acquire().await;
+    }
     if down_for.is_some() && received.map(|(_, channel, _)| channel) == down_for {
         return AxumStatus::SERVICE_UNAVAILABLE;
     }
@@ -504,4 +524,42 @@ async fn through_sentinel_too() {
     );
     let stream = format!("{}:hooks", server.state.config().redis.prefix);
     assert_eq!(primary.query::<i64>(&["XLEN", &stream]).ok(), Some(4), "the events went through the primary's stream");
+}
+
+#[tokio::test]
+async fn channels_are_sent_side_by_side_each_in_order() {
+    let (backend, addr) = start_backend(&[]).await;
+    let server = Server::with(hooked(addr, 0)).await;
+    // While the first channel's events wait for the backend, the next channels' events queue up, so
+    // that they are taken up together.
+    backend.close_gate("room:0");
+    let _first = open(&server, "room:0", "hal").await;
+    wait_for(&backend, 1).await;
+    backend.close_gate("room:slow");
+    let _slow = open(&server, "room:slow", "ivy").await;
+    let _fast = open(&server, "room:fast", "jo").await;
+    let store = server.state.hooks().expect("hooks run").store().clone();
+    let deadline = tokio::time::Instant::now() + crate::harness::TIMEOUT;
+    let recorded = |events: &[herald_core::LifecycleEvent]| {
+        events.iter().any(|e| e.channel.as_str() == "room:fast" && e.user.is_some())
+    };
+    while !recorded(&store.pending(256).await.expect("pending")) {
+        assert!(tokio::time::Instant::now() < deadline, "room:fast's events were never recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    backend.open_gate("room:0");
+    // room:slow's occupied gets no answer; room:fast's two events still arrive meanwhile.
+    eventually("room:fast delivered while room:slow waits", || {
+        backend.received().iter().filter(|r| r.event().1 == "room:fast").count() == 2
+    })
+    .await;
+    let slow: Vec<String> =
+        backend.received().iter().filter(|r| r.event().1 == "room:slow").map(|r| r.event().0).collect();
+    assert_eq!(slow, ["channel.occupied"], "room:slow's joined waits for its occupied");
+    backend.open_gate("room:slow");
+    eventually("room:slow delivered", || backend.received().iter().filter(|r| r.event().1 == "room:slow").count() == 2)
+        .await;
+    let slow: Vec<String> =
+        backend.received().iter().filter(|r| r.event().1 == "room:slow").map(|r| r.event().0).collect();
+    assert_eq!(slow, ["channel.occupied", "presence.joined"]);
 }
