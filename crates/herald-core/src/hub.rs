@@ -7,6 +7,8 @@
 //! - A channel with no local subscriber has no entry here, and a closed connection leaves nothing
 //!   behind (the [`Session`] removes itself on drop, synchronously).
 //! - No lock is held across `.await`; locks are std mutexes taken inside sync methods.
+//! - Lifecycle transitions (first and last member of a channel, of a user in it) are sent under the
+//!   channel's shard lock, so in the order membership changed, into an unbounded queue: never a wait.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

@@ -245,6 +245,46 @@ mod tests {
         events.into_iter().map(|e| (e.kind, e.channel.as_str().to_owned(), e.user)).collect()
     }
 
+    /// The hub's transitions for channels its sink wants: the first and last member of a channel, the
+    /// first and last connection of a user in it; nothing for other channels or anonymous connections.
+    #[tokio::test]
+    async fn the_hub_sends_first_and_last_transitions_in_order() {
+        use crate::hub::{Hub, HubConfig};
+        use crate::memory::MemoryEngine;
+        use crate::session::Transport;
+        let engine = std::sync::Arc::new(MemoryEngine::new("n", crate::policy::Policies::default()));
+        let hub = Hub::start(engine, HubConfig::default()).await.expect("hub");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.set_lifecycle(LifecycleSink::new(tx, |c: &ChannelName| c.namespace() != "quiet"));
+        let open = |user: Option<&str>| hub.open_session(Transport::Ws, user.map(str::to_owned)).expect("session");
+        let (mut ann, mut ann_again, mut anonymous, mut bob) =
+            (open(Some("ann")), open(Some("ann")), open(None), open(Some("bob")));
+        for (session, name) in [(&mut ann, "a:1"), (&mut ann_again, "a:1"), (&mut anonymous, "a:1"), (&mut bob, "a:1")]
+        {
+            session.subscribe(channel(name), None, &mut Vec::new()).await.expect("subscribe");
+        }
+        bob.subscribe(channel("quiet:1"), None, &mut Vec::new()).await.expect("subscribe");
+        ann.unsubscribe(&channel("a:1")).expect("unsubscribe"); // ann's other connection stays
+        drop(bob);
+        drop(ann_again);
+        drop(anonymous);
+        let mut seen = Vec::new();
+        while let Ok(transition) = rx.try_recv() {
+            seen.push(transition);
+        }
+        assert_eq!(
+            seen,
+            [
+                Transition::Occupied(channel("a:1")),
+                Transition::Joined(channel("a:1"), "ann".into()),
+                Transition::Joined(channel("a:1"), "bob".into()),
+                Transition::Left(channel("a:1"), "bob".into()),
+                Transition::Left(channel("a:1"), "ann".into()),
+                Transition::Vacated(channel("a:1")),
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn occupied_then_vacated_after_the_grace() {
         let store = MemoryLifecycle::new(Duration::from_millis(100));
