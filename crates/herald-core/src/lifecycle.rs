@@ -127,6 +127,11 @@ pub trait LifecycleStore: Send + Sync {
     async fn ack(&self, event: &LifecycleEvent) -> Result<(), EngineError>;
     /// Events dropped unsent because the store was full.
     fn overflowed(&self) -> u64;
+    /// The node stops: gives up what it holds (the delivery lease), so that another node takes over at
+    /// once rather than when it lapses.
+    async fn close(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 /// A new event ID: `msg_` and 32 random hex digits (never reused, also across restarts).

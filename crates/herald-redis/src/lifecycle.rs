@@ -96,6 +96,15 @@ end
 return 0
 "#;
 
+/// Gives the lease up if this node holds it. KEYS: lease. ARGV: node.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"#;
+
 /// The Redis lifecycle store of one node.
 pub struct RedisLifecycle {
     inner: Arc<Inner>,
@@ -111,12 +120,15 @@ struct Inner {
     node_ttl: Duration,
     /// Whether this node held the lease at its last renewal (kept by the lease task).
     leading: AtomicBool,
+    /// The node stopped: the lease task ends, and the lease is not taken again.
+    closed: AtomicBool,
     /// When the leader last swept dead nodes (Unix ms).
     last_sweep: AtomicU64,
     arrive: Script,
     depart: Script,
     finish: Script,
     lead: Script,
+    release: Script,
 }
 
 /// What a transition is about: the channel, or a user in it.
@@ -284,6 +296,9 @@ async fn keep_lease(inner: Weak<Inner>) {
     loop {
         interval.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        if inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
         let held = match inner.renew_lease().await {
             Ok(held) => held,
             Err(error) => {
@@ -315,11 +330,13 @@ impl RedisLifecycle {
             grace,
             node_ttl,
             leading: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             last_sweep: AtomicU64::new(0),
             arrive: Script::new(ARRIVE),
             depart: Script::new(DEPART),
             finish: Script::new(FINISH),
             lead: Script::new(LEAD),
+            release: Script::new(RELEASE),
         });
         inner.release_node(node, now_ms()).await?;
         tokio::spawn(keep_lease(Arc::downgrade(&inner)));
@@ -408,6 +425,17 @@ impl LifecycleStore for RedisLifecycle {
 
     fn overflowed(&self) -> u64 {
         0
+    }
+
+    async fn close(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Relaxed);
+        inner.leading.store(false, Ordering::Relaxed);
+        let live = inner.commands.get().await?;
+        let mut conn = live.conn.clone();
+        let mut invocation = inner.release.prepare_invoke();
+        invocation.key(inner.key("hooks:leader")).arg(&inner.node);
+        inner.commands.on(&live, invocation.invoke_async::<i64>(&mut conn)).await.map(drop)
     }
 }
 

@@ -127,14 +127,20 @@ impl Hooks {
     }
 
     /// Stops them, waiting up to `bound` for the recorder to record the transitions already queued (a
-    /// graceful shutdown, once every connection is closed).
+    /// graceful shutdown, once every connection is closed), then gives up the delivery lease.
     pub async fn shutdown(&self, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
         self.stop.cancel();
         let recorder = self.recorder.lock().ok().and_then(|mut recorder| recorder.take());
         if let Some(recorder) = recorder {
-            if tokio::time::timeout(bound, recorder).await.is_err() {
+            if tokio::time::timeout_at(deadline, recorder).await.is_err() {
                 tracing::warn!("hooks: lifecycle transitions still unrecorded at shutdown; the engine releases them");
             }
+        }
+        match tokio::time::timeout_at(deadline, self.store.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "hooks: the delivery lease could not be given up; it lapses"),
+            Err(_) => tracing::warn!("hooks: the delivery lease was not given up in time; it lapses"),
         }
     }
 

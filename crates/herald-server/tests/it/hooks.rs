@@ -450,31 +450,33 @@ async fn a_node_stopped_gracefully_records_its_leaving_at_once() {
     let redis = herald_testkit::RedisServer::start();
     let prefix = format!("t{:08x}", rand::random::<u32>());
     // Leases of ten minutes: a channel vacated within the test was recorded by the stopping node itself,
-    // not released by the others after its lease.
-    let (url, hooks, node_prefix) = (redis.url(), hooked(addr, 300), prefix.clone());
-    let a = Server::with(move |config: &mut Config| {
+    // not released by the others after its lease. The process node starts first, so it delivers; the
+    // grace (2 s) outlasts its shutdown, so the node that takes over ends it and sends the events.
+    let (hook_url, redis_url) = (format!("http://{addr}/hooks"), redis.url());
+    let node_c = "hooks-t";
+    let mut c = crate::process::Node::spawn(&[
+        ("HERALD_NODE_ID", node_c),
+        ("HERALD_ENGINE", redis_url.as_str()),
+        ("HERALD_REDIS__PREFIX", prefix.as_str()),
+        ("HERALD_REDIS__NODE_TTL_SECS", "600"),
+        ("HERALD_HOOKS__URL", hook_url.as_str()),
+        ("HERALD_HOOKS__SECRET", HOOK_SECRET),
+        ("HERALD_HOOKS__VACATED_GRACE_MS", "2000"),
+        ("HERALD_JWT_HS256_SECRET", JWT_SECRET),
+        ("HERALD_NAMESPACES__ROOM__SUBSCRIBE", "authenticated"),
+        ("HERALD_DRAIN_WINDOW_MS", "100"),
+    ]);
+    let leader = format!("{prefix}:hooks:leader");
+    let holder = || redis.query::<Option<String>>(&["GET", &leader]).ok().flatten();
+    eventually("the process node delivers", || holder().as_deref() == Some(node_c)).await;
+    let (url, hooks, node_prefix) = (redis.url(), hooked(addr, 2000), prefix.clone());
+    let _a = Server::with(move |config: &mut Config| {
         hooks(config);
         config.engine = url;
         config.redis.prefix = node_prefix;
         config.redis.node_ttl_secs = 600;
     })
     .await;
-    let leader = format!("{prefix}:hooks:leader");
-    let node_a = a.state.settings().node_id.clone();
-    let holder = || redis.query::<Option<String>>(&["GET", &leader]).ok().flatten();
-    eventually("the in-process node delivers", || holder().as_deref() == Some(node_a.as_str())).await;
-    let (hook_url, redis_url) = (format!("http://{addr}/hooks"), redis.url());
-    let mut c = crate::process::Node::spawn(&[
-        ("HERALD_ENGINE", redis_url.as_str()),
-        ("HERALD_REDIS__PREFIX", prefix.as_str()),
-        ("HERALD_REDIS__NODE_TTL_SECS", "600"),
-        ("HERALD_HOOKS__URL", hook_url.as_str()),
-        ("HERALD_HOOKS__SECRET", HOOK_SECRET),
-        ("HERALD_HOOKS__VACATED_GRACE_MS", "300"),
-        ("HERALD_JWT_HS256_SECRET", JWT_SECRET),
-        ("HERALD_NAMESPACES__ROOM__SUBSCRIBE", "authenticated"),
-        ("HERALD_DRAIN_WINDOW_MS", "100"),
-    ]);
     let url = c.url(&format!("/v1/sse?channel=room:3&token={}", token("frank")));
     let mut frank = Sse::connect_url(&url, None).await.expect("SSE on the process node");
     assert_eq!(frank.next().await.0, "herald.connected");
@@ -482,6 +484,8 @@ async fn a_node_stopped_gracefully_records_its_leaving_at_once() {
 
     c.signal("TERM");
     assert_eq!(c.wait_exit(std::time::Duration::from_secs(10)), Some(0));
+    // It gave its lease up as it stopped (it would hold it seconds more otherwise).
+    assert_ne!(holder().as_deref(), Some(node_c), "the stopped node gave up the delivery lease");
     drop(frank);
     wait_for(&backend, 4).await;
     let events: Vec<(String, String, Option<String>)> = backend.received().iter().map(Received::event).collect();
