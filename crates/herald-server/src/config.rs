@@ -290,7 +290,9 @@ pub struct HooksSection {
     /// `http://…` the backend that receives the events; unset: no lifecycle webhooks.
     pub url: Option<String>,
     /// `whsec_<base64>` (24 to 64 bytes once decoded): the key of the Standard Webhooks signature.
-    pub secret: Option<String>,
+    /// Several (a list, or comma-separated) while rotating: each request is signed with each.
+    #[serde(deserialize_with = "string_or_list")]
+    pub secret: Vec<String>,
     /// Milliseconds one delivery attempt may take, its whole answer included.
     pub timeout_ms: u64,
     /// Milliseconds a channel (or a user in it) must stay empty before it counts as vacated (left): a
@@ -314,7 +316,7 @@ impl Default for HooksSection {
     fn default() -> Self {
         Self {
             url: None,
-            secret: None,
+            secret: Vec::new(),
             timeout_ms: 5000,
             vacated_grace_ms: 5000,
             max_attempts: 10,
@@ -841,6 +843,9 @@ fn check_proxy(config: &Config, problems: &mut Vec<String>) {
     }
 }
 
+/// Secrets a request of the lifecycle webhooks may be signed with at once (a rotation needs two).
+const MAX_HOOK_SECRETS: usize = 4;
+
 /// The lifecycle webhooks: an `http://` URL with a `whsec_` secret, sane bounds, an engine that has a
 /// lifecycle store, and no namespace asking for hooks without a URL.
 fn check_hooks(config: &Config, problems: &mut Vec<String>) {
@@ -848,7 +853,7 @@ fn check_hooks(config: &Config, problems: &mut Vec<String>) {
     let asking: Vec<&String> =
         config.namespaces.iter().filter(|(_, ns)| ns.hooks == Some(true)).map(|(name, _)| name).collect();
     let Some(url) = &hooks.url else {
-        if hooks.secret.is_some() {
+        if !hooks.secret.is_empty() {
             problems.push("hooks.secret is set but hooks.url is not (no event would be sent)".to_owned());
         }
         if !asking.is_empty() {
@@ -863,13 +868,16 @@ fn check_hooks(config: &Config, problems: &mut Vec<String>) {
         )),
         _ => problems.push(format!("hooks.url: {url:?} must be an http:// URL with a host")),
     }
-    match &hooks.secret {
-        None => problems
-            .push("hooks.secret must be set when hooks.url is (whsec_ and the base64 of 24 to 64 bytes)".to_owned()),
-        Some(secret) => {
-            if let Err(problem) = crate::hooks::secret_key(secret) {
-                problems.push(format!("hooks.secret: {problem}"));
-            }
+    if hooks.secret.is_empty() {
+        problems
+            .push("hooks.secret must be set when hooks.url is (whsec_ and the base64 of 24 to 64 bytes)".to_owned());
+    }
+    if hooks.secret.len() > MAX_HOOK_SECRETS {
+        problems.push(format!("hooks.secret: at most {MAX_HOOK_SECRETS} secrets (while rotating)"));
+    }
+    for secret in &hooks.secret {
+        if let Err(problem) = crate::hooks::secret_key(secret) {
+            problems.push(format!("hooks.secret: {problem}"));
         }
     }
     if !(1..=60_000).contains(&hooks.timeout_ms) {
@@ -1092,6 +1100,8 @@ mod tests {
             (with(&[("HERALD_HOOKS__RETRY_MAX_MS", "10")]), "hooks.retry_max_ms"),
             (with(&[("HERALD_HOOKS__MAX_EVENT_AGE_SECS", "0")]), "hooks.max_event_age_secs"),
             (with(&[("HERALD_HOOKS__MAX_CONCURRENT", "0")]), "hooks.max_concurrent"),
+            (with(&[("HERALD_HOOKS__SECRET", &format!("{SECRET},whsec_short"))]), "not base64"),
+            (with(&[("HERALD_HOOKS__SECRET", &[SECRET; 5].join(","))]), "at most 4 secrets"),
             (with(&[("HERALD_ENGINE", "redis+cluster://127.0.0.1:7000")]), "not supported on this engine yet"),
             (with(&[("HERALD_ENGINE", "nats://127.0.0.1:4222")]), "not supported on this engine yet"),
             (env(&[("HERALD_HOOKS__SECRET", SECRET)]), "hooks.url is not"),

@@ -161,8 +161,15 @@ impl Hooks {
 /// hub's lifecycle sink and spawns the recorder and the deliverer (until [`Hooks::stop`]).
 pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Result<Option<Hooks>, String> {
     let hooks = &config.hooks;
-    let (Some(url), Some(secret)) = (&hooks.url, &hooks.secret) else { return Ok(None) };
-    let key = secret_key(secret).map_err(|e| format!("hooks.secret: {e}"))?;
+    let Some(url) = &hooks.url else { return Ok(None) };
+    let keys = hooks
+        .secret
+        .iter()
+        .map(|secret| secret_key(secret).map_err(|e| format!("hooks.secret: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err("hooks.secret must be set when hooks.url is".to_owned());
+    }
     let stop = CancellationToken::new();
     let client = reqwest::Client::builder()
         // The backend is the operator's own service: no environment proxy, no redirects (a 3xx is not
@@ -182,7 +189,7 @@ pub fn start(hub: &Hub, config: &Config, store: Arc<dyn LifecycleStore>) -> Resu
     let sender = Sender {
         client,
         url: url.clone(),
-        key,
+        keys,
         timeout: Duration::from_millis(hooks.timeout_ms),
         max_attempts: hooks.max_attempts.max(1),
         retry_initial: Duration::from_millis(hooks.retry_initial_ms),
@@ -407,7 +414,8 @@ enum Attempt {
 struct Sender {
     client: reqwest::Client,
     url: String,
-    key: Vec<u8>,
+    /// The keys each request is signed with (more than one while a secret is rotated).
+    keys: Vec<Vec<u8>>,
     timeout: Duration,
     max_attempts: u32,
     retry_initial: Duration,
@@ -461,6 +469,12 @@ impl Sender {
             "hooks: event dropped after its last attempt");
     }
 
+    /// `webhook-signature`: one `v1,…` per key, space-separated (Standard Webhooks' rotation).
+    fn signatures(&self, id: &str, timestamp: u64, body: &[u8]) -> String {
+        let signatures: Vec<String> = self.keys.iter().map(|key| signature(key, id, timestamp, body)).collect();
+        signatures.join(" ")
+    }
+
     async fn attempt(&self, event: &LifecycleEvent, body: &[u8]) -> Attempt {
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let request = self
@@ -470,7 +484,7 @@ impl Sender {
             .header("content-type", "application/json")
             .header("webhook-id", &event.id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature(&self.key, &event.id, timestamp, body))
+            .header("webhook-signature", self.signatures(&event.id, timestamp, body))
             .body(body.to_vec());
         match request.send().await {
             Ok(answer) if answer.status().is_success() => Attempt::Sent,

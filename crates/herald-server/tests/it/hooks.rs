@@ -123,6 +123,11 @@ fn token(sub: &str) -> String {
 
 /// How many of `received` do NOT carry a valid Standard Webhooks signature, by Python's `hmac`.
 fn invalid_signatures(received: &[Received]) -> usize {
+    invalid_signatures_for(received, HOOK_SECRET)
+}
+
+/// How many of `received` carry no signature valid with `secret`, by Python's `hmac`.
+fn invalid_signatures_for(received: &[Received], secret: &str) -> usize {
     use std::io::Write;
     const VERIFY: &str = r#"
 import base64, hashlib, hmac, json, sys
@@ -140,7 +145,7 @@ print(bad)
         .map(|r| json!({"id": r.id, "timestamp": r.timestamp, "signature": r.signature, "body": r.body}))
         .collect();
     let mut child = std::process::Command::new("python3")
-        .args(["-c", VERIFY, HOOK_SECRET])
+        .args(["-c", VERIFY, secret])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -154,7 +159,7 @@ print(bad)
 fn hooked(backend: SocketAddr, grace_ms: u64) -> impl FnOnce(&mut Config) {
     move |config: &mut Config| {
         config.hooks.url = Some(format!("http://{backend}/hooks"));
-        config.hooks.secret = Some(HOOK_SECRET.into());
+        config.hooks.secret = vec![HOOK_SECRET.into()];
         config.hooks.vacated_grace_ms = grace_ms;
         config.hooks.retry_initial_ms = 20;
         config.hooks.retry_max_ms = 100;
@@ -566,4 +571,24 @@ async fn channels_are_sent_side_by_side_each_in_order() {
     let slow: Vec<String> =
         backend.received().iter().filter(|r| r.event().1 == "room:slow").map(|r| r.event().0).collect();
     assert_eq!(slow, ["channel.occupied", "presence.joined"]);
+}
+
+#[tokio::test]
+async fn while_a_secret_is_rotated_each_request_is_signed_with_both() {
+    const NEW_SECRET: &str = "whsec_3Hq0V1m2b0z2kTQ8cNwXk6f9Yx8uJ1zq8s0dE4rYb2E=";
+    let (backend, addr) = start_backend(&[]).await;
+    let hooks = hooked(addr, 0);
+    let server = Server::with(|config: &mut Config| {
+        hooks(config);
+        config.hooks.secret = vec![NEW_SECRET.into(), HOOK_SECRET.into()];
+    })
+    .await;
+    let _kim = open(&server, "room:5", "kim").await;
+    wait_for(&backend, 2).await;
+    let received = backend.received();
+    assert!(received.iter().all(|r| r.signature.split(' ').count() == 2), "{received:?}");
+    assert_eq!(invalid_signatures_for(&received, NEW_SECRET), 0, "a backend with the new secret verifies");
+    assert_eq!(invalid_signatures_for(&received, HOOK_SECRET), 0, "and one still on the old secret too");
+    let other = "whsec_ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=";
+    assert_eq!(invalid_signatures_for(&received, other), 2, "another secret does not");
 }
