@@ -7,6 +7,8 @@
 //! - A channel with no local subscriber has no entry here, and a closed connection leaves nothing
 //!   behind (the [`Session`] removes itself on drop, synchronously).
 //! - No lock is held across `.await`; locks are std mutexes taken inside sync methods.
+//! - Lifecycle transitions (first and last member of a channel, of a user in it) are sent under the
+//!   channel's shard lock, so in the order membership changed, into an unbounded queue: never a wait.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -21,6 +23,7 @@ use crate::engine::ReceiptRequest;
 use crate::engine::{
     Engine, EngineError, EngineSink, History, NodeInfo, PresenceEntry, PublishOutcome, PublishRequest, SubscribeFuture,
 };
+use crate::lifecycle::{LifecycleSink, Transition};
 use crate::outbound::Control;
 pub use crate::outbound::{CloseHook, CloseReason, Outbound};
 use crate::position::Position;
@@ -82,12 +85,23 @@ pub enum HubError {
     NotSubscribed(ChannelName),
 }
 
-/// Channel -> (connection ID -> member), one map per shard.
-type ChannelMap = HashMap<ChannelName, HashMap<u64, Member>>;
+/// Channel -> its local members, one map per shard.
+type ChannelMap = HashMap<ChannelName, ChannelEntry>;
+
+/// One channel's local members.
+#[derive(Default)]
+pub(crate) struct ChannelEntry {
+    /// Connection ID -> member.
+    members: HashMap<u64, Member>,
+    /// Members per user, kept only while lifecycle transitions are wanted for the channel.
+    users: HashMap<String, usize>,
+}
 
 pub(crate) struct Member {
     tx: mpsc::Sender<Outbound>,
     control: Arc<Control>,
+    /// The member's user, when its channel's lifecycle is tracked (see [`ChannelEntry::users`]).
+    user: Option<String>,
 }
 
 pub(crate) struct ConnectionRecord {
@@ -135,6 +149,8 @@ pub(crate) struct HubShared {
     receipts: Mutex<HashMap<u64, Arc<Receipt>>>,
     next_receipt: AtomicU64,
     deliver_hook: std::sync::OnceLock<DeliverHook>,
+    /// Where channel and user transitions go (lifecycle webhooks); none: not tracked.
+    lifecycle: std::sync::OnceLock<LifecycleSink>,
 }
 
 /// Called after a publication that carries a trace context was handed to this node's connections,
@@ -155,6 +171,7 @@ impl Hub {
             receipts: Mutex::new(HashMap::new()),
             next_receipt: AtomicU64::new(1),
             deliver_hook: std::sync::OnceLock::new(),
+            lifecycle: std::sync::OnceLock::new(),
         });
         let sink: Arc<dyn EngineSink> = shared.clone();
         let weak: Weak<dyn EngineSink> = Arc::downgrade(&sink);
@@ -169,6 +186,12 @@ impl Hub {
     /// Installs the hook called for traced publications after fan-out (only the first one is kept).
     pub fn set_deliver_hook(&self, hook: DeliverHook) {
         let _ = self.shared.deliver_hook.set(hook);
+    }
+
+    /// Sends this node's channel and user transitions to `sink` from now on (only the first sink is
+    /// kept; install it before the first connection, so that every leave has its join).
+    pub fn set_lifecycle(&self, sink: LifecycleSink) {
+        let _ = self.shared.lifecycle.set(sink);
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -320,27 +343,60 @@ impl HubShared {
     /// Adds a member and returns the engine's subscription, live once the future resolves. The engine
     /// is asked under the shard lock, so subscribe and unsubscribe requests reach it in the order the
     /// channel's membership changed (no lost subscription when the last leaves as the next joins).
+    /// The lifecycle transitions (occupied, joined) are queued under the same lock, in order.
     pub(crate) fn join(
         &self,
         channel: &ChannelName,
         id: u64,
+        user: Option<&str>,
         tx: mpsc::Sender<Outbound>,
         control: Arc<Control>,
     ) -> SubscribeFuture {
         let mut shard = lock(self.shard(channel));
-        let members = shard.entry(channel.clone()).or_default();
-        members.insert(id, Member { tx, control });
+        let lifecycle = self.lifecycle.get().filter(|sink| sink.wants(channel));
+        let first = !shard.contains_key(channel);
+        let entry = shard.entry(channel.clone()).or_default();
+        let user = lifecycle.and(user).map(str::to_owned);
+        if let Some(sink) = lifecycle {
+            if first {
+                sink.send(Transition::Occupied(channel.clone()));
+            }
+            if let Some(user) = &user {
+                let count = entry.users.entry(user.clone()).or_default();
+                *count += 1;
+                if *count == 1 {
+                    sink.send(Transition::Joined(channel.clone(), user.clone()));
+                }
+            }
+        }
+        entry.members.insert(id, Member { tx, control, user });
         self.engine.subscribe(channel)
     }
 
-    /// Removes a member; the last one out releases the engine's subscription (under the same lock).
+    /// Removes a member; the last one out releases the engine's subscription (under the same lock),
+    /// and the lifecycle transitions (left, vacated) are queued under it too.
     pub(crate) fn leave(&self, channel: &ChannelName, id: u64) {
         let mut shard = lock(self.shard(channel));
-        let Some(members) = shard.get_mut(channel) else { return };
-        members.remove(&id);
-        if members.is_empty() {
+        let Some(entry) = shard.get_mut(channel) else { return };
+        let Some(member) = entry.members.remove(&id) else { return };
+        let lifecycle = self.lifecycle.get().filter(|sink| sink.wants(channel));
+        if let Some(user) = member.user {
+            if let Some(count) = entry.users.get_mut(&user) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    entry.users.remove(&user);
+                    if let Some(sink) = lifecycle {
+                        sink.send(Transition::Left(channel.clone(), user));
+                    }
+                }
+            }
+        }
+        if entry.members.is_empty() {
             shard.remove(channel);
             self.engine.unsubscribe(channel);
+            if let Some(sink) = lifecycle {
+                sink.send(Transition::Vacated(channel.clone()));
+            }
         }
     }
 
@@ -398,7 +454,7 @@ impl EngineSink for HubShared {
     fn deliver(&self, publication: Arc<Publication>) {
         let receipt = publication.receipt.and_then(|id| lock(&self.receipts).get(&id).cloned());
         let shard = lock(self.shard(&publication.channel));
-        let Some(members) = shard.get(&publication.channel) else {
+        let Some(members) = shard.get(&publication.channel).map(|entry| &entry.members) else {
             drop(shard);
             self.stats.no_subscriber.fetch_add(1, Ordering::Relaxed);
             if let Some(receipt) = receipt {
@@ -449,7 +505,7 @@ impl EngineSink for HubShared {
 
     fn resync(&self, channel: &ChannelName, top: &Position) {
         let shard = lock(self.shard(channel));
-        let Some(members) = shard.get(channel) else { return };
+        let Some(members) = shard.get(channel).map(|entry| &entry.members) else { return };
         for member in members.values() {
             let item = Outbound::Resync(Box::new((channel.clone(), top.clone())));
             if let Err(mpsc::error::TrySendError::Full(_)) = member.tx.try_send(item) {

@@ -15,6 +15,7 @@ pub mod channel;
 pub mod cluster;
 pub mod engine;
 pub mod hub;
+pub mod lifecycle;
 pub mod memory;
 pub mod outbound;
 pub mod policy;
@@ -34,6 +35,7 @@ pub use engine::{
     PublishRequest, ReceiptRequest,
 };
 pub use hub::{DeliveryReport, Hub, HubConfig, HubError};
+pub use lifecycle::{EventKind, LifecycleEvent, LifecycleSink, LifecycleStore, MemoryLifecycle, Transition};
 pub use memory::MemoryEngine;
 pub use outbound::{CloseHook, CloseReason, Outbound};
 pub use policy::{HistoryPolicy, Policies};

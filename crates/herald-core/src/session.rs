@@ -202,7 +202,7 @@ impl Session {
         if self.positions.len() >= max {
             return Err(HubError::TooManyChannels(max));
         }
-        let live = self.shared.join(&channel, self.id, self.tx.clone(), self.control.clone());
+        let live = self.shared.join(&channel, self.id, self.user.as_deref(), self.tx.clone(), self.control.clone());
         match self.start_position(&channel, live, start, out).await {
             Ok(position) => {
                 self.positions.insert(channel, position.clone());

@@ -18,14 +18,16 @@
 //! Modules, each knowing only those below it: `connection.rs` (where the primary is; the command
 //! connection), `keys.rs` (key names), `scripts.rs` (the Lua scripts), `topology.rs` (a cluster's
 //! shards, for the probe), and on top of them
-//! `channels.rs` (positions and history reads), `durable.rs` (waiting for replicas) and `subscriber.rs`
-//! (the pub/sub connection and its tasks). This file ties them into the [`Backplane`], with presence and
+//! `channels.rs` (positions and history reads), `durable.rs` (waiting for replicas), `subscriber.rs`
+//! (the pub/sub connection and its tasks) and `lifecycle.rs` (the lifecycle webhooks' store, on a
+//! command connection of its own: [`lifecycle`]). This file ties them into the [`Backplane`], with presence and
 //! cluster state, which are a command or two each.
 
 mod channels;
 mod connection;
 mod durable;
 mod keys;
+mod lifecycle;
 mod scripts;
 mod subscriber;
 mod topology;
@@ -50,6 +52,7 @@ use connection::Commands;
 pub use connection::{Identity, Target};
 use durable::Replication;
 pub use keys::Keys;
+pub use lifecycle::RedisLifecycle;
 use subscriber::PubSub;
 
 /// How long a starting node waits for Redis to become reachable.
@@ -185,6 +188,20 @@ pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
         }),
     };
     Ok(ClusterEngine::new(redis, relay))
+}
+
+/// The lifecycle store (lifecycle webhooks) of `config`'s node, on a command connection of its own,
+/// with graces of `grace`. Not on a Redis Cluster (its scripts touch a channel's keys and the one events
+/// stream together).
+pub async fn lifecycle(config: &RedisConfig, grace: Duration) -> Result<RedisLifecycle, EngineError> {
+    let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
+    let commands = Arc::new(Commands::new(target, connector(config)?, config.command_timeout));
+    commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
+    if commands.cluster().is_some() {
+        return Err(EngineError::Protocol("lifecycle webhooks are not supported on a Redis Cluster yet".into()));
+    }
+    let nodes = Keys::new(&config.prefix, &config.node_id, false).nodes();
+    RedisLifecycle::start(commands, &config.prefix, nodes, &config.node_id, grace, config.node_ttl).await
 }
 
 impl Redis {

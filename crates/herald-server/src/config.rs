@@ -95,6 +95,9 @@ pub struct Config {
     /// The connect and subscribe proxies: the application's backend decides who a client is and what
     /// it may subscribe to (`proxy.rs`).
     pub proxy: ProxySection,
+    /// Lifecycle webhooks: channel occupied and vacated, users joined and left, POSTed to the backend
+    /// (`hooks.rs`).
+    pub hooks: HooksSection,
     /// How long an idempotency key is remembered, in seconds.
     pub dedup_window_secs: u64,
     /// Longest a graceful shutdown may take before the process exits anyway, in seconds.
@@ -126,6 +129,8 @@ pub struct NamespaceConfig {
     /// `stream` (the default): a subscriber without a position starts at the top. `latest`: it gets the
     /// channel's latest publication first.
     pub mode: Option<NamespaceMode>,
+    /// Lifecycle webhooks for this namespace's channels; default: on when `hooks.url` is set.
+    pub hooks: Option<bool>,
 }
 
 /// How a namespace's channels start a subscriber that brings no position.
@@ -278,6 +283,51 @@ pub struct ProxySection {
     pub max_response_bytes: usize,
 }
 
+/// The lifecycle webhooks (docs/config.md, "Lifecycle webhooks").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksSection {
+    /// `http://…` the backend that receives the events; unset: no lifecycle webhooks.
+    pub url: Option<String>,
+    /// `whsec_<base64>` (24 to 64 bytes once decoded): the key of the Standard Webhooks signature.
+    /// Several (a list, or comma-separated) while rotating: each request is signed with each.
+    #[serde(deserialize_with = "string_or_list")]
+    pub secret: Vec<String>,
+    /// Milliseconds one delivery attempt may take, its whole answer included.
+    pub timeout_ms: u64,
+    /// Milliseconds a channel (or a user in it) must stay empty before it counts as vacated (left): a
+    /// client back within this time makes no event at all.
+    pub vacated_grace_ms: u64,
+    /// Attempts per event before it is dropped (counted as dropped).
+    pub max_attempts: u32,
+    /// Milliseconds before the first retry; each following one waits twice as long, up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    /// Longest wait between two attempts, in milliseconds.
+    pub retry_max_ms: u64,
+    /// Seconds after its change an event is still worth sending; an older one is dropped unsent (a
+    /// backend back after a long outage gets what is still news, not a flood of stale events).
+    pub max_event_age_secs: u64,
+    /// Channels whose events are sent side by side (each channel's stay in order); 1: one event at a
+    /// time, all in order.
+    pub max_concurrent: usize,
+}
+
+impl Default for HooksSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            secret: Vec::new(),
+            timeout_ms: 5000,
+            vacated_grace_ms: 5000,
+            max_attempts: 10,
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
+            max_event_age_secs: 3600,
+            max_concurrent: 16,
+        }
+    }
+}
+
 impl Default for ProxySection {
     fn default() -> Self {
         Self {
@@ -351,6 +401,7 @@ impl Default for Config {
             redis: RedisSection::default(),
             nats: NatsSection::default(),
             proxy: ProxySection::default(),
+            hooks: HooksSection::default(),
             dedup_window_secs: 24 * 60 * 60,
             shutdown_grace_secs: 10,
             drain_window_ms: 3000,
@@ -597,6 +648,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     check_limits(&config, &mut problems);
     check_namespaces(&config.namespaces, &mut problems);
     check_proxy(&config, &mut problems);
+    check_hooks(&config, &mut problems);
     check_http(&config, &mut problems);
     let client_keys = check_credentials(&config, &mut problems);
     if let (Ok(address), Some(keys)) = (&listen, &client_keys) {
@@ -784,6 +836,76 @@ fn check_proxy(config: &Config, problems: &mut Vec<String>) {
     }
 }
 
+/// Secrets a request of the lifecycle webhooks may be signed with at once (a rotation needs two).
+const MAX_HOOK_SECRETS: usize = 4;
+
+/// The lifecycle webhooks: an `http://` URL with a `whsec_` secret, sane bounds, an engine that has a
+/// lifecycle store, and no namespace asking for hooks without a URL.
+fn check_hooks(config: &Config, problems: &mut Vec<String>) {
+    let hooks = &config.hooks;
+    let asking: Vec<&String> =
+        config.namespaces.iter().filter(|(_, ns)| ns.hooks == Some(true)).map(|(name, _)| name).collect();
+    let Some(url) = &hooks.url else {
+        if !hooks.secret.is_empty() {
+            problems.push("hooks.secret is set but hooks.url is not (no event would be sent)".to_owned());
+        }
+        if !asking.is_empty() {
+            problems.push(format!("namespaces {asking:?} have hooks = true but hooks.url is not set"));
+        }
+        return;
+    };
+    match axum::http::Uri::try_from(url.as_str()) {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()) => {}
+        Ok(uri) if uri.scheme_str() == Some("https") => problems.push(format!(
+            "hooks.url: {url:?}: https is not supported in this build; reach the backend over http:// on a private network"
+        )),
+        _ => problems.push(format!("hooks.url: {url:?} must be an http:// URL with a host")),
+    }
+    if hooks.secret.is_empty() {
+        problems
+            .push("hooks.secret must be set when hooks.url is (whsec_ and the base64 of 24 to 64 bytes)".to_owned());
+    }
+    if hooks.secret.len() > MAX_HOOK_SECRETS {
+        problems.push(format!("hooks.secret: at most {MAX_HOOK_SECRETS} secrets (while rotating)"));
+    }
+    for secret in &hooks.secret {
+        if let Err(problem) = crate::hooks::secret_key(secret) {
+            problems.push(format!("hooks.secret: {problem}"));
+        }
+    }
+    if !(1..=60_000).contains(&hooks.timeout_ms) {
+        problems.push("hooks.timeout_ms must be 1 to 60000".to_owned());
+    }
+    if hooks.vacated_grace_ms > 600_000 {
+        problems.push("hooks.vacated_grace_ms must be 0 to 600000".to_owned());
+    }
+    if !(1..=100).contains(&hooks.max_attempts) {
+        problems.push("hooks.max_attempts must be 1 to 100".to_owned());
+    }
+    if !(1..=3_600_000).contains(&hooks.retry_initial_ms) {
+        problems.push("hooks.retry_initial_ms must be 1 to 3600000".to_owned());
+    }
+    if hooks.retry_max_ms < hooks.retry_initial_ms || hooks.retry_max_ms > 3_600_000 {
+        problems.push("hooks.retry_max_ms must be at least hooks.retry_initial_ms and at most 3600000".to_owned());
+    }
+    if !(1..=256).contains(&hooks.max_concurrent) {
+        problems.push("hooks.max_concurrent must be 1 to 256".to_owned());
+    }
+    if !(1..=7 * 24 * 3600).contains(&hooks.max_event_age_secs) {
+        problems.push("hooks.max_event_age_secs must be 1 to 604800".to_owned());
+    }
+    let supported = config.engine == "memory"
+        || (crate::engines::kind_of(&config.engine) == Some(crate::engines::REDIS)
+            && !config.engine.contains("+cluster://"));
+    if !supported {
+        problems.push(format!(
+            "hooks: lifecycle webhooks are not supported on this engine yet ({:?}); this build has them with \
+             engine = \"memory\", redis://, rediss:// and redis+sentinel:// (not Redis Cluster, not NATS)",
+            config.engine
+        ));
+    }
+}
+
 /// Allowed browser origins and the trace collector.
 fn check_http(config: &Config, problems: &mut Vec<String>) {
     for origin in &config.cors_allowed_origins {
@@ -937,6 +1059,51 @@ mod tests {
         let mut proxied = exposed.clone();
         proxied.extend(env(&[("HERALD_PROXY__CONNECT_URL", "http://10.0.0.2/connect")]));
         assert!(load(&Cli::default(), &proxied).is_ok());
+    }
+
+    #[test]
+    fn hooks_settings_come_from_the_environment_and_are_checked() {
+        const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let e = env(&[
+            ("HERALD_HOOKS__URL", "http://127.0.0.1:3000/herald/hooks"),
+            ("HERALD_HOOKS__SECRET", SECRET),
+            ("HERALD_HOOKS__VACATED_GRACE_MS", "250"),
+            ("HERALD_NAMESPACES__QUIET__HOOKS", "false"),
+        ]);
+        let settings = load(&Cli::default(), &e).expect("valid");
+        assert!(settings.ignored_env.is_empty(), "{:?}", settings.ignored_env);
+        assert_eq!(settings.config.hooks.url.as_deref(), Some("http://127.0.0.1:3000/herald/hooks"));
+        assert_eq!(settings.config.hooks.vacated_grace_ms, 250);
+        assert_eq!(settings.config.namespaces["quiet"].hooks, Some(false));
+        let with = |extra: &[(&str, &str)]| {
+            let mut pairs = env(&[("HERALD_HOOKS__URL", "http://127.0.0.1:3000/h"), ("HERALD_HOOKS__SECRET", SECRET)]);
+            pairs.extend(env(extra));
+            pairs
+        };
+        let cases: Vec<(Vec<(String, String)>, &str)> = vec![
+            (env(&[("HERALD_HOOKS__URL", "http://127.0.0.1:3000/h")]), "hooks.secret must be set"),
+            (with(&[("HERALD_HOOKS__SECRET", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]), "must start with whsec_"),
+            (with(&[("HERALD_HOOKS__SECRET", "whsec_not*base64")]), "not base64"),
+            (with(&[("HERALD_HOOKS__SECRET", "whsec_c2hvcnQ=")]), "24 to 64 bytes"),
+            (with(&[("HERALD_HOOKS__URL", "https://backend.internal/h")]), "https is not supported"),
+            (with(&[("HERALD_HOOKS__URL", "backend.internal/h")]), "http:// URL"),
+            (with(&[("HERALD_HOOKS__VACATED_GRACE_MS", "600001")]), "hooks.vacated_grace_ms"),
+            (with(&[("HERALD_HOOKS__TIMEOUT_MS", "0")]), "hooks.timeout_ms"),
+            (with(&[("HERALD_HOOKS__MAX_ATTEMPTS", "0")]), "hooks.max_attempts"),
+            (with(&[("HERALD_HOOKS__RETRY_MAX_MS", "10")]), "hooks.retry_max_ms"),
+            (with(&[("HERALD_HOOKS__MAX_EVENT_AGE_SECS", "0")]), "hooks.max_event_age_secs"),
+            (with(&[("HERALD_HOOKS__MAX_CONCURRENT", "0")]), "hooks.max_concurrent"),
+            (with(&[("HERALD_HOOKS__SECRET", &format!("{SECRET},whsec_short"))]), "not base64"),
+            (with(&[("HERALD_HOOKS__SECRET", &[SECRET; 5].join(","))]), "at most 4 secrets"),
+            (with(&[("HERALD_ENGINE", "redis+cluster://127.0.0.1:7000")]), "not supported on this engine yet"),
+            (with(&[("HERALD_ENGINE", "nats://127.0.0.1:4222")]), "not supported on this engine yet"),
+            (env(&[("HERALD_HOOKS__SECRET", SECRET)]), "hooks.url is not"),
+            (env(&[("HERALD_NAMESPACES__ROOM__HOOKS", "true")]), "hooks.url is not set"),
+        ];
+        for (pairs, problem) in cases {
+            let problems = load(&Cli::default(), &pairs).expect_err(problem);
+            assert!(problems.iter().any(|p| p.contains(problem)), "{problem}: {problems:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!
 //! Modules depend one way: `error`, `env`, `credentials` and `socket` need nothing of the crate;
 //! `config` is plain data (with `credentials` and `env`); `auth` and `proxy` (the connect and
-//! subscribe proxies) decide who a client is and what it may hold; `state` holds what handlers share; the
+//! subscribe proxies) decide who a client is and what it may hold; `hooks` sends the lifecycle webhooks
+//! (with `config` only); `state` holds what handlers share; the
 //! handlers (`api`, `history`, `sse`, `ws`, `ops`) and the accept loop (`serve`, with `head`) sit on
 //! top. Only this file ties them together, and no module imports it.
 
@@ -21,6 +22,7 @@ mod env;
 pub mod error;
 mod head;
 pub mod history;
+pub mod hooks;
 pub mod input;
 pub mod limiter;
 pub mod metrics;
@@ -39,7 +41,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use herald_core::{Engine, Hub, MemoryEngine};
+use herald_core::{Engine, Hub, LifecycleStore, MemoryEngine, MemoryLifecycle};
 use herald_redis::RedisConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -128,25 +130,49 @@ pub async fn build_engine(settings: &Settings) -> anyhow::Result<Arc<dyn Engine>
         return Ok(Arc::new(engine));
     }
     if kind == Some(engines::REDIS) {
-        let r = &config.redis;
-        let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
-        redis.prefix = r.prefix.clone();
-        redis.probe_interval = Duration::from_millis(r.probe_interval_ms);
-        redis.probe_timeout = Duration::from_millis(r.probe_timeout_ms);
-        redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
-        redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
-        redis.tls_ca_file = r.tls_ca_file.clone();
-        redis.max_read_bytes = config.limits.max_history_response_bytes;
-        if r.durability == "replicated" {
-            redis.durability = herald_redis::Durability::Replicated {
-                min_replicas: r.min_replicas,
-                timeout: Duration::from_millis(r.replication_timeout_ms),
-            };
-        }
-        let engine = herald_redis::connect(redis).await.map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
+        let engine = herald_redis::connect(redis_config(settings))
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to redis: {e}"))?;
         return Ok(Arc::new(engine));
     }
     anyhow::bail!("unsupported engine {:?}", config.engine)
+}
+
+/// The Redis engine's settings from the configuration.
+fn redis_config(settings: &Settings) -> RedisConfig {
+    let config = &settings.config;
+    let r = &config.redis;
+    let mut redis = RedisConfig::new(config.engine.clone(), settings.node_id.clone(), settings.policies());
+    redis.prefix = r.prefix.clone();
+    redis.probe_interval = Duration::from_millis(r.probe_interval_ms);
+    redis.probe_timeout = Duration::from_millis(r.probe_timeout_ms);
+    redis.node_ttl = Duration::from_secs(r.node_ttl_secs);
+    redis.command_timeout = Duration::from_millis(r.command_timeout_ms);
+    redis.tls_ca_file = r.tls_ca_file.clone();
+    redis.max_read_bytes = config.limits.max_history_response_bytes;
+    if r.durability == "replicated" {
+        redis.durability = herald_redis::Durability::Replicated {
+            min_replicas: r.min_replicas,
+            timeout: Duration::from_millis(r.replication_timeout_ms),
+        };
+    }
+    redis
+}
+
+/// The lifecycle store of the configured engine, for the lifecycle webhooks (validation refused the
+/// engines that have none).
+async fn lifecycle_store(settings: &Settings) -> anyhow::Result<Arc<dyn LifecycleStore>> {
+    let grace = Duration::from_millis(settings.config.hooks.vacated_grace_ms);
+    if settings.config.engine == "memory" {
+        return Ok(Arc::new(MemoryLifecycle::new(grace)));
+    }
+    if engines::kind_of(&settings.config.engine) == Some(engines::REDIS) {
+        let store = herald_redis::lifecycle(&redis_config(settings), grace)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to redis for the lifecycle webhooks: {e}"))?;
+        return Ok(Arc::new(store));
+    }
+    anyhow::bail!("lifecycle webhooks are not supported on engine {:?} yet", settings.config.engine)
 }
 
 /// Starts the hub and the engine for `settings`.
@@ -166,8 +192,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<AppState> {
             }
         }));
     }
-    AppState::new(hub, settings)
+    let hooks = match settings.config.hooks.url {
+        Some(_) => {
+            hooks::start(&hub, &settings.config, lifecycle_store(&settings).await?).map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => None,
+    };
+    AppState::new(hub, settings, hooks)
 }
+
+/// Longest a graceful shutdown waits for the lifecycle webhooks to record the last connections' leaving.
+const HOOKS_FLUSH_BOUND: Duration = Duration::from_secs(2);
 
 /// Serves `state` on `listener` until `shutdown` fires, then drains: readiness fails, clients are told
 /// to reconnect elsewhere, in-flight requests finish, bounded by the configured grace period.
@@ -189,6 +224,9 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
         tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period; exiting anyway");
     }
+    // The connections are closed: their lifecycle transitions are all queued (bounded: a stopping node
+    // must not hang on an unreachable engine; what is left is released when its lease expires).
+    state.shutdown_background(HOOKS_FLUSH_BOUND).await;
     state.hub().engine().stop().await;
     Ok(())
 }

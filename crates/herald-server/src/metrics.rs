@@ -2,11 +2,12 @@
 //! they are copied into this node's Prometheus recorder and rendered. The recorder is local to the node
 //! (no global state), so several nodes can live in one process (tests, embedding).
 
-use herald_core::Hub;
+use herald_core::{EventKind, Hub};
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::error::ApiError;
+use crate::hooks::Hooks;
 use crate::proxy::{Kind, Outcome, ProxyStats};
 
 /// This node's metrics registry plus counters the server itself keeps.
@@ -41,8 +42,16 @@ impl Metrics {
     }
 
     /// The Prometheus text of this node: the hub's counters, whether it is `ready`, its open sockets,
-    /// and the calls of the connect and subscribe proxies.
-    pub fn render(&self, hub: &Hub, ready: bool, open_sockets: usize, proxy: &ProxyStats) -> String {
+    /// the calls of the connect and subscribe proxies, and the lifecycle webhooks (zeros when off).
+    pub fn render(
+        &self,
+        hub: &Hub,
+        ready: bool,
+        open_sockets: usize,
+        proxy: &ProxyStats,
+        hooks: Option<&Hooks>,
+    ) -> String {
+        let hook_counts = hooks.map(Hooks::counts).unwrap_or_default();
         let s = hub.stats();
         let refused = self.refused.lock().map(|r| r.clone()).unwrap_or_default();
         let connections_refused = self.connections_refused.lock().map(|r| r.clone()).unwrap_or_default();
@@ -77,6 +86,17 @@ impl Metrics {
                     counter!("herald_proxy_requests_total", "proxy" => kind.as_str(), "outcome" => outcome.as_str())
                         .absolute(proxy.outcomes(kind, outcome));
                 }
+            }
+            for (kind, count) in EventKind::ALL.iter().zip(hook_counts.events) {
+                counter!("herald_hooks_events_total", "type" => kind.as_str()).absolute(count);
+            }
+            for (outcome, count) in [
+                ("sent", hook_counts.sent),
+                ("failed", hook_counts.failed),
+                ("retried", hook_counts.retried),
+                ("dropped", hook_counts.dropped),
+            ] {
+                counter!("herald_hooks_deliveries_total", "outcome" => outcome).absolute(count);
             }
             if let Some(rtt) = engine.probe_rtt_us {
                 gauge!("herald_backplane_probe_rtt_seconds").set(rtt as f64 / 1e6);

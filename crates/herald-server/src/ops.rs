@@ -53,7 +53,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let ready = state.hub().ready().await && !state.draining();
-    let text = state.metrics().render(state.hub(), ready, state.open_sockets(), state.proxy().stats());
+    let text = state.metrics().render(state.hub(), ready, state.open_sockets(), state.proxy().stats(), state.hooks());
     let mut response = text.into_response();
     response
         .headers_mut()

@@ -13,6 +13,7 @@ use herald_core::{ChannelName, CloseReason, Hub};
 use crate::auth::{Access, ClientAuth, Identity};
 use crate::config::{Config, Settings};
 use crate::error::ApiError;
+use crate::hooks::Hooks;
 use crate::limiter::PublishLimiter;
 use crate::metrics::Metrics;
 use crate::proxy::{Forwarded, Proxy};
@@ -38,12 +39,15 @@ struct AppInner {
     /// Every connection's task (and every upgraded WebSocket's): a graceful shutdown waits for them, so
     /// that each client gets its close (an SSE comment, a WebSocket 1001) before the process exits.
     connections: tokio_util::task::TaskTracker,
+    /// The lifecycle webhooks, when `hooks.url` is set.
+    hooks: Option<Hooks>,
 }
 
 impl AppState {
     /// The state of a node serving `hub` with `settings` (whose key files were read when they were
-    /// validated; nothing is read again here). Fails only when the proxies' HTTP client cannot be made.
-    pub fn new(hub: Hub, settings: Settings) -> anyhow::Result<Self> {
+    /// validated; nothing is read again here), and its lifecycle webhooks when they run. Fails only when
+    /// the proxies' HTTP client cannot be made.
+    pub fn new(hub: Hub, settings: Settings, hooks: Option<Hooks>) -> anyhow::Result<Self> {
         let auth = ClientAuth::new(settings.client_keys.clone(), &settings.config);
         let proxy = Proxy::new(&settings.config.proxy).map_err(|e| anyhow::anyhow!(e))?;
         let publish_limiter = PublishLimiter::new(settings.config.limits.publish_rate_per_key);
@@ -61,6 +65,7 @@ impl AppState {
                 draining: AtomicBool::new(false),
                 metrics: Metrics::new(),
                 connections: tokio_util::task::TaskTracker::new(),
+                hooks,
             }),
         })
     }
@@ -124,6 +129,26 @@ impl AppState {
         match self.auth().access(self.config(), identity, channel)? {
             Access::Granted => Ok(()),
             Access::AskBackend => self.proxy().subscribe(identity, channel, forwarded).await,
+        }
+    }
+
+    /// The lifecycle webhooks, when configured.
+    pub fn hooks(&self) -> Option<&Hooks> {
+        self.inner.hooks.as_ref()
+    }
+
+    /// Stops the background tasks (after a graceful shutdown, or when embedding ends the node).
+    pub fn stop_background(&self) {
+        if let Some(hooks) = &self.inner.hooks {
+            hooks.stop();
+        }
+    }
+
+    /// Stops the background tasks once every connection is closed, letting the lifecycle webhooks
+    /// record what the last connections left (up to `bound`).
+    pub async fn shutdown_background(&self, bound: Duration) {
+        if let Some(hooks) = &self.inner.hooks {
+            hooks.shutdown(bound).await;
         }
     }
 

@@ -8,6 +8,7 @@ mod conformance;
 mod dashboard;
 mod harness;
 mod history;
+mod hooks;
 mod jetstream;
 mod lifecycle;
 mod limits;

@@ -55,6 +55,12 @@ fn run_bad(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String)
     )
 }
 
+/// Lifecycle webhooks configured (valid on their own).
+const HOOKS: &[(&str, &str)] = &[
+    ("HERALD_HOOKS__URL", "http://127.0.0.1:1/hooks"),
+    ("HERALD_HOOKS__SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+];
+
 #[test]
 fn bad_configuration_exits_64_before_binding_and_names_every_problem() {
     let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
@@ -73,6 +79,9 @@ fn bad_configuration_exits_64_before_binding_and_names_every_problem() {
         (vec!["--config", bad_toml.to_str().unwrap_or_default()], vec![], "bad.toml"),
         (vec!["--config", unknown_key.to_str().unwrap_or_default()], vec![], "lisen"),
         (vec![], vec![("HERALD_CONFIG", unknown_key.to_str().unwrap_or_default())], "lisen"),
+        (vec!["--engine", "nats://127.0.0.1:1"], HOOKS.to_vec(), "not supported on this engine yet"),
+        (vec!["--engine", "redis+cluster://127.0.0.1:1"], HOOKS.to_vec(), "not supported on this engine yet"),
+        (vec![], vec![("HERALD_HOOKS__URL", "http://127.0.0.1:1/h"), ("HERALD_HOOKS__SECRET", "nope")], "whsec_"),
     ];
     for (args, env, mentions) in cases {
         let (code, stdout, stderr) = run_bad(&args, &env);
