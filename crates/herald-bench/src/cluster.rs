@@ -83,16 +83,7 @@ impl Cluster {
         } else {
             None
         };
-        let url = redis.url();
-        let mut env = vec![("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")];
-        // Only when asked, so that binaries without the setting can be compared (`--herald`).
-        if replicated {
-            env.push(("HERALD_REDIS__DURABILITY", "replicated"));
-        }
-        let mut nodes = Vec::new();
-        for _ in 0..size.max(2) {
-            nodes.push(Node::start(herald, &env).await?);
-        }
+        let nodes = start_nodes(herald, size, &redis_env(&redis.url(), replicated)).await?;
         if let Some(replica) = &replica {
             replica.wait_synced(&redis)?;
         }
@@ -108,15 +99,7 @@ impl Cluster {
         replicated: bool,
     ) -> anyhow::Result<Cluster> {
         let cluster = RedisCluster::try_start(primaries, usize::from(replicated))?;
-        let url = cluster.url();
-        let mut env = vec![("HERALD_ENGINE", url.as_str()), ("HERALD_REDIS__PREFIX", "bench")];
-        if replicated {
-            env.push(("HERALD_REDIS__DURABILITY", "replicated"));
-        }
-        let mut nodes = Vec::new();
-        for _ in 0..size.max(2) {
-            nodes.push(Node::start(herald, &env).await?);
-        }
+        let nodes = start_nodes(herald, size, &redis_env(&cluster.url(), replicated)).await?;
         Ok(Cluster { engine: Engine::RedisCluster(cluster), nodes })
     }
 
@@ -153,12 +136,12 @@ impl Cluster {
             (Engine::Nats(server), url)
         };
         let replicas = if servers >= 3 { "3" } else { "1" };
-        let env =
-            [("HERALD_ENGINE", url.as_str()), ("HERALD_NATS__PREFIX", "bench"), ("HERALD_NATS__REPLICAS", replicas)];
-        let mut nodes = Vec::new();
-        for _ in 0..size.max(2) {
-            nodes.push(Node::start(herald, &env).await?);
-        }
+        let env = [
+            ("HERALD_ENGINE", url),
+            ("HERALD_NATS__PREFIX", "bench".to_owned()),
+            ("HERALD_NATS__REPLICAS", replicas.to_owned()),
+        ];
+        let nodes = start_nodes(herald, size, &env).await?;
         Ok(Cluster { engine, nodes })
     }
 
@@ -216,6 +199,26 @@ impl Cluster {
             _ => Ok(None),
         }
     }
+}
+
+/// The environment of nodes on the Redis engine at `url`; with `replicated`, durable publishing (only
+/// when asked, so that binaries without the setting can be compared with `--herald`).
+fn redis_env(url: &str, replicated: bool) -> Vec<(&'static str, String)> {
+    let mut env = vec![("HERALD_ENGINE", url.to_owned()), ("HERALD_REDIS__PREFIX", "bench".to_owned())];
+    if replicated {
+        env.push(("HERALD_REDIS__DURABILITY", "replicated".to_owned()));
+    }
+    env
+}
+
+/// Starts `size` nodes (at least two) with `env`, one after another.
+async fn start_nodes(herald: &str, size: usize, env: &[(&'static str, String)]) -> anyhow::Result<Vec<Node>> {
+    let env: Vec<(&str, &str)> = env.iter().map(|(key, value)| (*key, value.as_str())).collect();
+    let mut nodes = Vec::new();
+    for _ in 0..size.max(2) {
+        nodes.push(Node::start(herald, &env).await?);
+    }
+    Ok(nodes)
 }
 
 /// Result of one fixed-rate run.

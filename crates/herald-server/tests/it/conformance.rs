@@ -427,8 +427,8 @@ async fn a_rolled_back_engine_fences_the_channel(mut under: Under) {
             Some(copy)
         }
     };
-    publish_eventually(publisher, "back:1", json!(4)).await;
-    let old_epoch = publish_eventually(publisher, "back:1", json!(5)).await["epoch"].clone();
+    publisher.publish_eventually("back:1", json!(4)).await;
+    let old_epoch = publisher.publish_eventually("back:1", json!(5)).await["epoch"].clone();
     assert_eq!(sse.expect_offsets("back:1", 3, 2).await, vec![json!(4), json!(5)]);
     match &mut under.backend {
         Backend::Memory | Backend::RedisCluster(_) => return,
@@ -441,7 +441,7 @@ async fn a_rolled_back_engine_fences_the_channel(mut under: Under) {
     let (event, reset) = sse.next().await;
     assert_eq!((event.as_str(), reset["reason"].as_str()), ("herald.reset", Some("engine_rollback")), "{reset}");
     assert_ne!(reset["epoch"], old_epoch, "a new epoch, so no lost position is handed out again");
-    let answer = publish_eventually(publisher, "back:1", json!(6)).await;
+    let answer = publisher.publish_eventually("back:1", json!(6)).await;
     assert_eq!(answer["epoch"], reset["epoch"]);
     let (event, envelope) = sse.next().await;
     assert_eq!((event.as_str(), &envelope["data"]), ("message", &json!(6)), "{envelope}");
@@ -488,7 +488,7 @@ async fn engine_data_lost_means_reset(mut under: Under) {
         Backend::Nats(nats) => restart_empty(nats),
     }
     let publisher = &nodes[nodes.len() - 1];
-    let answer = publish_eventually(publisher, "lost:1", json!(2)).await;
+    let answer = publisher.publish_eventually("lost:1", json!(2)).await;
     let mut resets = 0;
     loop {
         let (event, data) = sse.next().await;
@@ -517,7 +517,7 @@ async fn engine_restart_with_data_kept_continues(under: Under) {
         nats.stop();
         nats.restart();
     }
-    publish_eventually(&nodes[nodes.len() - 1], "kept:1", json!(2)).await;
+    nodes[nodes.len() - 1].publish_eventually("kept:1", json!(2)).await;
     let (event, data) = sse.next().await;
     assert_eq!((event.as_str(), data["offset"].as_u64(), &data["data"]), ("message", Some(2), &json!(2)), "{data}");
 }
@@ -529,20 +529,6 @@ pub fn restart_empty(nats: &mut NatsServer) {
     let _ = std::fs::remove_dir_all(&store);
     std::fs::create_dir_all(&store).expect("store dir");
     nats.restart();
-}
-
-/// Publishes, retrying while the engine is still coming back (503).
-async fn publish_eventually(server: &Server, channel: &str, data: Value) -> Value {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let (status, answer) = server.post("/v1/publish", json!({"channel": channel, "data": data})).await;
-        if status == StatusCode::OK {
-            return answer;
-        }
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
-        assert!(tokio::time::Instant::now() < deadline, "the engine never came back: {answer}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 macro_rules! conformance {

@@ -68,6 +68,22 @@ impl Server {
         body
     }
 
+    /// Publishes, retrying while the engine answers 503 (coming back from a fault: a restart, a
+    /// failover, an election, a moved slot), for at most twice [`TIMEOUT`].
+    pub async fn publish_eventually(&self, channel: &str, data: Value) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
+        loop {
+            let (status, answer) =
+                self.post("/v1/publish", serde_json::json!({"channel": channel, "data": data})).await;
+            if status == StatusCode::OK {
+                return answer;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+            assert!(tokio::time::Instant::now() < deadline, "the engine never took the publication: {answer}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         let response = client().post(self.url(path)).json(&body).send().await.expect("POST");
         read_json(response).await

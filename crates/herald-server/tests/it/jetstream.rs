@@ -36,20 +36,6 @@ async fn nodes(cluster: &NatsCluster, count: usize) -> Vec<Server> {
     nodes
 }
 
-/// Publishes until NATS takes it (a 503 while a server is down or elections run is allowed).
-async fn publish_eventually(node: &Server, channel: &str, data: Value) -> Value {
-    let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
-    loop {
-        let (status, answer) = node.post("/v1/publish", json!({"channel": channel, "data": data})).await;
-        if status == StatusCode::OK {
-            return answer;
-        }
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
-        assert!(tokio::time::Instant::now() < deadline, "NATS never took the publication: {answer}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_killed_while_publishing_loses_nothing_silently() {
     let mut cluster = NatsCluster::start(3);
@@ -72,7 +58,7 @@ async fn a_nats_server_killed_while_publishing_loses_nothing_silently() {
         }
     }
     // One more after the cluster settled, so every client has something to wait for.
-    let last = publish_eventually(&nodes[0], "job:1", json!("last")).await;
+    let last = nodes[0].publish_eventually("job:1", json!("last")).await;
     acked.push((last.clone(), json!("last")));
     assert!(acked.len() > 80, "most publications went through: {}", acked.len());
     for sse in &mut subscribers {
@@ -88,7 +74,7 @@ async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
     let nodes = nodes(&cluster, 2).await;
     let (mut live, _) = Sse::open(&nodes[0], "channel=doc:1", None).await;
     for i in 1..=3 {
-        publish_eventually(&nodes[1], "doc:1", json!(i)).await;
+        nodes[1].publish_eventually("doc:1", json!(i)).await;
     }
     live.expect_offsets("doc:1", 0, 3).await;
     let (away, _) = Sse::open(&nodes[1], "channel=doc:1", None).await;
@@ -98,7 +84,7 @@ async fn the_whole_nats_cluster_restarted_with_storage_kept_means_no_reset() {
         cluster.kill(i);
     }
     cluster.restart_all();
-    publish_eventually(&nodes[1], "doc:1", json!(4)).await;
+    nodes[1].publish_eventually("doc:1", json!(4)).await;
     // The connected client continues; the returning one replays what it missed; neither is reset.
     assert_eq!(live.expect_offsets("doc:1", 3, 1).await, vec![json!(4)]);
     // The stream and each bucket are Raft groups of their own that elect a leader after the restart; the
@@ -135,17 +121,17 @@ async fn nats_restored_from_an_older_backup_fences_the_channel() {
     let (mut sse, _) = Sse::open(&node, "channel=acct:1", None).await;
     let mut acked = Vec::new();
     for i in 1..=5 {
-        acked.push((publish_eventually(&node, "acct:1", json!(i)).await, json!(i)));
+        acked.push((node.publish_eventually("acct:1", json!(i)).await, json!(i)));
     }
     let backup = backup(&mut nats);
     nats.restart();
     for i in 6..=8 {
-        acked.push((publish_eventually(&node, "acct:1", json!(i)).await, json!(i)));
+        acked.push((node.publish_eventually("acct:1", json!(i)).await, json!(i)));
     }
     let mut ledger = Ledger::default();
     ledger.read_until(&mut sse, &acked[7].0).await;
     restore(&mut nats, &backup);
-    let last = publish_eventually(&node, "acct:1", json!("after")).await;
+    let last = node.publish_eventually("acct:1", json!("after")).await;
     acked.push((last.clone(), json!("after")));
     ledger.read_until(&mut sse, &last).await;
     ledger.check(&acked);

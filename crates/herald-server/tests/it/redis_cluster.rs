@@ -11,7 +11,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{Server, Sse, TIMEOUT};
+use crate::harness::{Server, Sse};
 use herald_testkit::RedisCluster;
 
 fn prefix() -> String {
@@ -52,20 +52,6 @@ fn calls(cluster: &RedisCluster, i: usize, command: &str) -> u64 {
 /// The channel's slot (its keys' hash tag is the channel name).
 fn slot(cluster: &RedisCluster, channel: &str) -> u16 {
     cluster.slot_of(&format!("{{{channel}}}")).expect("CLUSTER KEYSLOT")
-}
-
-/// Publishes, retrying while the engine answers 503 (a shard failing over, a slot moving).
-async fn publish_eventually(server: &Server, channel: &str, data: Value) -> Value {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let (status, answer) = server.post("/v1/publish", json!({"channel": channel, "data": data})).await;
-        if status == StatusCode::OK {
-            return answer;
-        }
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
-        assert!(tokio::time::Instant::now() < deadline, "the engine never came back: {answer}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Reads `sse` until every position in `acked` (channel -> answers) was delivered or covered by a reset
@@ -192,7 +178,7 @@ async fn a_cluster_that_requires_a_password_is_used_with_it() {
         .await
         .expect("moving")
         .expect("the slot moved");
-    let answer = publish_eventually(&nodes[1], "user:1", json!("after the move")).await;
+    let answer = nodes[1].publish_eventually("user:1", json!("after the move")).await;
     let mut acked = HashMap::new();
     acked.insert("user:1".to_owned(), vec![answer]);
     expect_covered(&mut sse, &acked).await;
@@ -391,7 +377,7 @@ async fn a_slot_moved_while_its_channel_is_busy_loses_nothing_silently() {
     let resets = expect_covered(&mut sse, &acked).await;
     assert!(!resets.contains_key(quiet), "a channel whose slot stayed put gets no reset: {resets:?}");
     // Live delivery goes on through the new owner.
-    let last = publish_eventually(&nodes[1], busy, json!("after")).await;
+    let last = nodes[1].publish_eventually(busy, json!("after")).await;
     loop {
         let (event, data) = sse.next().await;
         if event == "message" && data["offset"] == last["offset"] && data["epoch"] == last["epoch"] {
@@ -422,7 +408,7 @@ async fn a_shard_failover_resets_only_that_shards_channels() {
     let cluster = promoted.await.expect("waiting").expect("a replica took over");
     assert_ne!(cluster.owner_of(slot(&cluster, &channels[0])).expect("owner"), victim);
     for channel in &channels {
-        acked.entry(channel.clone()).or_default().push(publish_eventually(&nodes[1], channel, json!(2)).await);
+        acked.entry(channel.clone()).or_default().push(nodes[1].publish_eventually(channel, json!(2)).await);
     }
     let resets = expect_covered(&mut sse, &acked).await;
     for channel in resets.keys() {
@@ -450,7 +436,7 @@ async fn a_primary_added_to_the_cluster_takes_a_busy_slot() {
         .expect("the slot moved to the new primary");
     assert_eq!(cluster.owner_of(the_slot).expect("owner"), added);
     for i in 6..=10 {
-        acked.entry(channel.to_owned()).or_default().push(publish_eventually(&nodes[1], channel, json!(i)).await);
+        acked.entry(channel.to_owned()).or_default().push(nodes[1].publish_eventually(channel, json!(i)).await);
     }
     expect_covered(&mut sse, &acked).await;
     let keys: i64 = cluster.server(added).query(&["DBSIZE"]).expect("DBSIZE");
@@ -475,7 +461,7 @@ async fn a_hung_shard_is_found_by_the_probe_and_nothing_waits_for_a_later_public
         .await
         .expect("waiting")
         .expect("a replica took over");
-    let answer = publish_eventually(&nodes[1], channel, json!(2)).await;
+    let answer = nodes[1].publish_eventually(channel, json!(2)).await;
     // No later publication: this one (or a reset covering it) must arrive on its own.
     let mut acked = HashMap::new();
     acked.insert(channel.to_owned(), vec![answer]);
