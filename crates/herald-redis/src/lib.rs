@@ -197,10 +197,7 @@ pub async fn lifecycle(config: &RedisConfig, grace: Duration) -> Result<RedisLif
     let target = Target::parse(&config.url).map_err(EngineError::Protocol)?;
     let commands = Arc::new(Commands::new(target, connector(config)?, config.command_timeout));
     commands.wait_connected(tokio::time::Instant::now() + STARTUP_WAIT).await?;
-    if commands.cluster().is_some() {
-        return Err(EngineError::Protocol("lifecycle webhooks are not supported on a Redis Cluster yet".into()));
-    }
-    let nodes = Keys::new(&config.prefix, &config.node_id, false).nodes();
+    let nodes = Keys::new(&config.prefix, &config.node_id, commands.cluster().is_some()).nodes();
     RedisLifecycle::start(commands, &config.prefix, nodes, &config.node_id, grace, config.node_ttl).await
 }
 

@@ -1,6 +1,9 @@
-//! The lifecycle store on Redis (one server, or a primary found through Sentinel; not a Redis Cluster:
-//! its scripts touch a channel's keys and the one events stream together). Every node applies its own
-//! transitions; Redis decides, atomically per transition, whether the cluster's state changed.
+//! The lifecycle store on Redis (one server, a primary found through Sentinel, or a Redis Cluster).
+//! Every node applies its own transitions; Redis decides, atomically per transition, whether the
+//! cluster's state changed. A script touches a channel's sets and the one events stream together, so on
+//! a Redis Cluster every key below carries the hash tag `{hooks}` (the sets as `{hooks}:hn:<channel>`
+//! and `{hooks}:hu:<channel> <user>`): the lifecycle state lives on one shard, which sees a few commands
+//! per connection that joins or leaves a channel, never per publication.
 //!
 //! Keys (under the prefix; `<entry>` is `1 <channel> <user>` for a user in a channel, `2 <channel>`
 //! for the channel itself: a user's entry sorts before its channel's, so at the same due time its
@@ -115,6 +118,8 @@ struct Inner {
     prefix: String,
     /// The nodes' heartbeat sorted set (the engine's `Keys::nodes`).
     nodes: String,
+    /// On a Redis Cluster: every key under the hash tag `{hooks}`.
+    sharded: bool,
     node: String,
     grace: Duration,
     node_ttl: Duration,
@@ -160,14 +165,17 @@ impl Entry {
 
 impl Inner {
     fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+        if self.sharded { format!("{}:{{hooks}}:{name}", self.prefix) } else { format!("{}:{name}", self.prefix) }
     }
 
-    /// The set of nodes of `entry`, in its channel's slot.
+    /// The set of nodes of `entry`: in its channel's slot, or on a cluster in the slot of `{hooks}` with
+    /// the others (a channel name holds no space, so `<channel> <user>` names one pair).
     fn set(&self, entry: &Entry) -> String {
-        match &entry.user {
-            Some(user) => format!("{}:{{{}}}:hu:{user}", self.prefix, entry.channel),
-            None => format!("{}:{{{}}}:hn", self.prefix, entry.channel),
+        match (&entry.user, self.sharded) {
+            (Some(user), false) => format!("{}:{{{}}}:hu:{user}", self.prefix, entry.channel),
+            (None, false) => format!("{}:{{{}}}:hn", self.prefix, entry.channel),
+            (Some(user), true) => format!("{}:{{hooks}}:hu:{} {user}", self.prefix, entry.channel),
+            (None, true) => format!("{}:{{hooks}}:hn:{}", self.prefix, entry.channel),
         }
     }
 
@@ -322,10 +330,12 @@ impl RedisLifecycle {
         grace: Duration,
         node_ttl: Duration,
     ) -> Result<Self, EngineError> {
+        let sharded = commands.cluster().is_some();
         let inner = Arc::new(Inner {
             commands,
             prefix: prefix.to_owned(),
             nodes,
+            sharded,
             node: node.to_owned(),
             grace,
             node_ttl,

@@ -894,13 +894,11 @@ fn check_hooks(config: &Config, problems: &mut Vec<String>) {
     if !(1..=7 * 24 * 3600).contains(&hooks.max_event_age_secs) {
         problems.push("hooks.max_event_age_secs must be 1 to 604800".to_owned());
     }
-    let supported = config.engine == "memory"
-        || (crate::engines::kind_of(&config.engine) == Some(crate::engines::REDIS)
-            && !config.engine.contains("+cluster://"));
+    let supported = config.engine == "memory" || crate::engines::kind_of(&config.engine) == Some(crate::engines::REDIS);
     if !supported {
         problems.push(format!(
             "hooks: lifecycle webhooks are not supported on this engine yet ({:?}); this build has them with \
-             engine = \"memory\", redis://, rediss:// and redis+sentinel:// (not Redis Cluster, not NATS)",
+             engine = \"memory\" and every Redis URL (redis://, redis+sentinel://, redis+cluster://), not NATS",
             config.engine
         ));
     }

@@ -535,6 +535,44 @@ async fn through_sentinel_too() {
     assert_eq!(primary.query::<i64>(&["XLEN", &stream]).ok(), Some(4), "the events went through the primary's stream");
 }
 
+/// On a Redis Cluster (the lifecycle state on the shard of `{hooks}`): a user on two nodes makes one
+/// event of each kind, not one per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_too_once_per_cluster() {
+    let (backend, addr) = start_backend(&[]).await;
+    let cluster = herald_testkit::RedisCluster::start(3, 0);
+    let prefix = format!("t{:08x}", rand::random::<u32>());
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (url, prefix, hooks) = (cluster.url(), prefix.clone(), hooked(addr, 0));
+        nodes.push(
+            Server::with(move |config: &mut Config| {
+                hooks(config);
+                config.engine = url;
+                config.redis.prefix = prefix;
+            })
+            .await,
+        );
+    }
+    let on_a = open(&nodes[0], "room:5", "gus").await;
+    wait_for(&backend, 2).await;
+    let on_b = open(&nodes[1], "room:5", "gus").await;
+    drop(on_a);
+    drop(on_b);
+    wait_for(&backend, 4).await;
+    let events: Vec<(String, String, Option<String>)> = backend.received().iter().map(Received::event).collect();
+    assert_eq!(
+        events,
+        [
+            ("channel.occupied".into(), "room:5".into(), None),
+            ("presence.joined".into(), "room:5".into(), Some("gus".into())),
+            ("presence.left".into(), "room:5".into(), Some("gus".into())),
+            ("channel.vacated".into(), "room:5".into(), None),
+        ]
+    );
+    assert_eq!(invalid_signatures(&backend.received()), 0);
+}
+
 #[tokio::test]
 async fn channels_are_sent_side_by_side_each_in_order() {
     let (backend, addr) = start_backend(&[]).await;

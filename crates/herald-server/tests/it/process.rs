@@ -80,7 +80,6 @@ fn bad_configuration_exits_64_before_binding_and_names_every_problem() {
         (vec!["--config", unknown_key.to_str().unwrap_or_default()], vec![], "lisen"),
         (vec![], vec![("HERALD_CONFIG", unknown_key.to_str().unwrap_or_default())], "lisen"),
         (vec!["--engine", "nats://127.0.0.1:1"], HOOKS.to_vec(), "not supported on this engine yet"),
-        (vec!["--engine", "redis+cluster://127.0.0.1:1"], HOOKS.to_vec(), "not supported on this engine yet"),
         (vec![], vec![("HERALD_HOOKS__URL", "http://127.0.0.1:1/h"), ("HERALD_HOOKS__SECRET", "nope")], "whsec_"),
     ];
     for (args, env, mentions) in cases {
