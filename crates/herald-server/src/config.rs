@@ -1093,7 +1093,6 @@ mod tests {
             (with(&[("HERALD_HOOKS__MAX_CONCURRENT", "0")]), "hooks.max_concurrent"),
             (with(&[("HERALD_HOOKS__SECRET", &format!("{SECRET},whsec_short"))]), "not base64"),
             (with(&[("HERALD_HOOKS__SECRET", &[SECRET; 5].join(","))]), "at most 4 secrets"),
-            (with(&[("HERALD_ENGINE", "redis+cluster://127.0.0.1:7000")]), "not supported on this engine yet"),
             (with(&[("HERALD_ENGINE", "nats://127.0.0.1:4222")]), "not supported on this engine yet"),
             (env(&[("HERALD_HOOKS__SECRET", SECRET)]), "hooks.url is not"),
             (env(&[("HERALD_NAMESPACES__ROOM__HOOKS", "true")]), "hooks.url is not set"),
