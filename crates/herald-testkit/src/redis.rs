@@ -85,27 +85,7 @@ impl RedisServer {
 
     /// As [`RedisServer::try_start`], on `port`.
     pub fn try_start_on(port: u16, extra: &[&str], persistent: bool) -> anyhow::Result<RedisServer> {
-        let mut args: Vec<String> = vec!["--save".into(), String::new()];
-        let dir = scratch_dir("herald-redis")?;
-        args.extend(["--dir".to_owned(), dir.display().to_string()]);
-        if !persistent {
-            args.extend(["--appendonly".to_owned(), "no".to_owned()]);
-        }
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
-        // A `--requirepass` among the arguments is the password the helpers authenticate with.
-        let password = extra.windows(2).find(|pair| pair[0] == "--requirepass").map(|pair| pair[1].to_owned());
-        let mut server = RedisServer {
-            process: None,
-            port,
-            tls_ca: None,
-            tls_dir: None,
-            data_dir: Some(dir),
-            persistent,
-            args,
-            password,
-        };
-        server.try_restart()?;
-        Ok(server)
+        Self::launch(port, extra, persistent, None)
     }
 
     /// Starts on `port` accepting only TLS (also between servers: replication and a cluster's bus), with
@@ -119,22 +99,23 @@ impl RedisServer {
         args.extend(["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-ca-cert-file", &ca]);
         args.extend(["--tls-auth-clients", "no", "--tls-replication", "yes", "--tls-cluster", "yes"]);
         args.extend(extra);
-        let mut server = RedisServer {
-            process: None,
-            port,
-            tls_ca: Some(certificates.join("ca.crt")),
-            tls_dir: None,
-            data_dir: Some(scratch_dir("herald-redis")?),
-            persistent: false,
-            args: Vec::new(),
-            password: None,
-        };
-        let mut all: Vec<String> = vec!["--save".into(), String::new(), "--appendonly".into(), "no".into()];
-        if let Some(dir) = &server.data_dir {
-            all.extend(["--dir".to_owned(), dir.display().to_string()]);
+        Self::launch(port, &args, false, Some(certificates.join("ca.crt")))
+    }
+
+    /// Starts on `port` in a data folder of its own with `extra` arguments (persisting or not); over TLS
+    /// only when `tls_ca` (the authority the helpers then trust) is given.
+    fn launch(port: u16, extra: &[&str], persistent: bool, tls_ca: Option<PathBuf>) -> anyhow::Result<RedisServer> {
+        let mut args: Vec<String> = vec!["--save".into(), String::new()];
+        let dir = scratch_dir("herald-redis")?;
+        args.extend(["--dir".to_owned(), dir.display().to_string()]);
+        if !persistent {
+            args.extend(["--appendonly".to_owned(), "no".to_owned()]);
         }
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        server.args = all;
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        // A `--requirepass` among the arguments is the password the helpers authenticate with.
+        let password = extra.windows(2).find(|pair| pair[0] == "--requirepass").map(|pair| pair[1].to_owned());
+        let mut server =
+            RedisServer { process: None, port, tls_ca, tls_dir: None, data_dir: Some(dir), persistent, args, password };
         server.try_restart()?;
         Ok(server)
     }
