@@ -9,7 +9,7 @@ use herald_testkit::{NatsCluster, NatsServer, RedisCluster, RedisServer, Sentine
 use serde_json::json;
 
 use crate::clients::{SseFleet, publish_client};
-use crate::node::{Node, cpu_seconds_of};
+use crate::node::{Node, Usage, cpu_seconds_of, usage_of};
 
 /// A Redis primary with one replica and three sentinels watching it (quorum 2, a primary silent for one
 /// second is failed over); every process of its own, stopped on drop.
@@ -162,15 +162,15 @@ impl Cluster {
         })
     }
 
-    /// CPU seconds used so far: the engine (all its processes), then every node in order.
-    pub fn cpu_seconds(&self) -> anyhow::Result<Vec<f64>> {
-        let mut engine = 0.0;
+    /// What was used so far: by the engine (all its processes), then by every node in order.
+    pub fn usage(&self) -> anyhow::Result<Vec<Usage>> {
+        let mut engine = Usage::default();
         for pid in self.engine_pids()? {
-            engine += cpu_seconds_of(pid)?;
+            engine.add(&usage_of(pid)?);
         }
         let mut all = vec![engine];
         for node in &self.nodes {
-            all.push(node.cpu_seconds()?);
+            all.push(node.usage()?);
         }
         Ok(all)
     }
@@ -229,8 +229,11 @@ pub struct Run {
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
-    /// CPU seconds of the engine, then of each node, during the run.
-    pub cpu_seconds: Vec<f64>,
+    /// What the engine, then each node, used during the run.
+    pub usage: Vec<Usage>,
+    /// Single publishes only: the mean time of a publish request as the publisher saw it, and of each
+    /// stage of the publishing nodes' handler (`herald_publish_stage_seconds`), in µs.
+    pub stages_us: Option<Stages>,
     /// Redis commands during the run (`None` on NATS).
     pub redis_calls: Option<u64>,
     pub received_by_node: Vec<u64>,
@@ -254,7 +257,8 @@ pub async fn run(
     let fleet = SseFleet::connect(cluster.nodes[0].addr, &names, channels * per_channel, true).await?;
     let before_received = received(cluster).await?;
     cluster.reset_engine_stats()?;
-    let cpu_before = cluster.cpu_seconds()?;
+    let usage_before = cluster.usage()?;
+    let stages_before = stage_sums(cluster).await?;
     let shards_before = cluster.shard_usage()?;
     let total = (rate * seconds).div_ceil(batch) * batch;
     let requests = total / batch;
@@ -268,6 +272,7 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             let mut k = p;
             let mut failures = 0u64;
+            let mut round_trips = Duration::ZERO;
             while k < requests {
                 // Paced from the start of publishing (connecting many subscribers takes a while after the
                 // fleet's clock started); send times are read on the fleet's clock, as its latencies are.
@@ -281,25 +286,36 @@ pub async fn run(
                 } else {
                     json!({"publications": (k * batch..(k + 1) * batch).map(item).collect::<Vec<_>>()})
                 };
+                let request = Instant::now();
                 match http.post(url).json(&body).send().await {
-                    Ok(response) if response.status().is_success() => {}
+                    Ok(response) if response.status().is_success() => {
+                        // The answer's body is read too: the round trip ends with it.
+                        if response.bytes().await.is_err() {
+                            failures += 1;
+                        }
+                    }
                     _ => failures += 1,
                 }
+                round_trips += request.elapsed();
                 k += publishers;
             }
-            failures
+            (failures, round_trips)
         }));
     }
-    let mut failures = 0;
+    let (mut failures, mut round_trips) = (0, Duration::ZERO);
     for task in tasks {
-        failures += task.await?;
+        let (failed, spent) = task.await?;
+        failures += failed;
+        round_trips += spent;
     }
     let publish_seconds = started.elapsed().as_secs_f64();
     if failures > 0 {
         bail!("{failures} publications failed");
     }
+    let stages_after = stage_sums(cluster).await?;
     fleet.wait_for(total * per_channel as u64, Duration::from_secs(30)).await?;
-    let cpu_seconds = cluster.cpu_seconds()?.iter().zip(&cpu_before).map(|(a, b)| a - b).collect();
+    let usage = cluster.usage()?.iter().zip(&usage_before).map(|(after, before)| after.since(before)).collect();
+    let stages_us = (batch == 1).then(|| Stages::between(&stages_before, &stages_after, round_trips, requests));
     let redis_calls = cluster.engine_calls()?;
     // Commands were counted from the reset; CPU from the reading before the run.
     let shards = cluster
@@ -317,13 +333,66 @@ pub async fn run(
         p50_us: histogram.value_at_quantile(0.5),
         p99_us: histogram.value_at_quantile(0.99),
         max_us: histogram.max(),
-        cpu_seconds,
+        usage,
+        stages_us: stages_us.flatten(),
         redis_calls,
         received_by_node: after_received.iter().zip(&before_received).map(|(a, b)| a - b).collect(),
         shards,
     };
     fleet.close();
     Ok(run)
+}
+
+/// Where a single publish's time went, in mean µs per request: the publisher's whole round trip, and the
+/// publishing node's handler stages (`request`: body read, parsed, validated; `engine`: the engine's
+/// round trip; `answer`: the answer encoded). `outside_handler` is the rest of the round trip: the
+/// network both ways, hyper parsing the request head and writing the answer, and waiting for a thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Stages {
+    pub round_trip: f64,
+    pub request: f64,
+    pub engine: f64,
+    pub answer: f64,
+}
+
+impl Stages {
+    fn between(before: &StageSums, after: &StageSums, round_trips: Duration, requests: u64) -> Option<Stages> {
+        let count = after.count.checked_sub(before.count).filter(|c| *c > 0)? as f64;
+        let mean = |i: usize| (after.seconds[i] - before.seconds[i]) * 1e6 / count;
+        Some(Stages {
+            round_trip: round_trips.as_secs_f64() * 1e6 / requests.max(1) as f64,
+            request: mean(0),
+            engine: mean(1),
+            answer: mean(2),
+        })
+    }
+
+    pub fn outside_handler(&self) -> f64 {
+        self.round_trip - self.request - self.engine - self.answer
+    }
+}
+
+/// `herald_publish_stage_seconds` summed over the publishing nodes (nodes 1..).
+struct StageSums {
+    count: u64,
+    /// request, engine, answer
+    seconds: [f64; 3],
+}
+
+async fn stage_sums(cluster: &Cluster) -> anyhow::Result<StageSums> {
+    let http = publish_client();
+    let mut sums = StageSums { count: 0, seconds: [0.0; 3] };
+    for node in &cluster.nodes[1..] {
+        let text = http.get(node.url("/metrics")).send().await?.text().await?;
+        let value = |prefix: &str| {
+            text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        sums.count += value("herald_publish_stage_seconds_count{stage=\"engine\"} ") as u64;
+        for (i, stage) in ["request", "engine", "answer"].iter().enumerate() {
+            sums.seconds[i] += value(&format!("herald_publish_stage_seconds_sum{{stage=\"{stage}\"}} "));
+        }
+    }
+    Ok(sums)
 }
 
 /// Backplane messages each node has received (from its `/metrics`).

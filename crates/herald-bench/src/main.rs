@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
 use herald_bench::clients::{SseFleet, Transport, publish_client};
-use herald_bench::node::Node;
+use herald_bench::node::{Node, Usage};
 use herald_bench::{cluster, connect, scenario};
 
 #[derive(Parser)]
@@ -489,7 +489,22 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
     };
     let report = |run: &cluster::Run, rate: u64, seconds: u64| {
         let per_delivery = |seconds: f64| round3(seconds * 1e6 / run.delivered.max(1) as f64);
-        let total: f64 = run.cpu_seconds.iter().sum();
+        let cpu: Vec<f64> = run.usage.iter().map(Usage::cpu_s).collect();
+        let total: f64 = cpu.iter().sum();
+        let mut publishing = Usage::default();
+        run.usage[2..].iter().for_each(|u| publishing.add(u));
+        // Per publication: CPU in user space and in the kernel, and wake-ups (a thread put to sleep and
+        // woken again), by process.
+        let split = |u: &Usage| {
+            let per = |x: f64| round3(x / run.published.max(1) as f64);
+            json!({"user_us": per(u.user_s * 1e6), "system_us": per(u.system_s * 1e6), "wakeups": per(u.wakeups as f64)})
+        };
+        let stages = run.stages_us.map(|s| {
+            json!({
+                "round_trip": round3(s.round_trip), "outside_handler": round3(s.outside_handler()),
+                "request": round3(s.request), "engine": round3(s.engine), "answer": round3(s.answer),
+            })
+        });
         json!({
             "bench": "cluster", "nodes": nodes, "rate": rate, "seconds": seconds, "channels": channels,
             "subscribers_per_channel": subscribers, "engine": engine, "durability": durability, "batch": batch,
@@ -497,10 +512,15 @@ async fn cluster_bench(herald: &str, rate: u64, seconds: u64, settings: ClusterS
             "p50_us": run.p50_us, "p99_us": run.p99_us, "max_us": run.max_us,
             "cpu_us_per_delivery_all_processes": per_delivery(total),
             "cpu_us_per_delivery_by_process": {
-                "engine": per_delivery(run.cpu_seconds[0]),
-                "subscriber_node": per_delivery(run.cpu_seconds[1]),
-                "publishing_nodes": per_delivery(run.cpu_seconds[2..].iter().sum()),
+                "engine": per_delivery(cpu[0]),
+                "subscriber_node": per_delivery(cpu[1]),
+                "publishing_nodes": per_delivery(cpu[2..].iter().sum()),
             },
+            "per_publication_by_process": {
+                "engine": split(&run.usage[0]), "subscriber_node": split(&run.usage[1]),
+                "publishing_nodes": split(&publishing),
+            },
+            "publish_stages_us": stages,
             "redis_commands_per_publication": run.redis_calls.map(|calls| round3(calls as f64 / run.published.max(1) as f64)),
             "backplane_messages_received_by_node": run.received_by_node,
             "shards": shard_report(run),

@@ -61,6 +61,11 @@ impl Node {
         cpu_seconds_of(self.herald.pid())
     }
 
+    /// CPU time and wake-ups the process has used.
+    pub fn usage(&self) -> anyhow::Result<Usage> {
+        usage_of(self.herald.pid())
+    }
+
     /// Resident set size in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.herald.pid()))?;
@@ -102,15 +107,65 @@ impl Node {
     }
 }
 
+/// What a process has used: CPU seconds in user space and in the kernel, and how many times its
+/// threads went to sleep and were woken (voluntary context switches: a wait for a socket, a timer or
+/// another thread), summed over its threads alive now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub user_s: f64,
+    pub system_s: f64,
+    pub wakeups: u64,
+}
+
+impl Usage {
+    pub fn cpu_s(&self) -> f64 {
+        self.user_s + self.system_s
+    }
+
+    /// What was used since `before`.
+    pub fn since(&self, before: &Usage) -> Usage {
+        Usage {
+            user_s: self.user_s - before.user_s,
+            system_s: self.system_s - before.system_s,
+            wakeups: self.wakeups.saturating_sub(before.wakeups),
+        }
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.user_s += other.user_s;
+        self.system_s += other.system_s;
+        self.wakeups += other.wakeups;
+    }
+}
+
+/// [`Usage`] of process `pid` (`/proc/<pid>/stat`, and each thread's `status`).
+pub fn usage_of(pid: u32) -> anyhow::Result<Usage> {
+    let (user_s, system_s) = cpu_split_of(pid)?;
+    let mut wakeups = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread that ended since the listing has nothing left to count.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else { continue };
+        let switches = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"));
+        wakeups += switches.and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    }
+    Ok(Usage { user_s, system_s, wakeups })
+}
+
 /// User plus system CPU seconds process `pid` has used.
 pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
+    let (user, system) = cpu_split_of(pid)?;
+    Ok(user + system)
+}
+
+/// User and system CPU seconds process `pid` has used.
+fn cpu_split_of(pid: u32) -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("stat format")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11).context("utime")?.parse()?;
     let stime: f64 = fields.get(12).context("stime")?.parse()?;
-    Ok((utime + stime) / clock_ticks())
+    Ok((utime / clock_ticks(), stime / clock_ticks()))
 }
 
 fn clock_ticks() -> f64 {

@@ -5,7 +5,7 @@
 //! gets the contract's JSON error with a precise code instead of a framework's plain-text rejection.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use herald_core::publication::{DEFAULT_EVENT, compact_json, validate_correlation_id, validate_event};
 use herald_core::{ChannelName, PublishOutcome, PublishRequest};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -24,6 +24,7 @@ use crate::error::ApiError;
 pub use crate::history::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, history_chunks};
 pub use crate::input::{BODY_RATE_GRACE, check_json_content_type, parse_body, query_pairs};
 use crate::input::{channel_param, decode_json, number, single};
+use crate::metrics::PublishTimes;
 use crate::state::AppState;
 
 /// Longest idempotency key, in bytes.
@@ -151,7 +152,15 @@ pub fn correlation_id(headers: &HeaderMap) -> Result<Arc<str>, ApiError> {
     if let Some(trace_id) = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(trace_id_of) {
         return Ok(Arc::from(trace_id));
     }
-    Ok(Arc::from(format!("{:032x}", rand::random::<u128>())))
+    Ok(new_correlation_id())
+}
+
+/// 32 random lower-case hex digits, the form of a trace ID.
+fn new_correlation_id() -> Arc<str> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = rand::random::<u128>();
+    let text: String = (0..32).rev().map(|i| char::from(HEX[((bits >> (4 * i)) & 0xf) as usize])).collect();
+    Arc::from(text)
 }
 
 /// The trace ID of a `traceparent` header (`version-traceid-parentid-flags`), if well formed.
@@ -173,6 +182,29 @@ fn parse_event(event: Option<String>) -> Result<Arc<str>, ApiError> {
     match event {
         None => Ok(Arc::from(DEFAULT_EVENT)),
         Some(event) => validate_event(&event).map_err(|e| ApiError::InvalidBody(e.to_string())),
+    }
+}
+
+/// A single publish's answer, encoded straight from the outcome (the keys in the order of
+/// [`outcome_json`]'s).
+#[derive(Serialize)]
+struct Published<'a> {
+    channel: &'a str,
+    correlation_id: &'a str,
+    duplicate: bool,
+    epoch: &'a str,
+    offset: u64,
+}
+
+impl<'a> Published<'a> {
+    fn of(channel: &'a ChannelName, outcome: &'a PublishOutcome) -> Self {
+        Published {
+            channel: channel.as_str(),
+            correlation_id: &outcome.correlation_id,
+            duplicate: outcome.duplicate,
+            epoch: outcome.position.epoch.as_str(),
+            offset: outcome.position.offset,
+        }
     }
 }
 
@@ -203,6 +235,7 @@ async fn publish_inner(
     query: Option<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let key = authorize(state, &headers)?;
     let pairs = query_pairs(&query);
     let await_delivery = match single(&pairs, "await")? {
@@ -239,10 +272,14 @@ async fn publish_inner(
     request.trace_parent = span.as_ref().and_then(crate::telemetry::traceparent_of).map(Arc::from);
     let span = span.unwrap_or_else(tracing::Span::none);
     if !await_delivery {
+        let engine_called = Instant::now();
         let outcome = state.hub().publish(request).instrument(span).await?;
+        let engine_answered = Instant::now();
         tracing::debug!(correlation_id = %correlation, %channel, offset = outcome.position.offset,
             duplicate = outcome.duplicate, "published");
-        return Ok(Json(outcome_json(&channel, &outcome)).into_response());
+        let answer = Json(Published::of(&channel, &outcome)).into_response();
+        state.metrics().published(&PublishTimes { started, engine_called, engine_answered });
+        return Ok(answer);
     }
     let (outcome, report) =
         state.hub().publish_awaiting_delivery(request, Duration::from_millis(timeout_ms)).instrument(span).await?;

@@ -104,6 +104,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// Milliseconds over which connected clients are told to reconnect on shutdown (spread evenly).
     pub drain_window_ms: u64,
+    /// Threads of the `herald` binary's runtime; 0: one per core available to the process.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -405,6 +407,7 @@ impl Default for Config {
             dedup_window_secs: 24 * 60 * 60,
             shutdown_grace_secs: 10,
             drain_window_ms: 3000,
+            worker_threads: 0,
         }
     }
 }
@@ -777,7 +780,13 @@ fn check_limits(config: &Config, problems: &mut Vec<String>) {
     if config.drain_window_ms >= config.shutdown_grace_secs.saturating_mul(1000) {
         problems.push("drain_window_ms must be shorter than shutdown_grace_secs".to_owned());
     }
+    if config.worker_threads > MAX_WORKER_THREADS {
+        problems.push(format!("worker_threads must be at most {MAX_WORKER_THREADS} (0: one per core)"));
+    }
 }
+
+/// More threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
 
 fn check_namespaces(namespaces: &BTreeMap<String, NamespaceConfig>, problems: &mut Vec<String>) {
     for (name, ns) in namespaces {
@@ -1101,6 +1110,15 @@ mod tests {
             let problems = load(&Cli::default(), &pairs).expect_err(problem);
             assert!(problems.iter().any(|p| p.contains(problem)), "{problem}: {problems:?}");
         }
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_and_are_bounded() {
+        assert_eq!(load(&Cli::default(), &[]).expect("valid").config.worker_threads, 0);
+        let one = load(&Cli::default(), &env(&[("HERALD_WORKER_THREADS", "1")])).expect("valid");
+        assert_eq!(one.config.worker_threads, 1);
+        let problems = load(&Cli::default(), &env(&[("HERALD_WORKER_THREADS", "100000")])).expect_err("too many");
+        assert!(problems[0].contains("worker_threads"), "{problems:?}");
     }
 
     #[test]

@@ -39,7 +39,11 @@ fn main() -> ExitCode {
     for name in &settings.ignored_env {
         tracing::warn!(variable = %name, "ignored: this HERALD_ environment variable names no configuration key");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if settings.config.worker_threads > 0 {
+        runtime.worker_threads(settings.config.worker_threads);
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("herald: cannot start the runtime: {error}");

@@ -2,6 +2,9 @@
 //! they are copied into this node's Prometheus recorder and rendered. The recorder is local to the node
 //! (no global state), so several nodes can live in one process (tests, embedding).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use herald_core::{EventKind, Hub};
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -18,13 +21,54 @@ pub struct Metrics {
     refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Connections the accept loop answered with an error itself, by the error code of the answer.
     connections_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Where the time of single publishes went (`herald_publish_stage_seconds`).
+    stages: PublishStages,
+}
+
+/// The stages of a single publish in its handler, summed: `request` (reading the body, parsing and
+/// validating it), `engine` (the engine's round trip: dedup, position, history, fan-out) and `answer`
+/// (encoding the answer). Hyper's own parse of the request head and its write of the answer happen
+/// outside the handler; a client's round trip minus the three is their cost plus the network's.
+#[derive(Default)]
+struct PublishStages {
+    count: AtomicU64,
+    nanos: [AtomicU64; 3],
+}
+
+const STAGES: [&str; 3] = ["request", "engine", "answer"];
+
+/// The times at which a single publish's handler started, called the engine, and had its answer back.
+pub struct PublishTimes {
+    pub started: Instant,
+    pub engine_called: Instant,
+    pub engine_answered: Instant,
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        Self { recorder, handle, refused: Default::default(), connections_refused: Default::default() }
+        Self {
+            recorder,
+            handle,
+            refused: Default::default(),
+            connections_refused: Default::default(),
+            stages: Default::default(),
+        }
+    }
+
+    /// A single publish answered: its stages' times, up to now (its answer encoded).
+    pub fn published(&self, times: &PublishTimes) {
+        let now = Instant::now();
+        let spans = [
+            times.engine_called - times.started,
+            times.engine_answered - times.engine_called,
+            now - times.engine_answered,
+        ];
+        for (sum, span) in self.stages.nanos.iter().zip(spans) {
+            sum.fetch_add(span.as_nanos() as u64, Ordering::Relaxed);
+        }
+        self.stages.count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection refused before any route saw it (socket cap, bad or slow request head), by reason.
@@ -110,7 +154,24 @@ impl Metrics {
         let mut text = self.handle.render();
         render_latency(&mut text, hub.latency());
         render_proxy_latency(&mut text, proxy);
+        self.render_stages(&mut text);
         text
+    }
+}
+
+impl Metrics {
+    /// Appends `herald_publish_stage_seconds`, a summary (sum and count) per stage.
+    fn render_stages(&self, text: &mut String) {
+        use std::fmt::Write as _;
+        let name = "herald_publish_stage_seconds";
+        let count = self.stages.count.load(Ordering::Relaxed);
+        let _ = writeln!(text, "# HELP {name} Time single publishes spent in each stage of their handler");
+        let _ = writeln!(text, "# TYPE {name} summary");
+        for (stage, sum) in STAGES.iter().zip(&self.stages.nanos) {
+            let seconds = sum.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(text, "{name}_sum{{stage=\"{stage}\"}} {seconds}");
+            let _ = writeln!(text, "{name}_count{{stage=\"{stage}\"}} {count}");
+        }
     }
 }
 
