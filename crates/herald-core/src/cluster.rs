@@ -600,6 +600,10 @@ pub struct Header {
 impl Header {
     /// The header of a publication `node` makes for `request`.
     pub fn of(node: &str, request: &PublishRequest) -> String {
+        if request.receipt.is_none() && request.trace_parent.is_none() {
+            // Most publications: no receipt asked for, no trace.
+            return [node, "\t0\t0\t-"].concat();
+        }
         let (receipt_id, receipt_ms) = request.receipt.map_or((0, 0), |r| (r.id, r.timeout.as_millis() as u64));
         let trace = request.trace_parent.as_deref().unwrap_or("-");
         format!("{node}\t{receipt_id}\t{receipt_ms}\t{trace}")

@@ -30,8 +30,15 @@ pub struct Epoch(Arc<str>);
 impl Epoch {
     /// A fresh random epoch (10 alphanumeric characters, about 59 bits).
     pub fn generate() -> Self {
-        let text: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(10).map(char::from).collect();
+        let text: String = Self::fresh_text().iter().map(|b| char::from(*b)).collect();
         Self(Arc::from(text))
+    }
+
+    /// The text of a fresh random epoch (as [`Epoch::generate`] makes), without making one: for an
+    /// engine that uses it only if a channel needs a new epoch.
+    pub fn fresh_text() -> [u8; 10] {
+        let mut rng = rand::rng();
+        std::array::from_fn(|_| rng.sample(rand::distr::Alphanumeric))
     }
 
     pub fn parse(text: &str) -> Result<Self, CursorError> {

@@ -14,7 +14,31 @@
 //! - the control channel for every node stays a classic pub/sub channel (a cluster broadcasts those
 //!   to every server), used only for rare requests (disconnect a user).
 
+use std::io::Write as _;
+
 use herald_core::ChannelName;
+use redis::{RedisWrite, ToRedisArgs};
+
+/// A name as the pieces it is made of, in order: written into a command's buffer as one argument
+/// without a string of its own (the publish path builds several per publication).
+#[derive(Debug, Clone, Copy)]
+pub struct Name<'a>(pub [&'a str; 5]);
+
+impl std::fmt::Display for Name<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|piece| f.write_str(piece))
+    }
+}
+
+impl ToRedisArgs for Name<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        for piece in self.0 {
+            // Writing into a command's buffer (memory) cannot fail.
+            let _ = arg.write_all(piece.as_bytes());
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -36,17 +60,30 @@ impl Keys {
 
     /// Hash of the channel's epoch (`e`) and last offset (`o`).
     pub fn meta(&self, channel: &ChannelName) -> String {
-        format!("{}:{{{}}}:m", self.prefix, channel)
+        self.meta_name(channel).to_string()
+    }
+
+    /// [`Keys::meta`] as its pieces (an argument written without a string of its own).
+    pub fn meta_name<'a>(&'a self, channel: &'a ChannelName) -> Name<'a> {
+        Name([&self.prefix, ":{", channel.as_str(), "}:m", ""])
     }
 
     /// The channel's history, a stream whose entry IDs are `<offset>-0`.
     pub fn stream(&self, channel: &ChannelName) -> String {
-        format!("{}:{{{}}}:s", self.prefix, channel)
+        self.stream_name(channel).to_string()
+    }
+
+    pub fn stream_name<'a>(&'a self, channel: &'a ChannelName) -> Name<'a> {
+        Name([&self.prefix, ":{", channel.as_str(), "}:s", ""])
     }
 
     /// One idempotency key of the channel.
     pub fn dedup(&self, channel: &ChannelName, key: &str) -> String {
-        format!("{}:{{{}}}:d:{}", self.prefix, channel, key)
+        self.dedup_name(channel, key).to_string()
+    }
+
+    pub fn dedup_name<'a>(&'a self, channel: &'a ChannelName, key: &'a str) -> Name<'a> {
+        Name([&self.prefix, ":{", channel.as_str(), "}:d:", key])
     }
 
     /// Hash of presence entries: connection ID -> entry JSON (with its node).
@@ -56,10 +93,14 @@ impl Keys {
 
     /// The pub/sub channel that carries the channel's publications.
     pub fn pubsub(&self, channel: &ChannelName) -> String {
+        self.pubsub_name(channel).to_string()
+    }
+
+    pub fn pubsub_name<'a>(&'a self, channel: &'a ChannelName) -> Name<'a> {
         if self.sharded {
-            format!("{}:{{{}}}:c", self.prefix, channel)
+            Name([&self.prefix, ":{", channel.as_str(), "}:c", ""])
         } else {
-            format!("{}:c:{}", self.prefix, channel)
+            Name([&self.prefix, ":c:", channel.as_str(), "", ""])
         }
     }
 

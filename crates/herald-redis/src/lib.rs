@@ -223,41 +223,72 @@ impl Inner {
         self.commands.on(live, call).await
     }
 
-    /// Adds one publication's keys and arguments to a publish script's invocation (see `scripts.rs`),
-    /// written straight into it; with `counted` (the batch script) its number of keys goes first.
-    fn add_publication(
-        &self,
-        invocation: &mut redis::ScriptInvocation<'_>,
-        request: &PublishRequest,
-        header: &str,
-        live: &connection::Live,
-        counted: bool,
-    ) {
-        let channel = &request.channel;
-        let policy = self.config.policies.history(channel);
+    /// The `EVALSHA` of the publish script for one publication, or with `batch` of the batch script for
+    /// `items` in order (see `scripts.rs` for the keys and arguments). Every key and argument is
+    /// written straight into the command's one buffer: no string of its own for each.
+    fn publish_call(&self, items: &[(&PublishRequest, &str)], live: &connection::Live, batch: bool) -> redis::Cmd {
+        let keys_of = |request: &PublishRequest| 2 + usize::from(request.idempotency_key.is_some());
+        let keys: usize = items.iter().map(|(request, _)| keys_of(request)).sum();
+        let bytes: usize = items.iter().map(|(request, header)| 320 + request.data.get().len() + header.len()).sum();
+        let script = if batch { &self.publish_batch_script } else { &self.publish_script };
+        let mut cmd = redis::Cmd::with_capacity(4 + keys + 15 * items.len(), bytes);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        for (request, _) in items {
+            let channel = &request.channel;
+            cmd.arg(self.keys.meta_name(channel)).arg(self.keys.stream_name(channel));
+            if let Some(key) = &request.idempotency_key {
+                cmd.arg(self.keys.dedup_name(channel, key));
+            }
+        }
+        if batch {
+            cmd.arg(items.len());
+        }
         let now = now_ms();
-        invocation.key(self.keys.meta(channel)).key(self.keys.stream(channel));
-        if let Some(key) = &request.idempotency_key {
-            invocation.key(self.keys.dedup(channel, key));
+        let published_at = format_timestamp(now);
+        let dedup_window = self.config.policies.dedup_window().as_secs();
+        for (request, header) in items {
+            let channel = &request.channel;
+            let policy = self.config.policies.history(channel);
+            if batch {
+                cmd.arg(keys_of(request));
+            }
+            cmd.arg(self.keys.pubsub_name(channel))
+                .arg(channel.as_str())
+                .arg(&*request.event)
+                .arg(request.data.get())
+                .arg(&*request.correlation_id)
+                .arg(&published_at)
+                .arg(now)
+                .arg(policy.size)
+                .arg(policy.ttl.as_millis() as u64)
+                .arg(dedup_window)
+                .arg(&Epoch::fresh_text()[..])
+                .arg(keys::Name([header, "\n", "", "", ""]))
+                .arg(&*live.identity.replid)
+                .arg(history_max_bytes(&policy));
         }
-        if counted {
-            invocation.arg(2 + usize::from(request.idempotency_key.is_some()));
-        }
-        invocation
-            .arg(self.keys.pubsub(channel))
-            .arg(channel.as_str())
-            .arg(&*request.event)
-            .arg(request.data.get())
-            .arg(&*request.correlation_id)
-            .arg(format_timestamp(now))
-            .arg(now)
-            .arg(policy.size)
-            .arg(policy.ttl.as_millis() as u64)
-            .arg(self.config.policies.dedup_window().as_secs())
-            .arg(Epoch::generate().as_str())
-            .arg(format!("{header}\n"))
-            .arg(&*live.identity.replid)
-            .arg(history_max_bytes(&policy));
+        cmd
+    }
+
+    /// Runs `call` (an `EVALSHA` of `script`) on `live`'s connection, loading the script first when
+    /// the server does not hold it (a restart, a failover, `SCRIPT FLUSH`).
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        live: &connection::Live,
+        script: &Script,
+        call: &redis::Cmd,
+    ) -> Result<T, EngineError> {
+        let mut conn = live.conn.clone();
+        let run = async {
+            match call.query_async::<T>(&mut conn).await {
+                Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                    script.load_async(&mut conn).await?;
+                    call.query_async(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        self.on(live, run).await
     }
 
     /// Publishes `message` to a control channel; returns how many nodes it reached. On a cluster a
@@ -279,12 +310,13 @@ impl Inner {
 
     /// A publish with `durability = replicated` on a cluster: the script and a `WAIT` in one pipeline on
     /// the connection to the channel's primary, since `WAIT` counts the writes of the connection it is
-    /// sent on (the cluster client may make a connection anew between two calls). The script goes as
-    /// `EVAL` (a server that does not hold it yet needs no second round).
+    /// sent on (the cluster client may make a connection anew between two calls). A primary that does
+    /// not hold the script yet runs nothing and answers `NOSCRIPT`: the script is loaded and the pipeline
+    /// sent again, once.
     async fn publish_replicated_on_shard(
         &self,
         live: &connection::Live,
-        invocation: &redis::ScriptInvocation<'_>,
+        call: redis::Cmd,
         channel: &ChannelName,
         min_replicas: u32,
         timeout: Duration,
@@ -293,7 +325,7 @@ impl Inner {
             return Err(EngineError::Protocol("not a Redis Cluster".into()));
         };
         let mut pipe = redis::pipe();
-        pipe.invoke_script(invocation).cmd("WAIT").arg(min_replicas).arg(timeout.as_millis() as u64);
+        pipe.add_command(call).cmd("WAIT").arg(min_replicas).arg(timeout.as_millis() as u64);
         let route =
             SingleNodeRoutingInfo::SpecificNode(Route::new(topology::slot_of(channel.as_str()), SlotAddr::Master));
         let mut loaded = false;
@@ -315,7 +347,7 @@ impl Inner {
                     if error.kind() == Some(redis::ServerErrorKind::NoScript) && !loaded =>
                 {
                     loaded = true;
-                    self.on(live, invocation.load_async(&mut conn)).await?;
+                    self.on(live, self.publish_script.load_async(&mut conn)).await?;
                 }
                 redis::Value::ServerError(error) => {
                     return Err(EngineError::Unavailable(format!("the publish script failed: {error:?}")));
@@ -340,13 +372,10 @@ impl Inner {
         items: &[&(PublishRequest, String)],
     ) -> Vec<Result<PublishOutcome, EngineError>> {
         let failed = |error: EngineError| items.iter().map(|_| Err(error.clone())).collect();
-        let mut invocation = self.publish_batch_script.prepare_invoke();
-        invocation.arg(items.len());
-        for (request, header) in items {
-            self.add_publication(&mut invocation, request, header, live, true);
-        }
-        let mut conn = live.conn.clone();
-        match self.on(live, invocation.invoke_async::<Vec<redis::Value>>(&mut conn)).await {
+        let items: Vec<(&PublishRequest, &str)> =
+            items.iter().map(|(request, header)| (request, header.as_str())).collect();
+        let call = self.publish_call(&items, live, true);
+        match self.run_script::<Vec<redis::Value>>(live, &self.publish_batch_script, &call).await {
             Ok(replies) if replies.len() == items.len() => {
                 replies.into_iter().map(|reply| self.outcome(parse_publish_reply(reply))).collect()
             }
@@ -428,17 +457,13 @@ impl Backplane for Redis {
     async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
         let inner = &self.inner;
         let live = inner.live().await?;
-        let mut invocation = inner.publish_script.prepare_invoke();
-        inner.add_publication(&mut invocation, request, header, &live, false);
+        let call = inner.publish_call(&[(request, header)], &live, false);
         if let (Durability::Replicated { min_replicas, timeout }, true) =
             (inner.config.durability, inner.keys.sharded())
         {
-            return inner
-                .publish_replicated_on_shard(&live, &invocation, &request.channel, min_replicas, timeout)
-                .await;
+            return inner.publish_replicated_on_shard(&live, call, &request.channel, min_replicas, timeout).await;
         }
-        let mut conn = live.conn.clone();
-        let outcome = inner.on(&live, invocation.invoke_async::<redis::Value>(&mut conn)).await?;
+        let outcome = inner.run_script::<redis::Value>(&live, &inner.publish_script, &call).await?;
         let outcome = inner.outcome(parse_publish_reply(outcome))?;
         if let (Durability::Replicated { min_replicas, timeout }, false) = (inner.config.durability, outcome.duplicate)
         {
@@ -657,10 +682,9 @@ fn history_max_bytes(policy: &herald_core::HistoryPolicy) -> u64 {
     policy.max_bytes as u64
 }
 
-/// The outcome, and whether the script fenced the channel first.
+/// The outcome, and whether the script fenced the channel first (the replies: `scripts.rs`).
 fn parse_publish_reply(reply: redis::Value) -> Result<(PublishOutcome, bool), EngineError> {
     let protocol = |what: &str| EngineError::Protocol(format!("unexpected publish reply: {what}"));
-    let redis::Value::Array(items) = reply else { return Err(protocol("not an array")) };
     let text = |value: &redis::Value| -> Option<String> {
         match value {
             redis::Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
@@ -669,49 +693,49 @@ fn parse_publish_reply(reply: redis::Value) -> Result<(PublishOutcome, bool), En
             _ => None,
         }
     };
-    match items.as_slice() {
+    let reply = match reply {
+        redis::Value::BulkString(bytes) => bytes,
         // A publication of a batch that failed inside the script (the others ran).
-        [redis::Value::Int(-1), error] => {
-            Err(EngineError::Unavailable(text(error).unwrap_or_else(|| "the publish script failed".into())))
-        }
-        [redis::Value::Int(1), seen] => {
-            let seen = text(seen).ok_or_else(|| protocol("duplicate"))?;
-            let mut parts = seen.splitn(3, ':');
-            let (Some(epoch), Some(offset), Some(correlation)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(protocol("duplicate record"));
-            };
-            let epoch = Epoch::parse(epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
-            let offset = offset.parse().map_err(|_| protocol("offset"))?;
-            Ok((
-                PublishOutcome {
-                    position: Position::new(epoch, offset),
-                    correlation_id: Arc::from(correlation),
-                    duplicate: true,
-                    receivers: None,
-                },
-                false,
-            ))
-        }
-        [
-            redis::Value::Int(0),
-            epoch,
-            redis::Value::Int(offset),
-            redis::Value::Int(receivers),
-            redis::Value::Int(fenced),
-        ] => {
-            let epoch = text(epoch).ok_or_else(|| protocol("epoch"))?;
-            let epoch = Epoch::parse(&epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
-            Ok((
-                PublishOutcome {
-                    position: Position::new(epoch, (*offset).max(0) as u64),
-                    // The caller's correlation ID; filled in by the caller.
-                    correlation_id: Arc::from(""),
-                    duplicate: false,
-                    receivers: Some((*receivers).max(0) as usize),
-                },
-                *fenced == 1,
-            ))
-        }
-        _ => Err(protocol("shape")),
+        redis::Value::Array(items) => match items.as_slice() {
+            [redis::Value::Int(-1), error] => {
+                return Err(EngineError::Unavailable(
+                    text(error).unwrap_or_else(|| "the publish script failed".into()),
+                ));
+            }
+            _ => return Err(protocol("shape")),
+        },
+        _ => return Err(protocol("not a string")),
+    };
+    let reply = std::str::from_utf8(&reply).map_err(|_| protocol("not UTF-8"))?;
+    let position = |epoch: &str, offset: &str| -> Result<Position, EngineError> {
+        let epoch = Epoch::parse(epoch).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        Ok(Position::new(epoch, offset.parse().map_err(|_| protocol("offset"))?))
+    };
+    if let Some(seen) = reply.strip_prefix("d:") {
+        let mut parts = seen.splitn(3, ':');
+        let (Some(epoch), Some(offset), Some(correlation)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(protocol("duplicate record"));
+        };
+        let outcome = PublishOutcome {
+            position: position(epoch, offset)?,
+            correlation_id: Arc::from(correlation),
+            duplicate: true,
+            receivers: None,
+        };
+        return Ok((outcome, false));
     }
+    let mut parts = reply.strip_prefix("p:").ok_or_else(|| protocol("kind"))?.split(':');
+    let (Some(epoch), Some(offset), Some(receivers), Some(fenced), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(protocol("fields"));
+    };
+    let outcome = PublishOutcome {
+        position: position(epoch, offset)?,
+        // The caller's correlation ID; filled in by the caller.
+        correlation_id: Arc::from(""),
+        duplicate: false,
+        receivers: Some(receivers.parse().map_err(|_| protocol("receivers"))?),
+    };
+    Ok((outcome, fenced == "1"))
 }
