@@ -26,6 +26,7 @@
 mod channels;
 mod connection;
 mod durable;
+mod grouped;
 mod keys;
 mod lifecycle;
 mod scripts;
@@ -157,6 +158,31 @@ struct Inner {
     /// Channels a publish script fenced on a cluster, where the node sees no server's identity (each
     /// script reads its own server's): the cluster's count of rollbacks.
     fenced: AtomicU64,
+    /// Single publishes waiting for the call on its way (group commit, `grouped.rs`; one Redis only).
+    group: std::sync::Mutex<grouped::Group>,
+}
+
+/// The call on its way for the group (a publish, or a lot): hands the waiting ones on when it comes
+/// back ([`Lead::hand_on`]); dropped without that (its task was cancelled), it tells them.
+struct Lead(Option<Arc<Inner>>);
+
+impl Lead {
+    /// `unavailable`: the call failed for want of Redis (see [`grouped::hand_on`]).
+    fn hand_on(mut self, unavailable: Option<&EngineError>) {
+        let Some(inner) = self.0.take() else { return };
+        if let Some(lot) = grouped::hand_on(&inner.group, unavailable) {
+            let lead = Lead(Some(inner.clone()));
+            tokio::spawn(async move { inner.send_lot(lot, lead).await });
+        }
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take() {
+            grouped::abandon(&inner.group);
+        }
+    }
 }
 
 /// Connects the command connection, waiting up to [`STARTUP_WAIT`] for Redis (or, with Sentinel, for a
@@ -185,6 +211,7 @@ pub async fn connect(config: RedisConfig) -> Result<RedisEngine, EngineError> {
             keys,
             commands,
             fenced: AtomicU64::new(0),
+            group: Default::default(),
         }),
     };
     Ok(ClusterEngine::new(redis, relay))
@@ -384,6 +411,61 @@ impl Inner {
         }
     }
 
+    /// One publication: its script call (and with `durability = replicated` the wait for replicas).
+    async fn publish_one(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
+        let live = self.live().await?;
+        let call = self.publish_call(&[(request, header)], &live, false);
+        if let (Durability::Replicated { min_replicas, timeout }, true) = (self.config.durability, self.keys.sharded())
+        {
+            return self.publish_replicated_on_shard(&live, call, &request.channel, min_replicas, timeout).await;
+        }
+        let outcome = self.run_script::<redis::Value>(&live, &self.publish_script, &call).await?;
+        let outcome = self.outcome(parse_publish_reply(outcome))?;
+        if let (Durability::Replicated { min_replicas, timeout }, false) = (self.config.durability, outcome.duplicate) {
+            self.replication.replicated(live, min_replicas, timeout).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Several publications on one Redis: one call of the batch script, then (with `durability =
+    /// replicated`) one wait for replicas.
+    async fn publish_together(
+        &self,
+        live: connection::Live,
+        requests: &[(PublishRequest, String)],
+    ) -> Vec<Result<PublishOutcome, EngineError>> {
+        let all: Vec<&(PublishRequest, String)> = requests.iter().collect();
+        let mut outcomes = self.batch_call(&live, &all).await;
+        if let Durability::Replicated { min_replicas, timeout } = self.config.durability {
+            if outcomes.iter().any(|o| matches!(o, Ok(o) if !o.duplicate)) {
+                if let Err(error) = self.replication.replicated(live, min_replicas, timeout).await {
+                    for outcome in &mut outcomes {
+                        if matches!(outcome, Ok(o) if !o.duplicate) {
+                            *outcome = Err(error.clone());
+                        }
+                    }
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// Sends a lot of the group (`grouped.rs`) and answers each of its publishes; `lead` then hands on.
+    async fn send_lot(self: Arc<Self>, lot: Vec<grouped::Waiting>, lead: Lead) {
+        let (requests, answers): (Vec<_>, Vec<_>) = lot.into_iter().map(|w| (w.request, w.answer)).unzip();
+        let outcomes = match requests.as_slice() {
+            [(request, header)] => vec![self.publish_one(request, header).await],
+            _ => match self.live().await {
+                Ok(live) => self.publish_together(live, &requests).await,
+                Err(error) => requests.iter().map(|_| Err(error.clone())).collect(),
+            },
+        };
+        lead.hand_on(unavailable(&outcomes));
+        for (answer, outcome) in answers.into_iter().zip(outcomes) {
+            let _ = answer.send(outcome);
+        }
+    }
+
     /// A batch on a cluster: a call of the batch script per slot, all at once, the outcomes put back in
     /// the order of `requests`.
     async fn batch_by_slot(
@@ -454,22 +536,22 @@ impl Backplane for Redis {
         self.inner.pubsub.start(relay)
     }
 
+    /// At once when no publish is on its way to Redis; otherwise in the next lot (`grouped.rs`). On a
+    /// Redis Cluster always at once (a lot would need one call per slot).
     async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
         let inner = &self.inner;
-        let live = inner.live().await?;
-        let call = inner.publish_call(&[(request, header)], &live, false);
-        if let (Durability::Replicated { min_replicas, timeout }, true) =
-            (inner.config.durability, inner.keys.sharded())
-        {
-            return inner.publish_replicated_on_shard(&live, call, &request.channel, min_replicas, timeout).await;
+        if inner.keys.sharded() {
+            return inner.publish_one(request, header).await;
         }
-        let outcome = inner.run_script::<redis::Value>(&live, &inner.publish_script, &call).await?;
-        let outcome = inner.outcome(parse_publish_reply(outcome))?;
-        if let (Durability::Replicated { min_replicas, timeout }, false) = (inner.config.durability, outcome.duplicate)
-        {
-            inner.replication.replicated(live, min_replicas, timeout).await?;
+        match grouped::enter(&inner.group, request, header) {
+            grouped::Turn::Wait(outcome) => outcome.await.unwrap_or_else(|_| Err(grouped::dropped())),
+            grouped::Turn::Lead => {
+                let lead = Lead(Some(inner.clone()));
+                let outcome = inner.publish_one(request, header).await;
+                lead.hand_on(unavailable(std::slice::from_ref(&outcome)));
+                outcome
+            }
         }
-        Ok(outcome)
     }
 
     /// One call of the batch script for the lot, then (with `durability = replicated`) one `WAIT`. On a
@@ -493,20 +575,7 @@ impl Backplane for Redis {
             }
             return Some(inner.batch_by_slot(&live, requests).await);
         }
-        let all: Vec<&(PublishRequest, String)> = requests.iter().collect();
-        let mut outcomes = inner.batch_call(&live, &all).await;
-        if let Durability::Replicated { min_replicas, timeout } = inner.config.durability {
-            if outcomes.iter().any(|o| matches!(o, Ok(o) if !o.duplicate)) {
-                if let Err(error) = inner.replication.replicated(live, min_replicas, timeout).await {
-                    for outcome in &mut outcomes {
-                        if matches!(outcome, Ok(o) if !o.duplicate) {
-                            *outcome = Err(error.clone());
-                        }
-                    }
-                }
-            }
-        }
-        Some(outcomes)
+        Some(inner.publish_together(live, requests).await)
     }
 
     fn subscribe(&self, channel: &ChannelName) -> SubscribeFuture {
@@ -675,6 +744,17 @@ impl Backplane for Redis {
             },
         }
     }
+}
+
+/// The error when every one of `outcomes` failed for want of Redis (a call that could not be made or
+/// timed out), so that publishes waiting behind it fail too (`grouped.rs`).
+fn unavailable(outcomes: &[Result<PublishOutcome, EngineError>]) -> Option<&EngineError> {
+    let mut errors = outcomes.iter().map(|outcome| match outcome {
+        Err(error @ EngineError::Unavailable(_)) => Some(error),
+        _ => None,
+    });
+    let first = errors.next().flatten()?;
+    errors.all(|error| error.is_some()).then_some(first)
 }
 
 /// The bytes of envelopes a channel's history keeps (the script keeps the newest entry in any case).

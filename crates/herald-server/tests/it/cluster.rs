@@ -127,6 +127,79 @@ async fn idempotency_keys_are_shared_by_the_cluster() {
     assert_eq!(first["correlation_id"], again["correlation_id"]);
 }
 
+/// Single publishes that arrive while one is on its way to Redis go together in the next call
+/// (group commit): fewer script calls than publications, and every publication gets its own next
+/// offset, its own answer (duplicates included) and reaches its subscribers in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_share_script_calls_and_each_keeps_its_position() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 2).await;
+    let channels = ["g:0", "g:1", "g:2", "g:3"];
+    let mut subscribers = Vec::new();
+    for channel in channels {
+        subscribers.push(Sse::open(&nodes[0], &format!("channel={channel}"), None).await.0);
+    }
+    let script_calls = || -> u64 {
+        let stats: String = redis.query(&["INFO", "commandstats"]).unwrap_or_default();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = script_calls();
+    let count = 200;
+    let http = client();
+    let url = nodes[1].url("/v1/publish");
+    // Every tenth publication carries an idempotency key that the next one repeats.
+    let body = |i: usize| {
+        let mut body = json!({"channel": channels[i % 4], "data": i});
+        if i % 10 == 0 || i % 10 == 4 {
+            body["idempotency_key"] = json!(format!("k-{}", i / 10));
+            body["channel"] = json!("g:0");
+        }
+        body
+    };
+    let answers = join_all((0..count).map(|i| {
+        let (http, url, body) = (http.clone(), url.clone(), body(i));
+        async move {
+            let response = http.post(url).json(&body).send().await.expect("publish");
+            assert_eq!(response.status(), StatusCode::OK);
+            response.json::<Value>().await.expect("answer")
+        }
+    }))
+    .await;
+    let calls = script_calls() - before;
+    assert!(calls < count as u64, "{calls} script calls for {count} publications: none went together");
+    // Per channel, the new publications hold exactly the offsets 1..=n, each once.
+    let mut offsets: Vec<Vec<u64>> = vec![Vec::new(); channels.len()];
+    for (i, answer) in answers.iter().enumerate() {
+        let channel = answer["channel"].as_str().unwrap_or_default();
+        let index = channels.iter().position(|c| *c == channel).expect("a channel of the test");
+        if answer["duplicate"] == json!(false) {
+            offsets[index].push(answer["offset"].as_u64().expect("offset"));
+        } else {
+            let key = format!("k-{}", i / 10);
+            let first = answers
+                .iter()
+                .enumerate()
+                .find(|(j, a)| *j != i && a["duplicate"] == json!(false) && body(*j)["idempotency_key"] == json!(key));
+            let (_, first) = first.expect("the duplicate's first publication");
+            assert_eq!((&answer["epoch"], &answer["offset"]), (&first["epoch"], &first["offset"]));
+        }
+    }
+    let duplicates = answers.iter().filter(|a| a["duplicate"] == json!(true)).count();
+    assert_eq!(duplicates, count / 10, "each repeated key is one duplicate");
+    for (index, sse) in subscribers.iter_mut().enumerate() {
+        let mut got = offsets[index].clone();
+        got.sort_unstable();
+        let n = got.len() as u64;
+        assert_eq!(got, (1..=n).collect::<Vec<u64>>(), "{}: one offset each, none skipped", channels[index]);
+        sse.expect_offsets(channels[index], 0, n).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
     let redis = RedisServer::start();
