@@ -73,8 +73,8 @@ pub(crate) fn hand_on(group: &Mutex<Group>, unavailable: Option<&EngineError>) -
     Some(group.waiting.drain(..count).collect())
 }
 
-/// The call on its way was abandoned (its task cancelled): nobody sends the waiting ones, so they hear
-/// that the engine is unavailable, and the next publish leads again.
+/// Nobody can send the waiting ones (no runtime is left to run a call): they hear that the engine is
+/// unavailable, and the next publish leads again.
 pub(crate) fn abandon(group: &Mutex<Group>) {
     fail_all(group, &dropped());
 }

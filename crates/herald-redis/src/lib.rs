@@ -163,23 +163,38 @@ struct Inner {
 }
 
 /// The call on its way for the group (a publish, or a lot): hands the waiting ones on when it comes
-/// back ([`Lead::hand_on`]); dropped without that (its task was cancelled), it tells them.
+/// back ([`Lead::hand_on`]), or when it is dropped first (its publisher went away and its task was
+/// cancelled): the others' publishes still go.
 struct Lead(Option<Arc<Inner>>);
 
 impl Lead {
     /// `unavailable`: the call failed for want of Redis (see [`grouped::hand_on`]).
     fn hand_on(mut self, unavailable: Option<&EngineError>) {
-        let Some(inner) = self.0.take() else { return };
+        if let Some(inner) = self.0.take() {
+            Self::next(inner, unavailable);
+        }
+    }
+
+    /// Sends the next lot, if any, from a task of its own, which leads it. (The lead is made inside the
+    /// task: a task dropped before it ever runs, as a runtime shutting down does, leaves no lead to
+    /// drop.)
+    fn next(inner: Arc<Inner>, unavailable: Option<&EngineError>) {
         if let Some(lot) = grouped::hand_on(&inner.group, unavailable) {
-            let lead = Lead(Some(inner.clone()));
-            tokio::spawn(async move { inner.send_lot(lot, lead).await });
+            tokio::spawn(async move {
+                let lead = Lead(Some(inner.clone()));
+                inner.send_lot(lot, lead).await
+            });
         }
     }
 }
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        if let Some(inner) = self.0.take() {
+        let Some(inner) = self.0.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            Self::next(inner, None);
+        } else {
+            // No runtime to send them from: they hear it now.
             grouped::abandon(&inner.group);
         }
     }
