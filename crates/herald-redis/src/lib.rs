@@ -551,11 +551,13 @@ impl Backplane for Redis {
         self.inner.pubsub.start(relay)
     }
 
-    /// At once when no publish is on its way to Redis; otherwise in the next lot (`grouped.rs`). On a
-    /// Redis Cluster always at once (a lot would need one call per slot).
+    /// At once when no publish is on its way to Redis; otherwise in the next lot (`grouped.rs`). Always
+    /// at once on a Redis Cluster (a lot would need one call per slot) and with `durability =
+    /// replicated` (a call would hold the next lot back for its wait for replicas, and concurrent
+    /// publishes share their waits already: `durable.rs`).
     async fn publish(&self, request: &PublishRequest, header: &str) -> Result<PublishOutcome, EngineError> {
         let inner = &self.inner;
-        if inner.keys.sharded() {
+        if inner.keys.sharded() || inner.config.durability != Durability::None {
             return inner.publish_one(request, header).await;
         }
         match grouped::enter(&inner.group, request, header) {
