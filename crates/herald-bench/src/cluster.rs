@@ -315,7 +315,8 @@ pub async fn run(
     let stages_after = stage_sums(cluster).await?;
     fleet.wait_for(total * per_channel as u64, Duration::from_secs(30)).await?;
     let usage = cluster.usage()?.iter().zip(&usage_before).map(|(after, before)| after.since(before)).collect();
-    let stages_us = (batch == 1).then(|| Stages::between(&stages_before, &stages_after, round_trips, requests));
+    let stages_us =
+        if batch == 1 { Stages::between(&stages_before, &stages_after, round_trips, requests) } else { None };
     let redis_calls = cluster.engine_calls()?;
     // Commands were counted from the reset; CPU from the reading before the run.
     let shards = cluster
@@ -334,7 +335,7 @@ pub async fn run(
         p99_us: histogram.value_at_quantile(0.99),
         max_us: histogram.max(),
         usage,
-        stages_us: stages_us.flatten(),
+        stages_us,
         redis_calls,
         received_by_node: after_received.iter().zip(&before_received).map(|(a, b)| a - b).collect(),
         shards,

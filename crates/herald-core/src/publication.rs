@@ -79,8 +79,9 @@ struct EnvelopeIn<'a> {
 /// the most frequent work of a node that receives publications. Each string but `data` ends at its first
 /// quote, and must hold no backslash, so it is exactly what a JSON parser would read; the last two are
 /// found from the end (each value runs from the last quote before it), and `data` is what lies between
-/// `"data":` and them, which must be one JSON value. `None` for anything else (another order, whitespace, escapes, extra fields,
-/// a field its rule refuses): the caller then parses the envelope in full, and that decides.
+/// `"data":` and them, which must be one JSON value. `None` for anything else (another order,
+/// whitespace, escapes, extra fields, a field its rule refuses): the caller then parses the envelope in
+/// full, and that decides.
 fn read_own_layout(text: &str) -> Option<EnvelopeIn<'_>> {
     // What a JSON string holds unchanged: no escape, no control character.
     let plain = |s: &str| !s.bytes().any(|b| b == b'\\' || b < 0x20);

@@ -1,7 +1,8 @@
 //! Group commit: publishes that arrive while one is on its way to Redis wait, and go together in the
-//! next call (the batch script for two or more). On one Redis with `durability = "none"`. Alone, a publish goes at once, as before; under load
-//! one script call and one round trip carry many publications instead of one each, so Redis runs one
-//! script instead of many and every process wakes up less often per publication.
+//! next call (the batch script for two or more), on one Redis with `durability = "none"`. Alone, a
+//! publish goes at once, as before; under load one script call and one round trip carry many
+//! publications instead of one each, so Redis runs one script instead of many and every process wakes
+//! up less often per publication.
 //!
 //! Order: a publisher that waits for its answer before publishing again is never reordered (its next
 //! publish starts after the last one ran). Publishes in flight at the same time have no order between

@@ -157,9 +157,7 @@ impl Metrics {
         self.render_stages(&mut text);
         text
     }
-}
 
-impl Metrics {
     /// Appends `herald_publish_stage_seconds`, a summary (sum and count) per stage.
     fn render_stages(&self, text: &mut String) {
         use std::fmt::Write as _;
