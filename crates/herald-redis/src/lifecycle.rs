@@ -62,10 +62,21 @@ return 1
 
 /// A node leaves the set; the last node out starts the entry's grace.
 /// KEYS: set, index, pending. ARGV: node, entry, due.
+///
+/// A grace never ends before one started earlier: its end is at least the latest already pending.
+/// Each node passes its own clock's time, taken when the change was queued, so without this a
+/// channel emptied last, by a node whose time was earlier, could end its grace before that of the user
+/// who left it (`channel.vacated` before `presence.left`). A node makes its `presence.left` entry
+/// before its `channel.vacated`, so in the order the scripts run the channel's comes last; on equal
+/// ends a user's entry (`1 …`) sorts before the channel's (`2 …`). A grace is longer than asked only by
+/// how far the nodes' clocks or their queues differ.
 const DEPART: &str = r#"
 redis.call('SREM', KEYS[2], ARGV[2])
 if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+  local due = ARGV[3]
+  local latest = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+  if latest[2] and tonumber(latest[2]) > tonumber(due) then due = latest[2] end
+  redis.call('ZADD', KEYS[3], due, ARGV[2])
 end
 return 1
 "#;
